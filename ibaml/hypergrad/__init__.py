@@ -1,0 +1,9 @@
+"""Hypergradient estimators behind one interface (:class:`HypergradEstimator`):
+implicit (CG / Neumann / dense solve), explicit unrolled, first-order."""
+
+from .base import HypergradEstimator, TaskGradient
+from .explicit import Explicit
+from .first_order import FirstOrder
+from .implicit import Implicit
+
+__all__ = ["HypergradEstimator", "TaskGradient", "Implicit", "Explicit", "FirstOrder"]

@@ -1,0 +1,191 @@
+"""The ``Prior`` base class: a learnable prior p(w; θ) over some of a network's weights.
+
+A prior is a :class:`pyro.nn.PyroModule` whose meta-parameters θ are constrained
+``PyroParam``s (a scale is declared ``constraint=positive`` where it lives). It covers a
+fixed, ordered set of named network tensors (its ``spec``); the weights those tensors
+hold are the *task parameters* that the inner loop adapts, everything else in the
+network is shared.
+
+Contract for a custom prior (subclass ``Prior``):
+
+* required: ``log_prob(params) -> Tensor`` (0-d): ``log p(w; θ)`` summed over all
+  covered entries; ``params`` is a dict ``{name: tensor}`` with the spec's names and
+  shapes (``self.flat(params)`` gives the flat vector ``w`` of length ``D``).
+* optional: ``location()`` (flat ``[D]``; where the inner loop starts; default: the
+  network's initial weights), ``precision_diag()`` (flat ``[D]`` or ``None``: a diagonal
+  approximation of ``−∇² log p``, used to precondition conjugate gradient),
+  ``kl(mean, var, eps)`` (closed form ``KL(N(mean, diag var) ‖ p)``; default: Monte Carlo
+  with the given standard-normal draws ``eps [M, D]``), ``rsample(n, generator)``,
+  ``hyper_log_prob()`` (a hyperprior ``log p(θ)``, added to the outer objective).
+
+The algorithms call priors through :func:`torch.func.functional_call` with the meta-
+parameters as an explicit dict, so every method must read θ from ``self`` (never
+from a cache) and use tensor operations only; then the implicit gradient needs no
+derivative written by hand.
+
+Example
+-------
+>>> net = torch.nn.Linear(3, 1)
+>>> class Laplace(Prior):
+...     def __init__(self, template, scale=1.0):
+...         super().__init__(template)
+...         self.loc = PyroParam(self.flat(template).clone())
+...         self.scale = PyroParam(torch.full((self.dim,), scale), constraint=constraints.positive)
+...     def location(self):
+...         return self.loc
+...     def log_prob(self, params):
+...         w = self.flat(params)
+...         return (-(w - self.loc).abs() / self.scale - torch.log(2 * self.scale)).sum()
+>>> prior = Laplace.from_module(net)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from ibaml.tree import FlatSpec, ParamDict
+
+pyro.settings.set(module_local_params=True)
+
+NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def select_names(names: Iterable[str], include: NameFilter) -> list:
+    """Names kept by ``include``: ``None`` (all), a regular expression (``re.search``),
+    a collection of exact names, or a predicate ``name -> bool``."""
+    names = list(names)
+    if include is None:
+        kept = names
+    elif isinstance(include, str):
+        pattern = re.compile(include)
+        kept = [n for n in names if pattern.search(n)]
+    elif callable(include):
+        kept = [n for n in names if include(n)]
+    else:
+        wanted = list(include)
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ValueError(f"include names {missing} are not parameters of the module; it has {names}")
+        kept = [n for n in names if n in set(wanted)]
+    if not kept:
+        raise ValueError(f"include={include!r} selects no parameter; the module has {names}")
+    return kept
+
+
+def diag_gaussian_log_prob(w: Tensor, loc: Tensor, var: Tensor) -> Tensor:
+    """``Σ_i log N(w_i; loc_i, var_i) = −½ Σ_i [(w_i − loc_i)²/var_i + log var_i + log 2π]``."""
+    return -0.5 * (((w - loc) ** 2) / var + torch.log(var) + LOG_2PI).sum()
+
+
+def diag_gaussian_kl(mean: Tensor, var: Tensor, loc: Tensor, prior_var: Tensor) -> Tensor:
+    """``KL(N(m, diag s) ‖ N(μ, diag σ²)) = ½ Σ_i [s_i/σ_i² + (m_i − μ_i)²/σ_i² − 1 + log σ_i² − log s_i]``."""
+    return 0.5 * (var / prior_var + (mean - loc) ** 2 / prior_var - 1.0 + torch.log(prior_var) - torch.log(var)).sum()
+
+
+class Prior(PyroModule):
+    """Base class of learnable priors over the weights named in ``template``.
+
+    Args:
+        template: dict ``{name: tensor}`` of the covered network tensors; their names
+            and shapes fix the layout, their values the default location (the
+            network's initial weights).
+    """
+
+    def __init__(self, template: Mapping[str, Tensor]):
+        super().__init__()
+        if not template:
+            raise ValueError("a prior must cover at least one parameter tensor")
+        self.spec = FlatSpec.from_dict(template)
+        self.register_buffer("initial_weights", self.spec.flatten({k: v.detach() for k, v in template.items()}).clone())
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, include: NameFilter = None, **kwargs) -> "Prior":
+        """A prior over ``module``'s parameters selected by ``include`` (default: all),
+        located at their current values. Extra keyword arguments go to the family."""
+        params = dict(module.named_parameters())
+        names = select_names(params, include)
+        return cls({n: params[n].detach().clone() for n in names}, **kwargs)
+
+    # ------------------------------------------------------------------- layout
+    @property
+    def names(self) -> tuple:
+        """Names of the covered network tensors, in flattening order."""
+        return self.spec.names
+
+    @property
+    def dim(self) -> int:
+        """Number of covered weights ``D``."""
+        return self.spec.size
+
+    def flat(self, params: Union[Mapping[str, Tensor], Tensor]) -> Tensor:
+        """The flat vector ``w [D]`` of a parameter dict (a flat tensor is returned as is)."""
+        if isinstance(params, Tensor):
+            return params
+        missing = [n for n in self.spec.names if n not in params]
+        if missing:
+            raise KeyError(f"parameters {missing} covered by the prior are missing")
+        return self.spec.flatten(params)
+
+    def unflat(self, w: Tensor) -> ParamDict:
+        """The parameter dict (views) of a flat vector ``w [D]``."""
+        return self.spec.unflatten(w)
+
+    # ------------------------------------------------------------------- the contract
+    def forward(self, method: str, *args, **kwargs):
+        """``prior(method, *args)`` calls ``prior.method(*args)``; this lets
+        :func:`torch.func.functional_call` evaluate any method at given meta-parameters."""
+        return getattr(self, method)(*args, **kwargs)
+
+    def log_prob(self, params) -> Tensor:
+        """``log p(w; θ)`` summed over all covered weights (0-d tensor)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement log_prob(params)")
+
+    def location(self) -> Tensor:
+        """Flat ``[D]`` starting point of the inner loop (default: the initial weights)."""
+        return self.initial_weights
+
+    def precision_diag(self) -> Optional[Tensor]:
+        """Flat ``[D]`` diagonal of the prior precision ``−∇² log p`` (or an approximation),
+        used as a preconditioner; ``None`` when unknown."""
+        return None
+
+    def kl(self, mean, var, eps: Optional[Tensor] = None) -> Tensor:
+        """``KL(q ‖ p)`` for ``q = N(mean, diag var)`` by Monte Carlo with fixed draws:
+
+            KL ≈ (1/M) Σ_j [log q(w_j) − log p(w_j)],   w_j = mean + sqrt(var) ⊙ ε_j
+
+        ``eps [M, D]`` are standard-normal draws (held fixed so the estimate is a smooth
+        function of ``mean``, ``var`` and θ). Gaussian families override this with the
+        closed form."""
+        mean, var = self.flat(mean), self.flat(var)
+        if eps is None:
+            raise ValueError(f"{type(self).__name__}.kl has no closed form: pass standard-normal draws eps [M, D]")
+        samples = mean + torch.sqrt(var) * eps
+        log_q = torch.func.vmap(lambda w: diag_gaussian_log_prob(w, mean, var))(samples)
+        log_p = torch.func.vmap(lambda w: self.log_prob(self.unflat(w)))(samples)
+        return (log_q - log_p).mean()
+
+    def hyper_log_prob(self) -> Tensor:
+        """Hyperprior ``log p(θ)`` (0 when the prior has none)."""
+        return self.initial_weights.new_zeros(())
+
+    def rsample(self, n: int, generator: Optional[torch.Generator] = None) -> ParamDict:
+        """``n`` reparameterised draws, as a dict of ``[n, *shape]`` tensors."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement rsample")
+
+    def _standard_normal(self, *shape, generator=None) -> Tensor:
+        w = self.initial_weights
+        return torch.randn(*shape, dtype=w.dtype, device=w.device, generator=generator)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, tensors={len(self.names)}"
