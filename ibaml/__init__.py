@@ -1,0 +1,25 @@
+"""ibaml: Bayesian meta-learning with generalized implicit gradients.
+
+Learnable priors (package :mod:`priors`) over network weights, MAP or mean-field
+variational task inference vmapped over tasks (:mod:`ibaml.inference`), and
+meta-gradients through the posterior mode by the implicit function theorem
+(:func:`implicit_diff`, :mod:`ibaml.hypergrad`), with explicit unrolled and
+first-order estimators behind the same interface.
+"""
+
+from . import linalg, optim
+from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
+from .implicit import implicit_diff, implicit_vjp
+from .inference import MAP, InnerLoop, TaskProblem, Variational
+from .learner import MetaLearner, NonFiniteError, Posterior
+from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from .model import TaskModel
+from .presets import METHODS, build_learner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "linalg", "optim", "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem",
+    "HypergradEstimator", "Implicit", "Explicit", "FirstOrder", "MetaLearner", "NonFiniteError", "Posterior",
+    "GaussianLikelihood", "CategoricalLikelihood", "Likelihood", "TaskModel", "build_learner", "METHODS",
+]

@@ -100,3 +100,4 @@ def make_optimizer(name: str, lr: float, **kwargs):
     except KeyError:
         raise ValueError(f"unknown inner optimizer {name!r}; expected one of {sorted(table)}") from None
     return cls(lr=lr, **kwargs)
+

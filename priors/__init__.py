@@ -8,7 +8,8 @@ Families: :class:`IsotropicGaussian` (iMAML), :class:`DiagonalGaussian` (iBaML),
 from .base import Prior, select_names
 from .gaussian import (DiagonalGaussian, GaussianHyperprior, IsotropicGaussian, LayerwiseGaussian,
                        LowRankGaussian)
+from .flat import Flat
 from .student_t import StudentT
 
 __all__ = ["Prior", "select_names", "IsotropicGaussian", "DiagonalGaussian", "LayerwiseGaussian",
-           "LowRankGaussian", "GaussianHyperprior", "StudentT"]
+           "LowRankGaussian", "GaussianHyperprior", "StudentT", "Flat"]
