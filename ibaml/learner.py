@@ -21,7 +21,7 @@ Example
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -297,9 +297,9 @@ class MetaLearner(nn.Module):
     # ------------------------------------------------------------------ state
     def training_state(self) -> Dict[str, Any]:
         """Everything needed to continue meta-training: parameters and buffers, the
-        meta-optimiser's state, the step, the generator's state."""
-        return {"learner": self.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                "generator": self.generator.get_state(), "skipped_tasks": self.skipped_tasks}
+        meta-optimiser's state, the step, the generator's state (a deep copy)."""
+        return copy.deepcopy({"learner": self.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                "generator": self.generator.get_state(), "skipped_tasks": self.skipped_tasks})
 
     def load_training_state(self, state: Dict[str, Any]) -> None:
         self.load_state_dict(state["learner"])

@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+
+import ibaml
+import priors
+from ibaml.learner import NonFiniteError
+
+
+def sine_tasks(T, gen, shots=5, query=5, dtype=torch.float64):
+    amp = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * 4.9 + 0.1
+    phase = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * math.pi
+    x = torch.rand(T, shots + query, 1, generator=gen, dtype=dtype) * 10 - 5
+    y = amp * torch.sin(x - phase)
+    return {"support_x": x[:, :shots], "support_y": y[:, :shots], "query_x": x[:, shots:], "query_y": y[:, shots:]}
+
+
+def small_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+
+
+def lik(dtype=torch.float64):
+    return ibaml.GaussianLikelihood(1.0, learn_noise=True).to(dtype)
+
+
+@pytest.mark.parametrize("method", ibaml.METHODS)
+def test_presets_learn_on_sine(method):
+    learner = ibaml.build_learner(method, small_net(), lik(), inner_steps=5, meta_lr=1e-2, inner_lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    fixed = sine_tasks(8, torch.Generator().manual_seed(1))
+    before = learner.meta_gradient(fixed)[0].item()
+    for _ in range(40):
+        stats = learner.meta_step(sine_tasks(8, gen))
+    assert math.isfinite(stats["loss"])
+    after = learner.meta_gradient(fixed)[0].item()
+    assert after < before, (method, before, after)
+
+
+def test_vmapped_meta_gradient_equals_loop_over_tasks():
+    net = small_net()
+    learner = ibaml.MetaLearner(net, priors.DiagonalGaussian.from_module(net, init_scale=0.3), lik(),
+                                method="map", estimator=ibaml.Implicit(), inner_steps=5)
+    batch = sine_tasks(4, torch.Generator().manual_seed(2))
+    loss, grads, _, _ = learner.meta_gradient(batch)
+    per_task = [learner.meta_gradient({k: v[i:i + 1] for k, v in batch.items()}) for i in range(4)]
+    assert torch.allclose(loss, sum(p[0] for p in per_task) / 4, rtol=1e-10)
+    for k in grads:
+        loop = sum(p[1][k] for p in per_task) / 4
+        assert torch.allclose(grads[k], loop, rtol=1e-9, atol=1e-12), k
+
+
+def test_chunked_vmap_matches_unchunked():
+    batch = sine_tasks(6, torch.Generator().manual_seed(3))
+    results = []
+    for chunk in (None, 4):
+        net = small_net()
+        learner = ibaml.build_learner("imaml", net, lik(), inner_steps=3, chunk_size=chunk)
+        results.append(learner.meta_gradient(batch)[1])
+    for k in results[0]:
+        assert torch.allclose(results[0][k], results[1][k], rtol=1e-10, atol=1e-13)
+
+
+def test_adapt_and_predict_shapes_and_variance():
+    net = small_net()
+    learner = ibaml.build_learner("ibaml", net, lik(), inner_steps=3, num_predictive_samples=7)
+    batch = sine_tasks(3, torch.Generator().manual_seed(4), shots=4, query=6)
+    posterior = learner.adapt(batch["support_x"], batch["support_y"])
+    assert posterior.num_tasks == 3
+    assert posterior.variance().shape == posterior.mean().shape == (3, learner.prior.dim)
+    mean, var = learner.predict(posterior, batch["query_x"])
+    assert mean.shape == var.shape == (3, 6, 1)
+    noise_var = learner.likelihood.noise.detach() ** 2
+    assert (var > noise_var).all()  # epistemic variance adds to the noise
+
+
+def test_map_predictive_variance_is_the_noise():
+    net = small_net()
+    learner = ibaml.build_learner("imaml", net, lik(), inner_steps=2)
+    batch = sine_tasks(2, torch.Generator().manual_seed(5))
+    mean, var = learner.predict(learner.adapt(batch["support_x"], batch["support_y"]), batch["query_x"])
+    assert torch.allclose(var, torch.full_like(var, float(learner.likelihood.noise.detach()) ** 2))
+
+
+def test_scales_stay_positive_after_meta_updates():
+    net = small_net()
+    learner = ibaml.build_learner("ibaml", net, lik(), inner_steps=3, meta_lr=0.5)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(5):
+        learner.meta_step(sine_tasks(4, gen))
+    assert (learner.prior.scale > 0).all()
+    assert learner.likelihood.noise > 0
+
+
+def test_nonfinite_policy_raise_and_skip():
+    net = small_net()
+    batch = sine_tasks(4, torch.Generator().manual_seed(7))
+    batch["support_y"] = batch["support_y"] * 1e200  # the squared residual overflows
+    common = dict(method="map", estimator=ibaml.Implicit(), inner_optimizer=ibaml.optim.SGD(lr=10.0), inner_steps=20)
+    learner = ibaml.MetaLearner(net, priors.IsotropicGaussian.from_module(net), lik(), nonfinite="raise", **common)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        learner.meta_step(batch)
+    learner = ibaml.MetaLearner(small_net(), priors.IsotropicGaussian.from_module(small_net()), lik(),
+                                nonfinite="skip", **common)
+    before = {k: v.detach().clone() for k, v in learner.meta_params().items()}
+    stats = learner.meta_step(batch)
+    assert stats["skipped"] == 4 and learner.skipped_tasks == 4
+    for k, v in learner.meta_params().items():
+        assert torch.isfinite(v).all(), k
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b.update(support_y=b["support_y"][:, :3]), "support_y"),
+    (lambda b: b["support_x"].__setitem__((0, 0, 0), float("nan")), "NaN or Inf"),
+    (lambda b: b.update(query_x=b["query_x"][:, :0], query_y=b["query_y"][:, :0]), "empty"),
+    (lambda b: b.update(query_x=b["query_x"][:2], query_y=b["query_y"][:2]), "tasks"),
+])
+def test_bad_task_batches_are_rejected(mutate, message):
+    learner = ibaml.build_learner("imaml", small_net(), lik(), inner_steps=1)
+    batch = sine_tasks(3, torch.Generator().manual_seed(8))
+    mutate(batch)
+    with pytest.raises(ValueError, match=message):
+        learner.meta_step(batch)
+
+
+def test_classification_labels_out_of_range():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3).double()
+    learner = ibaml.MetaLearner(net, priors.IsotropicGaussian.from_module(net), ibaml.CategoricalLikelihood(),
+                                num_classes=3, inner_steps=1)
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    y = torch.tensor([[0, 1, 2, 0, 1, 3]] * 2)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        learner.meta_step({"support_x": x, "support_y": y, "query_x": x, "query_y": y.clamp(max=2)})
+    probs = learner.predict(learner.adapt(x, y.clamp(max=2)), x)
+    assert probs.shape == (2, 6, 3)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 6, dtype=torch.float64))
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        ibaml.build_learner("reptile", small_net(), lik())
+    with pytest.raises(ValueError, match="unknown inference method"):
+        ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), method="laplace")
+    with pytest.raises(ValueError, match="nonfinite"):
+        ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), nonfinite="ignore")
+
+
+def test_training_state_round_trip_continues_identically():
+    batches = [sine_tasks(3, torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    a = ibaml.build_learner("ibaml", small_net(), lik(), inner_steps=2)
+    for b in batches[:2]:
+        a.meta_step(b)
+    state = a.training_state()
+    b_learner = ibaml.build_learner("ibaml", small_net(), lik(), inner_steps=2)
+    b_learner.load_training_state(state)
+    for b in batches[2:]:
+        a.meta_step(b)
+        b_learner.meta_step(b)
+    for k, v in a.meta_params().items():
+        assert torch.equal(v, b_learner.meta_params()[k]), k
