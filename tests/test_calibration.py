@@ -1,0 +1,110 @@
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from ibaml import calibration as cal
+
+
+def random_probs(T=6, Q=40, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, Q, C, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, C, (T, Q), generator=g)
+    return torch.softmax(logits, -1), labels
+
+
+@pytest.mark.parametrize("n_bins", [5, 15])
+def test_ece_and_mce_match_torchmetrics(n_bins):
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    probs, labels = random_probs()
+    ours_ece = cal.ece(probs, labels, n_bins)
+    ours_mce = cal.mce(probs, labels, n_bins)
+    for t in range(probs.shape[0]):
+        ref_ece = tm.multiclass_calibration_error(probs[t].float(), labels[t], num_classes=5, n_bins=n_bins, norm="l1")
+        ref_mce = tm.multiclass_calibration_error(probs[t].float(), labels[t], num_classes=5, n_bins=n_bins, norm="max")
+        assert ours_ece[t].item() == pytest.approx(ref_ece.item(), abs=1e-5)
+        assert ours_mce[t].item() == pytest.approx(ref_mce.item(), abs=1e-5)
+
+
+def test_nll_brier_accuracy_match_direct_formulas():
+    probs, labels = random_probs(seed=1)
+    ref_nll = torch.nn.functional.nll_loss(torch.log(probs.reshape(-1, 5)), labels.reshape(-1), reduction="none")
+    assert torch.allclose(cal.nll(probs, labels), ref_nll.view(6, 40).mean(-1))
+    onehot = torch.nn.functional.one_hot(labels, 5).double()
+    assert torch.allclose(cal.brier(probs, labels), ((probs - onehot) ** 2).sum(-1).mean(-1))
+    assert torch.allclose(cal.accuracy(probs, labels), (probs.argmax(-1) == labels).double().mean(-1))
+
+
+def test_calibrated_gaussian_has_nominal_coverage():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(20, 2000, generator=g, dtype=torch.float64)
+    var = torch.rand(20, 2000, generator=g, dtype=torch.float64) + 0.5
+    y = mu + var.sqrt() * torch.randn(20, 2000, generator=g, dtype=torch.float64)
+    for level in (0.5, 0.9, 0.95):
+        assert cal.interval_coverage(mu, var, y, level).mean().item() == pytest.approx(level, abs=0.01)
+    assert cal.calibration_error(mu, var, y).mean().item() < 0.01
+    # an overconfident predictive under-covers
+    assert cal.interval_coverage(mu, var / 4, y, 0.9).mean().item() < 0.7
+
+
+def test_gaussian_nll_matches_torch():
+    g = torch.Generator().manual_seed(2)
+    mu, y = torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    var = torch.rand(3, 7, generator=g, dtype=torch.float64) + 0.1
+    ref = torch.nn.functional.gaussian_nll_loss(mu, y, var, full=True, reduction="none").mean(-1)
+    assert torch.allclose(cal.gaussian_nll(mu, var, y), ref)
+
+
+def test_crps_matches_monte_carlo():
+    g = torch.Generator().manual_seed(3)
+    mu = torch.tensor([[0.3, -1.0]], dtype=torch.float64)
+    var = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, -0.2]], dtype=torch.float64)
+    n = 400_000
+    x = mu + var.sqrt() * torch.randn(n, 1, 2, generator=g, dtype=torch.float64)
+    x2 = mu + var.sqrt() * torch.randn(n, 1, 2, generator=g, dtype=torch.float64)
+    mc = ((x - y).abs().mean(0) - 0.5 * (x - x2).abs().mean(0)).mean(-1)
+    assert cal.crps_gaussian(mu, var, y).item() == pytest.approx(mc.item(), abs=5e-3)
+
+
+def test_mean_ci95():
+    out = cal.mean_ci95([1.0, 2.0, 3.0, 4.0])
+    assert out["mean"] == pytest.approx(2.5)
+    assert out["ci95"] == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+    assert cal.mean_ci95([7.0]) == {"mean": 7.0, "ci95": 0.0}
+
+
+def test_reports_round_trip_and_figures(tmp_path):
+    probs, labels = random_probs(seed=4)
+    rep = cal.CalibrationReport.classification(probs, labels, name="m")
+    data = json.loads(rep.to_json())
+    assert set(data["metrics"]) == {"accuracy", "nll", "ece", "mce", "brier"}
+    assert sum(rep.bins["count"]) == probs.shape[0] * probs.shape[1]
+    assert "| ece |" in rep.to_markdown()
+    rep.plot_reliability_diagram().savefig(tmp_path / "rel.png")
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    reg = cal.CalibrationReport.regression(mu, torch.ones(4, 10, dtype=torch.float64), mu + 0.1, name="r")
+    assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps"} <= set(reg.metrics)
+    reg.plot_calibration_curve().savefig(tmp_path / "curve.png")
+    table = cal.compare_markdown({"a": reg, "b": reg}, keys=["mse", "nll"])
+    assert table.count("\n") == 3
+    with pytest.raises(ValueError, match="regression report"):
+        rep.plot_calibration_curve()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: cal.gaussian_nll(torch.zeros(2, 3), torch.ones(2, 4), torch.zeros(2, 3)), "var has shape"),
+    (lambda: cal.gaussian_nll(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3)), "positive"),
+    (lambda: cal.mse(torch.tensor([[float("nan")]]), torch.zeros(1, 1)), "NaN or Inf"),
+    (lambda: cal.ece(torch.full((1, 2, 3), 1 / 3), torch.tensor([[0, 3]])), "labels must lie"),
+    (lambda: cal.interval_coverage(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1), 1.5), "level"),
+])
+def test_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,0 +1,30 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sine_example_compare_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--compare", "maml,imaml,ibaml",
+           "--meta-iters", "5", "--meta-batch", "4", "--eval-tasks", "20", "--inner-steps", "3", "--out", str(out),
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for method in ("maml", "imaml", "ibaml"):
+        m = metrics["methods"][method]
+        for key in ("mse", "nll", "coverage_90"):
+            assert set(m[key]) == {"mean", "ci95"}
+        assert "out_of_range" in m
+        assert (out / method / "predictive_bands.png").stat().st_size > 0
+    assert "| ibaml |" in (out / "report.md").read_text()
+    assert "| ibaml |" in proc.stdout
+
+
+def test_sine_example_rejects_unknown_method(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--method", "reptile", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "reptile" in proc.stderr
