@@ -1,0 +1,46 @@
+import math
+
+import pytest
+import torch
+
+import ibaml
+import priors
+
+DT = torch.float64
+
+
+def tiny_net(hidden=6, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).to(DT)
+
+
+def tiny_task(seed=0, n=8, draws=(2, 3), dim=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.linspace(-2.5, 2.5, n, dtype=DT)[:, None]
+    amp = 1.0 + torch.rand((), generator=g, dtype=DT)
+    task = {"support_x": x, "support_y": amp * torch.sin(x), "query_x": x + 0.2, "query_y": amp * torch.sin(x + 0.2)}
+    if dim is not None:
+        task["eps_inner"] = torch.randn(draws[0], dim, generator=g, dtype=DT)
+        task["eps_outer"] = torch.randn(draws[1], dim, generator=g, dtype=DT)
+    return task
+
+
+def rel_err(a, b):
+    num = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in b))
+    den = math.sqrt(sum(float((b[k] ** 2).sum()) for k in b))
+    return num / den
+
+
+@pytest.fixture
+def make_problem():
+    def make(prior_cls=priors.DiagonalGaussian, method="map", steps=3000, lr=0.003, optimizer="sgd", **prior_kw):
+        net = tiny_net()
+        prior = prior_cls.from_module(net, **prior_kw)
+        model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5, learn_noise=True).to(DT))
+        inference = ibaml.MAP() if method == "map" else ibaml.Variational(num_samples=2, num_outer_samples=3)
+        opt = ibaml.optim.SGD(lr=lr) if optimizer == "sgd" else ibaml.optim.Adam(lr=lr)
+        problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(opt, steps))
+        meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+        task = tiny_task(dim=prior.dim if method != "map" else None)
+        return problem, meta, task
+    return make
