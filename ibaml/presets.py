@@ -8,6 +8,7 @@ fomaml      flat (learned init)     MAP             first-order
 imaml       isotropic N(μ, λ⁻¹I)    MAP             implicit (CG)
 abml        diagonal N(μ, σ²)       variational     explicit unrolled
 ibaml       diagonal N(μ, σ²)       variational     implicit (CG)
+lazy        flat (learned init)     MAP             lazy teacher–student
 ==========  ======================  ==============  =========================
 
 Example
@@ -23,14 +24,14 @@ from torch import nn
 
 import priors
 
-from .hypergrad import Explicit, FirstOrder, Implicit
+from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
 from .inference import MAP, Variational
 from .learner import MetaLearner
 from .likelihoods import Likelihood
 from .linalg import CG
 from .optim import SGD, Adam
 
-METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml")
+METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml", "lazy")
 
 
 def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_steps: int = 10,
@@ -41,10 +42,10 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     """A :class:`MetaLearner` for a named method (see the module table).
 
     Args:
-        method: one of ``maml``, ``fomaml``, ``imaml``, ``abml``, ``ibaml``.
+        method: one of ``maml``, ``fomaml``, ``imaml``, ``abml``, ``ibaml``, ``lazy``.
         inner_steps: inner steps during meta-training.
         inner_lr: inner learning rate (default 0.01).
-        inner_optimizer: ``"sgd"`` or ``"adam"`` (default: SGD for MAML / FOMAML, as
+        inner_optimizer: ``"sgd"`` or ``"adam"`` (default: SGD for MAML / FOMAML / lazy, as
             published; Adam for the others, whose implicit gradient needs the inner
             problem actually solved).
         cg_steps, cg_damping: conjugate-gradient iterations and damping (implicit methods).
@@ -64,7 +65,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if inner_optimizer is None:
-        inner_optimizer = "sgd" if method in ("maml", "fomaml") else "adam"
+        inner_optimizer = "sgd" if method in ("maml", "fomaml", "lazy") else "adam"
     if inner_lr is None:
         inner_lr = 0.01
     table = {"sgd": SGD, "adam": Adam}
@@ -72,7 +73,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; expected one of {sorted(table)}")
     optimizer = table[inner_optimizer](lr=inner_lr)
 
-    if method in ("maml", "fomaml"):
+    if method in ("maml", "fomaml", "lazy"):
         prior = priors.Flat.from_module(net, include=include)
         inference = MAP()
     elif method == "imaml":
@@ -87,6 +88,8 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         estimator = Explicit()
     elif method == "fomaml":
         estimator = FirstOrder()
+    elif method == "lazy":
+        estimator = Lazy()
     else:
         estimator = Implicit(solver=CG(max_iter=cg_steps, tol=1e-10, damping=cg_damping))
     return MetaLearner(net, prior, likelihood, method=inference, estimator=estimator, inner_optimizer=optimizer,

@@ -1,0 +1,444 @@
+"""Three claims about implicit meta-gradients, measured on sine regression.
+
+* ``memory``: peak memory and time per meta-iteration versus the number of inner steps
+  ``K ∈ {1, 5, 10, 20, 50, 100}`` for the explicit (unrolled) and implicit (CG 5)
+  estimators, MAP and variational inference, on the sine MLP 1-40-40-1 with meta-batch 25.
+  Claim: explicit memory grows linearly in ``K``, implicit memory is flat.
+* ``accuracy``: relative error ``‖g − g*‖ / ‖g*‖`` of one task's meta-gradient versus
+  ``K ∈ {1, …, 500}`` for explicit, implicit (CG 5, 10, 20) and lazy (leap 1) estimators,
+  in float64, MAP with an isotropic Gaussian prior of precision ``λ = 30`` (the inner
+  problem is strongly convex: the Hessian's smallest eigenvalue at the solution is
+  reported) and an SGD inner loop (lr 0.002), on a tanh MLP 1-20-20-1 (smooth, so that the
+  stationary point is well defined), 8 tasks. The reference ``g*`` is the implicit-function-theorem gradient at the exact inner
+  solution: ``v*`` from many SGD steps polished by Newton steps
+  (:func:`ibaml.inference.newton_polish`), then ``∂_θF − Bᵀ H⁻¹ ∂_vF`` with a dense solve.
+  Claim: the implicit error is small where the explicit one is not.
+* ``horizon``: final 10-shot MSE and NLL (10 query points) and training time for MAML
+  (K = 1, 5), lazy (K = 10, 20, 50), iMAML and iBaML (K = 10, 20, 50) after the same
+  number of meta-iterations from the same seeds (presets of :func:`ibaml.build_learner`;
+  evaluation uses the training ``K``). Default budget: 250 meta-iterations of 25 tasks,
+  meta learning rate 3e-3 (for every method), 2 seeds, 200 evaluation tasks. Claim: long
+  horizons help when the meta-gradient does not backpropagate through them.
+
+    python benchmarks/claims.py                          # all three: about 9 minutes on 2 CPU cores
+    python benchmarks/claims.py --claim memory --device cuda
+    python benchmarks/claims.py --quick                  # a smoke run (a minute or two)
+
+Each claim writes ``DIR/<claim>.json`` and ``DIR/<claim>.png`` (``--out``, default
+``runs/claims``) and prints a markdown table.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the allocation before the
+meta-iteration. On the CPU (where ``tracemalloc`` does not see torch's allocations), the
+growth of the peak resident set size ``ru_maxrss`` of a fresh child process, one per
+configuration, measured from after a warm-up meta-iteration on one task with one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ibaml
+import priors
+from ibaml.hypergrad import Explicit, Implicit, Lazy
+from ibaml.inference import MAP, InnerLoop, TaskProblem, Variational, newton_polish
+from ibaml.implicit import implicit_vjp
+from ibaml.linalg import CG, Dense
+from ibaml.model import TaskModel
+from ibaml.optim import SGD
+
+CLAIMS = ("memory", "accuracy", "horizon")
+TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
+
+
+# ----------------------------------------------------------------------------- helpers
+def sine_tasks(shots=10, query=10):
+    from ibaml.data.sine import SineTaskDistribution
+
+    return SineTaskDistribution(shots=shots, query=query)
+
+
+def mlp(hidden, activation=torch.nn.ReLU):
+    from ibaml.models import MLP
+
+    return MLP(1, tuple(hidden), 1, activation=activation)
+
+
+def as_dict(batch):
+    return dict(batch) if isinstance(batch, dict) else {k: getattr(batch, k) for k in TASK_KEYS}
+
+
+def write(out_dir: Path, name: str, payload: dict, fig) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out_dir / f"{name}.json")
+    fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- memory
+def memory_learner(estimator: str, method: str, K: int, device, dtype):
+    torch.manual_seed(0)
+    net = mlp((40, 40)).to(device=device, dtype=dtype)
+    likelihood = ibaml.GaussianLikelihood(1.0, learn_noise=True).to(device=device, dtype=dtype)
+    if method == "map":
+        prior = priors.IsotropicGaussian.from_module(net, precision=100.0, learn_precision=True)
+        inference = MAP()
+    else:
+        prior = priors.DiagonalGaussian.from_module(net, init_scale=0.1)
+        inference = Variational(beta=1.0)
+    est = Explicit() if estimator == "explicit" else Implicit(solver=CG(max_iter=5, tol=1e-10))
+    return ibaml.MetaLearner(net, prior, likelihood, method=inference, estimator=est, inner_optimizer=SGD(lr=0.005),
+                             inner_steps=K, nonfinite="skip")
+
+
+def peak_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def memory_worker(cfg: dict) -> dict:
+    """One configuration: peak memory of the first meta-iteration, median time of the rest."""
+    torch.set_num_threads(cfg["threads"])
+    device, dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    tasks, gen = sine_tasks(), torch.Generator().manual_seed(0)
+    batch = tasks.sample(cfg["meta_batch"], gen, dtype=dtype).to(device)
+    warm = tasks.sample(1, gen, dtype=dtype).to(device)
+    memory_learner(cfg["estimator"], cfg["method"], 1, device, dtype).meta_step(warm)  # kernels, allocator
+    learner = memory_learner(cfg["estimator"], cfg["method"], cfg["K"], device, dtype)
+    gc.collect()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = peak_rss_bytes()
+    start = time.perf_counter()
+    learner.meta_step(batch)
+    sync()
+    times = [time.perf_counter() - start]
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()) - base
+    for _ in range(cfg["repeats"] - 1):
+        start = time.perf_counter()
+        learner.meta_step(batch)
+        sync()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"peak_mb": peak / 2 ** 20, "seconds": times[len(times) // 2], "skipped_tasks": learner.skipped_tasks}
+
+
+def run_memory_config(cfg: dict) -> dict:
+    if cfg["device"].startswith("cuda"):
+        return memory_worker(cfg)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker failed for {cfg}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_claim(args, out_dir: Path) -> dict:
+    Ks = [1, 20] if args.quick else [1, 5, 10, 20, 50, 100]
+    meta_batch = 10 if args.quick else args.meta_batch
+    repeats = 1 if args.quick else 3
+    rows = []
+    for method in ("map", "variational"):
+        for estimator in ("explicit", "implicit"):
+            for K in Ks:
+                cfg = dict(estimator=estimator, method=method, K=K, meta_batch=meta_batch, device=args.device,
+                           dtype="float32", threads=args.threads, repeats=repeats)
+                res = run_memory_config(cfg)
+                rows.append(dict(estimator=estimator, method=method, K=K, **res))
+                log(f"memory {estimator:8s} {method:11s} K={K:3d}: {res['peak_mb']:8.1f} MB {res['seconds']:.3f} s")
+    measure = ("torch.cuda.max_memory_allocated above the allocation before the meta-iteration"
+               if args.device.startswith("cuda") else
+               "growth of peak resident set size (resource.getrusage ru_maxrss) of a fresh subprocess per "
+               "configuration, from after a warm-up meta-iteration (1 task, 1 inner step) to after the first "
+               "full meta-iteration")
+    summary = {}
+    for method in ("map", "variational"):
+        for estimator in ("explicit", "implicit"):
+            pts = [(r["K"], r["peak_mb"]) for r in rows if r["method"] == method and r["estimator"] == estimator]
+            slope = _slope(pts)
+            summary[f"{estimator}-{method}"] = {"mb_per_step": slope, "peak_mb_at_max_K": pts[-1][1],
+                                                "peak_mb_at_K1": pts[0][1]}
+    table = memory_table(rows, Ks)
+    payload = dict(claim="memory", memory_measure=measure, device=args.device,
+                   config=dict(network="MLP 1-40-40-1", meta_batch=meta_batch, shots=10, query=10, dtype="float32",
+                               inner_optimizer="SGD(lr=0.005)", implicit_solver="CG(max_iter=5)",
+                               priors={"map": "IsotropicGaussian(precision=100)",
+                                       "variational": "DiagonalGaussian(init_scale=0.1)"},
+                               Ks=Ks, repeats=repeats, threads=args.threads, quick=args.quick),
+                   rows=rows, summary=summary, table=table)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, style in (("map", "-"), ("variational", "--")):
+        for estimator, color in (("explicit", "C3"), ("implicit", "C0")):
+            sel = [r for r in rows if r["method"] == method and r["estimator"] == estimator]
+            label = f"{estimator} ({method})"
+            axes[0].plot([r["K"] for r in sel], [r["peak_mb"] for r in sel], style, color=color, marker="o", label=label)
+            axes[1].plot([r["K"] for r in sel], [r["seconds"] for r in sel], style, color=color, marker="o", label=label)
+    axes[0].set(xlabel="inner steps K", ylabel="peak memory growth (MiB)", title="memory per meta-iteration")
+    axes[1].set(xlabel="inner steps K", ylabel="seconds", title="time per meta-iteration")
+    axes[0].legend(fontsize=8)
+    write(out_dir, "memory", payload, fig)
+    print(table)
+    return payload
+
+
+def _slope(points):
+    """Least-squares slope of y on x."""
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx if sxx else 0.0
+
+
+def memory_table(rows, Ks):
+    cols = [(e, m) for m in ("map", "variational") for e in ("explicit", "implicit")]
+    lines = ["| K | " + " | ".join(f"{e} {m}: MiB / s" for e, m in cols) + " |",
+             "|---:|" + "---:|" * len(cols)]
+    for K in Ks:
+        cells = []
+        for e, m in cols:
+            r = next(r for r in rows if r["K"] == K and r["estimator"] == e and r["method"] == m)
+            cells.append(f"{r['peak_mb']:.1f} / {r['seconds']:.3f}")
+        lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- accuracy
+def accuracy_claim(args, out_dir: Path) -> dict:
+    dtype = torch.float64
+    Ks = [1, 10, 100] if args.quick else [1, 5, 10, 20, 50, 100, 200, 500]
+    num_tasks = 3 if args.quick else args.accuracy_tasks
+    hidden = (args.accuracy_width, args.accuracy_width)
+    torch.manual_seed(args.seed)
+    # tanh: the inner objective is smooth, so its stationary point (and the IFT gradient there) is
+    # well defined and Newton's method converges to it; with ReLU's kinks the polished point oscillates
+    net = mlp(hidden, activation=torch.nn.Tanh).to(dtype=dtype)
+    prior = priors.IsotropicGaussian.from_module(net, precision=args.precision, learn_precision=True)
+    model = TaskModel(net, prior, ibaml.GaussianLikelihood(1.0, learn_noise=True).to(dtype=dtype))
+    meta = {k: p.detach() for k, p in model.meta_parameters().items()}
+    names = sorted(meta)
+    flat = lambda g: torch.cat([g[k].reshape(g[k].shape[0], -1) for k in names], -1)  # [T, P]
+    task = as_dict(sine_tasks().sample(num_tasks, torch.Generator().manual_seed(args.seed + 1), dtype=dtype))
+    lr = args.accuracy_lr
+    problem = lambda K: TaskProblem(model, MAP(), InnerLoop(SGD(lr=lr), K))
+
+    # reference: exact inner solution, dense IFT solve
+    ref_rows, stationarity = [], []
+    for i in range(num_tasks):
+        t = {k: v[i] for k, v in task.items()}
+        G = lambda v, m, t=t: problem(0).inner(v, m, t)
+        v, _ = problem(args.reference_steps).solve(meta, t)
+        v = newton_polish(lambda v: G(v, meta), v, steps=8)
+        gnorm = float(torch.linalg.vector_norm(torch.func.grad(G)(v, meta)["w"]))
+        hess_min = float(torch.linalg.eigvalsh(torch.func.hessian(lambda w: G({"w": w}, meta))(v["w"]))[0])
+        (gv, gm) = torch.func.grad(problem(0).outer, argnums=(0, 1))(v, meta, t)
+        cross, _ = implicit_vjp(G, v, meta, gv, solver=Dense())
+        ref_rows.append({k: gm[k] + cross[k] for k in names})
+        stationarity.append({"grad_norm": gnorm, "min_hessian_eigenvalue": hess_min})
+    reference = flat({k: torch.stack([r[k] for r in ref_rows]) for k in names})  # [T, P]
+
+    estimators = {"explicit": Explicit(), "implicit CG5": Implicit(solver=CG(max_iter=5, tol=1e-14)),
+                  "implicit CG10": Implicit(solver=CG(max_iter=10, tol=1e-14)),
+                  "implicit CG20": Implicit(solver=CG(max_iter=20, tol=1e-14)), "lazy": Lazy(leap=1.0)}
+    rows = []
+    for K in Ks:
+        for name, est in estimators.items():
+            start = time.perf_counter()
+            out = torch.func.vmap(lambda t: est.task_gradient(problem(K), meta, t))(task)
+            seconds = time.perf_counter() - start
+            err = torch.linalg.vector_norm(flat(out.grads) - reference, dim=-1) / torch.linalg.vector_norm(reference, dim=-1)
+            rows.append(dict(estimator=name, K=K, rel_error_median=float(err.median()), rel_error_mean=float(err.mean()),
+                             rel_error_max=float(err.max()), seconds=seconds))
+            log(f"accuracy {name:14s} K={K:4d}: median rel. error {float(err.median()):.3e}")
+    table = accuracy_table(rows, Ks, list(estimators))
+    payload = dict(claim="accuracy",
+                   reference=("IFT gradient at v* from SGD then 8 Newton steps (newton_polish), "
+                              "H x = dF/dv solved densely (ibaml.linalg.Dense)"),
+                   config=dict(network=f"MLP 1-{hidden[0]}-{hidden[1]}-1 (tanh)", dtype="float64", inference="MAP",
+                               prior=f"IsotropicGaussian(precision={args.precision}, learnable)",
+                               inner_optimizer=f"SGD(lr={lr})", reference_sgd_steps=args.reference_steps,
+                               lazy="Lazy(leap=1.0, teacher_lr=inner lr)", shots=10, query=10, tasks=num_tasks,
+                               Ks=Ks, quick=args.quick, meta_parameters=names),
+                   reference_stationarity=stationarity, rows=rows, table=table)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in estimators:
+        sel = [r for r in rows if r["estimator"] == name]
+        ax.plot([r["K"] for r in sel], [r["rel_error_median"] for r in sel], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="relative error (median over tasks)",
+           title=f"meta-gradient error vs exact IFT (λ={args.precision:g}, SGD lr={lr:g})")
+    ax.legend(fontsize=8)
+    write(out_dir, "accuracy", payload, fig)
+    print(table)
+    return payload
+
+
+def accuracy_table(rows, Ks, names):
+    lines = ["| K | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for K in Ks:
+        cells = [f"{next(r for r in rows if r['K'] == K and r['estimator'] == n)['rel_error_median']:.2e}"
+                 for n in names]
+        lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- horizon
+HORIZON_RUNS = [("maml", 1), ("maml", 5), ("lazy", 10), ("lazy", 20), ("lazy", 50), ("imaml", 10), ("imaml", 20),
+                ("imaml", 50), ("ibaml", 10), ("ibaml", 20), ("ibaml", 50)]
+
+
+def horizon_claim(args, out_dir: Path) -> dict:
+    dtype = torch.float32
+    device = torch.device(args.device)
+    meta_iters = 3 if args.quick else args.meta_iters
+    eval_tasks = 20 if args.quick else args.eval_tasks
+    seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
+    runs = HORIZON_RUNS
+    tasks = sine_tasks(10, 10)
+    test = tasks.sample(eval_tasks, torch.Generator().manual_seed(10_000), dtype=dtype).to(device)
+    rows = []
+    for method, K in runs:
+        per_seed = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            net = mlp((40, 40)).to(device=device, dtype=dtype)
+            likelihood = ibaml.GaussianLikelihood(1.0, learn_noise=True).to(device=device, dtype=dtype)
+            learner = ibaml.build_learner(method, net, likelihood, inner_steps=K, meta_lr=args.meta_lr, seed=seed,
+                                          nonfinite="skip")
+            gen = torch.Generator().manual_seed(seed)
+            start = time.perf_counter()
+            for _ in range(meta_iters):
+                learner.meta_step(tasks.sample(args.meta_batch, gen, dtype=dtype).to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            metrics = learner.evaluate(test).metrics
+            per_seed.append(dict(seed=seed, mse=metrics["mse"]["mean"], mse_ci95=metrics["mse"]["ci95"],
+                                 nll=metrics["nll"]["mean"], nll_ci95=metrics["nll"]["ci95"], seconds=seconds,
+                                 skipped_tasks=learner.skipped_tasks))
+            log(f"horizon {method:6s} K={K:3d} seed={seed}: mse {per_seed[-1]['mse']:.3f} "
+                f"nll {per_seed[-1]['nll']:.3f} ({seconds:.1f} s)")
+        mean = lambda key: sum(r[key] for r in per_seed) / len(per_seed)
+        rows.append(dict(method=method, K=K, mse=mean("mse"), mse_ci95=mean("mse_ci95"), nll=mean("nll"),
+                         nll_ci95=mean("nll_ci95"), seconds=mean("seconds"), seeds=per_seed))
+    table = horizon_table(rows)
+    payload = dict(claim="horizon", device=args.device,
+                   config=dict(network="MLP 1-40-40-1", shots=10, query=10, meta_batch=args.meta_batch,
+                               meta_iterations=meta_iters, meta_lr=args.meta_lr, seeds=seeds, eval_tasks=eval_tasks,
+                               eval_inner_steps="same as training K", presets="ibaml.build_learner defaults",
+                               threads=args.threads, quick=args.quick),
+                   metric_note="mse / nll: mean over seeds of the per-task mean over the evaluation tasks; ci95: "
+                               "mean over seeds of the 95% interval half-width over tasks",
+                   rows=rows, table=table)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    labels = [f"{r['method']}\nK={r['K']}" for r in rows]
+    colors = {"maml": "C3", "lazy": "C2", "imaml": "C0", "ibaml": "C1"}
+    for ax, key, title in zip(axes, ("mse", "nll", "seconds"), ("10-shot MSE", "10-shot NLL", "training time (s)")):
+        err = [r.get(f"{key}_ci95", 0.0) for r in rows]
+        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=err, color=[colors[r["method"]] for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(f"{title}, {meta_iters} meta-iterations")
+    write(out_dir, "horizon", payload, fig)
+    print(table)
+    return payload
+
+
+def horizon_table(rows):
+    lines = ["| method | K | MSE | NLL | train s |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['K']} | {r['mse']:.3f} ± {r['mse_ci95']:.3f} | "
+                     f"{r['nll']:.3f} ± {r['nll_ci95']:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--claim", choices=CLAIMS + ("all",), default="all")
+    p.add_argument("--out", default="runs/claims")
+    p.add_argument("--quick", action="store_true", help="a smoke run of every claim (a minute or two)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--meta-batch", type=int, default=25)
+    p.add_argument("--precision", type=float, default=30.0, help="accuracy: prior precision λ")
+    p.add_argument("--accuracy-lr", type=float, default=0.002, help="accuracy: inner SGD learning rate")
+    p.add_argument("--accuracy-width", type=int, default=20, help="accuracy: hidden width of the MLP")
+    p.add_argument("--accuracy-tasks", type=int, default=8)
+    p.add_argument("--reference-steps", type=int, default=3000, help="accuracy: SGD steps before Newton polishing")
+    p.add_argument("--meta-iters", type=int, default=250, help="horizon: meta-iterations per run")
+    p.add_argument("--meta-lr", type=float, default=3e-3, help="horizon: meta learning rate")
+    p.add_argument("--eval-tasks", type=int, default=200, help="horizon: evaluation tasks")
+    p.add_argument("--seeds", type=int, default=2, help="horizon: number of seeds")
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("threads", "meta_batch", "accuracy_width", "accuracy_tasks", "reference_steps", "meta_iters",
+                 "eval_tasks", "seeds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("precision", "accuracy_lr", "meta_lr"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda given but CUDA is not available on this machine")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    claims = CLAIMS if args.claim == "all" else (args.claim,)
+    results = {}
+    try:
+        for claim in claims:
+            start = time.perf_counter()
+            run = {"memory": memory_claim, "accuracy": accuracy_claim, "horizon": horizon_claim}[claim]
+            results[claim] = run(args, out_dir)
+            log(f"{claim}: {time.perf_counter() - start:.0f} s")
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Smoke test of benchmarks/claims.py: a --quick run writes the three JSON files and figures."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_claims():
+    spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "claims.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_results(tmp_path):
+    claims = load_claims()
+    claims.main(["--quick", "--out", str(tmp_path)])
+    for name in ("memory", "accuracy", "horizon"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    accuracy = json.loads((tmp_path / "accuracy.json").read_text())
+    horizon = json.loads((tmp_path / "horizon.json").read_text())
+    for payload, claim in ((memory, "memory"), (accuracy, "accuracy"), (horizon, "horizon")):
+        assert payload["claim"] == claim
+        assert payload["rows"] and isinstance(payload["table"], str) and payload["table"].startswith("|")
+
+    assert "ru_maxrss" in memory["memory_measure"]
+    Ks = memory["config"]["Ks"]
+    for row in memory["rows"]:
+        assert set(row) >= {"estimator", "method", "K", "peak_mb", "seconds"}
+        assert row["seconds"] > 0
+    for method in ("map", "variational"):
+        peak = {r["estimator"]: r["peak_mb"] for r in memory["rows"] if r["method"] == method and r["K"] == max(Ks)}
+        assert peak["explicit"] > peak["implicit"], (method, peak)
+
+    names = {r["estimator"] for r in accuracy["rows"]}
+    assert names == {"explicit", "implicit CG5", "implicit CG10", "implicit CG20", "lazy"}
+    for row in accuracy["rows"]:
+        assert 0 <= row["rel_error_median"] < float("inf")
+    assert all(s["grad_norm"] < 1e-8 for s in accuracy["reference_stationarity"])
+
+    runs = {(r["method"], r["K"]) for r in horizon["rows"]}
+    assert runs == {("maml", 1), ("maml", 5), ("lazy", 10), ("lazy", 20), ("lazy", 50), ("imaml", 10), ("imaml", 20),
+                    ("imaml", 50), ("ibaml", 10), ("ibaml", 20), ("ibaml", 50)}
+    for row in horizon["rows"]:
+        for key in ("mse", "nll", "seconds"):
+            assert row[key] == row[key] and row[key] < float("inf"), (row, key)
