@@ -41,14 +41,15 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, help="comma-separated methods to run side by side (overrides --method)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--query", type=int, default=10)
-    p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: 5 for MAML/FOMAML/ABML, 20 otherwise)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: 5 for MAML/FOMAML, 20 otherwise)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: 2x inner steps for MAML/FOMAML, else the same)")
     p.add_argument("--inner-lr", type=float, default=None)
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
     p.add_argument("--meta-batch", type=int, default=25)
-    p.add_argument("--meta-lr", type=float, default=1e-3)
+    p.add_argument("--meta-lr", type=float, default=None,
+                   help="meta learning rate (default: 1e-3 for MAML/FOMAML/lazy, 3e-3 for the Bayesian and implicit methods)")
     p.add_argument("--eval-tasks", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -73,13 +74,12 @@ def parse_args(argv=None):
 def make_learner(method: str, args, device, dtype):
     torch.manual_seed(args.seed)
     net = MLP(1, (40, 40), 1).to(device=device, dtype=dtype)
-    first_order_family = method in ("maml", "fomaml", "abml")
-    steps = args.inner_steps or (5 if first_order_family else 20)
+    steps = args.inner_steps or (5 if method in ("maml", "fomaml") else 20)
     eval_steps = args.eval_inner_steps or (2 * steps if method in ("maml", "fomaml") else steps)
     likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=steps, eval_inner_steps=eval_steps,
                                inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
-                               meta_lr=args.meta_lr, seed=args.seed, nonfinite="skip")
+                               meta_lr=args.meta_lr or (1e-3 if method in ("maml", "fomaml", "lazy") else 3e-3), seed=args.seed, nonfinite="skip")
 
 
 def train(method, args, device, dtype, tasks, out_dir):

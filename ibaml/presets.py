@@ -36,7 +36,7 @@ METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml", "lazy")
 
 def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_steps: int = 10,
                   inner_lr: Optional[float] = None, inner_optimizer: Optional[str] = None, cg_steps: int = 5,
-                  cg_damping: float = 0.0, precision: float = 100.0, learn_precision: bool = True,
+                  cg_damping: float = 0.0, precision: float = 100.0, learn_precision: bool = False,
                   init_scale: float = 0.1, kl_weight: float = 1.0, num_samples: int = 1, include=None,
                   **learner_kwargs) -> MetaLearner:
     """A :class:`MetaLearner` for a named method (see the module table).
@@ -44,7 +44,9 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     Args:
         method: one of ``maml``, ``fomaml``, ``imaml``, ``abml``, ``ibaml``, ``lazy``.
         inner_steps: inner steps during meta-training.
-        inner_lr: inner learning rate (default 0.01).
+        inner_lr: inner learning rate (default 0.002 for SGD — on the summed Gaussian
+            NLL with unit noise over 10 points this is the usual MAML step of 0.01 on the
+            mean squared error — and 0.01 for Adam).
         inner_optimizer: ``"sgd"`` or ``"adam"`` (default: SGD for MAML / FOMAML / lazy, as
             published; Adam for the others, whose implicit gradient needs the inner
             problem actually solved).
@@ -67,7 +69,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     if inner_optimizer is None:
         inner_optimizer = "sgd" if method in ("maml", "fomaml", "lazy") else "adam"
     if inner_lr is None:
-        inner_lr = 0.01
+        inner_lr = 0.002 if inner_optimizer == "sgd" else 0.01
     table = {"sgd": SGD, "adam": Adam}
     if inner_optimizer not in table:
         raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; expected one of {sorted(table)}")

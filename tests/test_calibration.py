@@ -47,7 +47,8 @@ def test_calibrated_gaussian_has_nominal_coverage():
     y = mu + var.sqrt() * torch.randn(20, 2000, generator=g, dtype=torch.float64)
     for level in (0.5, 0.9, 0.95):
         assert cal.interval_coverage(mu, var, y, level).mean().item() == pytest.approx(level, abs=0.01)
-    assert cal.calibration_error(mu, var, y).mean().item() < 0.01
+    assert cal.calibration_error(mu, var, y)["mean"] < 0.01
+    assert cal.calibration_error(mu, var / 4, y)["mean"] > 0.1
     # an overconfident predictive under-covers
     assert cal.interval_coverage(mu, var / 4, y, 0.9).mean().item() < 0.7
 
