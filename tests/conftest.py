@@ -25,6 +25,15 @@ def tiny_task(seed=0, n=8, draws=(2, 3), dim=None):
     return task
 
 
+def sine_tasks(T, gen, shots=5, query=5, dtype=torch.float64):
+    """A batch of T sine tasks as a dict of [T, points, 1] tensors."""
+    amp = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * 4.9 + 0.1
+    phase = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * math.pi
+    x = torch.rand(T, shots + query, 1, generator=gen, dtype=dtype) * 10 - 5
+    y = amp * torch.sin(x - phase)
+    return {"support_x": x[:, :shots], "support_y": y[:, :shots], "query_x": x[:, shots:], "query_y": y[:, shots:]}
+
+
 def rel_err(a, b):
     num = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in b))
     den = math.sqrt(sum(float((b[k] ** 2).sum()) for k in b))

@@ -2,18 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import sine_tasks
 
 import ibaml
 import priors
 from ibaml.learner import NonFiniteError
-
-
-def sine_tasks(T, gen, shots=5, query=5, dtype=torch.float64):
-    amp = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * 4.9 + 0.1
-    phase = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * math.pi
-    x = torch.rand(T, shots + query, 1, generator=gen, dtype=dtype) * 10 - 5
-    y = amp * torch.sin(x - phase)
-    return {"support_x": x[:, :shots], "support_y": y[:, :shots], "query_x": x[:, shots:], "query_y": y[:, shots:]}
 
 
 def small_net(dtype=torch.float64):
