@@ -1,4 +1,15 @@
-"""Networks for meta-learning, usable with ``torch.func.functional_call`` and ``vmap``."""
+"""Networks for meta-learning, usable with ``torch.func.functional_call`` and ``vmap`` over
+per-task weights: :class:`MLP` (sine regression) and :class:`Conv4` (few-shot image
+classification, batch norm with batch statistics only).
+
+Example
+-------
+>>> from torch.func import functional_call, vmap
+>>> net = MLP(1, (40, 40), 1)
+>>> params = {k: v.expand(3, *v.shape) for k, v in net.named_parameters()}
+>>> vmap(lambda p, x: functional_call(net, p, (x,)))(params, torch.zeros(3, 5, 1)).shape
+torch.Size([3, 5, 1])
+"""
 
 from __future__ import annotations
 
@@ -27,3 +38,89 @@ class MLP(nn.Sequential):
             width = h
         layers.append(nn.Linear(width, out_dim))
         super().__init__(*layers)
+
+
+def batch_norm_batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Batch normalisation with the statistics of ``x`` itself (no running averages):
+    ``y = (x − mean) / sqrt(var + eps) · weight + bias`` with the mean and biased variance
+    over every dimension except the channels (dim 1). Written with plain tensor operations so
+    that it composes with ``vmap``, forward- and reverse-mode derivatives of any order.
+
+    Example
+    -------
+    >>> y = batch_norm_batch_stats(torch.randn(8, 3, 5, 5), torch.ones(3), torch.zeros(3))
+    >>> bool(y.mean(dim=(0, 2, 3)).abs().max() < 1e-5)
+    True
+    """
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).square().mean(dim=dims, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+class BatchNorm2d(nn.Module):
+    """Batch normalisation that always normalises with the current batch's statistics and keeps
+    no running averages (no buffers), with a learnable affine ``weight`` / ``bias`` ``[C]``: the
+    transductive batch norm of MAML / iBaML, safe under ``torch.func.vmap`` over tasks.
+
+    Example
+    -------
+    >>> bn = BatchNorm2d(4)
+    >>> list(dict(bn.named_buffers())), bn(torch.randn(2, 4, 3, 3)).shape
+    ([], torch.Size([2, 4, 3, 3]))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm_batch_stats(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, batch statistics only"
+
+
+class ConvBlock(nn.Sequential):
+    """``conv3x3 (padding 1) → BatchNorm2d (batch statistics) → ReLU → maxpool 2``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), BatchNorm2d(out_channels), nn.ReLU(),
+                         nn.MaxPool2d(2))
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional network of few-shot image classification:
+    4 × [conv3x3 → batch norm (batch statistics, no running averages) → ReLU → maxpool 2],
+    then flatten and a linear head to ``out_dim`` logits. The spatial side shrinks
+    ``s → ⌊s/2⌋`` per block, so the head sees ``hidden · ⌊image_size/16⌋²`` features
+    (84 → 5×5, 28 → 1×1).
+
+    Input ``[B, in_channels, image_size, image_size]``, output ``[B, out_dim]``. Batch
+    statistics are taken over the ``B`` images of one call, so each task's support (or query)
+    set is normalised on its own when the network is vmapped over tasks.
+
+    Example
+    -------
+    >>> net = Conv4(in_channels=3, hidden=32, out_dim=5, image_size=84)
+    >>> net(torch.randn(10, 3, 84, 84)).shape
+    torch.Size([10, 5])
+    """
+
+    def __init__(self, in_channels: int = 3, hidden: int = 32, out_dim: int = 5, image_size: int = 84):
+        super().__init__()
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"image_size must be at least 16 for four 2x2 poolings, got {image_size}")
+        self.image_size = image_size
+        self.features = nn.Sequential(ConvBlock(in_channels, hidden), ConvBlock(hidden, hidden),
+                                      ConvBlock(hidden, hidden), ConvBlock(hidden, hidden))
+        self.head = nn.Linear(hidden * side * side, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(start_dim=1))

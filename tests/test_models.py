@@ -1,0 +1,91 @@
+"""Networks: output shapes, batch norm with batch statistics, per-task weights under vmap."""
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ibaml.models import MLP, BatchNorm2d, Conv4, batch_norm_batch_stats
+
+DT = torch.float64
+T = 3
+
+
+def per_task_params(net, seed=0):
+    """Each task gets its own perturbation of the network's weights: ``{name: [T, ...]}``."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v.detach() + 0.1 * torch.randn(T, *v.shape, generator=g, dtype=v.dtype)
+            for k, v in net.named_parameters()}
+
+
+def check_vmap_matches_loop(net, x):
+    params = per_task_params(net)
+    batched = vmap(lambda p, xt: functional_call(net, p, (xt,)))(params, x)
+    looped = torch.stack([functional_call(net, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(T)])
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-10)
+    return params, batched
+
+
+def test_mlp_shapes_and_vmap_matches_loop():
+    torch.manual_seed(0)
+    net = MLP(1, (40, 40), 1).to(DT)
+    assert net(torch.zeros(7, 1, dtype=DT)).shape == (7, 1)
+    assert sum(p.numel() for p in net.parameters()) == 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1
+    x = torch.randn(T, 10, 1, dtype=DT)
+    params, out = check_vmap_matches_loop(net, x)
+    assert out.shape == (T, 10, 1)
+
+
+@pytest.mark.parametrize("in_channels,hidden,image_size,out_dim", [(3, 32, 84, 5), (3, 64, 84, 5), (1, 64, 28, 20)])
+def test_conv4_output_shapes(in_channels, hidden, image_size, out_dim):
+    net = Conv4(in_channels=in_channels, hidden=hidden, out_dim=out_dim, image_size=image_size)
+    side = image_size // 16
+    assert net.head.in_features == hidden * side * side
+    assert net(torch.randn(4, in_channels, image_size, image_size)).shape == (4, out_dim)
+
+
+def test_conv4_rejects_too_small_images():
+    with pytest.raises(ValueError, match="image_size"):
+        Conv4(image_size=8)
+
+
+def test_conv4_vmap_matches_loop():
+    torch.manual_seed(0)
+    net = Conv4(in_channels=3, hidden=8, out_dim=5, image_size=84).to(DT)
+    x = torch.randn(T, 6, 3, 84, 84, dtype=DT)
+    _, out = check_vmap_matches_loop(net, x)
+    assert out.shape == (T, 6, 5)
+
+
+def test_conv4_per_task_gradients_under_vmap_match_loop():
+    torch.manual_seed(0)
+    net = Conv4(in_channels=1, hidden=6, out_dim=4, image_size=28).to(DT)
+    params = per_task_params(net)
+    x = torch.randn(T, 8, 1, 28, 28, dtype=DT)
+    y = torch.randint(0, 4, (T, 8))
+
+    def loss(p, xt, yt):
+        return torch.nn.functional.cross_entropy(functional_call(net, p, (xt,)), yt)
+
+    batched = vmap(grad(loss))(params, x, y)
+    for t in range(T):
+        single = grad(loss)({k: v[t] for k, v in params.items()}, x[t], y[t])
+        for k in single:
+            torch.testing.assert_close(batched[k][t], single[k], rtol=1e-9, atol=1e-10)
+
+
+def test_batch_norm_uses_batch_statistics_and_keeps_no_buffers():
+    net = Conv4(in_channels=3, hidden=8, out_dim=5, image_size=32).to(DT)
+    assert list(net.buffers()) == []
+    assert not any("running" in k or "num_batches" in k for k in net.state_dict())
+    x = torch.randn(5, 3, 32, 32, dtype=DT)
+    out_train = net.train()(x)
+    out_eval = net.eval()(x)
+    torch.testing.assert_close(out_train, out_eval)  # no train/eval difference: always batch stats
+    # matches torch's batch norm in training mode without running statistics
+    w, b = torch.rand(3, dtype=DT) + 0.5, torch.randn(3, dtype=DT)
+    ref = torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    torch.testing.assert_close(batch_norm_batch_stats(x, w, b), ref)
+    bn = BatchNorm2d(3).to(DT)
+    y = bn(x * 4.0 + 3.0)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=DT), atol=1e-10, rtol=0)
+    torch.testing.assert_close(y.var(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=DT), atol=1e-4, rtol=0)
