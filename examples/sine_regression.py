@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--meta-iters", type=int, default=300)
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--meta-lr", type=float, default=None,
-                   help="meta learning rate (default: 1e-3 for MAML/FOMAML/lazy, 3e-3 for the Bayesian and implicit methods)")
+                   help="meta learning rate (default: 3e-3 for ABML/iBaML, whose prior scales move on a log scale; 1e-3 otherwise)")
     p.add_argument("--eval-tasks", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -82,7 +82,7 @@ def make_learner(method: str, args, device, dtype):
     likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=method != "imaml").to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=steps, eval_inner_steps=eval_steps,
                                inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
-                               meta_lr=args.meta_lr or (1e-3 if method in ("maml", "fomaml", "lazy") else 3e-3), seed=args.seed, nonfinite="skip")
+                               meta_lr=args.meta_lr or (3e-3 if method in ("abml", "ibaml") else 1e-3), seed=args.seed, nonfinite="skip")
 
 
 def train(method, args, device, dtype, tasks, out_dir):
