@@ -120,7 +120,8 @@ class MetaLearner(nn.Module):
         num_predictive_samples: posterior draws in :meth:`predict`.
         hyper_weight: weight of the hyperprior term in the meta-objective.
         nonfinite: ``"raise"`` (stop with :class:`NonFiniteError`) or ``"skip"`` (drop
-            non-finite tasks from the meta-gradient and count them in ``stats``).
+            non-finite tasks from the meta-gradient and count them in ``stats`` and
+            ``skipped_tasks``; a batch in which every task is non-finite still raises).
         num_classes: for classification, the number of classes (label validation).
         seed: seed of the learner's generator (posterior draws).
     """
@@ -201,7 +202,7 @@ class MetaLearner(nn.Module):
         out = self._vmap(lambda t: self.estimator.task_gradient(self.problem, meta, t), task)
         finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
         n_bad = int((~finite).sum())
-        if n_bad and self.nonfinite == "raise":
+        if n_bad and (self.nonfinite == "raise" or n_bad == finite.numel()):
             raise NonFiniteError(
                 f"{n_bad} of {finite.numel()} tasks gave a non-finite inner solution or meta-gradient; "
                 f"lower the inner learning rate, add CG damping, or use nonfinite='skip'")

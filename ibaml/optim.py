@@ -65,7 +65,10 @@ class Adam:
     """Adam (Kingma & Ba), with bias correction:
 
         m ← β₁ m + (1 − β₁) g,   s ← β₂ s + (1 − β₂) g²
-        v ← v − lr · (m / (1 − β₁ᵗ)) / (sqrt(s / (1 − β₂ᵗ)) + ε)
+        v ← v − lr · (m / (1 − β₁ᵗ)) / sqrt(s / (1 − β₂ᵗ) + ε²)
+
+    (ε inside the square root keeps the update differentiable where a gradient entry is
+    exactly zero, as unrolled differentiation through the inner loop requires.)
     """
 
     lr: float = 0.01
@@ -88,7 +91,7 @@ class Adam:
         m = {k: b1 * state["m"][k] + (1 - b1) * grads[k] for k in params}
         s = {k: b2 * state["s"][k] + (1 - b2) * grads[k] * grads[k] for k in params}
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-        new = {k: params[k] - self.lr * (m[k] / c1) / (torch.sqrt(s[k] / c2) + self.eps) for k in params}
+        new = {k: params[k] - self.lr * (m[k] / c1) / torch.sqrt(s[k] / c2 + self.eps ** 2) for k in params}
         return new, {"step": t, "m": m, "s": s}
 
 

@@ -47,9 +47,10 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         inner_lr: inner learning rate (default 0.002 for SGD — on the summed Gaussian
             NLL with unit noise over 10 points this is the usual MAML step of 0.01 on the
             mean squared error — and 0.01 for Adam).
-        inner_optimizer: ``"sgd"`` or ``"adam"`` (default: SGD for MAML / FOMAML / lazy, as
-            published; Adam for the others, whose implicit gradient needs the inner
-            problem actually solved).
+        inner_optimizer: ``"sgd"`` or ``"adam"`` (default: SGD for the methods that
+            differentiate through the inner loop — MAML, FOMAML, ABML, lazy — as
+            published, and because derivatives through many Adam steps overflow; Adam
+            for iMAML and iBaML, whose implicit gradient needs the inner problem solved).
         cg_steps, cg_damping: conjugate-gradient iterations and damping (implicit methods).
         precision, learn_precision: iMAML's ``λ`` and whether it is meta-learned. The
             default ``λ = 100`` makes the few-shot inner problem strongly convex at the
@@ -67,7 +68,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if inner_optimizer is None:
-        inner_optimizer = "sgd" if method in ("maml", "fomaml", "lazy") else "adam"
+        inner_optimizer = "sgd" if method in ("maml", "fomaml", "abml", "lazy") else "adam"
     if inner_lr is None:
         inner_lr = 0.002 if inner_optimizer == "sgd" else 0.01
     table = {"sgd": SGD, "adam": Adam}

@@ -89,7 +89,7 @@ def test_scales_stay_positive_after_meta_updates():
 def test_nonfinite_policy_raise_and_skip():
     net = small_net()
     batch = sine_tasks(4, torch.Generator().manual_seed(7))
-    batch["support_y"] = batch["support_y"] * 1e200  # the squared residual overflows
+    batch["support_y"][:2] = batch["support_y"][:2] * 1e200  # the squared residual overflows in two tasks
     common = dict(method="map", estimator=ibaml.Implicit(), inner_optimizer=ibaml.optim.SGD(lr=10.0), inner_steps=20)
     learner = ibaml.MetaLearner(net, priors.IsotropicGaussian.from_module(net), lik(), nonfinite="raise", **common)
     with pytest.raises(NonFiniteError, match="non-finite"):
@@ -98,9 +98,12 @@ def test_nonfinite_policy_raise_and_skip():
                                 nonfinite="skip", **common)
     before = {k: v.detach().clone() for k, v in learner.meta_params().items()}
     stats = learner.meta_step(batch)
-    assert stats["skipped"] == 4 and learner.skipped_tasks == 4
+    assert stats["skipped"] == 2 and learner.skipped_tasks == 2
     for k, v in learner.meta_params().items():
         assert torch.isfinite(v).all(), k
+    batch["support_y"][2:] = batch["support_y"][2:] * 1e200  # now every task: nothing to learn from
+    with pytest.raises(NonFiniteError, match="4 of 4"):
+        learner.meta_step(batch)
 
 
 @pytest.mark.parametrize("mutate, message", [
