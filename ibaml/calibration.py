@@ -1,27 +1,37 @@
 """Accuracy and calibration of predictive distributions, per task, with reports and figures.
 
-Regression (Gaussian predictive ``N(μ, v)`` per point; inputs ``[T, Q]``):
+Regression (Gaussian predictive ``N(μ, v)`` per point; inputs ``[T, Q]``, outputs ``[T]``):
 
-* ``mse = mean (y − μ)²``
-* ``gaussian_nll = mean [½ log(2π v) + (y − μ)² / (2v)]``
-* ``interval_coverage(level)``: fraction of points with ``|y − μ| ≤ z_{(1+level)/2} √v``
-* ``calibration_curve(levels)``: coverage at each level; ``calibration_error = mean_l |mean_t cov_t(l) − l|``
-* ``crps_gaussian = σ [z (2Φ(z) − 1) + 2φ(z) − 1/√π]``, ``z = (y − μ)/σ``
+* ``mse = mean_q (y − μ)²``
+* ``gaussian_nll = mean_q [½ log(2π v) + (y − μ)² / (2v)]``
+* ``interval_coverage(level) = mean_q 1[|y − μ| ≤ z_{(1+level)/2} √v]``
+* ``calibration_curve(levels)``: the coverage at each level ``[T, L]``;
+  ``calibration_error = (1/L) Σ_l |cov(l) − l|``, levels 0.05, 0.10, …, 0.95
+* ``crps_gaussian = mean_q σ [z (2Φ(z) − 1) + 2φ(z) − 1/√π]``, ``z = (y − μ)/σ``
 
-Classification (probabilities ``[T, Q, C]``, labels ``[T, Q]``):
+Classification (probabilities ``[T, Q, C]``, integer labels ``[T, Q]``, outputs ``[T]``):
 
-* ``accuracy``, ``nll = −mean log p_y``, ``brier = mean Σ_c (p_c − 1[y = c])²``
-* ``ece = Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)|`` and ``mce = max_b |acc(B_b) − conf(B_b)|``
-  over equal-width confidence bins (``n_bins`` default 15)
+* ``accuracy = mean_q 1[argmax p = y]``, ``nll = −mean_q log p_y``,
+  ``brier = mean_q Σ_c (p_c − 1[y = c])²``
+* ``ece = Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)|`` and ``mce = max_{b: B_b ≠ ∅} |acc(B_b) − conf(B_b)|``
+  over equal-width confidence bins ``((b−1)/n_bins, b/n_bins]`` (``n_bins`` default 15)
 
-Every metric but the calibration error is computed per task and reported as mean with a 95% confidence interval
-over tasks (``1.96 · std / √T``).
+Every metric is computed per task and summarised as ``mean ± 1.96 · std / √T`` over tasks
+(:func:`mean_ci95`). In a :class:`CalibrationReport`, ``calibration_error`` is the pooled
+version (:func:`pooled_calibration_error`): a task of ten query points has coverages in steps of
+0.1, too coarse to compare with the diagonal task by task.
+
+Metrics are computed in float64 on the CPU, whatever the device and dtype of the inputs.
 
 Example
 -------
->>> report = CalibrationReport.regression(mu, var, y, name="ibaml")
->>> print(report.to_markdown())
->>> report.plot_calibration_curve().savefig("calibration.png")
+>>> g = torch.Generator().manual_seed(0)
+>>> mu, var = torch.zeros(50, 20), torch.ones(50, 20)
+>>> y = torch.randn(50, 20, generator=g)                 # drawn from the predictive itself
+>>> report = CalibrationReport.regression(mu, var, y, name="oracle")
+>>> abs(report.metrics["coverage_90"]["mean"] - 0.9) < 0.05
+True
+>>> fig = report.plot_calibration_curve()                # a matplotlib Figure; fig.savefig(...)
 """
 
 from __future__ import annotations
@@ -36,94 +46,184 @@ import torch
 from torch import Tensor
 
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+REGRESSION_KEYS = ("mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps")
+CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "mce", "brier")
 
 
 # ----------------------------------------------------------------------------- checks
 def _as_float64(name: str, t) -> Tensor:
-    t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+    try:
+        t = torch.as_tensor(t)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name} must be a tensor or array of numbers ({e})") from None
+    if t.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {t.dtype}")
+    t = t.detach().to("cpu", torch.float64)
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return t
 
 
-def _check_regression(mu, var, y):
-    mu, var, y = _as_float64("mu", mu), _as_float64("var", var), _as_float64("y", y)
+def _check_pair(mu, y):
+    mu, y = _as_float64("mu", mu), _as_float64("y", y)
     if mu.dim() != 2:
         raise ValueError(f"mu must have shape [tasks, points], got {tuple(mu.shape)}")
-    for name, t in (("var", var), ("y", y)):
-        if t.shape != mu.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but mu has {tuple(mu.shape)}")
+    if y.shape != mu.shape:
+        raise ValueError(f"y has shape {tuple(y.shape)} but mu has {tuple(mu.shape)}")
+    return mu, y
+
+
+def _check_regression(mu, var, y):
+    mu, y = _check_pair(mu, y)
+    var = _as_float64("var", var)
+    if var.shape != mu.shape:
+        raise ValueError(f"var has shape {tuple(var.shape)} but mu has {tuple(mu.shape)}")
     if (var <= 0).any():
-        raise ValueError("var must be positive")
+        raise ValueError("var must be positive everywhere (a Gaussian predictive variance)")
     return mu, var, y
 
 
-def _check_classification(probs, labels):
+def _check_levels(levels) -> Tensor:
+    lv = torch.as_tensor(levels, dtype=torch.float64).reshape(-1)
+    if lv.numel() == 0 or not ((lv > 0) & (lv < 1)).all():
+        raise ValueError(f"levels must be a non-empty sequence of numbers in (0, 1), got {levels!r}")
+    return lv
+
+
+def _check_classification(probs, labels, tol: float = 1e-3):
     probs = _as_float64("probs", probs)
-    labels = torch.as_tensor(labels).detach().to("cpu")
+    try:
+        labels = torch.as_tensor(labels).detach().to("cpu")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"labels must be a tensor or array of integers ({e})") from None
     if probs.dim() != 3:
         raise ValueError(f"probs must have shape [tasks, points, classes], got {tuple(probs.shape)}")
     if labels.shape != probs.shape[:2]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but probs has {tuple(probs.shape[:2])} [tasks, points]")
-    if labels.is_floating_point():
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if (labels < 0).any() or (labels >= probs.shape[-1]).any():
         raise ValueError(f"labels must lie in 0..{probs.shape[-1] - 1}")
     if (probs < 0).any():
-        raise ValueError("probs must be non-negative")
+        raise ValueError("probs must be non-negative (pass probabilities, not logits)")
+    if ((probs.sum(-1) - 1).abs() > tol).any():
+        raise ValueError(f"probs must sum to 1 over the last (class) dimension, within {tol}")
     return probs, labels.long()
+
+
+def _check_bins(n_bins) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    return int(n_bins)
 
 
 def _normal_cdf(z: Tensor) -> Tensor:
     return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
 
-def _normal_quantile(p: float) -> float:
-    return math.sqrt(2) * float(torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)))
+def _normal_quantile(p) -> Tensor:
+    """``Φ⁻¹(p) = √2 erfinv(2p − 1)`` (float64)."""
+    return math.sqrt(2) * torch.erfinv(2 * torch.as_tensor(p, dtype=torch.float64) - 1)
 
 
 # ----------------------------------------------------------------------------- regression
 def mse(mu, y) -> Tensor:
-    """Per-task mean squared error ``[T]``."""
-    return ((_as_float64("y", y) - _as_float64("mu", mu)) ** 2).mean(-1)
+    """Per-task mean squared error ``mean_q (y − μ)²``, ``[T]``.
+
+    >>> mse(torch.zeros(1, 2), torch.tensor([[1.0, 3.0]]))
+    tensor([5.], dtype=torch.float64)
+    """
+    mu, y = _check_pair(mu, y)
+    return ((y - mu) ** 2).mean(-1)
 
 
 def gaussian_nll(mu, var, y) -> Tensor:
-    """Per-task mean Gaussian negative log-likelihood ``[T]``."""
+    """Per-task mean Gaussian negative log-likelihood ``[T]``:
+    ``mean_q [½ log(2π v) + (y − μ)² / (2v)]``.
+
+    >>> round(float(gaussian_nll(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1))), 4)  # ½ log 2π
+    0.9189
+    """
     mu, var, y = _check_regression(mu, var, y)
     return (0.5 * torch.log(2 * math.pi * var) + (y - mu) ** 2 / (2 * var)).mean(-1)
 
 
+def _coverage(mu: Tensor, var: Tensor, y: Tensor, levels: Tensor) -> Tensor:
+    half_width = _normal_quantile(0.5 + levels / 2) * var.sqrt().unsqueeze(-1)  # [T, Q, L]
+    return ((y - mu).abs().unsqueeze(-1) <= half_width).double().mean(-2)  # [T, L]
+
+
 def interval_coverage(mu, var, y, level: float) -> Tensor:
-    """Per-task fraction of points inside the central ``level`` interval ``[T]``."""
-    if not 0 < level < 1:
+    """Per-task fraction of points inside the central ``level`` interval, ``[T]``:
+    ``mean_q 1[|y − μ| ≤ z √v]`` with ``z = Φ⁻¹((1 + level)/2)`` (1.645 for 0.9).
+
+    >>> interval_coverage(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 2.0]]), 0.9)
+    tensor([0.5000], dtype=torch.float64)
+    """
+    try:
+        ok = 0 < float(level) < 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
     mu, var, y = _check_regression(mu, var, y)
-    half_width = _normal_quantile(0.5 + level / 2) * var.sqrt()
-    return ((y - mu).abs() <= half_width).double().mean(-1)
+    return _coverage(mu, var, y, torch.tensor([float(level)], dtype=torch.float64))[:, 0]
 
 
 def calibration_curve(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> Tensor:
-    """Per-task observed coverage at each nominal level ``[T, L]``."""
-    return torch.stack([interval_coverage(mu, var, y, lvl) for lvl in levels], -1)
+    """Per-task observed coverage at each nominal level, ``[T, L]``:
+    ``cov_t(l) = interval_coverage(μ_t, v_t, y_t, l)``. A calibrated predictive has
+    ``E cov_t(l) = l`` (the diagonal).
 
-
-def calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> Dict[str, float]:
-    """Gap between observed and nominal coverage, pooled over tasks:
-
-        CE = (1/L) Σ_l |ḡ_l|,   ḡ_l = (1/T) Σ_t (cov_t(l) − l)
-
-    (per-task curves of a few query points are too coarse to compare with the diagonal
-    one by one). ``ci95 = (1/L) Σ_l 1.96 · std_t(cov_t(l)) / √T``.
+    >>> calibration_curve(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 2.0]]), [0.5, 0.99])
+    tensor([[0.0000, 1.0000]], dtype=torch.float64)
     """
-    gaps = calibration_curve(mu, var, y, levels) - torch.tensor(levels, dtype=torch.float64)  # [T, L]
+    lv = _check_levels(levels)
+    mu, var, y = _check_regression(mu, var, y)
+    return _coverage(mu, var, y, lv)
+
+
+def calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> Tensor:
+    """Per-task mean absolute coverage gap, ``[T]``: ``CE_t = (1/L) Σ_l |cov_t(l) − l|``.
+
+    With few query points per task ``cov_t(l)`` moves in steps of ``1/Q``, so even a perfectly
+    calibrated predictive has ``CE_t > 0``; :func:`pooled_calibration_error` averages the
+    coverages over tasks first and is the one the reports use.
+
+    >>> calibration_error(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 2.0]]), [0.5, 0.9])
+    tensor([0.4500], dtype=torch.float64)
+    """
+    lv = _check_levels(levels)
+    mu, var, y = _check_regression(mu, var, y)
+    return (_coverage(mu, var, y, lv) - lv).abs().mean(-1)
+
+
+def pooled_calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> Dict[str, float]:
+    """Coverage gap pooled over tasks, ``{"mean", "ci95"}``:
+
+        CE = (1/L) Σ_l |ḡ_l|,   ḡ_l = (1/T) Σ_t (cov_t(l) − l),
+        ci95 = (1/L) Σ_l 1.96 · std_t(cov_t(l)) / √T     (0 for one task)
+
+    >>> mu, var = torch.zeros(2, 2), torch.ones(2, 2)
+    >>> pooled_calibration_error(mu, var, torch.tensor([[0.1, 3.0], [0.2, 3.0]]), [0.5])["mean"]
+    0.0
+    """
+    gaps = calibration_curve(mu, var, y, levels) - _check_levels(levels)  # [T, L]
     T = gaps.shape[0]
     spread = gaps.std(0, unbiased=True) if T > 1 else torch.zeros(gaps.shape[1], dtype=torch.float64)
     return {"mean": float(gaps.mean(0).abs().mean()), "ci95": float((1.96 * spread / math.sqrt(T)).mean())}
 
 
 def crps_gaussian(mu, var, y) -> Tensor:
-    """Per-task mean continuous ranked probability score of a Gaussian predictive ``[T]``."""
+    """Per-task mean continuous ranked probability score of a Gaussian predictive, ``[T]``:
+
+        CRPS(N(μ, σ²), y) = E|X − y| − ½ E|X − X'| = σ [z (2Φ(z) − 1) + 2φ(z) − 1/√π],  z = (y − μ)/σ
+
+    (lower is better; it reduces to ``|y − μ|`` as ``σ → 0``).
+
+    >>> round(float(crps_gaussian(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1))), 4)  # (√2 − 1)/√π
+    0.2337
+    """
     mu, var, y = _check_regression(mu, var, y)
     sigma = var.sqrt()
     z = (y - mu) / sigma
@@ -133,79 +233,156 @@ def crps_gaussian(mu, var, y) -> Tensor:
 
 # ----------------------------------------------------------------------------- classification
 def accuracy(probs, labels) -> Tensor:
+    """Per-task accuracy ``mean_q 1[argmax_c p_c = y]``, ``[T]``.
+
+    >>> accuracy(torch.tensor([[[0.9, 0.1], [0.4, 0.6]]]), torch.tensor([[0, 0]]))
+    tensor([0.5000], dtype=torch.float64)
+    """
     probs, labels = _check_classification(probs, labels)
     return (probs.argmax(-1) == labels).double().mean(-1)
 
 
 def nll(probs, labels, eps: float = 1e-12) -> Tensor:
-    """Per-task ``−mean log p_y`` (probabilities clamped at ``eps``)."""
+    """Per-task negative log-likelihood ``−mean_q log max(p_y, eps)``, ``[T]`` (the cross
+    entropy of the logits ``log p``).
+
+    >>> nll(torch.tensor([[[0.5, 0.5]]]), torch.tensor([[1]]))   # log 2
+    tensor([0.6931], dtype=torch.float64)
+    """
     probs, labels = _check_classification(probs, labels)
     return -torch.log(probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1).clamp(min=eps)).mean(-1)
 
 
 def brier(probs, labels) -> Tensor:
+    """Per-task Brier score ``mean_q Σ_c (p_c − 1[y = c])²``, ``[T]`` (0 is perfect, 2 the worst).
+
+    >>> brier(torch.tensor([[[0.5, 0.5]]]), torch.tensor([[1]]))
+    tensor([0.5000], dtype=torch.float64)
+    """
     probs, labels = _check_classification(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).double()
     return ((probs - onehot) ** 2).sum(-1).mean(-1)
 
 
 def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
-    # bins (k/n, (k+1)/n]; confidence 0 goes to the first bin
+    # bins ((b−1)/n, b/n]; a confidence of exactly 0 goes to the first bin
     return (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
 
 
-def _ece_mce(probs: Tensor, labels: Tensor, n_bins: int):
+def _binned(probs: Tensor, labels: Tensor, n_bins: int):
+    """Per-task, per-bin count, confidence sum and correct count, each ``[T, B]``."""
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
-    bins = _bin_index(confidence, n_bins)
-    onehot = torch.nn.functional.one_hot(bins, n_bins).double()  # [..., n, B]
+    onehot = torch.nn.functional.one_hot(_bin_index(confidence, n_bins), n_bins).double()  # [T, Q, B]
     count = onehot.sum(-2)
     conf_sum = (onehot * confidence.unsqueeze(-1)).sum(-2)
     acc_sum = (onehot * correct.unsqueeze(-1)).sum(-2)
-    gap = (acc_sum - conf_sum).abs() / count.clamp(min=1)
+    return count, conf_sum, acc_sum
+
+
+def _ece_mce(probs: Tensor, labels: Tensor, n_bins: int):
+    count, conf_sum, acc_sum = _binned(probs, labels, n_bins)
+    gap = (acc_sum - conf_sum).abs() / count.clamp(min=1)  # |acc(B) − conf(B)|, 0 for empty bins
     ece = (gap * count).sum(-1) / count.sum(-1)
-    mce = torch.where(count > 0, gap, torch.zeros_like(gap)).max(-1).values
-    return ece, mce, count, conf_sum, acc_sum
+    mce = gap.max(-1).values
+    return ece, mce
 
 
 def ece(probs, labels, n_bins: int = 15) -> Tensor:
-    """Per-task expected calibration error ``[T]``."""
+    """Per-task expected calibration error, ``[T]``:
+    ``ECE = Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)|`` over ``n_bins`` equal-width bins of the
+    top-class confidence ``max_c p_c`` (bins ``((b−1)/n_bins, b/n_bins]``).
+
+    >>> ece(torch.tensor([[[0.9, 0.1], [0.8, 0.2]]]), torch.tensor([[0, 1]]), n_bins=2)  # |0.5 − 0.85|
+    tensor([0.3500], dtype=torch.float64)
+    """
+    n_bins = _check_bins(n_bins)
     probs, labels = _check_classification(probs, labels)
     return _ece_mce(probs, labels, n_bins)[0]
 
 
 def mce(probs, labels, n_bins: int = 15) -> Tensor:
-    """Per-task maximum calibration error ``[T]``."""
+    """Per-task maximum calibration error ``MCE = max_{b: B_b ≠ ∅} |acc(B_b) − conf(B_b)|``, ``[T]``.
+
+    >>> mce(torch.tensor([[[0.9, 0.1], [0.6, 0.4]]]), torch.tensor([[0, 1]]), n_bins=10)  # bin of 0.6
+    tensor([0.6000], dtype=torch.float64)
+    """
+    n_bins = _check_bins(n_bins)
     probs, labels = _check_classification(probs, labels)
     return _ece_mce(probs, labels, n_bins)[1]
 
 
 def reliability_bins(probs, labels, n_bins: int = 15) -> Dict[str, np.ndarray]:
-    """Confidence bins pooled over tasks: ``confidence``, ``accuracy`` (NaN where empty),
-    ``count`` per bin, and ``edges``."""
+    """Confidence bins pooled over all tasks and points, for a reliability diagram:
+    ``confidence`` (mean top-class probability in the bin), ``accuracy`` (fraction correct;
+    both NaN where the bin is empty), ``count`` (points per bin, summing to ``T·Q``) and
+    ``edges`` (``n_bins + 1`` bin edges from 0 to 1).
+
+    >>> bins = reliability_bins(torch.tensor([[[0.9, 0.1], [0.8, 0.2]]]), torch.tensor([[0, 1]]), n_bins=2)
+    >>> bins["count"].tolist(), bins["accuracy"][1]
+    ([0, 2], 0.5)
+    """
+    n_bins = _check_bins(n_bins)
     probs, labels = _check_classification(probs, labels)
-    _, _, count, conf_sum, acc_sum = _ece_mce(probs.reshape(1, -1, probs.shape[-1]), labels.reshape(1, -1), n_bins)
-    count, conf_sum, acc_sum = count[0], conf_sum[0], acc_sum[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conf = (conf_sum / count).numpy()
-        acc = (acc_sum / count).numpy()
-    return {"confidence": conf, "accuracy": acc, "count": count.numpy().astype(int),
+    count, conf_sum, acc_sum = (t[0] for t in _binned(probs.reshape(1, -1, probs.shape[-1]), labels.reshape(1, -1), n_bins))
+    empty = count == 0
+    nan = torch.full_like(count, float("nan"))
+    return {"confidence": torch.where(empty, nan, conf_sum / count.clamp(min=1)).numpy(),
+            "accuracy": torch.where(empty, nan, acc_sum / count.clamp(min=1)).numpy(),
+            "count": count.numpy().astype(int),
             "edges": np.linspace(0, 1, n_bins + 1)}
 
 
 def mean_ci95(values) -> Dict[str, float]:
-    """``{"mean": m, "ci95": 1.96 · std(ddof=1) / √T}`` (``ci95 = 0`` for one task)."""
-    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    """Mean and 95% confidence half-width over tasks:
+    ``{"mean": v̄, "ci95": 1.96 · std(v, ddof=1) / √T}`` (``ci95 = 0`` when ``T = 1``).
+
+    >>> mean_ci95([1.0, 2.0, 3.0])
+    {'mean': 2.0, 'ci95': 1.1315914696717467}
+    """
+    v = _as_float64("values", values).reshape(-1)
     if v.numel() == 0:
-        raise ValueError("mean_ci95 needs at least one value")
+        raise ValueError("values must hold at least one number")
     ci = 0.0 if v.numel() == 1 else float(1.96 * v.std(unbiased=True) / math.sqrt(v.numel()))
     return {"mean": float(v.mean()), "ci95": ci}
 
 
 # ----------------------------------------------------------------------------- report
+def _jsonable(o):
+    """NaN/Inf → None, numpy/tensors → lists, recursively (strict JSON)."""
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.ndarray, Tensor)):
+        return _jsonable(np.asarray(o.detach().cpu() if isinstance(o, Tensor) else o).tolist())
+    if isinstance(o, (np.floating, float)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, (str, int, bool)) or o is None:
+        return o
+    return str(o)
+
+
 @dataclass
 class CalibrationReport:
-    """Metrics (each ``{"mean", "ci95"}`` over tasks) with the data behind the figures."""
+    """Metrics of one method on a set of tasks, each ``{"mean", "ci95"}`` over tasks, with the
+    data behind the figures.
+
+    Regression keys: ``mse``, ``nll``, ``coverage_50``, ``coverage_90``, ``coverage_95``,
+    ``calibration_error`` (pooled, :func:`pooled_calibration_error`), ``crps``.
+    Classification keys: ``accuracy``, ``nll``, ``ece``, ``mce``, ``brier``.
+
+    Example
+    -------
+    >>> probs = torch.softmax(torch.randn(4, 10, 5, generator=torch.Generator().manual_seed(0)), -1)
+    >>> rep = CalibrationReport.classification(probs, torch.zeros(4, 10, dtype=torch.long), name="net")
+    >>> CalibrationReport.from_json(rep.to_json()).metrics == rep.metrics
+    True
+    >>> print(rep.to_markdown().splitlines()[0])
+    | metric | net |
+    """
 
     kind: str
     metrics: Dict[str, Dict[str, float]]
@@ -217,25 +394,30 @@ class CalibrationReport:
     @classmethod
     def regression(cls, mu, var, y, name: str = "", levels: Sequence[float] = DEFAULT_LEVELS,
                    extra: Optional[dict] = None) -> "CalibrationReport":
+        """Report for Gaussian predictives ``N(mu, var)`` against targets ``y``, all ``[T, Q]``."""
+        lv = _check_levels(levels)
         mu, var, y = _check_regression(mu, var, y)
+        cov = _coverage(mu, var, y, torch.tensor([0.5, 0.9, 0.95], dtype=torch.float64))
         metrics = {
             "mse": mean_ci95(mse(mu, y)),
             "nll": mean_ci95(gaussian_nll(mu, var, y)),
-            "coverage_50": mean_ci95(interval_coverage(mu, var, y, 0.5)),
-            "coverage_90": mean_ci95(interval_coverage(mu, var, y, 0.9)),
-            "coverage_95": mean_ci95(interval_coverage(mu, var, y, 0.95)),
-            "calibration_error": calibration_error(mu, var, y, levels),
+            "coverage_50": mean_ci95(cov[:, 0]),
+            "coverage_90": mean_ci95(cov[:, 1]),
+            "coverage_95": mean_ci95(cov[:, 2]),
+            "calibration_error": pooled_calibration_error(mu, var, y, levels),
             "crps": mean_ci95(crps_gaussian(mu, var, y)),
         }
-        curve = calibration_curve(mu, var, y, levels).mean(0)
-        return cls("regression", metrics, name, curve={"levels": list(levels), "observed": curve.tolist()},
+        curve = _coverage(mu, var, y, lv).mean(0)
+        return cls("regression", metrics, name, curve={"levels": lv.tolist(), "observed": curve.tolist()},
                    extra=dict(extra or {}))
 
     @classmethod
     def classification(cls, probs, labels, n_bins: int = 15, name: str = "",
                        extra: Optional[dict] = None) -> "CalibrationReport":
+        """Report for class probabilities ``probs [T, Q, C]`` against ``labels [T, Q]``."""
+        n_bins = _check_bins(n_bins)
         probs, labels = _check_classification(probs, labels)
-        e, m, *_ = _ece_mce(probs, labels, n_bins)
+        e, m = _ece_mce(probs, labels, n_bins)
         metrics = {
             "accuracy": mean_ci95(accuracy(probs, labels)),
             "nll": mean_ci95(nll(probs, labels)),
@@ -246,61 +428,84 @@ class CalibrationReport:
         bins = {k: np.asarray(v).tolist() for k, v in reliability_bins(probs, labels, n_bins).items()}
         return cls("classification", metrics, name, bins=bins, extra=dict(extra or {}))
 
+    # -- serialisation
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "metrics": self.metrics, "curve": self.curve,
-                "bins": self.bins, "extra": self.extra}
+        """Plain data (NaN as ``None``): ``kind``, ``name``, ``metrics``, ``curve``, ``bins``, ``extra``."""
+        return _jsonable({"kind": self.kind, "name": self.name, "metrics": self.metrics, "curve": self.curve,
+                          "bins": self.bins, "extra": self.extra})
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=lambda o: None if o != o else o)
+        """Strict JSON of :meth:`to_dict` (read back with :meth:`from_json`)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibrationReport":
+        """Inverse of :meth:`to_dict` (empty bins come back as NaN)."""
+        try:
+            kind, metrics = data["kind"], data["metrics"]
+        except (KeyError, TypeError):
+            raise ValueError("data must be a dict with at least 'kind' and 'metrics'") from None
+        bins = data.get("bins")
+        if bins is not None:
+            bins = {k: [float("nan") if v is None else v for v in vals] for k, vals in bins.items()}
+        return cls(kind, {k: dict(v) for k, v in metrics.items()}, data.get("name", ""), data.get("curve"), bins,
+                   dict(data.get("extra") or {}))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CalibrationReport":
+        return cls.from_dict(json.loads(text))
 
     def to_markdown(self) -> str:
-        lines = [f"| metric | {self.name or 'value'} |", "|---|---|"]
+        """A two-column markdown table: ``| metric | mean ± ci95 |``."""
+        lines = [f"| metric | {self.name or 'mean ± ci95'} |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in self.metrics.items()]
         return "\n".join(lines)
 
+    # -- figures
     def plot_calibration_curve(self, ax=None):
-        """Observed against nominal central-interval coverage (regression)."""
+        """Observed against nominal central-interval coverage (regression), with the diagonal.
+        Returns the Figure (that of ``ax`` when given)."""
         if self.curve is None:
-            raise ValueError("plot_calibration_curve needs a regression report")
-        import matplotlib.pyplot as plt
-
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(4, 4))
+            raise ValueError("plot_calibration_curve needs a regression report (this one is "
+                             f"{self.kind!r})")
+        fig, ax = _figure_and_axes(ax, (4, 4))
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
-        ax.plot(self.curve["levels"], self.curve["observed"], "o-", label=self.name or "model")
+        ax.plot(self.curve["levels"], self.curve["observed"], "o-", ms=3, label=self.name or "model")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
         ax.set_xlabel("nominal coverage")
         ax.set_ylabel("observed coverage")
-        err = self.metrics["calibration_error"]["mean"]
-        ax.set_title(f"calibration curve (error {err:.3f})")
-        ax.legend()
-        return fig if fig is not None else ax.figure
+        err = self.metrics.get("calibration_error", {}).get("mean", float("nan"))
+        ax.set_title(f"{self.name} calibration error {err:.3f}".strip())
+        ax.legend(loc="upper left")
+        return fig
 
     def plot_reliability_diagram(self, ax=None):
-        """Accuracy against confidence per bin, with the gap shaded (classification)."""
+        """Accuracy per confidence bin as bars, the gap to the bin's mean confidence shaded, the
+        diagonal, and the ECE in the title (classification). Returns the Figure."""
         if self.bins is None:
-            raise ValueError("plot_reliability_diagram needs a classification report")
-        import matplotlib.pyplot as plt
-
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(4, 4))
-        edges = np.asarray(self.bins["edges"])
+            raise ValueError("plot_reliability_diagram needs a classification report (this one is "
+                             f"{self.kind!r})")
+        fig, ax = _figure_and_axes(ax, (4, 4))
+        edges = np.asarray(self.bins["edges"], dtype=float)
         centers = (edges[:-1] + edges[1:]) / 2
         width = edges[1] - edges[0]
-        acc = np.nan_to_num(np.asarray(self.bins["accuracy"], dtype=float))
-        conf = np.asarray(self.bins["confidence"], dtype=float)
-        conf = np.where(np.isnan(conf), centers, conf)
+        count = np.asarray(self.bins["count"])
+        acc = np.where(count > 0, np.asarray(self.bins["accuracy"], dtype=float), 0.0)
+        conf = np.where(count > 0, np.asarray(self.bins["confidence"], dtype=float), centers)
+        gap = np.where(count > 0, conf - acc, 0.0)
         ax.bar(centers, acc, width=width, edgecolor="k", alpha=0.8, label="accuracy")
-        ax.bar(centers, conf - acc, bottom=acc, width=width, color="tab:red", alpha=0.3, hatch="//", label="gap")
+        ax.bar(centers, gap, bottom=acc, width=width, color="tab:red", alpha=0.3, hatch="//", edgecolor="tab:red",
+               label="gap")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{self.name} ECE {self.metrics['ece']['mean']:.3f}".strip())
+        ece_mean = self.metrics.get("ece", {}).get("mean", float("nan"))
+        ax.set_title(f"{self.name} ECE {ece_mean:.3f}".strip())
         ax.legend(loc="upper left")
-        return fig if fig is not None else ax.figure
+        return fig
 
 
 def _fmt(v: Dict[str, float]) -> str:
@@ -308,9 +513,17 @@ def _fmt(v: Dict[str, float]) -> str:
 
 
 def compare_markdown(reports: Dict[str, CalibrationReport], keys: Optional[Iterable[str]] = None) -> str:
-    """One markdown table: a row per report, a column per metric (``mean ± ci95``)."""
+    """One markdown table: a row per report, a column per metric, cells ``mean ± ci95``
+    (``–`` where a report lacks the metric). ``keys`` default to the first report's metrics.
+
+    >>> rep = CalibrationReport("regression", {"mse": {"mean": 0.5, "ci95": 0.1}})
+    >>> print(compare_markdown({"a": rep}))
+    | method | mse |
+    |---|---|
+    | a | 0.5000 ± 0.1000 |
+    """
     if not reports:
-        raise ValueError("compare_markdown needs at least one report")
+        raise ValueError("reports must hold at least one report")
     keys = list(keys) if keys is not None else list(next(iter(reports.values())).metrics)
     lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, rep in reports.items():
@@ -320,43 +533,96 @@ def compare_markdown(reports: Dict[str, CalibrationReport], keys: Optional[Itera
 
 
 # ----------------------------------------------------------------------------- predictive bands
+def _figure_and_axes(ax, figsize):
+    """A new Agg-backed Figure (outside pyplot's global state) unless ``ax`` is given."""
+    if ax is not None:
+        return ax.figure, ax
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _flat(name: str, t) -> np.ndarray:
+    return _as_float64(name, t).reshape(-1).numpy()
+
+
 def plot_predictive_bands(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, ax=None,
                           title=None, level: float = 0.9):
-    """One regression task: predictive mean, central ``level`` band, support points, true curve."""
-    import matplotlib.pyplot as plt
+    """One regression task: predictive mean over ``x_grid``, the central ``level`` band
+    ``mean ± z √var`` (``z = Φ⁻¹((1 + level)/2)``, 1.645 for the default 90%), the support
+    points and, if given, the true curve ``(x_true, y_true)``. Returns the axes.
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.5))
-    x = np.asarray(torch.as_tensor(x_grid).detach().cpu()).reshape(-1)
-    m = np.asarray(torch.as_tensor(mean).detach().cpu()).reshape(-1)
-    s = np.sqrt(np.asarray(torch.as_tensor(var).detach().cpu()).reshape(-1))
-    z = _normal_quantile(0.5 + level / 2)
+    >>> x = torch.linspace(-5, 5, 50)
+    >>> ax = plot_predictive_bands(x[::10], torch.sin(x[::10]), x, torch.sin(x), torch.full((50,), 0.1))
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    x, m, v = _flat("x_grid", x_grid), _flat("mean", mean), _flat("var", var)
+    if not len(x) == len(m) == len(v):
+        raise ValueError(f"x_grid, mean and var must have as many points each, got {len(x)}, {len(m)}, {len(v)}")
+    if (v < 0).any():
+        raise ValueError("var must be non-negative")
+    xs, ys = _flat("x_support", x_support), _flat("y_support", y_support)
+    if len(xs) != len(ys):
+        raise ValueError(f"x_support has {len(xs)} points but y_support has {len(ys)}")
+    _, ax = _figure_and_axes(ax, (5, 3.5))
+    order = np.argsort(x, kind="stable")
+    x, m, s = x[order], m[order], np.sqrt(v[order])
+    z = float(_normal_quantile(0.5 + level / 2))
     if x_true is not None and y_true is not None:
-        ax.plot(np.asarray(torch.as_tensor(x_true).cpu()).reshape(-1), np.asarray(torch.as_tensor(y_true).cpu()).reshape(-1),
-                "k--", lw=1, label="truth")
+        xt, yt = _flat("x_true", x_true), _flat("y_true", y_true)
+        if len(xt) != len(yt):
+            raise ValueError(f"x_true has {len(xt)} points but y_true has {len(yt)}")
+        o = np.argsort(xt, kind="stable")
+        ax.plot(xt[o], yt[o], "k--", lw=1, label="truth")
     ax.plot(x, m, color="tab:blue", label="predictive mean")
-    ax.fill_between(x, m - z * s, m + z * s, color="tab:blue", alpha=0.25, label=f"{int(level * 100)}% interval")
-    ax.scatter(np.asarray(torch.as_tensor(x_support).cpu()).reshape(-1),
-               np.asarray(torch.as_tensor(y_support).cpu()).reshape(-1), color="tab:red", zorder=3, s=18, label="support")
+    ax.fill_between(x, m - z * s, m + z * s, color="tab:blue", alpha=0.25, label=f"{level:.0%} interval")
+    ax.scatter(xs, ys, color="tab:red", zorder=3, s=18, label="support")
     if title:
         ax.set_title(title)
     return ax
 
 
-def plot_predictive_grid(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, title=None, cols: int = 3):
-    """Several tasks (leading dimension) in a grid of :func:`plot_predictive_bands` panels."""
-    import matplotlib.pyplot as plt
+def plot_predictive_grid(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, title=None,
+                         cols: int = 3, level: float = 0.9, titles: Optional[Sequence[str]] = None):
+    """Several tasks in a grid of :func:`plot_predictive_bands` panels; returns the Figure.
 
-    n = len(mean)
+    Per-task arguments have a leading task dimension: ``x_support, y_support [T, S]``,
+    ``mean, var [T, G]``, ``y_true [T, G']``. ``x_grid`` and ``x_true`` are shared ``[G]`` or
+    per task ``[T, G]``.
+
+    >>> x = torch.linspace(-5, 5, 40)
+    >>> fig = plot_predictive_grid(torch.zeros(4, 3), torch.zeros(4, 3), x, torch.zeros(4, 40), torch.ones(4, 40))
+    """
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"cols must be a positive integer, got {cols!r}")
+    mean_t = _as_float64("mean", mean)
+    if mean_t.dim() < 2:
+        raise ValueError(f"mean must have shape [tasks, grid points], got {tuple(mean_t.shape)}")
+    n = mean_t.shape[0]
+    for name, t in (("x_support", x_support), ("y_support", y_support), ("var", var), ("y_true", y_true)):
+        if t is not None and len(t) != n:
+            raise ValueError(f"{name} has {len(t)} tasks but mean has {n}")
+
+    def per_task(t, i):
+        if t is None:
+            return None
+        t = torch.as_tensor(t)
+        return t[i] if t.dim() >= 2 and t.shape[0] == n else t
+
+    from matplotlib.figure import Figure
+
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.axis("off")
             continue
-        plot_predictive_bands(x_support[i], y_support[i], x_grid, mean[i], var[i],
-                              x_true=None if x_true is None else x_true,
-                              y_true=None if y_true is None else y_true[i], ax=ax)
+        plot_predictive_bands(x_support[i], y_support[i], per_task(x_grid, i), mean_t[i], var[i],
+                              x_true=per_task(x_true, i), y_true=None if y_true is None else y_true[i], ax=ax,
+                              title=None if titles is None else titles[i], level=level)
     axes.flat[0].legend(fontsize=7, loc="lower left")
     if title:
         fig.suptitle(title)

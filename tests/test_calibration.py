@@ -47,8 +47,11 @@ def test_calibrated_gaussian_has_nominal_coverage():
     y = mu + var.sqrt() * torch.randn(20, 2000, generator=g, dtype=torch.float64)
     for level in (0.5, 0.9, 0.95):
         assert cal.interval_coverage(mu, var, y, level).mean().item() == pytest.approx(level, abs=0.01)
-    assert cal.calibration_error(mu, var, y)["mean"] < 0.01
-    assert cal.calibration_error(mu, var / 4, y)["mean"] > 0.1
+    assert cal.pooled_calibration_error(mu, var, y)["mean"] < 0.01
+    assert cal.pooled_calibration_error(mu, var / 4, y)["mean"] > 0.1
+    per_task = cal.calibration_error(mu, var, y)  # 2000 points a task: fine enough task by task
+    assert per_task.shape == (20,) and per_task.max().item() < 0.03
+    assert cal.calibration_error(mu, var / 4, y).min().item() > 0.1
     # an overconfident predictive under-covers
     assert cal.interval_coverage(mu, var / 4, y, 0.9).mean().item() < 0.7
 

@@ -1,7 +1,8 @@
 """The sine-wave regression task family (Finn et al., 2017).
 
-Task: ``y = A sin(x − φ)`` with ``A ~ U[0.1, 5]``, ``φ ~ U[0, π]``; inputs ``x ~ U[−5, 5]``
-(the query range can be moved, e.g. to ``[5, 10]`` for out-of-range evaluation).
+Task: ``y = A sin(x − φ) + σ ε`` with ``A ~ U[0.1, 5]``, ``φ ~ U[0, π]``, inputs ``x ~ U[−5, 5]``
+and ``ε ~ N(0, 1)`` (``σ = noise_std``, 0 by default). The query range can be moved, e.g. to
+``[5, 10]`` for out-of-range evaluation (:meth:`SineTaskDistribution.out_of_range`).
 
 Example
 -------
@@ -9,17 +10,34 @@ Example
 >>> batch = tasks.sample(25, torch.Generator().manual_seed(0))
 >>> batch.support_x.shape, batch.query_y.shape
 (torch.Size([25, 10, 1]), torch.Size([25, 10, 1]))
+>>> far = tasks.out_of_range().sample(25, torch.Generator().manual_seed(0))   # query x in [5, 10]
+>>> bool(far.query_x.min() >= 5)
+True
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from .tasks import TaskBatch
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be a positive integer (at least 1), got {value!r}")
+    return n
 
 
 def _check_range(name: str, r) -> Tuple[float, float]:
@@ -54,27 +72,38 @@ class SineTaskDistribution:
 
     def __post_init__(self):
         for name in ("shots", "query"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        _check_range("amp_range", self.amp_range)
-        _check_range("phase_range", self.phase_range)
-        _check_range("x_range", self.x_range)
+            object.__setattr__(self, name, _check_count(name, getattr(self, name)))
+        for name in ("amp_range", "phase_range", "x_range"):
+            object.__setattr__(self, name, _check_range(name, getattr(self, name)))
         if self.query_x_range is not None:
-            _check_range("query_x_range", self.query_x_range)
-        if not (self.noise_std >= 0 and math.isfinite(self.noise_std)):
+            object.__setattr__(self, "query_x_range", _check_range("query_x_range", self.query_x_range))
+        try:
+            noise_ok = float(self.noise_std) >= 0 and math.isfinite(float(self.noise_std))
+        except (TypeError, ValueError):
+            noise_ok = False
+        if not noise_ok:
             raise ValueError(f"noise_std must be non-negative, got {self.noise_std!r}")
 
     def sample(self, num_tasks: int, generator: Optional[torch.Generator] = None, device=None,
                dtype: torch.dtype = torch.float32) -> TaskBatch:
-        """``num_tasks`` tasks; all randomness from ``generator`` (vectorised over tasks)."""
-        if not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        """``num_tasks`` tasks; all randomness from ``generator`` (vectorised over tasks).
+
+        Draw order (fixed, so a seed gives the same tasks on every device): amplitudes ``[T]``,
+        phases ``[T]``, support inputs ``[T, S]``, query inputs ``[T, Q]``, then, with noise,
+        support and query noise. Sampling happens in ``dtype`` on the generator's device (the CPU
+        without a generator); the batch is then moved to ``device``. ``info`` holds ``amplitude [T]`` and ``phase [T]``.
+        """
+        num_tasks = _check_count("num_tasks", num_tasks)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         g = generator
+        where = g.device if g is not None else torch.device("cpu")
 
         def uniform(shape, r):
             lo, hi = r
-            return torch.rand(shape, generator=g, dtype=dtype) * (hi - lo) + lo
+            return torch.rand(shape, generator=g, dtype=dtype, device=where) * (hi - lo) + lo
 
         amp = uniform((num_tasks, 1, 1), self.amp_range)
         phase = uniform((num_tasks, 1, 1), self.phase_range)
@@ -82,12 +111,13 @@ class SineTaskDistribution:
         qx = uniform((num_tasks, self.query, 1), self.query_x_range or self.x_range)
         sy, qy = amp * torch.sin(sx - phase), amp * torch.sin(qx - phase)
         if self.noise_std > 0:
-            sy = sy + self.noise_std * torch.randn(sy.shape, generator=g, dtype=dtype)
-            qy = qy + self.noise_std * torch.randn(qy.shape, generator=g, dtype=dtype)
+            sy = sy + self.noise_std * torch.randn(sy.shape, generator=g, dtype=dtype, device=where)
+            qy = qy + self.noise_std * torch.randn(qy.shape, generator=g, dtype=dtype, device=where)
         info = {"amplitude": amp.view(-1), "phase": phase.view(-1)}
         return TaskBatch(sx, sy, qx, qy, info).to(device=device)
 
     def out_of_range(self, low: float = 5.0, high: float = 10.0) -> "SineTaskDistribution":
-        """The same family with query inputs in ``[low, high]`` (support unchanged)."""
-        return SineTaskDistribution(self.shots, self.query, self.amp_range, self.phase_range, self.x_range,
-                                    (low, high), self.noise_std)
+        """The same family with query inputs in ``[low, high]`` (support unchanged), the
+        standard extrapolation test: ``SineTaskDistribution().out_of_range()`` has support
+        ``x ∈ [−5, 5]`` and query ``x ∈ [5, 10]``."""
+        return dataclasses.replace(self, query_x_range=(low, high))
