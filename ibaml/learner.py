@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from priors.base import Prior
 
+from . import distributed
 from .hypergrad import HypergradEstimator, Implicit
 from .inference import MAP, InnerLoop, TaskProblem, Variational
 from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
@@ -71,13 +72,28 @@ def _as_task_dict(batch) -> Dict[str, Tensor]:
 
 
 def validate_tasks(task: Dict[str, Tensor], likelihood: Likelihood, num_classes: Optional[int] = None) -> None:
-    """Check a task batch before any work is done; raise ``ValueError`` naming the problem."""
+    """Check a task batch before any work is done; raise ``ValueError`` with one line naming the
+    problem: a missing support set, shapes that disagree (``[tasks, points, ...]`` for inputs
+    and targets, the same tasks and point shape in support and query), an empty set, NaN or
+    Inf in inputs or targets, and (classification, ``num_classes`` given) labels outside
+    ``0..num_classes-1``.
+
+    >>> validate_tasks({"support_x": torch.zeros(2, 3, 1), "support_y": torch.zeros(2, 4, 1)},
+    ...                GaussianLikelihood())
+    Traceback (most recent call last):
+    ValueError: support_x has (2, 3) [tasks, points] but support_y has (2, 4)
+    """
     for key in ("support_x", "support_y"):
         if key not in task:
             raise ValueError(f"task batch has no {key!r}")
+    for key, value in task.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
     for side in ("support", "query"):
         if f"{side}_x" not in task:
             continue
+        if f"{side}_y" not in task:
+            raise ValueError(f"task batch has {side}_x but no {side}_y")
         x, y = task[f"{side}_x"], task[f"{side}_y"]
         if x.dim() < 2:
             raise ValueError(f"{side}_x must have shape [tasks, points, ...], got {tuple(x.shape)}")
@@ -85,21 +101,48 @@ def validate_tasks(task: Dict[str, Tensor], likelihood: Likelihood, num_classes:
             raise ValueError(f"{side} set is empty: {side}_x has shape {tuple(x.shape)}")
         if y.shape[:2] != x.shape[:2]:
             raise ValueError(f"{side}_x has {tuple(x.shape[:2])} [tasks, points] but {side}_y has {tuple(y.shape[:2])}")
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"{side}_x contains NaN or Inf")
-        if y.is_floating_point() and not torch.isfinite(y).all():
-            raise ValueError(f"{side}_y contains NaN or Inf")
-        if isinstance(likelihood, CategoricalLikelihood) and num_classes is not None:
-            if y.is_floating_point():
-                raise ValueError(f"{side}_y must hold integer class labels, got dtype {y.dtype}")
-            if (y < 0).any() or (y >= num_classes).any():
-                raise ValueError(f"{side}_y has labels outside 0..{num_classes - 1} "
-                                 f"(min {int(y.min())}, max {int(y.max())})")
+        for name, t in ((f"{side}_x", x), (f"{side}_y", y)):
+            if t.is_floating_point():
+                bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+                if bad.any():
+                    first = int(bad.nonzero()[0, 0])
+                    raise ValueError(f"{name} contains NaN or Inf in {int(bad.sum())} of {t.shape[0]} tasks "
+                                     f"(first: task {first})")
     if "query_x" in task and task["query_x"].shape[0] != task["support_x"].shape[0]:
         raise ValueError(f"support has {task['support_x'].shape[0]} tasks but query has {task['query_x'].shape[0]}")
     if "query_x" in task and task["query_x"].shape[2:] != task["support_x"].shape[2:]:
         raise ValueError(f"support_x points have shape {tuple(task['support_x'].shape[2:])} but query_x points "
                          f"have {tuple(task['query_x'].shape[2:])}")
+    if isinstance(likelihood, CategoricalLikelihood) and num_classes is not None:
+        validate_labels(task, num_classes)
+
+
+def validate_labels(task: Dict[str, Tensor], num_classes: int) -> None:
+    """Classification targets must be integer labels in ``0..num_classes-1``."""
+    for key in ("support_y", "query_y"):
+        if key not in task:
+            continue
+        y = task[key]
+        if y.is_floating_point():
+            raise ValueError(f"{key} must hold integer class labels, got dtype {y.dtype}")
+        if (y < 0).any() or (y >= num_classes).any():
+            raise ValueError(f"{key} has labels outside 0..{num_classes - 1} (min {int(y.min())}, max {int(y.max())})")
+
+
+def nonfinite_causes(diagnostics: Dict[str, Tensor], finite: Tensor) -> Dict[str, int]:
+    """Count the non-finite tasks (``~finite``) by the first stage that failed: ``inner``
+    (inner loss or gradient norm at the inner solution), ``solver`` (the linear solver's
+    residual norm, implicit estimators), ``gradient`` (the meta-gradient or the query loss)."""
+    bad = ~finite
+    inner = torch.zeros_like(bad)
+    for key in ("inner_loss", "inner_grad_norm"):
+        if key in diagnostics:
+            inner = inner | ~torch.isfinite(diagnostics[key])
+    inner = inner & bad
+    solver = torch.zeros_like(bad)
+    if "residual_norm" in diagnostics:
+        solver = bad & ~inner & ~torch.isfinite(diagnostics["residual_norm"])
+    return {"inner": int(inner.sum()), "solver": int(solver.sum()), "gradient": int((bad & ~inner & ~solver).sum())}
 
 
 class MetaLearner(nn.Module):
@@ -119,30 +162,68 @@ class MetaLearner(nn.Module):
         chunk_size: tasks per vmap chunk (``None``: all at once).
         num_predictive_samples: posterior draws in :meth:`predict`.
         hyper_weight: weight of the hyperprior term in the meta-objective.
-        nonfinite: ``"raise"`` (stop with :class:`NonFiniteError`) or ``"skip"`` (drop
-            non-finite tasks from the meta-gradient and count them in ``stats`` and
-            ``skipped_tasks``; a batch in which every task is non-finite still raises).
-        num_classes: for classification, the number of classes (label validation).
+        nonfinite: what to do with a task whose values are not finite (see below):
+            ``"raise"`` (default) or ``"skip"``.
+        num_classes: for classification, the number of classes (label validation; default:
+            the network's output width).
         seed: seed of the learner's generator (posterior draws).
+        process_group: a ``torch.distributed`` process group (e.g. ``ibaml.distributed.init_from_env().group``):
+            each process solves its shard of every meta-batch and the meta-gradients are
+            summed across processes (:mod:`ibaml.distributed`); the result is the one-process
+            meta-gradient. ``None`` (default): one process.
+
+    **Non-finite policy.** A task is *non-finite* when its inner solution (the iterate, the
+    inner loss or its gradient), the linear solver's residual norm (implicit estimators: CG
+    that met an overflow returns a NaN residual), its meta-gradient or its query loss is NaN
+    or Inf. Every meta-step checks all tasks (no host synchronisation inside the per-task
+    work; one check per batch):
+
+    * ``nonfinite="raise"``: :class:`NonFiniteError` with one line giving the count and the
+      stage that failed (inner solution, solver residual, meta-gradient), e.g.
+      ``"2 of 25 tasks gave non-finite values (inner solution: 0, CG residual: 2, meta-gradient or query loss: 0); ..."``.
+    * ``nonfinite="skip"``: those tasks are dropped; the meta-gradient is the mean over the
+      ``N`` finite tasks, ``g = (1/N) Σ_{t finite} g_t``, their count is returned in
+      ``meta_step(...)["skipped"]`` and accumulated in :attr:`skipped_tasks` (saved with
+      :meth:`training_state`). A batch in which *every* task is non-finite raises even so.
+
+    Statistics (``inner_grad_norm``, ``residual_norm``) are means over the finite tasks.
+
+    Example
+    -------
+    >>> learner = MetaLearner(net, IsotropicGaussian.from_module(net, precision=100.0),
+    ...                       GaussianLikelihood(1.0), nonfinite="skip")          # doctest: +SKIP
+    >>> learner.meta_step(batch)["skipped"], learner.skipped_tasks              # doctest: +SKIP
+    (0, 0)
     """
 
     def __init__(self, net: nn.Module, prior: Prior, likelihood: Likelihood, method: Any = "map",
                  estimator: Optional[HypergradEstimator] = None, inner_optimizer: Any = None, inner_steps: int = 10,
                  eval_inner_steps: Optional[int] = None, meta_lr: float = 1e-3, meta_optimizer=None,
                  chunk_size: Optional[int] = None, num_predictive_samples: int = 20, hyper_weight: float = 1.0,
-                 nonfinite: str = "raise", num_classes: Optional[int] = None, seed: int = 0):
+                 nonfinite: str = "raise", num_classes: Optional[int] = None, seed: int = 0,
+                 process_group: Any = None):
         super().__init__()
         if isinstance(method, str):
             table = {"map": MAP, "variational": Variational}
             if method not in table:
                 raise ValueError(f"unknown inference method {method!r}; expected one of {sorted(table)}")
             method = table[method]()
+        if not all(hasattr(method, a) for a in ("init", "inner_objective", "outer_objective")):
+            raise TypeError(f"method must be MAP(), Variational(), 'map' or 'variational', got {type(method).__name__}")
+        if estimator is not None and not isinstance(estimator, HypergradEstimator):
+            raise TypeError(f"estimator must be a HypergradEstimator (Implicit(), Explicit(), FirstOrder(), Lazy()), "
+                            f"got {estimator!r}")
+        if inner_optimizer is not None and not all(hasattr(inner_optimizer, a) for a in ("init", "update")):
+            raise TypeError(f"inner_optimizer must be an ibaml.optim optimiser (SGD(lr=...), Adam(lr=...)), "
+                            f"got {inner_optimizer!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if not meta_lr > 0:
             raise ValueError(f"meta_lr must be positive, got {meta_lr!r}")
         if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
+            raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         self.model = TaskModel(net, prior, likelihood)
         self.method = method
         self.estimator = Implicit() if estimator is None else estimator
@@ -159,6 +240,9 @@ class MetaLearner(nn.Module):
         self.generator = torch.Generator(device=prior.initial_weights.device).manual_seed(seed)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.skipped_tasks = 0
+        self.process_group = process_group
+        if process_group is not None:
+            distributed.broadcast_state(self, self.generator, group=process_group)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -178,9 +262,18 @@ class MetaLearner(nn.Module):
         eps = torch.randn(num_tasks, num, self.prior.dim, generator=gen, device=gen.device, dtype=like.dtype)
         return eps.to(like.device)
 
+    def _num_outputs(self, task: Dict[str, Tensor]) -> int:
+        """Width of the network's output (classification: the number of classes)."""
+        meta = self.meta_params()
+        x = task["support_x"][0, :1].to(device=self.prior.initial_weights.device, dtype=self.prior.initial_weights.dtype)
+        with torch.no_grad():
+            return int(self.model.net_output(meta, self.model.prior_call(meta, "location"), x).shape[-1])
+
     def _prepare(self, batch) -> Dict[str, Tensor]:
         task = _as_task_dict(batch)
         validate_tasks(task, self.likelihood, self.num_classes)
+        if isinstance(self.likelihood, CategoricalLikelihood) and self.num_classes is None:
+            validate_labels(task, self._num_outputs(task))
         dtype = self.prior.initial_weights.dtype
         device = self.prior.initial_weights.device
         task = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in task.items()}
@@ -195,30 +288,53 @@ class MetaLearner(nn.Module):
 
     # ------------------------------------------------------------------ meta-training
     def meta_gradient(self, batch):
-        """Mean meta-gradient over the tasks of ``batch`` (no update). Returns
-        ``(loss, grads, diagnostics, finite_mask)`` with per-task diagnostics ``[T]``."""
+        """Mean meta-gradient over the finite tasks of ``batch`` (no update):
+
+            g = (1/N) Σ_{t finite} g_t,    loss = (1/N) Σ_{t finite} F_t
+
+        Returns ``(loss, grads, diagnostics, finite_mask)`` with per-task diagnostics ``[T]``.
+        Non-finite tasks are handled by the ``nonfinite`` policy (class docstring). With a
+        ``process_group``, this process computes ``g_t`` for its shard only; the sums over
+        tasks are all-reduced and the per-task values gathered, so every process returns
+        the whole batch's result."""
         task = self._prepare(batch)
+        num_tasks = task["support_x"].shape[0]
+        group = self.process_group
+        if group is not None:
+            rank, world = distributed.dist.get_rank(group), distributed.dist.get_world_size(group)
+            task = distributed.shard_tasks(task, rank, world)
         meta = self.meta_params()
         out = self._vmap(lambda t: self.estimator.task_gradient(self.problem, meta, t), task)
-        finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
+        local_finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
+        per_task = dict(out.diagnostics, _loss=out.loss, _finite=local_finite)
+        if group is not None:
+            per_task = distributed.all_gather_tasks(per_task, num_tasks, group)
+        losses, finite = per_task.pop("_loss"), per_task.pop("_finite")
         n_bad = int((~finite).sum())
         if n_bad and (self.nonfinite == "raise" or n_bad == finite.numel()):
+            c = nonfinite_causes(per_task, finite)
             raise NonFiniteError(
-                f"{n_bad} of {finite.numel()} tasks gave a non-finite inner solution or meta-gradient; "
-                f"lower the inner learning rate, add CG damping, or use nonfinite='skip'")
-        keep = finite.to(out.loss.dtype)
-        n_keep = keep.sum().clamp(min=1)
+                f"{n_bad} of {finite.numel()} tasks gave non-finite values (inner solution: {c['inner']}, "
+                f"CG residual: {c['solver']}, meta-gradient or query loss: {c['gradient']}); lower the inner "
+                f"learning rate, add CG damping, or use nonfinite='skip'"
+                + (" (every task failed, so nothing is left to learn from)" if n_bad == finite.numel() else ""))
 
-        def masked_mean(g):
+        def masked_sum(g, keep):
             mask = keep.view(-1, *([1] * (g.dim() - 1)))
-            return torch.where(mask > 0, g, torch.zeros_like(g)).sum(0) / n_keep
+            return torch.where(mask, g, torch.zeros_like(g)).sum(0)
 
-        grads = {k: masked_mean(g) for k, g in out.grads.items()}
-        loss = masked_mean(out.loss)
-        return loss, grads, out.diagnostics, finite
+        sums = {k: masked_sum(g, local_finite) for k, g in out.grads.items()}
+        if group is not None:
+            sums = distributed.all_reduce_sum(sums, group)
+        n_keep = finite.to(losses.dtype).sum().clamp(min=1)
+        grads = {k: s / n_keep for k, s in sums.items()}
+        loss = masked_sum(losses, finite) / n_keep
+        return loss, grads, per_task, finite
 
     def meta_step(self, batch) -> Dict[str, float]:
-        """One meta-update on a batch of tasks; returns summary statistics."""
+        """One meta-update on a batch of tasks; returns summary statistics: ``loss`` (mean
+        query loss of the finite tasks), ``skipped`` (non-finite tasks dropped), the means of
+        ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, and ``hyper``."""
         loss, grads, diagnostics, finite = self.meta_gradient(batch)
         n_bad = int((~finite).sum())
         self.skipped_tasks += n_bad
@@ -236,7 +352,7 @@ class MetaLearner(nn.Module):
         stats = {"loss": float(loss), "skipped": n_bad}
         for key in ("inner_grad_norm", "residual_norm"):
             if key in diagnostics:
-                stats[key] = float(diagnostics[key].float().mean())
+                stats[key] = float(diagnostics[key][finite].float().mean())
         if hyper is not None:
             stats["hyper"] = float(hyper.detach())
         return stats
