@@ -14,6 +14,12 @@ old checkpoint or the new one, never a torn file.
 keys that fix the shape of the run agree, and raises :class:`CheckpointError` with one line
 naming the file and what is wrong otherwise.
 
+:func:`rng_state` and :func:`restore_rng_state` capture and restore every random source of a
+run (torch's global CPU and CUDA generators and named ``torch.Generator`` / samplers with
+``get_state``/``set_state``), so that a resumed run draws exactly what the uninterrupted one
+would have drawn. A crash between the temporary file and the rename leaves the temporary
+file behind; :func:`remove_stale_temporaries` clears it when the (single) writer restarts.
+
 Example
 -------
 >>> import tempfile, os
@@ -21,10 +27,15 @@ Example
 >>> _ = save_checkpoint(path, {"step": 3, "config": {"method": "imaml"}, "theta": torch.zeros(2)})
 >>> load_checkpoint(path, config={"method": "imaml"})["step"]
 3
+>>> gen = torch.Generator().manual_seed(0)
+>>> saved = rng_state(tasks=gen); a = torch.rand(2, generator=gen)
+>>> restore_rng_state(saved, tasks=gen); torch.equal(a, torch.rand(2, generator=gen))
+True
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import tempfile
@@ -112,3 +123,55 @@ def load_checkpoint(path: Union[str, Path], config: Optional[Mapping[str, Any]] 
             what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in bad.items())
             raise CheckpointError(f"{path}: checkpoint from an incompatible configuration ({what})")
     return state
+
+
+def _temporary_pattern(path: Path) -> str:
+    return str(path.parent / f".{glob.escape(path.name)}.*.tmp")
+
+
+def remove_stale_temporaries(path: Union[str, Path]) -> int:
+    """Delete temporary files that an interrupted :func:`save_checkpoint` to ``path`` left
+    behind (``.NAME.*.tmp`` beside it); returns how many. Call it only where no other
+    process is writing ``path`` at the same time."""
+    path = Path(path)
+    removed = 0
+    for tmp in glob.glob(_temporary_pattern(path)):
+        try:
+            os.unlink(tmp)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def rng_state(**sources) -> Dict[str, Any]:
+    """Snapshot of every random source of a run::
+
+        {"torch": torch.get_rng_state(),
+         "cuda": torch.cuda.get_rng_state_all()      # only when CUDA is initialised
+         "sources": {name: source.get_state()}}       # torch.Generator, EpisodeSampler, ...
+
+    ``sources`` are named objects with ``get_state()`` / ``set_state(state)``."""
+    for name, src in sources.items():
+        if not (hasattr(src, "get_state") and hasattr(src, "set_state")):
+            raise TypeError(f"rng source {name!r} must have get_state() and set_state(), got {type(src).__name__}")
+    state = {"torch": torch.get_rng_state(), "sources": {n: src.get_state() for n, src in sources.items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], **sources) -> None:
+    """Put back a snapshot from :func:`rng_state` into torch's global generators and into the
+    named ``sources`` (each must be in the snapshot: :class:`CheckpointError` otherwise)."""
+    saved = state.get("sources", {})
+    missing = [n for n in sources if n not in saved]
+    if missing:
+        raise CheckpointError(f"checkpoint has no random state for {missing} (it has {sorted(saved)})")
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = list(state["cuda"])[: torch.cuda.device_count()]
+        for device, s in enumerate(states):
+            torch.cuda.set_rng_state(s, device)
+    for name, src in sources.items():
+        src.set_state(saved[name])
