@@ -108,6 +108,57 @@ def test_miniimagenet_bad_csv_header(tmp_path):
         load_miniimagenet(root, "test")
 
 
+def test_miniimagenet_csv_errors(tmp_path):
+    root = write_miniimagenet_fixture(tmp_path, "csv", (2, 2, 2), 3)
+    # a row naming an image that was never written
+    with open(root / "train.csv", "a") as f:
+        f.write("ghost.jpg,n90000000\n")
+    with pytest.raises(DatasetError) as err:
+        load_miniimagenet(root, "train")
+    assert str(root / "images" / "ghost.jpg") in str(err.value) and "file missing" in str(err.value)
+    (root / "val.csv").write_text("filename,label\na.jpg,n1,extra\n")
+    with pytest.raises(DatasetError, match=r"val\.csv: line 2: expected 'filename,label', got 'a.jpg,n1,extra'"):
+        load_miniimagenet(root, "val")
+    (root / "test.csv").unlink()
+    with pytest.raises(DatasetError, match=r"test\.csv: file missing"):
+        load_miniimagenet(root, "test", format="csv")
+    (root / "images").rename(root / "pictures")
+    with pytest.raises(DatasetError, match=r"images: image folder missing \(needed by train\.csv\)"):
+        load_miniimagenet(root, "train")
+
+
+def test_miniimagenet_folder_errors(tmp_path):
+    root = write_miniimagenet_fixture(tmp_path, "folder", (2, 2, 2), 3)
+    victim = sorted((root / "train").glob("*/*.png"))[2]
+    Image.new("RGB", (84, 90)).save(victim)  # misshapen: 84 wide, 90 high
+    with pytest.raises(DatasetError) as err:
+        load_miniimagenet(root, "train")
+    assert str(victim) in str(err.value) and "size 84x90, expected 84x84" in str(err.value)
+    empty = sorted((root / "val").iterdir())[1]
+    for p in empty.iterdir():
+        p.unlink()
+    with pytest.raises(DatasetError, match=rf"{empty.name}: no \.jpg/\.jpeg/\.png images"):
+        load_miniimagenet(root, "val")
+    import shutil
+
+    shutil.rmtree(root / "test")
+    with pytest.raises(DatasetError, match=r"test: split folder missing"):
+        load_miniimagenet(root, "test")
+
+
+def test_resized_dataset_stays_uint8(mini_train):
+    small = mini_train.resized(32)
+    assert small.images.shape == (len(mini_train), 3, 32, 32) and small.images.dtype == torch.uint8
+    assert torch.equal(small.labels, mini_train.labels) and small.class_names == mini_train.class_names
+    assert mini_train.resized(84) is mini_train and mini_train.images.shape[-1] == 84
+    # close to averaging the pixels of each region (the images are smooth stripes plus noise)
+    area = torch.nn.functional.interpolate(mini_train.images.float(), size=(32, 32), mode="area")
+    assert (small.images.float() - area).abs().mean() < 6
+    torch.testing.assert_close(small.channel_stats()[0], mini_train.channel_stats()[0], atol=0.01, rtol=0)
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        mini_train.resized(0)
+
+
 def test_miniimagenet_misshapen_pickle(tmp_path):
     path = tmp_path / "mini-imagenet-cache-train.pkl"
     with open(path, "wb") as f:

@@ -138,6 +138,33 @@ class ImageClassDataset:
         out.images, out.labels = self.images.to(device), self.labels.to(device)
         return out
 
+    def resized(self, size: int, chunk: int = 1024) -> "ImageClassDataset":
+        """The same dataset with every image resized to ``size × size`` and kept ``uint8``:
+        ``round(clamp(interpolate(x, bilinear, antialias), 0, 255))``, computed in chunks of
+        ``chunk`` images on the dataset's device (labels, class names and index table are
+        shared). Returns ``self`` when the images already have that size.
+
+        Example
+        -------
+        >>> d = ImageClassDataset(torch.full((2, 3, 84, 84), 7, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+        >>> small = d.resized(32)
+        >>> small.images.shape, small.images.dtype, int(small.images.max())
+        (torch.Size([2, 3, 32, 32]), torch.uint8, 7)
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        C, H, W = self.image_shape
+        if (H, W) == (size, size):
+            return self
+        images = torch.empty((len(self), C, size, size), dtype=torch.uint8, device=self.device)
+        for i in range(0, len(self), chunk):
+            block = torch.nn.functional.interpolate(self.images[i:i + chunk].float(), size=(size, size),
+                                                    mode="bilinear", antialias=True, align_corners=False)
+            images[i:i + chunk] = block.round_().clamp_(0, 255).to(torch.uint8)
+        out = self.to(self.device)
+        out.images, out._stats = images, None
+        return out
+
     def channel_stats(self, chunk: int = 4096) -> Tuple[Tensor, Tensor]:
         """Per-channel mean and standard deviation of the pixels scaled to ``[0, 1]``
         (``float64 [C]`` each, on the CPU), computed exactly from per-channel histograms

@@ -1,0 +1,406 @@
+"""Few-shot image classification (miniImageNet or Omniglot): meta-train, validate, and test
+accuracy and calibration.
+
+    python examples/miniimagenet.py --data-root /data/miniimagenet --method ibaml --out runs/mini
+    python examples/miniimagenet.py --fixture --meta-iters 20 --eval-tasks 20 --out runs/mini_smoke
+    python examples/miniimagenet.py --resume runs/mini          # continue from runs/mini/last.pt
+
+Each meta-iteration samples ``--meta-batch`` N-way K-shot tasks (``--ways``, ``--shots``,
+``--query`` images per class) from the training classes and takes one meta-step of the chosen
+method with a Conv4 network (``--channels`` filters, batch norm with batch statistics). Every
+``--val-every`` iterations the learner adapts to ``--val-tasks`` fixed validation tasks; the
+parameters with the best validation accuracy go to ``DIR/best.pt``. Every
+``--checkpoint-every`` iterations (and at the last one) the whole training state goes to
+``DIR/last.pt``: the learner's parameters, meta-optimiser and generator
+(``MetaLearner.training_state``), the task sampler's generator, the step, the validation
+history and the configuration. ``--resume DIR`` reads it and continues the same trajectory:
+options not given take their saved values; options that shape the trajectory (method,
+network, task sizes, seed, ...) must agree with the saved ones, while ``--meta-iters``, the
+evaluation sizes, the data location and the checkpoint interval may change.
+
+At the end the best-validation parameters (the final ones without validation) adapt to
+``--eval-tasks`` test tasks, sampled and evaluated ``--eval-chunk`` tasks at a time so that
+memory stays bounded, and the script writes ``DIR/metrics.json`` (accuracy, NLL, ECE, MCE,
+Brier, each ``{"mean", "ci95"}`` over the test tasks), ``DIR/report.md`` and
+``DIR/reliability.png``. Evaluation draws from its own seeds and leaves the training
+generators untouched, so validating more or less often does not change the trajectory.
+
+Data: ``--data-root`` holds miniImageNet in one of three layouts (``--format auto`` detects
+it: ``mini-imagenet-cache-{train,validation,test}.pkl``; ``{train,val,test}.csv`` with
+``images/``; ``{train,val,test}/<class>/*.jpg``) or, with ``--dataset omniglot``,
+``images_background/`` and ``images_evaluation/``. ``--fixture`` writes a tiny synthetic dataset
+in the chosen layout to a temporary folder and runs on it (a smoke test). A missing,
+unreadable or misshapen file stops the run with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import torch
+from tqdm.auto import tqdm
+
+import ibaml
+from ibaml.calibration import CalibrationReport
+from ibaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet_splits, load_omniglot,
+                        write_miniimagenet_fixture, write_omniglot_fixture)
+from ibaml.data.miniimagenet import detect_format
+from ibaml.models import Conv4
+
+METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
+SGD_METHODS = ("maml", "fomaml", "abml")  # the presets' inner optimiser for these is SGD
+NATIVE_SIZE = {"miniimagenet": 84, "omniglot": 28}
+#: MAML's inner step on the mean cross-entropy of the support set (Finn et al. 2017)
+MAML_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
+#: options that may differ between a run and its resumption (everything else must agree)
+MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk",
+              "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads")
+METRICS = ("accuracy", "nll", "ece", "mce", "brier")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="miniimagenet", choices=tuple(NATIVE_SIZE))
+    data.add_argument("--data-root", default=None, help="dataset folder (not needed with --fixture)")
+    data.add_argument("--format", default="auto", choices=("auto", "pickle", "csv", "folder"),
+                      help="miniImageNet file layout (default: detected)")
+    data.add_argument("--fixture", action="store_true",
+                      help="write a tiny synthetic dataset (in --format, pickle for auto) to a temporary folder and use it")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="resize images to this side once after loading (default: 84 miniImageNet, 28 Omniglot)")
+    data.add_argument("--rotations", action=argparse.BooleanOptionalAction, default=True,
+                      help="Omniglot: characters rotated by 90/180/270 degrees are new classes")
+    data.add_argument("--split-sizes", default="1100,100",
+                      help="Omniglot train,val characters (counts, or fractions such as 0.6,0.2); test is the rest")
+    data.add_argument("--split-file", default=None, help="Omniglot class split file (default DATA_ROOT/ibaml_split.json)")
+    data.add_argument("--workers", type=int, default=4, help="threads decoding image files")
+
+    task = p.add_argument_group("tasks and method")
+    task.add_argument("--ways", type=int, default=5)
+    task.add_argument("--shots", type=int, default=5)
+    task.add_argument("--query", type=int, default=15, help="query images per class")
+    task.add_argument("--method", default="ibaml", choices=METHODS)
+    task.add_argument("--channels", type=int, default=32, help="Conv4 filters per layer (32 or 64 in the literature)")
+    task.add_argument("--inner-steps", type=int, default=5)
+    task.add_argument("--eval-inner-steps", type=int, default=None,
+                      help="inner steps when adapting to validation and test tasks (default: 2x for MAML/FOMAML, else the same)")
+    task.add_argument("--inner-lr", type=float, default=None,
+                      help="inner learning rate on the summed support NLL (default: MAML's 0.01 (miniImageNet) or "
+                           "0.4 (Omniglot) per mean cross-entropy, divided by ways*shots, for the SGD methods "
+                           "maml/fomaml/abml; 0.01 for Adam in imaml/ibaml)")
+    task.add_argument("--cg-steps", type=int, default=5, help="conjugate-gradient iterations (imaml, ibaml)")
+    task.add_argument("--cg-damping", type=float, default=0.0)
+    task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's 100)")
+    task.add_argument("--init-scale", type=float, default=None,
+                      help="initial prior standard deviation for abml/ibaml (default: the preset's 0.1)")
+    task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
+
+    train = p.add_argument_group("training and evaluation")
+    train.add_argument("--meta-batch", type=int, default=2)
+    train.add_argument("--meta-iters", type=int, default=40000)
+    train.add_argument("--meta-lr", type=float, default=1e-3)
+    train.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk inside a batch (default: all)")
+    train.add_argument("--val-every", type=int, default=500, help="validate every N meta-iterations (0: never)")
+    train.add_argument("--val-tasks", type=int, default=100)
+    train.add_argument("--eval-tasks", type=int, default=1000, help="test tasks")
+    train.add_argument("--eval-chunk", type=int, default=25, help="tasks sampled and evaluated at a time")
+    train.add_argument("--checkpoint-every", type=int, default=500,
+                       help="write DIR/last.pt every N meta-iterations and at the end (0: never)")
+    train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR/last.pt")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the --resume folder, else runs/fewshot)")
+    train.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv) -> dict:
+    """The options given on the command line (not their defaults): argparse leaves alone an
+    attribute the namespace already has, so every option starts as a marker."""
+    marker = object()
+    namespace = argparse.Namespace(**{d: marker for d in vars(parser.parse_args([]))})
+    return {k: v for k, v in vars(parser.parse_args(argv, namespace=namespace)).items() if v is not marker}
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    positive = ("ways", "shots", "query", "channels", "inner_steps", "cg_steps", "meta_batch", "meta_iters",
+                "val_tasks", "eval_tasks", "eval_chunk", "predictive_samples")
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("val_every", "checkpoint_every", "workers"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.ways < 2:
+        p.error(f"--ways must be at least 2, got {args.ways}")
+    for name in ("eval_inner_steps", "chunk_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.image_size is not None and args.image_size < 16:
+        p.error(f"--image-size must be at least 16 (four 2x2 poolings in Conv4), got {args.image_size}")
+    for name in ("inner_lr", "meta_lr", "precision", "init_scale"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if not args.fixture and args.data_root is None:
+        p.error("--data-root DIR is required (or --fixture for a synthetic smoke run)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device} given but CUDA is not available on this machine")
+    try:
+        split_sizes(args.split_sizes)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def split_sizes(text: str) -> tuple:
+    """``"1100,100"`` → ``(1100, 100)``; ``"0.6,0.2"`` → ``(0.6, 0.2)``; anything else raises ``ValueError``."""
+    parts = [s.strip() for s in str(text).split(",")]
+    if len(parts) == 2 and all(s.isdigit() for s in parts):
+        return tuple(int(s) for s in parts)
+    try:
+        values = tuple(float(s) for s in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(0 < v < 1 for v in values):
+        raise ValueError(f"--split-sizes must be two counts (1100,100) or two fractions (0.6,0.2), got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    """Parse ``argv``; with ``--resume DIR``, merge the configuration saved in ``DIR/last.pt``.
+    Returns ``(args, checkpoint)`` where ``checkpoint`` is the loaded state or ``None``."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    given = explicit_options(p, argv)
+    checkpoint = None
+    if args.resume is not None:
+        fixed = {k: v for k, v in given.items() if k not in MAY_CHANGE}
+        checkpoint = load_checkpoint(Path(args.resume) / "last.pt", config=fixed, map_location="cpu")
+        saved = checkpoint.get("config", {})
+        merged = vars(args)
+        for key, value in saved.items():
+            if key in merged and key not in given and key not in ("resume", "out"):
+                merged[key] = value
+        args = argparse.Namespace(**merged)
+    if args.out is None:
+        args.out = args.resume if args.resume is not None else "runs/fewshot"
+    check_args(p, args)
+    return args, checkpoint
+
+
+def config_of(args) -> dict:
+    """The run's configuration as stored in checkpoints and metrics (all options but ``resume``)."""
+    return {k: v for k, v in vars(args).items() if k != "resume"}
+
+
+# ---------------------------------------------------------------------------------- data
+def write_fixture(args, root: Path) -> Path:
+    """A tiny dataset in the layout asked for, with enough classes and images for the task sizes."""
+    per_class = max(5, args.shots + args.query)
+    if args.dataset == "omniglot":
+        need = math.ceil(args.ways / 4) if args.rotations else args.ways
+        chars = max(12, 4 * need)
+        return write_omniglot_fixture(root, n_alphabets=2, chars_per_alphabet=math.ceil(chars / 2),
+                                      images_per_char=per_class, seed=args.seed)
+    fmt = "pickle" if args.format == "auto" else args.format
+    classes = (max(6, 2 * args.ways), max(3, args.ways), max(3, args.ways))
+    return write_miniimagenet_fixture(root, fmt, classes, per_class, seed=args.seed)
+
+
+def load_data(args, device) -> dict:
+    """``{"train", "val", "test"}`` → :class:`ibaml.data.ImageClassDataset` (uint8, on ``device``)."""
+    with tempfile.TemporaryDirectory(prefix="ibaml-fixture-") as tmp:
+        root = write_fixture(args, Path(tmp)) if args.fixture else Path(args.data_root)
+        if args.dataset == "omniglot":
+            sizes = (0.5, 0.25) if args.fixture else split_sizes(args.split_sizes)
+            size = args.image_size or NATIVE_SIZE["omniglot"]
+            splits = {s: load_omniglot(root, s, rotations=args.rotations, image_size=size, split_file=args.split_file,
+                                       split_sizes=sizes, seed=args.seed, device=device, num_workers=args.workers)
+                      for s in ("train", "val", "test")}
+        else:
+            fmt = detect_format(root) if args.format == "auto" else args.format
+            splits = load_miniimagenet_splits(root, format=fmt, device=device, num_workers=args.workers)
+            if args.image_size:
+                splits = {s: d.resized(args.image_size) for s, d in splits.items()}
+    return splits
+
+
+# ---------------------------------------------------------------------------------- model
+def default_inner_lr(args) -> float:
+    if args.method in SGD_METHODS:
+        return MAML_STEP[args.dataset] / (args.ways * args.shots)
+    return 0.01
+
+
+def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
+    C, H, _ = image_shape
+    torch.manual_seed(args.seed)
+    net = Conv4(in_channels=C, hidden=args.channels, out_dim=args.ways, image_size=H).to(device=device, dtype=dtype)
+    extra = {}
+    if args.precision is not None:
+        extra["precision"] = args.precision
+    if args.init_scale is not None:
+        extra["init_scale"] = args.init_scale
+    eval_steps = args.eval_inner_steps or (2 * args.inner_steps if args.method in ("maml", "fomaml") else args.inner_steps)
+    likelihood = ibaml.CategoricalLikelihood().to(device=device, dtype=dtype)
+    return ibaml.build_learner(args.method, net, likelihood, inner_steps=args.inner_steps, eval_inner_steps=eval_steps,
+                               inner_lr=args.inner_lr or default_inner_lr(args), cg_steps=args.cg_steps,
+                               cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size,
+                               num_predictive_samples=args.predictive_samples, num_classes=args.ways, seed=args.seed,
+                               nonfinite="skip", **extra)
+
+
+def evaluate_tasks(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
+                   name: str = "", progress: bool = True) -> CalibrationReport:
+    """Adapt to ``num_tasks`` tasks drawn from ``sampler`` (reseeded with ``seed``, so the same
+    tasks every call) ``chunk`` at a time and return the classification report over all of
+    them. The learner's generator is reseeded for the evaluation and restored afterwards."""
+    saved = learner.generator.get_state()
+    learner.generator.manual_seed(seed)
+    sampler.generator.manual_seed(seed)
+    probs, labels = [], []
+    try:
+        starts = range(0, num_tasks, chunk)
+        for start in tqdm(starts, desc=name or "evaluate", disable=not progress or len(starts) < 2, leave=False,
+                          file=sys.stdout, mininterval=1.0):
+            batch = sampler.sample(min(chunk, num_tasks - start))
+            posterior = learner.adapt(batch.support_x, batch.support_y)
+            probs.append(learner.predict(posterior, batch.query_x).detach().double().cpu())
+            labels.append(batch.query_y.cpu())
+    finally:
+        learner.generator.set_state(saved)
+    return CalibrationReport.classification(torch.cat(probs), torch.cat(labels), name=name)
+
+
+# ---------------------------------------------------------------------------------- run
+def write_report(out: Path, args, report: CalibrationReport, result: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = report.plot_reliability_diagram()
+    fig.savefig(out / "reliability.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    evaluated = result["evaluated"]
+    which = (f"the best validation parameters (step {evaluated['step']})" if evaluated["checkpoint"] == "best"
+             else f"the final parameters (step {evaluated['step']})")
+    history = "\n".join(f"| {h['step']} | {h['accuracy']['mean']:.4f} ± {h['accuracy']['ci95']:.4f} | "
+                        f"{h['nll']['mean']:.4f} |" for h in result["validation"])
+    text = (f"# {args.dataset}: {args.ways}-way {args.shots}-shot, {args.method}\n\n"
+            f"Conv4 with {args.channels} channels, {args.inner_steps} inner steps, {args.cg_steps} CG iterations, "
+            f"meta-batch {args.meta_batch}, {args.meta_iters} meta-iterations, seed {args.seed}, device {args.device}, "
+            f"torch {torch.__version__}.\n\n"
+            f"## Test: {args.eval_tasks} tasks, {args.query} queries per class (mean ± 95% CI over tasks)\n\n"
+            f"Evaluated with {which}.\n\n{report.to_markdown()}\n\n![reliability diagram](reliability.png)\n")
+    if history:
+        text += f"\n## Validation ({args.val_tasks} tasks)\n\n| step | accuracy | NLL |\n|---|---|---|\n{history}\n"
+    (out / "report.md").write_text(text)
+
+
+def main(argv=None) -> dict:
+    """Run the example; returns the dict written to ``DIR/metrics.json``."""
+    args, checkpoint = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    progress = not args.no_progress
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    splits = load_data(args, device)
+    mean, std = splits["train"].channel_stats()
+    samplers = {s: EpisodeSampler(splits[s], args.ways, args.shots, args.query, seed=args.seed, mean=mean, std=std,
+                                  dtype=dtype) for s in ("train", "val", "test")}
+    learner = make_learner(args, splits["train"].image_shape, device, dtype)
+    config = config_of(args)
+
+    step, history, best, seconds = 0, [], None, 0.0
+    if checkpoint is not None:
+        learner.load_training_state(checkpoint["training"])
+        samplers["train"].set_state(checkpoint["sampler"])
+        step, history, best = int(checkpoint["step"]), list(checkpoint["validation"]), checkpoint["best"]
+        seconds = float(checkpoint["train_seconds"])
+        source = Path(args.resume)
+        if best is not None and source.resolve() != out.resolve():  # resumed into another folder
+            shutil.copy2(source / "best.pt", out / "best.pt")
+    else:  # a fresh run: no checkpoint of an earlier run in DIR may be mistaken for this one's
+        for name in ("last.pt", "best.pt"):
+            (out / name).unlink(missing_ok=True)
+
+    def validate(at: int) -> dict:
+        rep = evaluate_tasks(learner, samplers["val"], args.val_tasks, args.eval_chunk, 10_000 + args.seed,
+                             name="validation", progress=progress)
+        entry = {"step": at, **{k: rep.metrics[k] for k in METRICS}}
+        history.append(entry)
+        return entry
+
+    start_step, start_time, stats = step, time.perf_counter(), {}
+    bar = tqdm(range(step, args.meta_iters), initial=step, total=args.meta_iters, desc=f"{args.method} {args.dataset}",
+               disable=not progress, file=sys.stdout, mininterval=1.0)
+    for i in bar:
+        stats = learner.meta_step(samplers["train"].sample(args.meta_batch))
+        step = i + 1
+        postfix = {"loss": f"{stats['loss']:.3f}"}
+        if args.val_every and (step % args.val_every == 0 or step == args.meta_iters):
+            entry = validate(step)
+            if best is None or entry["accuracy"]["mean"] > best["accuracy"]:
+                best = {"step": step, "accuracy": entry["accuracy"]["mean"]}
+                save_checkpoint(out / "best.pt", {"config": config, "step": step, "learner": learner.state_dict(),
+                                                  "validation": entry})
+            postfix["val_acc"] = f"{entry['accuracy']['mean']:.3f}"
+        if args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.meta_iters):
+            save_checkpoint(out / "last.pt", {
+                "config": config, "step": step, "training": learner.training_state(),
+                "sampler": samplers["train"].get_state(), "validation": history, "best": best,
+                "train_seconds": seconds + time.perf_counter() - start_time})
+        bar.set_postfix(postfix)
+    bar.close()
+    run_seconds = time.perf_counter() - start_time
+    seconds += run_seconds
+
+    if best is not None:
+        learner.load_state_dict(load_checkpoint(out / "best.pt", map_location="cpu")["learner"])
+        evaluated = {"checkpoint": "best", "step": int(best["step"])}
+    else:
+        evaluated = {"checkpoint": "last", "step": step}
+    report = evaluate_tasks(learner, samplers["test"], args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
+                            name=f"{args.method}, test", progress=progress)
+    result = {k: report.metrics[k] for k in METRICS}
+    result.update({
+        "evaluated": evaluated, "validation": history, "num_test_tasks": args.eval_tasks,
+        "train_seconds": seconds,
+        "ms_per_meta_iter": 1000 * run_seconds / (step - start_step) if step > start_step else None,
+        "skipped_tasks": int(learner.skipped_tasks), "last_loss": stats.get("loss"),
+        "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),
+        "config": config, "torch": torch.__version__,
+    })
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_report(out, args, report, result)
+    print(f"\n{report.to_markdown()}\n\nwrote {out / 'metrics.json'}, {out / 'report.md'} and {out / 'reliability.png'}")
+    return result
+
+
+def cli(argv=None) -> dict:
+    """:func:`main` with dataset and checkpoint problems reported as one line on stderr (exit status 2)."""
+    try:
+        return main(argv)
+    except (DatasetError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()
