@@ -46,6 +46,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import torch
 
 FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -76,6 +78,8 @@ def save_checkpoint(path: Union[str, Path], state: Mapping[str, Any]) -> Path:
     payload["format"] = FORMAT_VERSION
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600); a checkpoint gets the usual mode
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
