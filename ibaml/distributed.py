@@ -120,9 +120,9 @@ def all_gather_tasks(values: Mapping[str, Tensor], num_tasks: int, group=None) -
     widths = [c.shape[1] for c in columns]
     packed = torch.zeros(longest, sum(widths), dtype=torch.float64, device=first.device)
     packed[: stop - start] = torch.cat(columns, 1)
-    gathered = torch.empty(world * longest, packed.shape[1], dtype=torch.float64, device=first.device)
-    dist.all_gather_into_tensor(gathered, packed, group=group)
-    rows = torch.cat([gathered[r * longest: r * longest + (b - a)] for r, (a, b) in enumerate(sizes)])
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    rows = torch.cat([g[: b - a] for g, (a, b) in zip(gathered, sizes)])
     out, offset = {}, 0
     for k, w in zip(names, widths):
         out[k] = rows[:, offset: offset + w].reshape(num_tasks, *values[k].shape[1:]).to(values[k].dtype)
