@@ -18,6 +18,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from torch import nn
@@ -32,6 +33,9 @@ from .linalg import CG
 from .optim import SGD, Adam
 
 METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml", "lazy")
+# MetaLearner arguments that build_learner does not set itself
+_PASSED_ON = frozenset(inspect.signature(MetaLearner).parameters) - {
+    "net", "prior", "likelihood", "method", "estimator", "inner_optimizer", "inner_steps"}
 
 
 def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_steps: int = 10,
@@ -64,6 +68,10 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         include: which network parameters get the prior (default all).
         learner_kwargs: passed to :class:`MetaLearner` (``meta_lr``, ``chunk_size``, ...).
     """
+    unknown = sorted(set(learner_kwargs) - _PASSED_ON)
+    if unknown:
+        raise TypeError(f"build_learner got unknown option(s) {unknown}; MetaLearner options it passes on are "
+                        f"{sorted(_PASSED_ON)}")
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
