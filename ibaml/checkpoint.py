@@ -116,6 +116,8 @@ def load_checkpoint(path: Union[str, Path], config: Optional[Mapping[str, Any]] 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no central directory
+            first = "not a complete torch.save archive"
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path}: not an ibaml checkpoint (no 'format' entry)")

@@ -129,20 +129,24 @@ def validate_labels(task: Dict[str, Tensor], num_classes: int) -> None:
             raise ValueError(f"{key} has labels outside 0..{num_classes - 1} (min {int(y.min())}, max {int(y.max())})")
 
 
-def nonfinite_causes(diagnostics: Dict[str, Tensor], finite: Tensor) -> Dict[str, int]:
-    """Count the non-finite tasks (``~finite``) by the first stage that failed: ``inner``
-    (inner loss or gradient norm at the inner solution), ``solver`` (the linear solver's
-    residual norm, implicit estimators), ``gradient`` (the meta-gradient or the query loss)."""
-    bad = ~finite
-    inner = torch.zeros_like(bad)
-    for key in ("inner_loss", "inner_grad_norm"):
-        if key in diagnostics:
-            inner = inner | ~torch.isfinite(diagnostics[key])
-    inner = inner & bad
-    solver = torch.zeros_like(bad)
-    if "residual_norm" in diagnostics:
-        solver = bad & ~inner & ~torch.isfinite(diagnostics["residual_norm"])
-    return {"inner": int(inner.sum()), "solver": int(solver.sum()), "gradient": int((bad & ~inner & ~solver).sum())}
+def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, int]:
+    """Count the non-finite tasks (``~finite``) by the first stage that failed, in the order
+    of the computation: ``inner`` (inner loss or gradient norm at the inner solution),
+    ``query`` (the query loss ``F``), ``solver`` (the linear solver's residual norm, implicit
+    estimators), ``gradient`` (the meta-gradient itself)."""
+    left = ~finite
+    counts = {}
+    stages = (("inner", ("inner_loss", "inner_grad_norm")), ("query", None), ("solver", ("residual_norm",)))
+    for stage, keys in stages:
+        values = [losses] if keys is None else [diagnostics[k] for k in keys if k in diagnostics]
+        failed = torch.zeros_like(left)
+        for v in values:
+            failed = failed | ~torch.isfinite(v)
+        failed = failed & left
+        counts[stage] = int(failed.sum())
+        left = left & ~failed
+    counts["gradient"] = int(left.sum())
+    return counts
 
 
 class MetaLearner(nn.Module):
@@ -180,7 +184,7 @@ class MetaLearner(nn.Module):
 
     * ``nonfinite="raise"``: :class:`NonFiniteError` with one line giving the count and the
       stage that failed (inner solution, solver residual, meta-gradient), e.g.
-      ``"2 of 25 tasks gave non-finite values (inner solution: 0, CG residual: 2, meta-gradient or query loss: 0); ..."``.
+      ``"2 of 25 tasks gave non-finite values (inner solution: 0, query loss: 0, CG residual: 2, meta-gradient: 0); ..."``.
     * ``nonfinite="skip"``: those tasks are dropped; the meta-gradient is the mean over the
       ``N`` finite tasks, ``g = (1/N) Σ_{t finite} g_t``, their count is returned in
       ``meta_step(...)["skipped"]`` and accumulated in :attr:`skipped_tasks` (saved with
@@ -312,10 +316,10 @@ class MetaLearner(nn.Module):
         losses, finite = per_task.pop("_loss"), per_task.pop("_finite")
         n_bad = int((~finite).sum())
         if n_bad and (self.nonfinite == "raise" or n_bad == finite.numel()):
-            c = nonfinite_causes(per_task, finite)
+            c = nonfinite_causes(per_task, losses, finite)
             raise NonFiniteError(
-                f"{n_bad} of {finite.numel()} tasks gave non-finite values (inner solution: {c['inner']}, "
-                f"CG residual: {c['solver']}, meta-gradient or query loss: {c['gradient']}); lower the inner "
+                f"{n_bad} of {finite.numel()} tasks gave non-finite values (inner solution: {c['inner']}, query loss: "
+                f"{c['query']}, CG residual: {c['solver']}, meta-gradient: {c['gradient']}); lower the inner "
                 f"learning rate, add CG damping, or use nonfinite='skip'"
                 + (" (every task failed, so nothing is left to learn from)" if n_bad == finite.numel() else ""))
 
