@@ -19,9 +19,12 @@ def test_sine_example_compare_end_to_end(tmp_path):
         for key in ("mse", "nll", "coverage_90"):
             assert set(m[key]) == {"mean", "ci95"}
         assert "out_of_range" in m
+        assert m["skipped_tasks"] == 0
         assert (out / method / "predictive_bands.png").stat().st_size > 0
+        assert (out / method / "last.pt").stat().st_size > 0  # the final checkpoint is always written
     assert "| ibaml |" in (out / "report.md").read_text()
     assert "| ibaml |" in proc.stdout
+    assert "non-finite tasks skipped in meta-training: maml 0, imaml 0, ibaml 0" in proc.stdout
 
 
 def test_sine_example_rejects_unknown_method(tmp_path):
