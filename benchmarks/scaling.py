@@ -1,136 +1,162 @@
-"""Time and peak memory per meta-iteration versus inner steps K.
+"""Time and peak memory per meta-iteration versus the number of inner steps K.
 
-Compares explicit (unrolled) and implicit (CG) meta-gradients, each computed with
-``torch.func.vmap`` over the tasks of a meta-batch and with a Python loop over tasks,
-on the sine MLP (1-40-40-1) and on Conv4 (5-way 1-shot, 15 query, 84×84 inputs).
+For each workload, meta-batch ``T``, estimator (explicit: unrolled backpropagation through
+the ``K`` SGD steps, MAML; implicit: the inner loop without a graph, then CG on
+Hessian-vector products, iMAML) and ``K ∈ {1, 5, 10, 20, 50, 100}``, one learner runs its
+meta-iteration in each mode — ``vmap`` over the tasks, the same under ``torch.compile``
+(``compile``, opt-in), or a Python ``loop`` over the tasks — and the modes are timed in
+turn (see ``benchmarks/_harness.py`` for what a meta-iteration is and how time and memory
+are measured). Workloads: the sine MLP 1-40-40-1 (meta-batches 4, 25, 32) and Conv4-64 on
+5-way 1-shot episodes with 15 query images per class at 84×84 (meta-batches 4 and 32).
 
-    python benchmarks/scaling.py --device cuda --out runs/scaling
-    python benchmarks/scaling.py --quick            # a CPU smoke run
+Reported per configuration: median ms per meta-iteration, tasks per second (``T`` / time),
+peak memory and, for the batched modes, GB per task (peak / ``T``, GB = 10⁹ bytes; the
+loop holds one task at a time, so it has none). An out-of-memory configuration is
+recorded as ``"oom"`` and the run goes on. Also: the loop/vmap time ratio, the peak memory
+ratio K=100 / K=1 of each estimator, and any operation that ``vmap`` could not batch (it
+falls back to a loop over tasks: a silent slowdown).
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the growth of the
-process's peak resident set size, measured in a fresh child process per configuration.
-Writes ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints a table.
+The JSON's ``summary`` holds each target of the specification with the measured value
+and whether it is met; a GPU target is evaluated only in a CUDA run:
+
+* Conv4-64, 5-way 1-shot, K=10, CG 5, meta-batch 32 (implicit, vmap): ≥ 200 tasks/s and
+  ≤ 0.25 GB per task;
+* implicit peak memory at K=100 ≤ 1.1 × at K=1 (Conv4, meta-batch 32, vmap; the explicit
+  ratio beside it);
+* sine, meta-batch 25, K=10, CG 5 (implicit, vmap): ≤ 10 ms per meta-iteration;
+* on the CPU: the vmapped implicit sine meta-iteration ≥ 5 × faster than the loop.
+
+    python benchmarks/scaling.py --device cuda --out runs/scaling           # the full grid
+    python benchmarks/scaling.py --device cuda --modes vmap,compile,loop --compile-mode reduce-overhead
+    nice -n 5 python benchmarks/scaling.py --workloads sine --sine-meta-batches 25 --steps 10 --estimators implicit
+    python benchmarks/scaling.py --quick                                    # a smoke run
+
+Writes ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import multiprocessing as mp
-import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-import ibaml
-import priors
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+
+TARGET_K, TARGET_CG = 10, 5
 
 
-def sine_batch(T, gen, dtype, device, shots=10, query=10):
-    amp = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * 4.9 + 0.1
-    phase = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * math.pi
-    x = torch.rand(T, shots + query, 1, generator=gen, dtype=dtype) * 10 - 5
-    y = amp * torch.sin(x - phase)
-    batch = {"support_x": x[:, :shots], "support_y": y[:, :shots], "query_x": x[:, shots:], "query_y": y[:, shots:]}
-    return {k: v.to(device) for k, v in batch.items()}
+def _ints(text):
+    return [int(v) for v in text.split(",") if v]
 
 
-def image_batch(T, gen, dtype, device, ways=5, shots=1, query=15, size=84):
-    def part(n):
-        x = torch.randn(T, ways * n, 3, size, size, generator=gen, dtype=dtype)
-        y = torch.arange(ways).repeat_interleave(n).expand(T, -1).clone()
-        return x, y
-
-    sx, sy = part(shots)
-    qx, qy = part(query)
-    return {k: v.to(device) for k, v in dict(support_x=sx, support_y=sy, query_x=qx, query_y=qy).items()}
+def _enable_vmap_fallback_warnings():
+    fn = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if fn is not None:
+        fn(True)
 
 
-def build(workload, estimator_name, K, cg_steps, device, dtype):
-    torch.manual_seed(0)
-    if workload == "sine":
-        from ibaml.models import MLP
-
-        net = MLP(1, (40, 40), 1)
-        likelihood = ibaml.GaussianLikelihood(1.0, learn_noise=True)
-        num_classes = None
-    else:
-        from ibaml.models import Conv4
-
-        net = Conv4(in_channels=3, hidden=64, out_dim=5, image_size=84)
-        likelihood = ibaml.CategoricalLikelihood()
-        num_classes = 5
-    net = net.to(device=device, dtype=dtype)
-    likelihood = likelihood.to(device=device, dtype=dtype)
-    prior = priors.IsotropicGaussian.from_module(net, precision=100.0)
-    estimator = ibaml.Explicit() if estimator_name == "explicit" else ibaml.Implicit(ibaml.linalg.CG(max_iter=cg_steps))
-    return ibaml.MetaLearner(net, prior, likelihood, method="map", estimator=estimator,
-                             inner_optimizer=ibaml.optim.SGD(lr=0.001), inner_steps=K, num_classes=num_classes)
-
-
-def meta_iteration(learner, batch, mode):
-    """One meta-gradient: vmapped over tasks, or a Python loop over tasks."""
-    if mode == "vmap":
-        return learner.meta_gradient(batch)[1]
-    task = learner._prepare(batch)
-    meta = learner.meta_params()
-    T = task["support_x"].shape[0]
-    total = None
-    for t in range(T):
-        out = learner.estimator.task_gradient(learner.problem, meta, {k: v[t] for k, v in task.items()})
-        total = out.grads if total is None else {k: total[k] + out.grads[k] for k in total}
-    return {k: v / T for k, v in total.items()}
-
-
-def measure(config):
-    """Runs in a child process on the CPU (fresh peak RSS) or in-process on CUDA."""
-    workload, estimator_name, mode, K, T, cg_steps, device, dtype_name, repeats = config
-    device = torch.device(device)
-    dtype = getattr(torch, dtype_name)
-    learner = build(workload, estimator_name, K, cg_steps, device, dtype)
-    gen = torch.Generator().manual_seed(0)
-    make = sine_batch if workload == "sine" else image_batch
-    batch = make(T, gen, dtype, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    meta_iteration(learner, batch, mode)  # warm-up
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = 0
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        meta_iteration(learner, batch, mode)
-        sync()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times.sort()
-    return {"workload": workload, "estimator": estimator_name, "mode": mode, "K": K, "meta_batch": T,
-            "ms": 1000 * times[len(times) // 2], "peak_bytes": int(peak), "tasks_per_s": T / times[len(times) // 2]}
+def run_config(workload, T, estimator, K, modes, args, device, dtype):
+    """Rows (one per mode) for one (workload, T, estimator, K)."""
+    learner = H.build_learner(workload, estimator, K, args.cg_steps, device, dtype, hidden=args.hidden,
+                              image_size=args.image_size, chunk_size=args.chunk_size)
+    task = H.prepare(learner, H.make_batch(workload, T, dtype, device, image_size=args.image_size))
+    base = {"workload": workload, "estimator": estimator, "K": K, "meta_batch": T, "cg_steps": args.cg_steps}
+    rows, fns = {}, {}
+    for mode in modes:
+        row = dict(base, mode=mode, status="ok", ms=None, tasks_per_s=None, peak_bytes=None, gb_per_task=None)
+        fn = H.meta_iteration(learner, task, mode, args.compile_mode)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t0 = time.perf_counter()
+                for _ in range(args.warmup + (2 if mode == "compile" else 0)):
+                    fn()
+                H.synchronize(device)
+                row["warmup_s"] = time.perf_counter() - t0
+            row["vmap_fallbacks"] = sorted({str(w.message).split("\n")[0] for w in caught
+                                            if "performance drop" in str(w.message)})
+            row["peak_bytes"] = H.peak_memory(fn, device)
+            fns[mode] = fn
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            if not H.is_oom(err):
+                raise
+            row["status"] = "oom"
+            H.release(device)
+        rows[mode] = row
+    budget = args.budget_s if args.budget_s > 0 else None
+    times = H.time_interleaved(fns, device, args.repeats, warmup=0, budget_s=budget) if fns else {}
+    for mode, ts in times.items():
+        row = rows[mode]
+        row["ms"] = 1000 * H.median(ts)
+        row["ms_all"] = [1000 * t for t in ts]
+        row["tasks_per_s"] = T / H.median(ts)
+        if row["peak_bytes"] is not None and mode != "loop":
+            row["gb_per_task"] = row["peak_bytes"] / T / H.GB
+    del learner, task, fns
+    H.release(device)
+    return [rows[m] for m in modes]
 
 
-def _child(config, queue):
-    queue.put(measure(config))
+def _find(results, **key):
+    for r in results:
+        if all(r.get(k) == v for k, v in key.items()) and r["status"] == "ok":
+            return r
+    return None
 
 
-def run_config(config):
-    if config[6].startswith("cuda"):
-        return measure(config)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(config, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+def loop_over_vmap(results):
+    """``loop ms / vmap ms`` for every configuration that ran both."""
+    out = {}
+    for r in results:
+        if r["mode"] != "vmap" or r["status"] != "ok":
+            continue
+        twin = _find(results, mode="loop", workload=r["workload"], estimator=r["estimator"], K=r["K"],
+                     meta_batch=r["meta_batch"])
+        if twin:
+            out[f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"] = twin["ms"] / r["ms"]
+    return out
+
+
+def memory_ratios(results, hi=100, lo=1):
+    """Peak memory at K=hi over K=lo for each (workload, T, mode, estimator)."""
+    out = {}
+    keys = sorted({(r["workload"], r["meta_batch"], r["mode"], r["estimator"]) for r in results})
+    for workload, T, mode, est in keys:
+        a = _find(results, workload=workload, meta_batch=T, mode=mode, estimator=est, K=hi)
+        b = _find(results, workload=workload, meta_batch=T, mode=mode, estimator=est, K=lo)
+        if a and b and a["peak_bytes"] and b["peak_bytes"]:
+            out[f"{workload}/T={T}/{mode}/{est}"] = a["peak_bytes"] / b["peak_bytes"]
+    return out
+
+
+def summarize(results, device, mem_ratio, ratio):
+    """The specification's targets against this run's measurements."""
+    summary = []
+    modes = ["vmap"] + (["compile"] if any(r["mode"] == "compile" for r in results) else [])
+    for mode in modes:
+        conv = _find(results, workload="conv4", estimator="implicit", mode=mode, K=TARGET_K, meta_batch=32,
+                     cg_steps=TARGET_CG)
+        summary.append(H.target(f"conv4_tasks_per_s[{mode}]", f"Conv4-64 5-way 1-shot, K=10, CG 5, T=32, implicit "
+                                f"{mode}: tasks/s", 200, conv and conv["tasks_per_s"], "higher", "cuda", device))
+        summary.append(H.target(f"conv4_gb_per_task[{mode}]", f"same, peak GB per task ({mode})", 0.25,
+                                conv and conv["gb_per_task"], "lower", "cuda", device))
+        sine = _find(results, workload="sine", estimator="implicit", mode=mode, K=TARGET_K, meta_batch=25,
+                     cg_steps=TARGET_CG)
+        summary.append(H.target(f"sine_ms[{mode}]", f"sine MLP, T=25, K=10, CG 5, implicit {mode}: ms / meta-iteration",
+                                10, sine and sine["ms"], "lower", "cuda", device))
+        flat = mem_ratio.get(f"conv4/T=32/{mode}/implicit")
+        explicit = mem_ratio.get(f"conv4/T=32/{mode}/explicit")
+        note = f"explicit ratio in this run: {explicit:.3g}" if explicit else "explicit ratio not measured (or oom)"
+        summary.append(H.target(f"implicit_memory_k100_over_k1[{mode}]", f"Conv4 T=32 implicit {mode}: peak memory "
+                                "K=100 / K=1", 1.1, flat, "lower", "cuda", device, note=note))
+    summary.append(H.target("cpu_vmap_speedup_sine", "CPU: sine T=25, K=10, CG 5, implicit: loop time / vmap time",
+                            5, ratio.get(f"sine/implicit/T=25/K={TARGET_K}"), "higher", "cpu", device))
+    return summary
 
 
 def plot(results, path):
@@ -139,20 +165,27 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    keys = sorted({(r["workload"], r["estimator"], r["mode"], r["meta_batch"]) for r in results})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = sorted({(r["workload"], r["meta_batch"], r["estimator"], r["mode"]) for r in results})
     for key in keys:
-        rows = sorted((r for r in results if (r["workload"], r["estimator"], r["mode"], r["meta_batch"]) == key),
-                      key=lambda r: r["K"])
-        label = f"{key[0]} {key[1]} {key[2]} T={key[3]}"
-        axes[0].plot([r["K"] for r in rows], [r["ms"] for r in rows], marker="o", label=label)
-        axes[1].plot([r["K"] for r in rows], [r["peak_bytes"] / 2 ** 20 for r in rows], marker="o", label=label)
-    for ax, title in zip(axes, ("time per meta-iteration (ms)", "peak memory (MiB)")):
+        rows = sorted((r for r in results if (r["workload"], r["meta_batch"], r["estimator"], r["mode"]) == key
+                       and r["status"] == "ok"), key=lambda r: r["K"])
+        if not rows:
+            continue
+        style = "-" if key[2] == "implicit" else "--"
+        label = f"{key[0]} T={key[1]} {key[2]} {key[3]}"
+        axes[0].plot([r["K"] for r in rows], [r["ms"] for r in rows], style, marker="o", label=label)
+        mem = [(r["K"], r["peak_bytes"] / 2 ** 20) for r in rows if r["peak_bytes"] is not None]
+        if mem:
+            axes[1].plot(*zip(*mem), style, marker="o", label=label)
+    for ax, title in zip(axes, ("time per meta-iteration (ms)", "peak memory of a meta-iteration (MiB)")):
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("inner steps K")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle("explicit (dashed) vs implicit (solid) meta-gradients")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,51 +193,73 @@ def plot(results, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    H.add_common_args(p, "runs/scaling")
     p.add_argument("--workloads", default="sine,conv4")
-    p.add_argument("--steps", default="1,5,10,20,50,100")
-    p.add_argument("--meta-batches", default="4,32")
-    p.add_argument("--modes", default="vmap,loop")
-    p.add_argument("--cg-steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="sine only, K in {1, 5, 20}, meta-batch 8")
-    p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--steps", default="1,5,10,20,50,100", help="inner steps K")
+    p.add_argument("--sine-meta-batches", default="4,25,32")
+    p.add_argument("--conv4-meta-batches", default="4,32")
+    p.add_argument("--estimators", default="explicit,implicit")
+    p.add_argument("--modes", default="vmap,loop", help=f"any of {','.join(H.MODES)}")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for --modes compile "
+                   "(reduce-overhead: CUDA graphs)")
+    p.add_argument("--cg-steps", type=int, default=TARGET_CG)
+    p.add_argument("--hidden", type=int, default=64, help="Conv4 channels")
+    p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=60.0, help="stop the timed rounds of a configuration after "
+                   "this many seconds (at least one round); 0: no limit")
     args = p.parse_args(argv)
     if args.quick:
-        args.workloads, args.steps, args.meta_batches, args.repeats = "sine", "1,5,20", "8", 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        args.steps, args.sine_meta_batches, args.conv4_meta_batches = "1,3", "4", "2"
+        args.hidden, args.image_size, args.repeats, args.warmup = 4, 16, 1, 1
+    device, dtype = H.setup(args)
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in H.MODES:
+            p.error(f"--modes: unknown mode {m!r}; expected {H.MODES}")
+    _enable_vmap_fallback_warnings()
+    batches = {"sine": _ints(args.sine_meta_batches), "conv4": _ints(args.conv4_meta_batches)}
     results = []
     for workload in args.workloads.split(","):
-        batches = [25] if workload == "sine" and not args.quick else [int(t) for t in args.meta_batches.split(",")]
-        for T in batches:
-            for mode in args.modes.split(","):
-                for estimator in ("explicit", "implicit"):
-                    for K in (int(k) for k in args.steps.split(",")):
-                        config = (workload, estimator, mode, K, T, args.cg_steps, args.device, args.dtype, args.repeats)
-                        r = run_config(config)
+        if workload not in H.WORKLOADS:
+            p.error(f"--workloads: unknown workload {workload!r}; expected {H.WORKLOADS}")
+        for T in batches[workload]:
+            for estimator in args.estimators.split(","):
+                for K in _ints(args.steps):
+                    for r in run_config(workload, T, estimator, K, modes, args, device, dtype):
                         results.append(r)
-                        print(f"{workload:6s} {estimator:8s} {mode:4s} T={T:3d} K={K:4d} {r['ms']:9.1f} ms "
-                              f"{r['peak_bytes'] / 2 ** 20:9.1f} MiB", flush=True)
-    ratio = {}
+                        ms = "oom" if r["ms"] is None else f"{r['ms']:10.1f} ms"
+                        mib = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 20:9.1f} MiB"
+                        print(f"{workload:5s} T={T:3d} {estimator:8s} {r['mode']:7s} K={K:4d} {ms} {mib}", flush=True)
+    ratio = loop_over_vmap(results)
+    mem_ratio = memory_ratios(results)
+    summary = summarize(results, device, mem_ratio, ratio)
+    fallbacks = sorted({m for r in results for m in r.get("vmap_fallbacks", [])})
+    payload = {**H.environment(device), "memory_method": H.memory_method(device), "dtype": args.dtype,
+               "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
+               "conv4": {"hidden": args.hidden, "image_size": args.image_size, "ways": 5, "shots": 1, "query": 15},
+               "results": results, "loop_over_vmap_time_ratio": ratio,
+               "peak_memory_ratio_k100_over_k1": mem_ratio, "vmap_fallbacks": fallbacks, "summary": summary}
+    out = Path(args.out)
+    H.write_json(out, "scaling.json", payload)
+    if results:
+        plot(results, out / "scaling.png")
+    rows = []
     for r in results:
-        if r["mode"] == "vmap":
-            twin = [q for q in results if q["mode"] == "loop" and
-                    (q["workload"], q["estimator"], q["K"], q["meta_batch"]) ==
-                    (r["workload"], r["estimator"], r["K"], r["meta_batch"])]
-            if twin:
-                ratio[f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"] = twin[0]["ms"] / r["ms"]
-    payload = {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "memory_method": "cuda.max_memory_allocated" if args.device.startswith("cuda")
-               else "peak resident set size of a fresh child process (interpreter and torch included)", "results": results, "loop_over_vmap_time_ratio": ratio}
-    (out / "scaling.json").write_text(json.dumps(payload, indent=2))
-    plot(results, out / "scaling.png")
-    print("\n| workload | estimator | mode | T | K | ms / meta-iter | peak MiB |\n|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['workload']} | {r['estimator']} | {r['mode']} | {r['meta_batch']} | {r['K']} | {r['ms']:.1f} | "
-              f"{r['peak_bytes'] / 2 ** 20:.1f} |")
-    print("\nloop / vmap time ratio:", json.dumps({k: round(v, 2) for k, v in ratio.items()}))
+        fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+        rows.append([r["workload"], r["meta_batch"], r["estimator"], r["mode"], r["K"],
+                     "oom" if r["status"] == "oom" else fmt(r["ms"], ".1f"), fmt(r["tasks_per_s"], ".1f"),
+                     fmt(r["peak_bytes"] and r["peak_bytes"] / 2 ** 20, ".1f"), fmt(r["gb_per_task"], ".4f")])
+    print()
+    print(H.markdown(["workload", "T", "estimator", "mode", "K", "ms / meta-iter", "tasks/s", "peak MiB",
+                      "GB / task"], rows))
+    print("\nloop / vmap time:", {k: round(v, 2) for k, v in ratio.items()})
+    print("peak memory K=100 / K=1:", {k: round(v, 2) for k, v in mem_ratio.items()})
+    if fallbacks:
+        print("vmap fell back to a loop for:", fallbacks)
+    print()
+    print(H.summary_table(summary))
     return payload
 
 

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,4 +24,26 @@ def test_hypergrad_accuracy_quick(tmp_path):
 
 def test_overhead_quick(tmp_path):
     result = load("overhead").main(["--quick", "--meta-batch", "4", "--out", str(tmp_path)])
-    assert result["overhead_ratio"] > 0 and (tmp_path / "overhead.json").exists()
+    saved = json.loads((tmp_path / "overhead.json").read_text())
+    assert saved["overhead_ratio"] == result["overhead_ratio"] > 0
+    assert set(saved["ms"]) >= {"inner_gradients", "cg_hvps", "outer_gradient", "meta_step"}
+    (entry,) = saved["summary"]
+    assert entry["threshold"] == 1.5 and entry["met"] is None  # a GPU target, not judged on the CPU
+
+
+def test_scaling_quick(tmp_path):
+    load("scaling").main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "scaling.json").read_text())
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    rows = payload["results"]
+    assert {(r["workload"], r["estimator"], r["mode"]) for r in rows} == {
+        (w, e, m) for w in ("sine", "conv4") for e in ("explicit", "implicit") for m in ("vmap", "loop")}
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["tasks_per_s"] > 0
+        assert (r["gb_per_task"] is None) == (r["mode"] == "loop" or r["peak_bytes"] is None)
+    assert payload["vmap_fallbacks"] == []  # every operation batched under vmap
+    assert payload["loop_over_vmap_time_ratio"]
+    targets = {e["target"]: e for e in payload["summary"]}
+    assert {"conv4_tasks_per_s[vmap]", "conv4_gb_per_task[vmap]", "sine_ms[vmap]",
+            "implicit_memory_k100_over_k1[vmap]", "cpu_vmap_speedup_sine"} <= set(targets)
+    assert all(e["met"] is None for e in targets.values())  # the quick grid has none of the target settings

@@ -1,0 +1,341 @@
+"""Shared pieces of the speed and memory benchmarks (``scaling``, ``overhead``, ``anchors``,
+``precision``): the two workloads, one meta-iteration, timing and peak memory.
+
+Workloads (both MAP inference with iMAML's isotropic prior ``N(μ, λ⁻¹I)``, ``λ = 100``, an
+SGD inner loop with learning rate ``1e-3``, CG with the prior precision as preconditioner):
+
+* ``sine``: the MLP 1-40-40-1, Gaussian likelihood with a learned noise, 10-shot tasks with
+  10 query points, ``y = A sin(x − φ)``, ``A ∈ [0.1, 5]``, ``φ ∈ [0, π]``, ``x ∈ [−5, 5]``;
+* ``conv4``: Conv4 with ``hidden`` channels (64 by default) on ``image_size``² RGB
+  images (84 by default), 5-way 1-shot with 15 query images per class (random pixels:
+  speed and memory do not depend on the pixel values).
+
+A **meta-iteration** is what a training step does once the batch is on the device: the
+mean meta-gradient over the ``T`` tasks of the batch, either ``torch.func.vmap`` over the
+tasks (``"vmap"``), the same vmapped function under ``torch.compile`` (``"compile"``), or a
+Python loop that calls the estimator once per task (``"loop"``), followed by the
+meta-optimiser's update. The batch is validated and moved to the device once, before
+timing, so the timed region holds no host synchronisation: on CUDA the only one is the
+``torch.cuda.synchronize()`` that closes the measurement.
+
+Timing: every function is warmed up, then the functions being compared run in turn,
+``repeats`` rounds, each call bracketed by device synchronisation; the median is reported.
+Running them in turn keeps the comparison fair on a machine whose load changes.
+
+Peak memory of one call (after warm-up): on CUDA, ``torch.cuda.max_memory_allocated``
+above the allocation before the call (model, data and optimiser state excluded). On the
+CPU, the growth of the resident set size: free heap pages are returned to the system
+(``malloc_trim``), the peak is reset (``/proc/self/clear_refs``), and the peak ``VmHWM``
+after the call is compared with ``VmRSS`` before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+import ibaml
+import priors
+
+WORKLOADS = ("sine", "conv4")
+MODES = ("vmap", "compile", "loop")
+GB = 1e9
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs; 0 leaves the default)")
+    p.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk (default: all at once)")
+    p.add_argument("--quick", action="store_true", help="a small smoke run")
+    p.add_argument("--out", default=out, help="output directory")
+
+
+def setup(args) -> tuple:
+    """``(device, dtype)`` from the parsed arguments; sets the thread count and cuDNN autotuning."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device, getattr(torch, args.dtype)
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers depend on, for the JSON."""
+    env = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cudnn_benchmark=torch.backends.cudnn.benchmark,
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    return env
+
+
+# ---------------------------------------------------------------------------- workloads
+def sine_batch(T: int, gen: torch.Generator, dtype, device, shots: int = 10, query: int = 10) -> Dict[str, torch.Tensor]:
+    """``T`` sine tasks: ``support_x/y [T, shots, 1]``, ``query_x/y [T, query, 1]``."""
+    amp = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * 4.9 + 0.1
+    phase = torch.rand(T, 1, 1, generator=gen, dtype=dtype) * math.pi
+    x = torch.rand(T, shots + query, 1, generator=gen, dtype=dtype) * 10 - 5
+    y = amp * torch.sin(x - phase)
+    batch = {"support_x": x[:, :shots], "support_y": y[:, :shots], "query_x": x[:, shots:], "query_y": y[:, shots:]}
+    return {k: v.contiguous().to(device) for k, v in batch.items()}
+
+
+def image_batch(T: int, gen: torch.Generator, dtype, device, ways: int = 5, shots: int = 1, query: int = 15,
+                size: int = 84) -> Dict[str, torch.Tensor]:
+    """``T`` ``ways``-way ``shots``-shot episodes of random ``3 × size × size`` images:
+    ``support_x [T, ways·shots, 3, size, size]``, ``query_x [T, ways·query, 3, size, size]``."""
+    def part(n):
+        x = torch.randn(T, ways * n, 3, size, size, generator=gen, dtype=dtype)
+        y = torch.arange(ways).repeat_interleave(n).expand(T, -1).clone()
+        return x, y
+
+    sx, sy = part(shots)
+    qx, qy = part(query)
+    return {k: v.to(device) for k, v in dict(support_x=sx, support_y=sy, query_x=qx, query_y=qy).items()}
+
+
+def make_batch(workload: str, T: int, dtype, device, image_size: int = 84, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    if workload == "sine":
+        return sine_batch(T, gen, dtype, device)
+    return image_batch(T, gen, dtype, device, size=image_size)
+
+
+def make_net(workload: str, hidden: int = 64, image_size: int = 84) -> torch.nn.Module:
+    from ibaml.models import MLP, Conv4
+
+    if workload == "sine":
+        return MLP(1, (40, 40), 1)
+    if workload == "conv4":
+        return Conv4(in_channels=3, hidden=hidden, out_dim=5, image_size=image_size)
+    raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
+
+
+def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, dtype, hidden: int = 64,
+                  image_size: int = 84, chunk_size: Optional[int] = None, precision: float = 100.0,
+                  inner_lr: float = 1e-3, seed: int = 0) -> ibaml.MetaLearner:
+    """The workload's :class:`ibaml.MetaLearner` with the ``"explicit"`` or ``"implicit"`` estimator."""
+    torch.manual_seed(seed)
+    net = make_net(workload, hidden, image_size).to(device=device, dtype=dtype)
+    if workload == "sine":
+        likelihood, num_classes = ibaml.GaussianLikelihood(1.0, learn_noise=True), None
+    else:
+        likelihood, num_classes = ibaml.CategoricalLikelihood(), 5
+    likelihood = likelihood.to(device=device, dtype=dtype)
+    prior = priors.IsotropicGaussian.from_module(net, precision=precision)
+    if estimator == "explicit":
+        est = ibaml.Explicit()
+    elif estimator == "implicit":
+        est = ibaml.Implicit(ibaml.linalg.CG(max_iter=cg_steps))
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; expected 'explicit' or 'implicit'")
+    return ibaml.MetaLearner(net, prior, likelihood, method="map", estimator=est,
+                             inner_optimizer=ibaml.optim.SGD(lr=inner_lr), inner_steps=K, num_classes=num_classes,
+                             chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------- one meta-iteration
+def batched_meta_gradient(learner: ibaml.MetaLearner):
+    """``(meta, task) -> mean over tasks of the estimator's meta-gradient``, vmapped over tasks."""
+    def fn(meta, task):
+        out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t),
+                              chunk_size=learner.chunk_size)(task)
+        return {k: g.mean(0) for k, g in out.grads.items()}
+
+    return fn
+
+
+def looped_meta_gradient(learner: ibaml.MetaLearner):
+    """``(meta, task) -> mean meta-gradient``, one estimator call per task in a Python loop."""
+    def fn(meta, task):
+        T = task["support_x"].shape[0]
+        total = None
+        for t in range(T):
+            grads = learner.estimator.task_gradient(learner.problem, meta, {k: v[t] for k, v in task.items()}).grads
+            total = grads if total is None else {k: total[k] + grads[k] for k in total}
+        return {k: v / T for k, v in total.items()}
+
+    return fn
+
+
+def meta_gradient_fn(learner: ibaml.MetaLearner, mode: str, compile_mode: str = "default"):
+    if mode == "vmap":
+        return batched_meta_gradient(learner)
+    if mode == "compile":
+        return torch.compile(batched_meta_gradient(learner), mode=compile_mode)
+    if mode == "loop":
+        return looped_meta_gradient(learner)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def meta_iteration(learner: ibaml.MetaLearner, task, mode: str = "vmap", compile_mode: str = "default") -> Callable:
+    """A no-argument function running one meta-iteration (meta-gradient, then the
+    meta-optimiser's step) on the prepared ``task`` (see :func:`prepare`)."""
+    grad_fn = meta_gradient_fn(learner, mode, compile_mode)
+    params = learner.model.meta_parameters()
+
+    def step():
+        grads = grad_fn(learner.meta_params(), task)
+        for k, p in params.items():
+            p.grad = grads[k]
+        learner.meta_optimizer.step()
+
+    return step
+
+
+def prepare(learner: ibaml.MetaLearner, batch) -> Dict[str, torch.Tensor]:
+    """The batch validated and on the learner's device and dtype (done once, outside timing)."""
+    return learner._prepare(batch)
+
+
+# ---------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Dict[str, Callable], device: torch.device, repeats: int, warmup: int = 1,
+                     budget_s: Optional[float] = None) -> Dict[str, list]:
+    """Seconds per call of each function: ``warmup`` calls each, then ``repeats`` rounds in
+    which every function runs once, each call between two device synchronisations. With
+    ``budget_s``, the rounds stop early (after at least one) once the measured rounds have
+    taken that long."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+# ---------------------------------------------------------------------------- peak memory
+_STATUS = "/proc/self/status"
+
+
+def _proc_kib(field: str) -> int:
+    with open(_STATUS) as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def _cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_kib("VmHWM")
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated above the allocation before the call"
+    if _cpu_peak_supported():
+        return "peak resident set size (VmHWM after malloc_trim and a clear_refs reset) above VmRSS before the call"
+    return "unavailable (no /proc/self/clear_refs)"
+
+
+def peak_memory(fn: Callable, device: torch.device) -> Optional[int]:
+    """Bytes of memory that one call of ``fn`` needs above what is allocated before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    if not _cpu_peak_supported():
+        fn()
+        return None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_kib("VmRSS")
+    fn()
+    return 1024 * max(0, _proc_kib("VmHWM") - base)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def release(device: torch.device) -> None:
+    """Return cached device memory between configurations."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- reporting
+def target(name: str, description: str, threshold: float, measured: Optional[float], better: str, applies_to: str,
+           device: torch.device, note: str = "") -> dict:
+    """One entry of a JSON ``summary``: whether ``measured`` meets ``threshold``
+    (``better`` is ``"higher"`` or ``"lower"``). ``met`` is ``None`` when the value was not
+    measured, or when the target is for another kind of device (``applies_to``: ``"cuda"``
+    or ``"cpu"``) than the one the run used."""
+    entry = {"target": name, "description": description, "threshold": threshold, "better": better,
+             "applies_to": applies_to, "measured": measured, "met": None}
+    if measured is None:
+        entry["note"] = note or "not measured in this run"
+    elif applies_to != device.type:
+        entry["note"] = f"a {applies_to} target; this run used {device.type}, so it is not evaluated"
+    else:
+        entry["met"] = bool(measured >= threshold if better == "higher" else measured <= threshold)
+        if note:
+            entry["note"] = note
+    return entry
+
+
+def summary_table(summary: list) -> str:
+    lines = ["| target | threshold | measured | met |", "|---|---|---|---|"]
+    for e in summary:
+        sign = "≥" if e["better"] == "higher" else "≤"
+        value = "—" if e["measured"] is None else f"{e['measured']:.4g}"
+        met = {True: "yes", False: "**no**", None: "n/a"}[e["met"]]
+        lines.append(f"| {e['description']} | {sign} {e['threshold']:g} | {value} | {met} |")
+    return "\n".join(lines)
+
+
+def write_json(out: Path, name: str, payload: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def markdown(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
