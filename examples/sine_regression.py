@@ -102,9 +102,13 @@ def parse_args(argv=None):
         p.error(f"--checkpoint-every must be 0 (only at the end) or positive, got {args.checkpoint_every}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available on this machine")
-    args.distributed = args.distributed or distributed.launched_with_torchrun()
+    if args.distributed and not distributed.launched_with_torchrun():
+        p.error("--distributed needs the torchrun environment: torchrun --nproc_per_node N examples/sine_regression.py ...")
+    args.distributed = distributed.launched_with_torchrun()
     if args.distributed and "dkt" in methods:
         p.error("--distributed supports the meta-learners, not dkt")
+    if args.distributed and args.meta_batch < int(os.environ["WORLD_SIZE"]):
+        p.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
     if args.resume is not None:
         folder = Path(args.resume)
         if not folder.is_dir():

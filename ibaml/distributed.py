@@ -31,6 +31,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -64,6 +65,10 @@ def launched_with_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def _init_parameters():
+    return inspect.signature(dist.init_process_group).parameters
+
+
 def init_from_env(device: Any = "cpu", backend: Optional[str] = None) -> DistributedContext:
     """Join the process group described by ``torchrun``'s environment variables
     (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
@@ -81,7 +86,8 @@ def init_from_env(device: Any = "cpu", backend: Optional[str] = None) -> Distrib
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://")
+        bind = {"device_id": device} if device.type == "cuda" and "device_id" in _init_parameters() else {}
+        dist.init_process_group(backend=backend, init_method="env://", **bind)
     group = dist.group.WORLD
     return DistributedContext(dist.get_rank(group), dist.get_world_size(group), local_rank,
                               dist.get_backend(group), device, group)

@@ -288,6 +288,8 @@ CASES = [
                "ibaml, lazy, dkt"),
     ("unknown option (example CLI)", lambda t: cli(["--meta-iter", "5", "--bogus"]),
      CLIError, "unrecognized arguments: --bogus"),
+    ("--distributed without torchrun (example CLI)", lambda t: cli(["--distributed"]),
+     CLIError, "--distributed needs the torchrun environment: torchrun --nproc_per_node N examples/sine_regression.py ..."),
     ("--resume of a missing folder (example CLI)", lambda t: cli(["--resume", str(t / "nowhere")]),
      CLIError, "--resume {tmp}/nowhere: no such folder"),
     # --- dataset files
