@@ -292,6 +292,8 @@ CASES = [
      CLIError, "--distributed needs the torchrun environment: torchrun --nproc_per_node N examples/sine_regression.py ..."),
     ("--resume of a missing folder (example CLI)", lambda t: cli(["--resume", str(t / "nowhere")]),
      CLIError, "--resume {tmp}/nowhere: no such folder"),
+    ("--resume of a folder without checkpoints (example CLI)", lambda t: cli(["--resume", str(t)]),
+     CLIError, "--resume {tmp}: no checkpoint there for ibaml (expected {tmp}/ibaml/last.pt)"),
     # --- dataset files
     ("missing dataset file", lambda t: load_miniimagenet(t, "test", format="pickle"),
      DatasetError, "miniImageNet: {tmp}/mini-imagenet-cache-test.pkl: file missing"),
