@@ -125,7 +125,7 @@ def make_net(workload: str, hidden: int = 64, image_size: int = 84) -> torch.nn.
 
 def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, dtype, hidden: int = 64,
                   image_size: int = 84, chunk_size: Optional[int] = None, precision: float = 100.0,
-                  inner_lr: float = 1e-3, seed: int = 0) -> ibaml.MetaLearner:
+                  inner_lr: float = 1e-3, cg_damping: float = 0.0, seed: int = 0) -> ibaml.MetaLearner:
     """The workload's :class:`ibaml.MetaLearner` with the ``"explicit"`` or ``"implicit"`` estimator."""
     torch.manual_seed(seed)
     net = make_net(workload, hidden, image_size).to(device=device, dtype=dtype)
@@ -138,7 +138,7 @@ def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, 
     if estimator == "explicit":
         est = ibaml.Explicit()
     elif estimator == "implicit":
-        est = ibaml.Implicit(ibaml.linalg.CG(max_iter=cg_steps))
+        est = ibaml.Implicit(ibaml.linalg.CG(max_iter=cg_steps, damping=cg_damping))
     else:
         raise ValueError(f"unknown estimator {estimator!r}; expected 'explicit' or 'implicit'")
     return ibaml.MetaLearner(net, prior, likelihood, method="map", estimator=est,

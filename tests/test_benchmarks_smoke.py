@@ -47,3 +47,18 @@ def test_scaling_quick(tmp_path):
     assert {"conv4_tasks_per_s[vmap]", "conv4_gb_per_task[vmap]", "sine_ms[vmap]",
             "implicit_memory_k100_over_k1[vmap]", "cpu_vmap_speedup_sine"} <= set(targets)
     assert all(e["met"] is None for e in targets.values())  # the quick grid has none of the target settings
+
+
+def test_anchors_quick(tmp_path):
+    anchors = load("anchors")
+    assert anchors.try_import("no_such_library_xyz")[0] is None  # a missing library is skipped, not an error
+    payload = anchors.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "anchors.json").read_text())
+    names = {r["implementation"] for r in saved["results"]}
+    assert {"ibaml implicit vmap", "ibaml implicit loop", "ibaml explicit vmap", "ibaml explicit loop"} <= names
+    for library, anchor, check in (("torchopt", "torchopt implicit loop", "torchopt vs ibaml implicit"),
+                                   ("higher", "higher explicit loop", "higher vs ibaml explicit")):
+        if payload["libraries"][library]["available"]:
+            assert anchor in names and saved["gradient_agreement"][check]["relative_error"] < 1e-4
+        else:
+            assert anchor not in names and payload["libraries"][library]["reason"]
