@@ -62,3 +62,14 @@ def test_anchors_quick(tmp_path):
             assert anchor in names and saved["gradient_agreement"][check]["relative_error"] < 1e-4
         else:
             assert anchor not in names and payload["libraries"][library]["reason"]
+
+
+def test_precision_quick(tmp_path):
+    load("precision").main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "precision.json").read_text())
+    by = {(r["workload"], r["precision"]): r for r in payload["results"]}
+    for workload in ("sine", "conv4"):
+        assert by[(workload, "float64")]["relative_error"] < 1e-4  # float32 itself is accurate
+        assert "relative_error" in by[(workload, "autocast bfloat16")] or "error" in by[(workload, "autocast bfloat16")]
+    assert by[("sine", "autocast bfloat16")]["relative_error"] < 1e-2  # measured: about 3e-3 on the CPU
+    assert len(payload["summary"]) == 4 and all(e["threshold"] == 1e-2 for e in payload["summary"])
