@@ -56,13 +56,13 @@ def check_outputs(out: Path, result: dict, eval_tasks: int = 6):
     return metrics
 
 
-@pytest.mark.parametrize("fmt,format_arg,method", [("pickle", "auto", "ibaml"), ("csv", "csv", "imaml"),
-                                                   ("folder", "auto", "maml"), ("pickle", "pickle", "abml"),
-                                                   ("folder", "folder", "fomaml")])
-def test_example_runs_end_to_end_from_each_format(mini_roots, tmp_path, fmt, format_arg, method):
+@pytest.mark.parametrize("fmt,format_arg,method,extra", [
+    ("pickle", "auto", "ibaml", []), ("csv", "csv", "imaml", ["--inner-optimizer", "sgd", "--precision", "2"]),
+    ("folder", "auto", "maml", []), ("pickle", "pickle", "abml", []), ("folder", "folder", "fomaml", [])])
+def test_example_runs_end_to_end_from_each_format(mini_roots, tmp_path, fmt, format_arg, method, extra):
     out = tmp_path / "run"
     result = run("--data-root", mini_roots[fmt], "--format", format_arg, "--method", method, "--image-size", 32,
-                 "--meta-iters", 3, "--val-every", 2, "--checkpoint-every", 2, "--out", out, *TINY)
+                 "--meta-iters", 3, "--val-every", 2, "--checkpoint-every", 2, "--out", out, *TINY, *extra)
     metrics = check_outputs(out, result)
     assert metrics["classes"] == {"train": 6, "val": 3, "test": 3} and metrics["image_shape"] == [3, 32, 32]
     assert [h["step"] for h in metrics["validation"]] == [2, 3]  # every 2 and at the end
