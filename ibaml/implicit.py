@@ -23,7 +23,7 @@ Example
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,22 +36,63 @@ InnerObjective = Callable[[ParamDict, ParamDict], Tensor]
 DEFAULT_SOLVER = CG(max_iter=20, tol=1e-10)
 
 
-def _hvp_and_cross(inner_objective: InnerObjective, solution: Mapping[str, Tensor], meta_params, hvp_mode: str):
-    """The flat Hessian-vector product at ``v*`` and the flat gradient map ``θ ↦ ∇_v G(v*, θ)``."""
+def _linearize(inner_objective: InnerObjective, solution: Mapping[str, Tensor], meta_params, hvp_mode: str,
+               at_solution: bool = True):
+    """Everything the implicit VJP needs at ``v*``, from one pass where possible.
+
+    Returns ``(spec, v_flat, matvec, grad_v, g, value)``: the flat layout, ``v*`` flat, the
+    Hessian-vector product ``u ↦ ∇²_vv G u``, the flat gradient map ``(v, θ) ↦ ∇_v G(v, θ)``
+    (for ``Bᵀx``), and ``∇_v G(v*, θ)`` (flat) and ``G(v*, θ)`` at the solution. In ``"rev"``
+    mode the gradient graph built for the products also yields ``g`` and ``G``; in ``"fwd"``
+    mode they cost one gradient evaluation, made only with ``at_solution`` (else ``None``)."""
     spec = FlatSpec.from_dict(solution)
     v_flat = spec.flatten(solution)
 
     def grad_v(v, m):
         return spec.flatten(torch.func.grad(inner_objective)(spec.unflatten(v), m))
 
+    def grad_and_value(v):
+        g, value = torch.func.grad_and_value(inner_objective)(spec.unflatten(v), meta_params)
+        return spec.flatten(g), value
+
     if hvp_mode == "rev":
-        _, hvp_vjp = torch.func.vjp(lambda v: grad_v(v, meta_params), v_flat)
+        g, hvp_vjp, value = torch.func.vjp(grad_and_value, v_flat, has_aux=True)
         matvec = lambda u: hvp_vjp(u)[0]
     elif hvp_mode == "fwd":
+        g, value = grad_and_value(v_flat) if at_solution else (None, None)
         matvec = lambda u: torch.func.jvp(lambda v: grad_v(v, meta_params), (v_flat,), (u,))[1]
     else:
         raise ValueError(f"hvp_mode must be 'rev' or 'fwd', got {hvp_mode!r}")
-    return spec, v_flat, matvec, grad_v
+    return spec, v_flat, matvec, grad_v, g, value
+
+
+class ImplicitVJP(NamedTuple):
+    """Result of :func:`implicit_vjp_at_solution`: ``−Bᵀx``, the linear solve, and the inner
+    objective's gradient (flat) and value at the solution (diagnostics at no extra cost)."""
+
+    meta_cotangent: ParamDict
+    solve: SolveResult
+    inner_grad: Tensor
+    inner_value: Tensor
+
+
+def implicit_vjp_at_solution(inner_objective: InnerObjective, solution: Mapping[str, Tensor],
+                             meta_params: Mapping[str, Tensor], cotangent: Mapping[str, Tensor], solver=None,
+                             preconditioner: Optional[Mapping[str, Tensor]] = None,
+                             hvp_mode: str = "rev", at_solution: bool = True) -> ImplicitVJP:
+    """:func:`implicit_vjp`, also returning ``∇_v G(v*, θ)`` and ``G(v*, θ)``, which the
+    Hessian-vector products compute anyway (an estimator's diagnostics need no extra
+    gradient evaluation). ``at_solution=False`` skips them where they would cost extra work
+    (``"fwd"`` mode); they are then ``None``."""
+    solver = DEFAULT_SOLVER if solver is None else solver
+    spec, v_flat, matvec, grad_v, g, value = _linearize(inner_objective, solution, meta_params, hvp_mode,
+                                                        at_solution)
+    b = spec.flatten(cotangent)
+    precond = None if preconditioner is None else spec.flatten(preconditioner)
+    result = solver(matvec, b, precond_diag=precond)
+    _, cross_vjp = torch.func.vjp(lambda m: grad_v(v_flat, m), dict(meta_params))
+    (meta_cotangent,) = cross_vjp(-result.x)
+    return ImplicitVJP(meta_cotangent, result, g, value)
 
 
 def implicit_vjp(inner_objective: InnerObjective, solution: Mapping[str, Tensor], meta_params: Mapping[str, Tensor],
@@ -70,14 +111,9 @@ def implicit_vjp(inner_objective: InnerObjective, solution: Mapping[str, Tensor]
         preconditioner: optional dict of diagonal curvature estimates shaped like ``solution``.
         hvp_mode: ``"rev"`` (reverse-over-reverse) or ``"fwd"`` (forward-over-reverse).
     """
-    solver = DEFAULT_SOLVER if solver is None else solver
-    spec, v_flat, matvec, grad_v = _hvp_and_cross(inner_objective, solution, meta_params, hvp_mode)
-    b = spec.flatten(cotangent)
-    precond = None if preconditioner is None else spec.flatten(preconditioner)
-    result = solver(matvec, b, precond_diag=precond)
-    _, cross_vjp = torch.func.vjp(lambda m: grad_v(v_flat, m), dict(meta_params))
-    (meta_cotangent,) = cross_vjp(-result.x)
-    return meta_cotangent, result
+    out = implicit_vjp_at_solution(inner_objective, solution, meta_params, cotangent, solver, preconditioner,
+                                   hvp_mode, at_solution=False)
+    return out.meta_cotangent, out.solve
 
 
 class _ImplicitSolution(torch.autograd.Function):

@@ -161,6 +161,9 @@ class InnerLoop:
     ``v_{k+1}, state_{k+1} = optimizer.update(v_k, ∇_v G(v_k), state_k)``; with
     ``differentiable=False`` every iterate is detached (no graph, memory independent
     of ``steps``); with ``differentiable=True`` the whole path stays differentiable.
+    The diagnostics (loss, gradient norm, finiteness at the last iterate) cost one more
+    gradient evaluation; ``diagnose=False`` skips it and returns ``None`` in their place,
+    for callers that evaluate the gradient at the solution anyway.
     """
 
     optimizer: Any = field(default_factory=lambda: SGD(lr=0.01))
@@ -170,7 +173,8 @@ class InnerLoop:
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"inner steps must be a non-negative integer, got {self.steps!r}")
 
-    def run(self, objective, v0: ParamDict, differentiable: bool = False) -> Tuple[ParamDict, InnerDiagnostics]:
+    def run(self, objective, v0: ParamDict, differentiable: bool = False,
+            diagnose: bool = True) -> Tuple[ParamDict, Optional[InnerDiagnostics]]:
         grad_fn = torch.func.grad_and_value(objective)
         v = dict(v0) if differentiable else tree_detach(v0)
         state = self.optimizer.init(v)
@@ -180,6 +184,8 @@ class InnerLoop:
             if not differentiable:
                 v = tree_detach(v)
                 state = _detach_state(state)
+        if not diagnose:
+            return v, None
         g, loss = grad_fn(tree_detach(v))
         finite = tree_all_finite(v) & torch.isfinite(loss)
         return v, InnerDiagnostics(loss.detach(), tree_norm(g).detach(), finite)
@@ -219,11 +225,12 @@ class TaskProblem:
         return self.method.preconditioner(self.model, v, meta)
 
     def solve(self, meta, task: Task, differentiable: bool = False, v0: Optional[ParamDict] = None,
-              steps: Optional[int] = None):
-        """``v*`` after the inner loop from ``v0`` (default ``init(θ)``)."""
+              steps: Optional[int] = None, diagnose: bool = True):
+        """``(v*, diagnostics)`` after the inner loop from ``v0`` (default ``init(θ)``);
+        see :meth:`InnerLoop.run` for ``diagnose``."""
         loop = self.inner_loop if steps is None else InnerLoop(self.inner_loop.optimizer, steps)
         start = self.init(meta) if v0 is None else v0
-        return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable)
+        return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose)
 
 
 def newton_polish(objective, v: ParamDict, steps: int = 5, max_halvings: int = 30) -> ParamDict:

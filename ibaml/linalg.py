@@ -28,7 +28,10 @@ MatVec = Callable[[Tensor], Tensor]
 
 
 class SolveResult(NamedTuple):
-    """Solution ``x``, final residual norm ``||b - (A + δI) x||`` and iterations used (tensors)."""
+    """Solution ``x``, final residual norm ``||b - (A + δI) x||`` and iterations used (tensors).
+
+    (:class:`CG` reports the norm of its recurrence residual, which equals ``b − (A + δI) x``
+    up to rounding, so that the report costs no extra matrix-vector product.)"""
 
     x: Tensor
     residual_norm: Tensor
@@ -61,6 +64,10 @@ class CG:
     ``||r|| <= tol · ||b||`` or when a direction of non-positive curvature
     ``p·(A+δI)p <= 0`` is met (then the iterate so far is kept, which stays finite;
     raise ``damping`` when the Hessian may be indefinite). ``x0`` warm-starts.
+
+    The reported residual norm is ``||r_k||`` from the recurrence above (equal to
+    ``||b − (A+δI) x_k||`` up to rounding; a frozen system keeps both ``x`` and ``r``), so
+    a solve costs exactly ``max_iter`` matrix-vector products (one more with ``x0``).
 
     Args:
         max_iter: number of iterations (the cost is ``max_iter`` matrix-vector products).
@@ -109,8 +116,7 @@ class CG:
             rz = torch.where(active, rz_new, rz)
             iterations = iterations + active.long()
             active = active & (torch.linalg.vector_norm(r) > threshold)
-        residual = torch.linalg.vector_norm(b - A(x))
-        return SolveResult(x, residual, iterations)
+        return SolveResult(x, torch.linalg.vector_norm(r), iterations)
 
 
 @dataclass(frozen=True)
