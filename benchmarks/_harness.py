@@ -234,6 +234,35 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
+_VIEWS = {"view", "_unsafe_view", "expand", "transpose", "t", "permute", "slice", "select", "unsqueeze", "squeeze",
+          "as_strided", "alias", "detach", "reshape", "unbind", "split", "split_with_sizes", "lift_fresh"}
+
+
+def count_operators(fn: Callable) -> Dict[str, int]:
+    """Operators that one call of ``fn`` dispatches to kernels (after ``vmap`` has batched
+    them): ``{"total": n, "compute": n without views, <op>: n, ...}``. On a GPU every
+    compute operator is at least one kernel launch, so this counts the launches that bound a
+    small meta-iteration; unlike a time, it does not depend on the machine's load."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as mode:
+        fn()
+    counts = mode.counts
+    compute = sum(n for op, n in counts.items() if op not in _VIEWS)
+    return {"total": sum(counts.values()), "compute": compute, **dict(counts.most_common())}
+
+
 # ---------------------------------------------------------------------------- peak memory
 _STATUS = "/proc/self/status"
 

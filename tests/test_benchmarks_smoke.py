@@ -27,6 +27,7 @@ def test_overhead_quick(tmp_path):
     saved = json.loads((tmp_path / "overhead.json").read_text())
     assert saved["overhead_ratio"] == result["overhead_ratio"] > 0
     assert set(saved["ms"]) >= {"inner_gradients", "cg_hvps", "outer_gradient", "meta_step"}
+    assert 0 < saved["operators_per_meta_iteration"]["compute"] < saved["operators_per_meta_iteration"]["total"]
     (entry,) = saved["summary"]
     assert entry["threshold"] == 1.5 and entry["met"] is None  # a GPU target, not judged on the CPU
 
