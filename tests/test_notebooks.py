@@ -41,7 +41,7 @@ def test_notebook_is_stored_executed(path):
 @pytest.fixture
 def kernel_env(tmp_path, monkeypatch):
     """A ``python3`` kernel spec that starts this interpreter, found first on ``JUPYTER_PATH``;
-    IPython and Jupyter state kept under ``tmp_path``; one thread for the kernel."""
+    IPython's and Jupyter's runtime files under ``tmp_path``; one thread for the kernel."""
     spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
     spec_dir.mkdir(parents=True)
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -50,7 +50,6 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
