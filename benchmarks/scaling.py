@@ -122,6 +122,19 @@ def loop_over_vmap(results):
     return out
 
 
+def vmap_over_compile(results):
+    """``vmap ms / compile ms`` for every configuration that ran both."""
+    out = {}
+    for r in results:
+        if r["mode"] != "compile" or r["status"] != "ok":
+            continue
+        twin = _find(results, mode="vmap", workload=r["workload"], estimator=r["estimator"], K=r["K"],
+                     meta_batch=r["meta_batch"])
+        if twin:
+            out[f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"] = twin["ms"] / r["ms"]
+    return out
+
+
 def memory_ratios(results, hi=100, lo=1):
     """Peak memory at K=hi over K=lo for each (workload, T, mode, estimator)."""
     out = {}
@@ -233,13 +246,14 @@ def main(argv=None):
                         mib = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 20:9.1f} MiB"
                         print(f"{workload:5s} T={T:3d} {estimator:8s} {r['mode']:7s} K={K:4d} {ms} {mib}", flush=True)
     ratio = loop_over_vmap(results)
+    compiled = vmap_over_compile(results)
     mem_ratio = memory_ratios(results)
     summary = summarize(results, device, mem_ratio, ratio)
     fallbacks = sorted({m for r in results for m in r.get("vmap_fallbacks", [])})
     payload = {**H.environment(device), "memory_method": H.memory_method(device), "dtype": args.dtype,
                "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
                "conv4": {"hidden": args.hidden, "image_size": args.image_size, "ways": 5, "shots": 1, "query": 15},
-               "results": results, "loop_over_vmap_time_ratio": ratio,
+               "results": results, "loop_over_vmap_time_ratio": ratio, "vmap_over_compile_time_ratio": compiled,
                "peak_memory_ratio_k100_over_k1": mem_ratio, "vmap_fallbacks": fallbacks, "summary": summary}
     out = Path(args.out)
     H.write_json(out, "scaling.json", payload)
@@ -255,6 +269,8 @@ def main(argv=None):
     print(H.markdown(["workload", "T", "estimator", "mode", "K", "ms / meta-iter", "tasks/s", "peak MiB",
                       "GB / task"], rows))
     print("\nloop / vmap time:", {k: round(v, 2) for k, v in ratio.items()})
+    if compiled:
+        print("vmap / compile time:", {k: round(v, 2) for k, v in compiled.items()})
     print("peak memory K=100 / K=1:", {k: round(v, 2) for k, v in mem_ratio.items()})
     if fallbacks:
         print("vmap fell back to a loop for:", fallbacks)
