@@ -109,26 +109,13 @@ def _find(results, **key):
     return None
 
 
-def loop_over_vmap(results):
-    """``loop ms / vmap ms`` for every configuration that ran both."""
+def time_ratio(results, slow: str, fast: str):
+    """``slow-mode ms / fast-mode ms`` for every configuration that ran both modes."""
     out = {}
     for r in results:
-        if r["mode"] != "vmap" or r["status"] != "ok":
+        if r["mode"] != fast or r["status"] != "ok":
             continue
-        twin = _find(results, mode="loop", workload=r["workload"], estimator=r["estimator"], K=r["K"],
-                     meta_batch=r["meta_batch"])
-        if twin:
-            out[f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"] = twin["ms"] / r["ms"]
-    return out
-
-
-def vmap_over_compile(results):
-    """``vmap ms / compile ms`` for every configuration that ran both."""
-    out = {}
-    for r in results:
-        if r["mode"] != "compile" or r["status"] != "ok":
-            continue
-        twin = _find(results, mode="vmap", workload=r["workload"], estimator=r["estimator"], K=r["K"],
+        twin = _find(results, mode=slow, workload=r["workload"], estimator=r["estimator"], K=r["K"],
                      meta_batch=r["meta_batch"])
         if twin:
             out[f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"] = twin["ms"] / r["ms"]
@@ -245,8 +232,8 @@ def main(argv=None):
                         ms = "oom" if r["ms"] is None else f"{r['ms']:10.1f} ms"
                         mib = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 20:9.1f} MiB"
                         print(f"{workload:5s} T={T:3d} {estimator:8s} {r['mode']:7s} K={K:4d} {ms} {mib}", flush=True)
-    ratio = loop_over_vmap(results)
-    compiled = vmap_over_compile(results)
+    ratio = time_ratio(results, "loop", "vmap")
+    compiled = time_ratio(results, "vmap", "compile")
     mem_ratio = memory_ratios(results)
     summary = summarize(results, device, mem_ratio, ratio)
     fallbacks = sorted({m for r in results for m in r.get("vmap_fallbacks", [])})
