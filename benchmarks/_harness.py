@@ -46,6 +46,7 @@ import torch
 import ibaml
 import priors
 
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 WORKLOADS = ("sine", "conv4")
 MODES = ("vmap", "compile", "loop")
 GB = 1e9
@@ -185,8 +186,13 @@ def meta_iteration(learner: ibaml.MetaLearner, task, mode: str = "vmap", compile
     meta-optimiser's step) on the prepared ``task`` (see :func:`prepare`)."""
     grad_fn = meta_gradient_fn(learner, mode, compile_mode)
     params = learner.model.meta_parameters()
+    # Under CUDA graphs (compile mode "reduce-overhead") a call's outputs live in the graph's
+    # memory until the next call: mark each call as a new step (a no-op otherwise).
+    new_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if mode == "compile" else None
 
     def step():
+        if new_step is not None:
+            new_step()
         grads = grad_fn(learner.meta_params(), task)
         for k, p in params.items():
             p.grad = grads[k]
@@ -315,7 +321,7 @@ def peak_memory(fn: Callable, device: torch.device) -> Optional[int]:
 
 
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    return isinstance(err, OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def release(device: torch.device) -> None:

@@ -40,15 +40,19 @@ PRECISIONS = ("float32", "bfloat16", "float16", "float64")
 
 
 def meta_gradient(learner, task, autocast_dtype=None):
-    """``(flat mean meta-gradient, mean CG iterations or None)`` in one vmapped call."""
+    """``(flat mean meta-gradient, CG iterations per task or None)`` in one vmapped call
+    (tensors: no host synchronisation, so that it can be timed)."""
     meta = learner.meta_params()
     device_type = task["support_x"].device.type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
         out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t))(task)
     flat = torch.cat([out.grads[k].mean(0).reshape(-1).float() for k in sorted(out.grads)])
-    iters = out.diagnostics.get("solver_iterations")
-    return flat, (None if iters is None else float(iters.float().mean()))
+    return flat, out.diagnostics.get("solver_iterations")
+
+
+def mean_iterations(iters):
+    return None if iters is None else float(iters.float().mean())
 
 
 def relative(a, ref):
@@ -65,10 +69,11 @@ def run(workload, estimator, args, device):
     ref, ref_iters = meta_gradient(learner32, task32)
     g64, iters64 = meta_gradient(learner64, task64)
     rows = [{"workload": workload, "estimator": estimator, "precision": "float32", "relative_error": 0.0,
-             "cosine": 1.0, "relative_error_vs_float64": relative(ref, g64), "cg_iterations": ref_iters},
+             "cosine": 1.0, "relative_error_vs_float64": relative(ref, g64),
+             "cg_iterations": mean_iterations(ref_iters)},
             {"workload": workload, "estimator": estimator, "precision": "float64", "relative_error": relative(g64, ref),
              "cosine": float(torch.nn.functional.cosine_similarity(g64.float(), ref, dim=0)),
-             "relative_error_vs_float64": 0.0, "cg_iterations": iters64}]
+             "relative_error_vs_float64": 0.0, "cg_iterations": mean_iterations(iters64)}]
     fns = {"float32": lambda: meta_gradient(learner32, task32), "float64": lambda: meta_gradient(learner64, task64)}
     for name in ("bfloat16", "float16"):
         dtype = getattr(torch, name)
@@ -81,7 +86,8 @@ def run(workload, estimator, args, device):
         finite = bool(torch.isfinite(g).all())
         rows.append({**row, "relative_error": relative(g, ref) if finite else None, "finite": finite,
                      "cosine": float(torch.nn.functional.cosine_similarity(g, ref, dim=0)) if finite else None,
-                     "relative_error_vs_float64": relative(g, g64) if finite else None, "cg_iterations": iters})
+                     "relative_error_vs_float64": relative(g, g64) if finite else None,
+                     "cg_iterations": mean_iterations(iters)})
         fns[f"autocast {name}"] = lambda d=dtype: meta_gradient(learner32, task32, d)
     times = H.time_interleaved(fns, device, args.repeats, warmup=1) if args.repeats > 0 else {}
     for r in rows:

@@ -82,14 +82,22 @@ def run_config(workload, T, estimator, K, modes, args, device, dtype):
                                             if "performance drop" in str(w.message)})
             row["peak_bytes"] = H.peak_memory(fn, device)
             fns[mode] = fn
-        except (RuntimeError, torch.OutOfMemoryError) as err:
+        except (RuntimeError, H.OutOfMemoryError) as err:
             if not H.is_oom(err):
                 raise
             row["status"] = "oom"
             H.release(device)
         rows[mode] = row
     budget = args.budget_s if args.budget_s > 0 else None
-    times = H.time_interleaved(fns, device, args.repeats, warmup=0, budget_s=budget) if fns else {}
+    try:
+        times = H.time_interleaved(fns, device, args.repeats, warmup=0, budget_s=budget) if fns else {}
+    except (RuntimeError, H.OutOfMemoryError) as err:
+        if not H.is_oom(err):
+            raise
+        times = {}
+        for mode in fns:
+            rows[mode]["status"] = "oom"
+        H.release(device)
     for mode, ts in times.items():
         row = rows[mode]
         row["ms"] = 1000 * H.median(ts)
