@@ -44,6 +44,13 @@ def _damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda v: matvec(v) + damping * v
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a_i b_i`` in the vectors' own precision. Not ``torch.dot``: under ``vmap`` that
+    becomes a batched matrix product, which ``torch.autocast`` runs in float16/bfloat16, and
+    CG's curvature test ``p·Ap > 0`` then fails by rounding."""
+    return (a * b).sum()
+
+
 def _check_positive(name: str, value, allow_zero: bool = True) -> None:
     if not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
@@ -97,20 +104,20 @@ class CG:
         r = b - A(x) if x0 is not None else b.clone()
         z = apply_minv(r)
         p = z
-        rz = torch.dot(r, z)
+        rz = _dot(r, z)
         threshold = self.tol * torch.linalg.vector_norm(b)
         active = torch.linalg.vector_norm(r) > threshold
         iterations = torch.zeros((), dtype=torch.long, device=b.device)
         tiny = torch.finfo(b.dtype).tiny
         for _ in range(int(self.max_iter)):
             Ap = A(p)
-            pAp = torch.dot(p, Ap)
+            pAp = _dot(p, Ap)
             active = active & (pAp > 0)
             alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
             x = x + alpha * p
             r = r - alpha * Ap
             z = apply_minv(r)
-            rz_new = torch.dot(r, z)
+            rz_new = _dot(r, z)
             beta = torch.where(active, rz_new / torch.clamp(rz.abs(), min=tiny), torch.zeros_like(rz))
             p = torch.where(active, z + beta * p, p)
             rz = torch.where(active, rz_new, rz)

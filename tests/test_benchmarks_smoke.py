@@ -74,3 +74,18 @@ def test_precision_quick(tmp_path):
         assert "relative_error" in by[(workload, "autocast bfloat16")] or "error" in by[(workload, "autocast bfloat16")]
     assert by[("sine", "autocast bfloat16")]["relative_error"] < 1e-2  # measured: about 3e-3 on the CPU
     assert len(payload["summary"]) == 4 and all(e["threshold"] == 1e-2 for e in payload["summary"])
+
+
+def test_cg_curvature_test_is_not_autocast(tmp_path):
+    # Under vmap, torch.dot becomes a batched matrix product that autocast runs in float16;
+    # the rounded p·Ap then stopped CG early in some tasks of this batch.
+    import torch
+
+    harness, precision = load("_harness"), load("precision")
+    device = torch.device("cpu")
+    learner = harness.build_learner("sine", "implicit", 10, 5, device, torch.float32)
+    task = harness.prepare(learner, harness.make_batch("sine", 25, torch.float32, device))
+    reference, _ = precision.meta_gradient(learner, task)
+    grads, iterations = precision.meta_gradient(learner, task, torch.float16)
+    assert (iterations == 5).all()
+    assert precision.relative(grads, reference) < 1e-2
