@@ -482,7 +482,8 @@ class CalibrationReport:
 
     def plot_reliability_diagram(self, ax=None):
         """Accuracy per confidence bin as bars, the gap to the bin's mean confidence shaded, the
-        diagonal, and the ECE in the title (classification). Returns the Figure."""
+        diagonal, and in the title the ECE of these bins, ``Σ_b (n_b/n) |acc_b − conf_b|`` over
+        all tasks' query points pooled (classification). Returns the Figure."""
         if self.bins is None:
             raise ValueError("plot_reliability_diagram needs a classification report (this one is "
                              f"{self.kind!r})")
@@ -502,8 +503,9 @@ class CalibrationReport:
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
-        ece_mean = self.metrics.get("ece", {}).get("mean", float("nan"))
-        ax.set_title(f"{self.name} ECE {ece_mean:.3f}".strip())
+        # the bars pool every task's query points, so the title gives the ECE of those same bins
+        pooled_ece = float((count * np.abs(gap)).sum() / max(count.sum(), 1))
+        ax.set_title(f"{self.name} ECE {pooled_ece:.3f} (pooled)".strip())
         ax.legend(loc="upper left")
         return fig
 

@@ -79,6 +79,12 @@ NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 LOG_2PI = math.log(2 * math.pi)
 
 
+def check_positive(name: str, value) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive finite number (a scale, precision or df)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
 def select_names(names: Iterable[str], include: NameFilter) -> list:
     """Names kept by ``include``: ``None`` (all), a regular expression (``re.search``),
     a collection of exact names, or a predicate ``name -> bool``."""

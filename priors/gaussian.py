@@ -23,12 +23,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 from torch import Tensor
 
-from .base import LOG_2PI, Prior, diag_gaussian_kl, diag_gaussian_log_prob
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+from .base import LOG_2PI, Prior, check_positive, diag_gaussian_kl, diag_gaussian_log_prob
 
 
 @dataclass(frozen=True)
@@ -48,9 +43,9 @@ class GaussianHyperprior:
 
     def __post_init__(self):
         if self.loc_scale is not None:
-            _check_positive("GaussianHyperprior loc_scale", self.loc_scale)
-        _check_positive("GaussianHyperprior concentration", self.concentration)
-        _check_positive("GaussianHyperprior rate", self.rate)
+            check_positive("GaussianHyperprior loc_scale", self.loc_scale)
+        check_positive("GaussianHyperprior concentration", self.concentration)
+        check_positive("GaussianHyperprior rate", self.rate)
 
     def log_prob(self, loc: Tensor, precision: Tensor) -> Tensor:
         a, b = self.concentration, self.rate
@@ -116,7 +111,7 @@ class IsotropicGaussian(_GaussianPrior):
     """
 
     def __init__(self, template, precision: float = 1.0, learn_precision: bool = False, **kwargs):
-        _check_positive("IsotropicGaussian precision", precision)
+        check_positive("IsotropicGaussian precision", precision)
         super().__init__(template, **kwargs)
         lam = torch.tensor(float(precision), dtype=self.initial_weights.dtype)
         if learn_precision:
@@ -142,7 +137,7 @@ class DiagonalGaussian(_GaussianPrior):
     """
 
     def __init__(self, template, init_scale: float = 0.1, **kwargs):
-        _check_positive("DiagonalGaussian init_scale", init_scale)
+        check_positive("DiagonalGaussian init_scale", init_scale)
         super().__init__(template, **kwargs)
         self.scale = PyroParam(torch.full_like(self.initial_weights, float(init_scale)), constraint=constraints.positive)
 
@@ -158,7 +153,7 @@ class LayerwiseGaussian(_GaussianPrior):
     """
 
     def __init__(self, template, init_scale: float = 0.1, **kwargs):
-        _check_positive("LayerwiseGaussian init_scale", init_scale)
+        check_positive("LayerwiseGaussian init_scale", init_scale)
         super().__init__(template, **kwargs)
         self.register_buffer("segment", self.spec.segment_ids().to(self.initial_weights.device))
         self.scale = PyroParam(torch.full((len(self.names),), float(init_scale), dtype=self.initial_weights.dtype),
@@ -192,8 +187,8 @@ class LowRankGaussian(_GaussianPrior):
                  seed: int = 0, **kwargs):
         if int(rank) != rank or rank < 1:
             raise ValueError(f"LowRankGaussian rank must be a positive integer, got {rank!r}")
-        _check_positive("LowRankGaussian init_scale", init_scale)
-        _check_positive("LowRankGaussian init_factor_scale", init_factor_scale)
+        check_positive("LowRankGaussian init_scale", init_scale)
+        check_positive("LowRankGaussian init_factor_scale", init_factor_scale)
         super().__init__(template, **kwargs)
         w = self.initial_weights
         g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 from torch import Tensor
 
-from .base import Prior
+from .base import Prior, check_positive
 
 
 class StudentT(Prior):
@@ -30,10 +30,8 @@ class StudentT(Prior):
     """
 
     def __init__(self, template, df: float = 3.0, init_scale: float = 0.1):
-        if not df > 0:
-            raise ValueError(f"StudentT df must be positive, got {df!r}")
-        if not init_scale > 0:
-            raise ValueError(f"StudentT init_scale must be positive, got {init_scale!r}")
+        check_positive("StudentT df", df)
+        check_positive("StudentT init_scale", init_scale)
         super().__init__(template)
         self.df = float(df)
         self.loc = PyroParam(self.initial_weights.clone())
