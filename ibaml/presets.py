@@ -24,6 +24,7 @@ from typing import Optional
 from torch import nn
 
 import priors
+from priors.base import Prior
 
 from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
 from .inference import MAP, Variational
@@ -42,7 +43,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
                   inner_lr: Optional[float] = None, inner_optimizer: Optional[str] = None, cg_steps: int = 5,
                   cg_damping: float = 0.0, precision: float = 100.0, learn_precision: bool = False,
                   init_scale: float = 0.1, kl_weight: float = 1.0, num_samples: int = 1, include=None,
-                  **learner_kwargs) -> MetaLearner:
+                  prior: Optional[Prior] = None, **learner_kwargs) -> MetaLearner:
     """A :class:`MetaLearner` for a named method (see the module table).
 
     Args:
@@ -66,6 +67,11 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         kl_weight: ``β`` (ABML, iBaML).
         num_samples: reparameterised draws in the variational inner objective.
         include: which network parameters get the prior (default all).
+        prior: a prior of your own (a :class:`priors.Prior`, e.g. a custom subclass) used in
+            place of the method's; the method still fixes inference and meta-gradient, so
+            ``build_learner("ibaml", net, lik, prior=MyPrior.from_module(net))`` is iBaML's
+            variational inference and implicit gradient with ``MyPrior``. ``precision``,
+            ``learn_precision``, ``init_scale`` and ``include`` then do not apply.
         learner_kwargs: passed to :class:`MetaLearner` (``meta_lr``, ``chunk_size``, ...).
     """
     unknown = sorted(set(learner_kwargs) - _PASSED_ON)
@@ -84,16 +90,20 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; expected one of {sorted(table)}")
     optimizer = table[inner_optimizer](lr=inner_lr)
 
+    if prior is not None and not isinstance(prior, Prior):
+        raise TypeError(f"prior must be a priors.Prior, got {type(prior).__name__}")
     if method in ("maml", "fomaml", "lazy"):
-        prior = priors.Flat.from_module(net, include=include)
+        default_prior = lambda: priors.Flat.from_module(net, include=include)
         inference = MAP()
     elif method == "imaml":
-        prior = priors.IsotropicGaussian.from_module(net, include=include, precision=precision,
-                                                     learn_precision=learn_precision)
+        default_prior = lambda: priors.IsotropicGaussian.from_module(net, include=include, precision=precision,
+                                                                     learn_precision=learn_precision)
         inference = MAP()
     else:
-        prior = priors.DiagonalGaussian.from_module(net, include=include, init_scale=init_scale)
+        default_prior = lambda: priors.DiagonalGaussian.from_module(net, include=include, init_scale=init_scale)
         inference = Variational(beta=kl_weight, num_samples=num_samples)
+    if prior is None:
+        prior = default_prior()
 
     if method in ("maml", "abml"):
         estimator = Explicit()

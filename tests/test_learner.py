@@ -143,6 +143,19 @@ def test_unknown_names_are_rejected():
         ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), nonfinite="ignore")
 
 
+def test_build_learner_takes_a_prior_of_ones_own():
+    net = small_net()
+    own = priors.StudentT.from_module(net, df=4.0, init_scale=0.3)
+    learner = ibaml.build_learner("ibaml", net, lik(), prior=own, inner_steps=3)
+    assert learner.prior is own and isinstance(learner.method, ibaml.Variational)
+    assert isinstance(learner.estimator, ibaml.Implicit)
+    before = {k: v.clone() for k, v in learner.meta_params().items()}
+    learner.meta_step(sine_tasks(3, torch.Generator().manual_seed(0)))
+    assert any(not torch.equal(before[k], v) for k, v in learner.meta_params().items() if k.startswith("prior."))
+    with pytest.raises(TypeError, match="prior must be a priors.Prior"):
+        ibaml.build_learner("imaml", small_net(), lik(), prior="student-t")
+
+
 def test_training_state_round_trip_continues_identically():
     batches = [sine_tasks(3, torch.Generator().manual_seed(10 + i)) for i in range(4)]
     a = ibaml.build_learner("ibaml", small_net(), lik(), inner_steps=2)
