@@ -12,8 +12,11 @@ mean meta-gradient over a meta-batch is computed
 from the same θ and the same tasks, and the relative error ``‖g − g₃₂‖ / ‖g₃₂‖`` is
 reported against the bound 1e-2, with the cosine similarity, the error against float64,
 the mean number of CG iterations that ran (CG stops on a direction of non-positive
-curvature, so a precision that changes the curvature it sees changes the iteration count)
-and the median time per meta-gradient. A precision the device does not support is
+curvature, so a precision that changes the curvature it sees changes the iteration count),
+the error per network tensor against float64 (in Conv4 the convolution biases come before
+batch normalisation: their exact meta-gradient is zero, so whatever they get is rounding
+noise that counts in the relative error of every precision) and the median time per
+meta-gradient. A precision the device does not support is
 recorded with the error it raised.
 
     python benchmarks/precision.py --device cuda
@@ -59,6 +62,32 @@ def relative(a, ref):
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
+def layout(learner):
+    """``[(name, size)]`` of the flat meta-gradient: each meta-parameter, with the prior's
+    location split into the network tensors it covers (``net.<name>``)."""
+    meta = learner.meta_params()
+    out = []
+    for key in sorted(meta):
+        if key.startswith("prior.loc"):
+            out += [(f"net.{n}", k) for n, k in zip(learner.prior.spec.names, learner.prior.spec.numels)]
+        else:
+            out.append((key, meta[key].numel()))
+    return out
+
+
+def per_tensor(g, ref, parts):
+    """Per tensor: ``‖g − ref‖``, ``‖ref‖`` and their ratio (``None`` where ``ref`` is zero).
+    A tensor whose exact meta-gradient is zero (a bias followed by batch normalisation) has
+    rounding noise for a gradient in every precision; these rows show where the error sits."""
+    out, start = {}, 0
+    for name, size in parts:
+        a, b = g[start:start + size].double(), ref[start:start + size].double()
+        err, norm = float((a - b).norm()), float(b.norm())
+        out[name] = {"error_norm": err, "reference_norm": norm, "relative_error": err / norm if norm > 0 else None}
+        start += size
+    return out
+
+
 def run(workload, estimator, args, device):
     common = dict(hidden=args.hidden, image_size=args.image_size, chunk_size=args.chunk_size)
     batch32 = H.make_batch(workload, args.meta_batch, torch.float32, device, image_size=args.image_size)
@@ -74,6 +103,8 @@ def run(workload, estimator, args, device):
             {"workload": workload, "estimator": estimator, "precision": "float64", "relative_error": relative(g64, ref),
              "cosine": float(torch.nn.functional.cosine_similarity(g64.float(), ref, dim=0)),
              "relative_error_vs_float64": 0.0, "cg_iterations": mean_iterations(iters64)}]
+    parts = layout(learner32)
+    rows[0]["per_tensor_vs_float64"] = per_tensor(ref, g64, parts)
     fns = {"float32": lambda: meta_gradient(learner32, task32), "float64": lambda: meta_gradient(learner64, task64)}
     for name in ("bfloat16", "float16"):
         dtype = getattr(torch, name)
@@ -87,7 +118,8 @@ def run(workload, estimator, args, device):
         rows.append({**row, "relative_error": relative(g, ref) if finite else None, "finite": finite,
                      "cosine": float(torch.nn.functional.cosine_similarity(g, ref, dim=0)) if finite else None,
                      "relative_error_vs_float64": relative(g, g64) if finite else None,
-                     "cg_iterations": mean_iterations(iters)})
+                     "cg_iterations": mean_iterations(iters),
+                     "per_tensor_vs_float64": per_tensor(g, g64, parts) if finite else None})
         fns[f"autocast {name}"] = lambda d=dtype: meta_gradient(learner32, task32, d)
     times = H.time_interleaved(fns, device, args.repeats, warmup=1) if args.repeats > 0 else {}
     for r in rows:
