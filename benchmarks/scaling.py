@@ -168,31 +168,34 @@ def summarize(results, device, mem_ratio, ratio):
 
 
 def plot(results, path):
+    """One row of panels per workload: time and peak memory against K (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    keys = sorted({(r["workload"], r["meta_batch"], r["estimator"], r["mode"]) for r in results})
-    for key in keys:
-        rows = sorted((r for r in results if (r["workload"], r["meta_batch"], r["estimator"], r["mode"]) == key
-                       and r["status"] == "ok"), key=lambda r: r["K"])
-        if not rows:
-            continue
-        style = "-" if key[2] == "implicit" else "--"
-        label = f"{key[0]} T={key[1]} {key[2]} {key[3]}"
-        axes[0].plot([r["K"] for r in rows], [r["ms"] for r in rows], style, marker="o", label=label)
-        mem = [(r["K"], r["peak_bytes"] / 2 ** 20) for r in rows if r["peak_bytes"] is not None]
-        if mem:
-            axes[1].plot(*zip(*mem), style, marker="o", label=label)
-    for ax, title in zip(axes, ("time per meta-iteration (ms)", "peak memory of a meta-iteration (MiB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("inner steps K")
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-    axes[1].legend(fontsize=6, ncol=2)
+    workloads = [w for w in H.WORKLOADS if any(r["workload"] == w for r in results)]
+    fig, axes = plt.subplots(len(workloads), 2, figsize=(12, 4.2 * len(workloads)), squeeze=False)
+    for row, workload in zip(axes, workloads):
+        keys = sorted({(r["meta_batch"], r["estimator"], r["mode"]) for r in results if r["workload"] == workload})
+        for key in keys:
+            rows = sorted((r for r in results if r["workload"] == workload and r["status"] == "ok"
+                           and (r["meta_batch"], r["estimator"], r["mode"]) == key), key=lambda r: r["K"])
+            if not rows:
+                continue
+            style = "-" if key[1] == "implicit" else "--"
+            label = f"T={key[0]} {key[1]} {key[2]}"
+            row[0].plot([r["K"] for r in rows], [r["ms"] for r in rows], style, marker="o", label=label)
+            mem = [(r["K"], r["peak_bytes"] / 2 ** 20) for r in rows if r["peak_bytes"] is not None]
+            if mem:
+                row[1].plot(*zip(*mem), style, marker="o", label=label)
+        for ax, title in zip(row, ("time per meta-iteration (ms)", "peak memory of a meta-iteration (MiB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("inner steps K")
+            ax.set_title(f"{workload}: {title}")
+            ax.grid(alpha=0.3, which="both")
+        row[1].legend(fontsize=7, ncol=2)
     fig.suptitle("explicit (dashed) vs implicit (solid) meta-gradients")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
