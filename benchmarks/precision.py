@@ -49,7 +49,8 @@ def meta_gradient(learner, task, autocast_dtype=None):
     device_type = task["support_x"].device.type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t))(task)
+        out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t),
+                              chunk_size=learner.chunk_size)(task)
     flat = torch.cat([out.grads[k].mean(0).reshape(-1).float() for k in sorted(out.grads)])
     return flat, out.diagnostics.get("solver_iterations")
 

@@ -23,7 +23,7 @@ def test_hypergrad_accuracy_quick(tmp_path):
 
 
 def test_overhead_quick(tmp_path):
-    result = load("overhead").main(["--quick", "--meta-batch", "4", "--out", str(tmp_path)])
+    result = load("overhead").main(["--quick", "--meta-batch", "4", "--chunk-size", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "overhead.json").read_text())
     assert saved["overhead_ratio"] == result["overhead_ratio"] > 0
     assert set(saved["ms"]) >= {"inner_gradients", "cg_hvps", "outer_gradient", "meta_step"}
