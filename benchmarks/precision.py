@@ -13,10 +13,9 @@ from the same θ and the same tasks, and the relative error ``‖g − g₃₂�
 reported against the bound 1e-2, with the cosine similarity, the error against float64,
 the mean number of CG iterations that ran (CG stops on a direction of non-positive
 curvature, so a precision that changes the curvature it sees changes the iteration count),
-the error per network tensor against float64 (in Conv4 the convolution biases come before
-batch normalisation: their exact meta-gradient is zero, so whatever they get is rounding
-noise that counts in the relative error of every precision) and the median time per
-meta-gradient. A precision the device does not support is
+the error per network tensor against float64 (where the error sits; in Conv4 the
+convolution biases come before batch normalisation, so their exact meta-gradient is zero
+and whatever they get is rounding noise) and the median time per meta-gradient. A precision the device does not support is
 recorded with the error it raised.
 
     python benchmarks/precision.py --device cuda
@@ -77,9 +76,7 @@ def layout(learner):
 
 
 def per_tensor(g, ref, parts):
-    """Per tensor: ``‖g − ref‖``, ``‖ref‖`` and their ratio (``None`` where ``ref`` is zero).
-    A tensor whose exact meta-gradient is zero (a bias followed by batch normalisation) has
-    rounding noise for a gradient in every precision; these rows show where the error sits."""
+    """Per tensor: ``‖g − ref‖``, ``‖ref‖`` and their ratio (``None`` where ``ref`` is zero)."""
     out, start = {}, 0
     for name, size in parts:
         a, b = g[start:start + size].double(), ref[start:start + size].double()
