@@ -278,7 +278,8 @@ def _proc_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
 
 
-def _cpu_peak_supported() -> bool:
+def cpu_peak_supported() -> bool:
+    """Whether the kernel lets a process reset its resident-set high-water mark (Linux)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -288,10 +289,27 @@ def _cpu_peak_supported() -> bool:
         return False
 
 
+def reset_cpu_peak() -> int:
+    """Return freed heap to the system (``malloc_trim``), reset the high-water mark ``VmHWM``
+    to the current resident set (``clear_refs`` 5), and return that resident set in bytes."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return 1024 * _proc_kib("VmRSS")
+
+
+def cpu_peak_bytes() -> int:
+    """The resident-set high-water mark ``VmHWM`` since the last :func:`reset_cpu_peak`, in bytes."""
+    return 1024 * _proc_kib("VmHWM")
+
+
 def memory_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated above the allocation before the call"
-    if _cpu_peak_supported():
+    if cpu_peak_supported():
         return "peak resident set size (VmHWM after malloc_trim and a clear_refs reset) above VmRSS before the call"
     return "unavailable (no /proc/self/clear_refs)"
 
@@ -306,18 +324,12 @@ def peak_memory(fn: Callable, device: torch.device) -> Optional[int]:
         fn()
         synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    if not _cpu_peak_supported():
+    if not cpu_peak_supported():
         fn()
         return None
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_kib("VmRSS")
+    base = reset_cpu_peak()
     fn()
-    return 1024 * max(0, _proc_kib("VmHWM") - base)
+    return max(0, cpu_peak_bytes() - base)
 
 
 def is_oom(err: BaseException) -> bool:

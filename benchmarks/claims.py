@@ -56,6 +56,9 @@ from ibaml.linalg import CG, Dense
 from ibaml.model import TaskModel
 from ibaml.optim import SGD
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
 CLAIMS = ("memory", "accuracy", "horizon")
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
@@ -134,13 +137,20 @@ def memory_worker(cfg: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    elif _harness.cpu_peak_supported():
+        # reset the kernel's high-water mark to the current resident set, so that peaks reached
+        # before the meta-iteration (imports, warm-up) do not hide its own
+        base = _harness.reset_cpu_peak()
     else:
         base = peak_rss_bytes()
     start = time.perf_counter()
     learner.meta_step(batch)
     sync()
     times = [time.perf_counter() - start]
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()) - base
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = (_harness.cpu_peak_bytes() if _harness.cpu_peak_supported() else peak_rss_bytes()) - base
     for _ in range(cfg["repeats"] - 1):
         start = time.perf_counter()
         learner.meta_step(batch)
