@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's 100)")
     task.add_argument("--init-scale", type=float, default=None,
                       help="initial prior standard deviation for abml/ibaml (default: the preset's 0.1)")
+    task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's 1)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
 
     train = p.add_argument_group("training and evaluation")
@@ -155,7 +156,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 16:
         p.error(f"--image-size must be at least 16 (four 2x2 poolings in Conv4), got {args.image_size}")
-    for name in ("inner_lr", "meta_lr", "precision", "init_scale"):
+    for name in ("inner_lr", "meta_lr", "precision", "init_scale", "kl_weight"):
         value = getattr(args, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
@@ -259,11 +260,7 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     C, H, _ = image_shape
     torch.manual_seed(args.seed)
     net = Conv4(in_channels=C, hidden=args.channels, out_dim=args.ways, image_size=H).to(device=device, dtype=dtype)
-    extra = {}
-    if args.precision is not None:
-        extra["precision"] = args.precision
-    if args.init_scale is not None:
-        extra["init_scale"] = args.init_scale
+    extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
     eval_steps = args.eval_inner_steps or (2 * args.inner_steps if args.method in ("maml", "fomaml") else args.inner_steps)
     likelihood = ibaml.CategoricalLikelihood().to(device=device, dtype=dtype)
     return ibaml.build_learner(args.method, net, likelihood, inner_steps=args.inner_steps, eval_inner_steps=eval_steps,

@@ -58,7 +58,7 @@ def check_outputs(out: Path, result: dict, eval_tasks: int = 6):
 
 @pytest.mark.parametrize("fmt,format_arg,method,extra", [
     ("pickle", "auto", "ibaml", []), ("csv", "csv", "imaml", ["--inner-optimizer", "sgd", "--precision", "2"]),
-    ("folder", "auto", "maml", []), ("pickle", "pickle", "abml", []), ("folder", "folder", "fomaml", [])])
+    ("folder", "auto", "maml", []), ("pickle", "pickle", "abml", ["--kl-weight", "0.5", "--init-scale", "0.05"]), ("folder", "folder", "fomaml", [])])
 def test_example_runs_end_to_end_from_each_format(mini_roots, tmp_path, fmt, format_arg, method, extra):
     out = tmp_path / "run"
     result = run("--data-root", mini_roots[fmt], "--format", format_arg, "--method", method, "--image-size", 32,
@@ -175,3 +175,20 @@ def test_fixture_flag_from_the_command_line(tmp_path):
     metrics = check_outputs(out, json.loads((out / "metrics.json").read_text()))
     assert metrics["classes"] == {"train": 6, "val": 3, "test": 3} and metrics["image_shape"] == [3, 16, 16]
     assert "| accuracy |" in proc.stdout
+
+
+def test_learner_options_reach_the_preset():
+    args, _ = example.parse_args(["--fixture", "--method", "ibaml", "--ways", "3", "--shots", "2", "--channels", "8",
+                                  "--init-scale", "0.05", "--kl-weight", "0.5", "--inner-optimizer", "sgd",
+                                  "--inner-steps", "3", "--predictive-samples", "7"])
+    learner = example.make_learner(args, (3, 32, 32), torch.device("cpu"), torch.float32)
+    assert torch.allclose(learner.prior.scale, torch.tensor(0.05)) and learner.method.beta == 0.5
+    optimizer = learner.inner_loop.optimizer
+    assert type(optimizer).__name__ == "SGD" and optimizer.lr == pytest.approx(0.01 / 6)  # MAML's step / (ways·shots)
+    assert learner.inner_loop.steps == learner.eval_inner_steps == 3 and learner.num_predictive_samples == 7
+    assert learner.num_classes == 3 and learner.model.net.head.out_features == 3
+    assert learner.model.net.features[0][0].out_channels == 8
+    maml, _ = example.parse_args(["--fixture", "--method", "maml", "--dataset", "omniglot", "--ways", "5", "--shots", "1"])
+    learner = example.make_learner(maml, (1, 28, 28), torch.device("cpu"), torch.float64)
+    assert learner.inner_loop.optimizer.lr == pytest.approx(0.4 / 5) and learner.eval_inner_steps == 10
+    assert learner.prior.initial_weights.dtype == torch.float64
