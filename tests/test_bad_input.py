@@ -372,14 +372,18 @@ def test_bad_input_gives_one_clear_line(name, action, kind, message, tmp_path):
         assert text == message, text
 
 
-def test_truncated_csv_inside_a_label_is_not_detected(tmp_path):
-    """Existing behaviour, recorded: a csv cut inside its last label still loads, with a bogus class."""
+def test_truncated_csv_inside_a_label_is_detected(tmp_path):
     root = mini(tmp_path, "csv")
     text = (root / "train.csv").read_text()
     last = text.rstrip("\n").rsplit("\n", 1)[1]
-    (root / "train.csv").write_text(text[: text.rindex(last) + last.index(",") + 4])
-    data = load_miniimagenet(root, "train")
-    assert "n90" in data.class_names and data.num_classes == 7
+    cut = text[: text.rindex(last) + last.index(",") + 4]
+    (root / "train.csv").write_text(cut)
+    with pytest.raises(DatasetError, match=r"line \d+: label 'n90' appears nowhere else and the file ends without a "
+                                           r"line break: it looks truncated"):
+        load_miniimagenet(root, "train")
+    # the same rows, complete but for the final line break, load
+    (root / "train.csv").write_text(text.rstrip("\n"))
+    assert load_miniimagenet(root, "train").num_classes == 6
 
 
 def test_nonfinite_cg_residual_is_skipped_counted_and_excluded():

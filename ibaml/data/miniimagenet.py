@@ -184,7 +184,8 @@ def _from_csv(root: Path, split: str, device, num_workers: int) -> ImageClassDat
     if not image_dir.is_dir():
         raise DatasetError(f"miniImageNet: {image_dir}: image folder missing (needed by {path.name})")
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    rows = list(csv.reader(text.splitlines()))
     if not rows or [c.strip().lower() for c in rows[0]] != ["filename", "label"]:
         raise DatasetError(f"miniImageNet: {path}: expected the header 'filename,label', "
                            f"got {','.join(rows[0]) if rows else 'an empty file'!r}")
@@ -198,6 +199,10 @@ def _from_csv(root: Path, split: str, device, num_workers: int) -> ImageClassDat
         class_of.append(row[1].strip())
     if not files:
         raise DatasetError(f"miniImageNet: {path}: no images listed")
+    if not text.endswith(("\n", "\r")) and class_of.count(class_of[-1]) == 1 and len(set(class_of)) > 1:
+        # a file cut inside its last label leaves a one-image class of a clipped name
+        raise DatasetError(f"miniImageNet: {path}: line {len(rows)}: label {class_of[-1]!r} appears nowhere else and "
+                           f"the file ends without a line break: it looks truncated")
     names = sorted(set(class_of))
     index = {n: k for k, n in enumerate(names)}
     labels = torch.tensor([index[c] for c in class_of], dtype=torch.long)
