@@ -244,6 +244,7 @@ class MetaLearner(nn.Module):
         self.generator = torch.Generator(device=prior.initial_weights.device).manual_seed(seed)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.skipped_tasks = 0
+        self._output_width: Optional[int] = None
         self.process_group = process_group
         if process_group is not None:
             distributed.broadcast_state(self, self.generator, group=process_group)
@@ -267,11 +268,16 @@ class MetaLearner(nn.Module):
         return eps.to(like.device)
 
     def _num_outputs(self, task: Dict[str, Tensor]) -> int:
-        """Width of the network's output (classification: the number of classes)."""
-        meta = self.meta_params()
-        x = task["support_x"][0, :1].to(device=self.prior.initial_weights.device, dtype=self.prior.initial_weights.dtype)
-        with torch.no_grad():
-            return int(self.model.net_output(meta, self.model.prior_call(meta, "location"), x).shape[-1])
+        """Width of the network's output (classification: the number of classes), found by one
+        forward pass on one example the first time and kept: the architecture does not change."""
+        if self._output_width is None:
+            meta = self.meta_params()
+            x = task["support_x"][0, :1].to(device=self.prior.initial_weights.device,
+                                            dtype=self.prior.initial_weights.dtype)
+            with torch.no_grad():
+                self._output_width = int(self.model.net_output(meta, self.model.prior_call(meta, "location"),
+                                                               x).shape[-1])
+        return self._output_width
 
     def _prepare(self, batch) -> Dict[str, Tensor]:
         task = _as_task_dict(batch)
