@@ -24,6 +24,8 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
+from priors.base import check_positive
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -52,8 +54,7 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, noise: float = 0.1, learn_noise: bool = False):
         super().__init__()
-        if not (isinstance(noise, (int, float)) and noise > 0 and math.isfinite(noise)):
-            raise ValueError(f"GaussianLikelihood noise must be a positive finite number, got {noise!r}")
+        check_positive("GaussianLikelihood noise", noise)
         sigma = torch.tensor(float(noise))
         if learn_noise:
             self.noise = PyroParam(sigma, constraint=constraints.positive)
