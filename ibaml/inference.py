@@ -14,7 +14,12 @@ For a task with support set S and query set Q, and meta-parameters θ:
       G(v, θ) = (1/M) Σ_j −Σ_{n∈S} log p(y_n | f(x_n; m + √s ⊙ ε_j)) + β KL(q ‖ p(·; θ))
       F(v, θ) = −(1/|Q|) Σ_{n∈Q} log (1/M') Σ_j p(y_n | f(x_n; m + √s ⊙ ε'_j))
 
-  (iBaML / ABML). The draws ``ε [M, D]`` and ``ε' [M', D]`` are part of the task data,
+  (iBaML / ABML), or with ``outer="elbo"`` ABML's outer objective (its eq. 5), the negative
+  ELBO of support and query together under the task posterior, per point::
+
+      F(v, θ) = (1/(|S|+|Q|)) [(1/M') Σ_j Σ_{n∈S∪Q} −log p(y_n | f(x_n; m + √s ⊙ ε'_j)) + β KL(q ‖ p(·; θ))]
+
+  whose KL term gives the prior scales a direct empirical-Bayes gradient. The draws ``ε [M, D]`` and ``ε' [M', D]`` are part of the task data,
   fixed while a solution is differentiated.
 
 The inner loop runs any functional optimiser (:mod:`ibaml.optim`) for a fixed number
@@ -68,8 +73,11 @@ class MAP:
         return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"]).mean()
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
-        p = model.prior_call(meta, "precision_diag")
-        return None if p is None else {"w": p}
+        return self.curvature(v, model.prior_call(meta, "precision_diag"))
+
+    def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
+        """The prior's diagonal curvature in ``v``'s blocks, given ``precision_diag``."""
+        return None if precision is None else {"w": precision}
 
     def weight_samples(self, v, eps: Tensor) -> Tensor:
         """The point estimate repeated: ``[S, D]`` for ``eps [S, D]``."""
@@ -87,6 +95,19 @@ class Variational:
         init_variance: starting variance of ``q`` where the prior reports no precision
             (otherwise ``q`` starts at the prior's marginal variance ``1/precision``).
         min_variance: floor added to ``softplus(ρ)``.
+        outer: ``"predictive"`` (the query log predictive density, default) or ``"elbo"``
+            (ABML's support-and-query negative ELBO, see the module docstring).
+        antithetic: draw the standard-normal ``ε`` in pairs ``(ε, −ε)`` (:meth:`draws`).
+            The odd terms of the Monte Carlo error then cancel: for weights that enter the
+            output linearly (a head) the fixed-draw objective's mean block is exactly that of
+            the expected NLL, where independent draws shift its solution by
+            ``√s ⊙ mean_j ε_j``, a random displacement of the order of the posterior standard
+            deviation.
+
+    ``β`` weighs the KL against the *summed* support NLL: ``β = 1`` is the ELBO of the
+    support set; with a Gaussian prior the pull on the posterior mean is that of iMAML's
+    proximal term with ``λ = β/σ²``, so a prior scale ``σ`` well below the weights' scale
+    needs ``β ≪ 1`` for the data to move the weights (``σ = 0.01, β = 10⁻³`` is ``λ = 10``).
     """
 
     beta: float = 1.0
@@ -94,18 +115,31 @@ class Variational:
     num_outer_samples: int = 5
     init_variance: float = 1e-4
     min_variance: float = 1e-10
+    outer: str = "predictive"
+    antithetic: bool = False
     name = "variational"
     needs_noise = True
 
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"Variational beta must be positive, got {self.beta!r}")
+        if self.outer not in ("predictive", "elbo"):
+            raise ValueError(f"Variational outer must be 'predictive' or 'elbo', got {self.outer!r}")
         for arg in ("num_samples", "num_outer_samples"):
             value = getattr(self, arg)
             if int(value) != value or value < 1:
                 raise ValueError(f"Variational {arg} must be a positive integer, got {value!r}")
         if not self.init_variance > 0:
             raise ValueError(f"Variational init_variance must be positive, got {self.init_variance!r}")
+
+    def draws(self, num_tasks: int, num: int, dim: int, generator: torch.Generator, dtype=None) -> Tensor:
+        """Standard-normal draws ``ε [num_tasks, num, dim]`` on the generator's device; with
+        ``antithetic``, ``ε_{j + ⌈num/2⌉} = −ε_j`` (an odd ``num`` keeps one unpaired draw)."""
+        half = (num + 1) // 2 if self.antithetic else num
+        eps = torch.randn(num_tasks, half, dim, generator=generator, device=generator.device, dtype=dtype)
+        if self.antithetic:
+            eps = torch.cat([eps, -eps[:, :num - half]], 1)
+        return eps
 
     def variance(self, v) -> Tensor:
         """``s = softplus(ρ) + min_variance``."""
@@ -133,12 +167,20 @@ class Variational:
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         samples = self.weight_samples(v, task["eps_outer"])
         qx, qy = task["query_x"], task["query_y"]
+        if self.outer == "elbo":
+            sx, sy = task["support_x"], task["support_y"]
+            nll = lambda w: -(model.log_likelihood(meta, w, sx, sy).sum() + model.log_likelihood(meta, w, qx, qy).sum())
+            kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task["eps_outer"])
+            return (torch.func.vmap(nll)(samples).mean() + self.beta * kl) / (sx.shape[0] + qx.shape[0])
         loglik = torch.func.vmap(lambda w: model.log_likelihood(meta, w, qx, qy))(samples)  # [M', Q]
         return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
         """Prior curvature: ``β/σ²`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ``."""
-        precision = model.prior_call(meta, "precision_diag")
+        return self.curvature(v, model.prior_call(meta, "precision_diag"))
+
+    def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
+        """``β · precision`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ`` (``None`` without a precision)."""
         if precision is None:
             return None
         s = self.variance(v)
@@ -147,11 +189,14 @@ class Variational:
 
 
 class InnerDiagnostics(NamedTuple):
-    """Per-task diagnostics of an inner solve (tensors; batched under vmap)."""
+    """Per-task diagnostics of an inner solve (tensors; batched under vmap): the inner loss,
+    ``||∇_v G||`` at the returned iterate (all blocks, and per block in ``block_grad_norm``:
+    ``{"w"}`` for MAP, ``{"mean", "rho"}`` for a variational posterior), and finiteness."""
 
     loss: Tensor
     grad_norm: Tensor
     finite: Tensor
+    block_grad_norm: Dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -174,13 +219,30 @@ class InnerLoop:
             raise ValueError(f"inner steps must be a non-negative integer, got {self.steps!r}")
 
     def run(self, objective, v0: ParamDict, differentiable: bool = False,
-            diagnose: bool = True) -> Tuple[ParamDict, Optional[InnerDiagnostics]]:
+            diagnose: bool = True, curvature=None) -> Tuple[ParamDict, Optional[InnerDiagnostics]]:
+        """``curvature(v)``: the problem's diagonal prior curvature at ``v``, passed to an
+        optimiser that declares ``needs_curvature`` (:class:`ibaml.optim.PriorPreconditioned`)."""
         grad_fn = torch.func.grad_and_value(objective)
         v = dict(v0) if differentiable else tree_detach(v0)
         state = self.optimizer.init(v)
+        wants_curvature = getattr(self.optimizer, "needs_curvature", False)
+        wants_objective = getattr(self.optimizer, "needs_objective", False)
         for _ in range(int(self.steps)):
+            if wants_objective:   # second-order optimisers evaluate what they need themselves
+                c = None if curvature is None else curvature(v)
+                v, state = self.optimizer.step(objective, v, state, curvature=c)
+                if not differentiable:
+                    v = tree_detach(v)
+                    state = _detach_state(state)
+                continue
             g, _ = grad_fn(v)
-            v, state = self.optimizer.update(v, g, state)
+            if wants_curvature:
+                c = None if curvature is None else curvature(v)
+                if c is not None and not differentiable:
+                    c = tree_detach(c)
+                v, state = self.optimizer.update(v, g, state, curvature=c)
+            else:
+                v, state = self.optimizer.update(v, g, state)
             if not differentiable:
                 v = tree_detach(v)
                 state = _detach_state(state)
@@ -188,7 +250,8 @@ class InnerLoop:
             return v, None
         g, loss = grad_fn(tree_detach(v))
         finite = tree_all_finite(v) & torch.isfinite(loss)
-        return v, InnerDiagnostics(loss.detach(), tree_norm(g).detach(), finite)
+        blocks = {k: torch.linalg.vector_norm(x.detach()) for k, x in g.items()}
+        return v, InnerDiagnostics(loss.detach(), tree_norm(g).detach(), finite, blocks)
 
 
 def _detach_state(state):
@@ -230,7 +293,15 @@ class TaskProblem:
         see :meth:`InnerLoop.run` for ``diagnose``."""
         loop = self.inner_loop if steps is None else InnerLoop(self.inner_loop.optimizer, steps)
         start = self.init(meta) if v0 is None else v0
-        return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose)
+        curvature = None
+        if getattr(loop.optimizer, "needs_curvature", False):
+            if hasattr(self.method, "curvature"):
+                precision = self.model.prior_call(meta, "precision_diag")   # θ is fixed during the solve
+                curvature = lambda v: self.method.curvature(v, precision)
+            else:
+                curvature = lambda v: self.preconditioner(v, meta)
+        return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose,
+                        curvature=curvature)
 
 
 def newton_polish(objective, v: ParamDict, steps: int = 5, max_halvings: int = 30) -> ParamDict:

@@ -217,8 +217,9 @@ class MetaLearner(nn.Module):
         if estimator is not None and not isinstance(estimator, HypergradEstimator):
             raise TypeError(f"estimator must be a HypergradEstimator (Implicit(), Explicit(), FirstOrder(), Lazy()), "
                             f"got {estimator!r}")
-        if inner_optimizer is not None and not all(hasattr(inner_optimizer, a) for a in ("init", "update")):
-            raise TypeError(f"inner_optimizer must be an ibaml.optim optimiser (SGD(lr=...), Adam(lr=...)), "
+        if inner_optimizer is not None and not (hasattr(inner_optimizer, "init") and (
+                hasattr(inner_optimizer, "update") or hasattr(inner_optimizer, "step"))):
+            raise TypeError(f"inner_optimizer must be an ibaml.optim optimiser (SGD(lr=...), Adam(lr=...), NewtonCG()), "
                             f"got {inner_optimizer!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -264,7 +265,10 @@ class MetaLearner(nn.Module):
 
     def _draws(self, num_tasks: int, num: int, like: Tensor) -> Tensor:
         gen = self.generator
-        eps = torch.randn(num_tasks, num, self.prior.dim, generator=gen, device=gen.device, dtype=like.dtype)
+        if hasattr(self.method, "draws"):   # the inference method owns its noise (antithetic pairs)
+            eps = self.method.draws(num_tasks, num, self.prior.dim, gen, dtype=like.dtype)
+        else:
+            eps = torch.randn(num_tasks, num, self.prior.dim, generator=gen, device=gen.device, dtype=like.dtype)
         return eps.to(like.device)
 
     def _num_outputs(self, task: Dict[str, Tensor]) -> int:
@@ -344,7 +348,11 @@ class MetaLearner(nn.Module):
     def meta_step(self, batch) -> Dict[str, float]:
         """One meta-update on a batch of tasks; returns summary statistics: ``loss`` (mean
         query loss of the finite tasks), ``skipped`` (non-finite tasks dropped), the means of
-        ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, and ``hyper``."""
+        ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, ``hyper``, and the
+        stationarity of each block of the inner solution, ``inner_grad_norm.<block>``
+        (``||∇_b G(v*, θ)||`` averaged over the finite tasks: ``w`` for MAP, ``mean`` and
+        ``rho`` for a variational posterior), as 0-d tensors that are read from the device only
+        when a caller converts them: the meta-gradient is exact only where these are small."""
         loss, grads, diagnostics, finite = self.meta_gradient(batch)
         n_bad = int((~finite).sum())
         self.skipped_tasks += n_bad
@@ -363,6 +371,10 @@ class MetaLearner(nn.Module):
         for key in ("inner_grad_norm", "residual_norm"):
             if key in diagnostics:
                 stats[key] = float(diagnostics[key][finite].float().mean())
+        keep = finite.to(loss.dtype)
+        for key in diagnostics:
+            if key.startswith("inner_grad_norm."):   # stationarity per block, kept on the device
+                stats[key] = (torch.where(finite, diagnostics[key], 0.0).sum() / keep.sum().clamp(min=1)).detach()
         if hyper is not None:
             stats["hyper"] = float(hyper.detach())
         return stats

@@ -21,7 +21,7 @@ Example
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -95,9 +95,182 @@ class Adam:
         return new, {"step": t, "m": m, "s": s}
 
 
+@dataclass(frozen=True)
+class PriorPreconditioned:
+    """Gradient descent preconditioned by the prior's curvature (a semi-implicit, proximal step).
+
+    With ``P`` the inner problem's diagonal prior curvature (``TaskProblem.preconditioner``:
+    ``λ`` or ``1/σ²`` for MAP, ``β/σ²`` for a variational mean, ``β s'(ρ)²/(2s²)`` for its
+    variance parameter), each block ``b`` of the parameters takes the step
+
+        v_b ← v_b − g_b / (1/lr_b + P_b / prior_step)
+
+    For a Gaussian prior and ``prior_step = 1`` this is exactly the proximal gradient step
+    ``argmin_v ⟨∇NLL(v_k), v⟩ + ||v − v_k||²/(2 lr) + ½ Σ P (v − μ)²``: it is stable for
+    any prior strength (a stiff prior is solved in one step instead of limiting the step
+    size, as it does for plain SGD), and ``lr`` only has to respect the data curvature
+    (``lr < 2/L_data``). ``lr_b = inf`` gives a pure Newton step on the prior term,
+    ``−prior_step · g_b / P_b``: for a variational variance parameter, whose curvature at
+    the solution of ``G`` is close to ``P`` (``s* = σ²λ/(λ + h)`` gives
+    ``∂²G/∂ρ² ≈ β/2 = P``), this converges in a few steps where a gradient step on ``ρ``
+    moves only by about ``lr`` per step. Where the problem reports no curvature (a flat
+    prior) the step is plain SGD.
+
+    Args:
+        lr: a step size for every block, or a dict ``{block: lr}`` (missing blocks get
+            ``default_lr``); ``float("inf")`` for a Newton step on the prior term.
+        prior_step: the fraction ``c ∈ (0, 1]`` of a Newton step on the prior term.
+        default_lr: the step size of the blocks that a dict ``lr`` does not name.
+        max_step: optional bound on each entry's step ``|Δv| ≤ max_step`` (a number, or a
+            dict ``{block: bound}``), a trust region for steps that far from the solution
+            are not curvature-limited (a Newton step on a variance parameter whose gradient
+            is still dominated by the unconverged mean).
+
+    Example
+    -------
+    >>> opt = PriorPreconditioned(lr={"mean": 0.002, "rho": float("inf")}, prior_step=0.5)
+    >>> params, grads = {"mean": torch.ones(2), "rho": torch.zeros(2)}, {"mean": torch.ones(2), "rho": torch.ones(2)}
+    >>> new, _ = opt.update(params, grads, opt.init(params), curvature={"mean": torch.full((2,), 100.0),
+    ...                                                                 "rho": torch.full((2,), 0.5)})
+    >>> new["rho"]
+    tensor([-1., -1.])
+    """
+
+    lr: Any = 0.01
+    prior_step: float = 1.0
+    default_lr: float = 0.01
+    max_step: Any = None
+    needs_curvature = True
+
+    def __post_init__(self):
+        lrs = self.lr.values() if isinstance(self.lr, dict) else [self.lr]
+        for lr in list(lrs) + [self.default_lr]:
+            _check_lr("PriorPreconditioned", lr)
+        bounds = self.max_step.values() if isinstance(self.max_step, dict) else [self.max_step]
+        for b in bounds:
+            if b is not None and not b > 0:
+                raise ValueError(f"PriorPreconditioned max_step must be positive, got {self.max_step!r}")
+        if not 0.0 < self.prior_step <= 1.0:
+            raise ValueError(f"PriorPreconditioned prior_step must lie in (0, 1], got {self.prior_step!r}")
+
+    def block_lr(self, name: str) -> float:
+        return self.lr.get(name, self.default_lr) if isinstance(self.lr, dict) else self.lr
+
+    def block_max_step(self, name: str):
+        return self.max_step.get(name) if isinstance(self.max_step, dict) else self.max_step
+
+    def init(self, params: ParamDict) -> Dict[str, Any]:
+        return {}
+
+    def update(self, params: ParamDict, grads: ParamDict, state: Dict[str, Any],
+               curvature: Optional[ParamDict] = None) -> Tuple[ParamDict, Dict[str, Any]]:
+        new = {}
+        for k in params:
+            inv_lr = 1.0 / self.block_lr(k)
+            if curvature is None or curvature.get(k) is None:
+                if inv_lr == 0.0:
+                    raise ValueError(f"PriorPreconditioned: block {k!r} has lr=inf but the problem reports no "
+                                     f"prior curvature for it")
+                step = grads[k] / inv_lr
+            else:
+                step = grads[k] / (inv_lr + curvature[k] / self.prior_step)
+            bound = self.block_max_step(k)
+            if bound is not None:
+                step = step.clamp(-bound, bound)
+            new[k] = params[k] - step
+        return new, state
+
+
+@dataclass(frozen=True)
+class NewtonCG:
+    """Truncated Newton steps: ``v ← v + t · Δ`` with ``(∇²G(v) + δI + γP) Δ = −∇G(v)`` solved
+    approximately by ``cg_iters`` iterations of preconditioned conjugate gradient on
+    Hessian-vector products (one linearisation of ``∇G`` per step, reused by every
+    product), the problem's prior curvature as the preconditioner.
+
+    Its convergence does not depend on the scale of the curvature (a learned observation
+    noise or growing features change the data Hessian by orders of magnitude over
+    meta-training, which breaks any fixed gradient step), and for a quadratic inner problem
+    whose data Hessian has rank ``r`` (a linear-Gaussian head on ``r`` support points) one
+    step with ``cg_iters > r`` solves it exactly. Conjugate gradient stops at a direction of
+    non-positive curvature and keeps its iterate, so an indefinite Hessian gives a shorter,
+    finite step (add ``damping`` where that happens often). Pure tensor code with a fixed
+    number of products: vmappable, no host synchronisation.
+
+    Args:
+        cg_iters: conjugate-gradient iterations per Newton step.
+        damping: ``δ >= 0``.
+        prior_damping: ``γ >= 0``: adds ``γ`` times the prior curvature ``P`` (a
+            Levenberg–Marquardt term in the prior's own metric). It bounds the step where
+            the Hessian is nearly singular or indefinite (the variance block of a
+            fixed-draw variational objective is not convex), at the price of linear instead
+            of quadratic convergence in prior-dominated directions (rate ``γ/(1+γ)``).
+        step_size: ``t ∈ (0, 1]``.
+        max_step: optional bound ``|Δv| ≤ max_step`` on each entry (a number or ``{block: bound}``).
+
+    Example
+    -------
+    >>> opt = NewtonCG(cg_iters=3)
+    >>> objective = lambda v: ((v["x"] - 2.0) ** 2).sum()
+    >>> v, _ = opt.step(objective, {"x": torch.zeros(3)}, opt.init({"x": torch.zeros(3)}))
+    >>> v["x"]
+    tensor([2., 2., 2.])
+    """
+
+    cg_iters: int = 10
+    damping: float = 0.0
+    prior_damping: float = 0.0
+    step_size: float = 1.0
+    max_step: Any = None
+    needs_objective = True
+    needs_curvature = True
+
+    def __post_init__(self):
+        if int(self.cg_iters) != self.cg_iters or self.cg_iters < 1:
+            raise ValueError(f"NewtonCG cg_iters must be a positive integer, got {self.cg_iters!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"NewtonCG damping must be non-negative, got {self.damping!r}")
+        if not self.prior_damping >= 0:
+            raise ValueError(f"NewtonCG prior_damping must be non-negative, got {self.prior_damping!r}")
+        if not 0.0 < self.step_size <= 1.0:
+            raise ValueError(f"NewtonCG step_size must lie in (0, 1], got {self.step_size!r}")
+
+    def init(self, params: ParamDict) -> Dict[str, Any]:
+        return {}
+
+    def step(self, objective, params: ParamDict, state: Dict[str, Any],
+             curvature: Optional[ParamDict] = None) -> Tuple[ParamDict, Dict[str, Any]]:
+        from .linalg import CG
+        from .tree import FlatSpec
+
+        spec = FlatSpec.from_dict(params)
+        x = spec.flatten(params)
+        flat_grad = torch.func.grad(lambda z: objective(spec.unflatten(z)))
+        g, hvp = torch.func.vjp(flat_grad, x)
+        precond = None if curvature is None else spec.flatten({k: curvature[k] if curvature.get(k) is not None
+                                                                else torch.zeros_like(params[k]) for k in params})
+        if precond is None:
+            matvec = lambda u: hvp(u)[0]
+        else:
+            matvec = lambda u: hvp(u)[0] + self.prior_damping * precond * u
+            precond = (1.0 + self.prior_damping) * precond
+            if self.damping == 0.0:
+                precond = precond + torch.finfo(x.dtype).eps
+        solve = CG(max_iter=self.cg_iters, tol=0.0, damping=self.damping)(matvec, -g, precond_diag=precond)
+        delta = spec.unflatten(self.step_size * solve.x)
+        new = {}
+        for k in params:
+            d = delta[k]
+            bound = self.max_step.get(k) if isinstance(self.max_step, dict) else self.max_step
+            if bound is not None:
+                d = d.clamp(-bound, bound)
+            new[k] = params[k] + d
+        return new, state
+
+
 def make_optimizer(name: str, lr: float, **kwargs):
-    """Build an inner optimiser by name (``"sgd"`` or ``"adam"``)."""
-    table = {"sgd": SGD, "adam": Adam}
+    """Build an inner optimiser by name (``"sgd"``, ``"adam"`` or ``"prior"``: :class:`PriorPreconditioned`)."""
+    table = {"sgd": SGD, "adam": Adam, "prior": PriorPreconditioned}
     try:
         cls = table[name.lower()]
     except KeyError:

@@ -31,7 +31,7 @@ from .inference import MAP, Variational
 from .learner import MetaLearner
 from .likelihoods import Likelihood
 from .linalg import CG
-from .optim import SGD, Adam
+from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
 
 METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml", "lazy")
 # MetaLearner arguments that build_learner does not set itself
@@ -39,10 +39,25 @@ _PASSED_ON = frozenset(inspect.signature(MetaLearner).parameters) - {
     "net", "prior", "likelihood", "method", "estimator", "inner_optimizer", "inner_steps"}
 
 
+def prior_preconditioned(lr: float) -> PriorPreconditioned:
+    """The ``"prior"`` inner optimiser: a proximal step of size ``lr`` on the weights (MAP) or
+    the variational means, and a half Newton step on the prior term, bounded by 0.5, on the
+    variational variance parameters ``ρ`` (see :class:`ibaml.optim.PriorPreconditioned`)."""
+    return PriorPreconditioned(lr={"rho": float("inf")}, default_lr=lr, prior_step=0.5, max_step={"rho": 0.5})
+
+
+def newton_cg(lr=None, cg_iters: int = 10) -> NewtonCG:
+    """The ``"newton"`` inner optimiser: truncated Newton steps with ``cg_iters`` CG iterations,
+    each variational variance parameter's step bounded by 1 (``lr`` is not used)."""
+    return NewtonCG(cg_iters=cg_iters, max_step={"rho": 1.0})
+
+
 def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_steps: int = 10,
                   inner_lr: Optional[float] = None, inner_optimizer: Optional[str] = None, cg_steps: int = 5,
                   cg_damping: float = 0.0, precision: float = 100.0, learn_precision: bool = False,
                   init_scale: float = 0.1, kl_weight: float = 1.0, num_samples: int = 1, include=None,
+                  antithetic: bool = False, outer: str = "predictive", num_outer_samples: int = 5,
+                  relative_scale: Optional[float] = None,
                   prior: Optional[Prior] = None, **learner_kwargs) -> MetaLearner:
     """A :class:`MetaLearner` for a named method (see the module table).
 
@@ -84,11 +99,14 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     if inner_optimizer is None:
         inner_optimizer = "sgd" if method in ("maml", "fomaml", "abml", "lazy") else "adam"
     if inner_lr is None:
-        inner_lr = 0.002 if inner_optimizer == "sgd" else 0.01
-    table = {"sgd": SGD, "adam": Adam}
-    if inner_optimizer not in table:
+        inner_lr = 0.01 if inner_optimizer == "adam" else 0.002
+    table = {"sgd": SGD, "adam": Adam, "prior": prior_preconditioned, "newton": newton_cg}
+    if not isinstance(inner_optimizer, str):       # an optimiser object of one's own
+        optimizer = inner_optimizer
+    elif inner_optimizer not in table:
         raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; expected one of {sorted(table)}")
-    optimizer = table[inner_optimizer](lr=inner_lr)
+    else:
+        optimizer = table[inner_optimizer](lr=inner_lr)
 
     if prior is not None and not isinstance(prior, Prior):
         raise TypeError(f"prior must be a priors.Prior, got {type(prior).__name__}")
@@ -100,8 +118,10 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
                                                                      learn_precision=learn_precision)
         inference = MAP()
     else:
-        default_prior = lambda: priors.DiagonalGaussian.from_module(net, include=include, init_scale=init_scale)
-        inference = Variational(beta=kl_weight, num_samples=num_samples)
+        default_prior = lambda: priors.DiagonalGaussian.from_module(net, include=include, init_scale=init_scale,
+                                                                    relative_scale=relative_scale)
+        inference = Variational(beta=kl_weight, num_samples=num_samples, num_outer_samples=num_outer_samples,
+                                antithetic=antithetic, outer=outer)
     if prior is None:
         prior = default_prior()
 

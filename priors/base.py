@@ -107,6 +107,21 @@ def select_names(names: Iterable[str], include: NameFilter) -> list:
     return kept
 
 
+def last_layer(module: torch.nn.Module) -> list:
+    """Names of the parameters of ``module``'s last submodule that holds parameters of its own
+    (in registration order): the output layer of an MLP or the classifier of a Conv4, the
+    "head" that a prior over the head alone adapts per task while the rest is shared.
+
+    >>> last_layer(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)))
+    ['2.weight', '2.bias']
+    """
+    owners = [(name, m) for name, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    if not owners:
+        raise ValueError(f"{type(module).__name__} has no parameters")
+    prefix, last = owners[-1]
+    return [f"{prefix}.{n}" if prefix else n for n, _ in last.named_parameters(recurse=False)]
+
+
 def diag_gaussian_log_prob(w: Tensor, loc: Tensor, var: Tensor) -> Tensor:
     """``Σ_i log N(w_i; loc_i, var_i) = −½ Σ_i [(w_i − loc_i)²/var_i + log var_i + log 2π]``."""
     return -0.5 * (((w - loc) ** 2) / var + torch.log(var) + LOG_2PI).sum()

@@ -129,17 +129,54 @@ class IsotropicGaussian(_GaussianPrior):
         return -0.5 * lam * ((w - self.loc) ** 2).sum() + 0.5 * self.dim * (torch.log(lam) - LOG_2PI)
 
 
+def initial_scales(prior, init_scale=0.1, relative_scale: Optional[float] = None, family: str = "") -> Tensor:
+    """Flat ``[D]`` initial standard deviations of a prior over ``prior.names``.
+
+    ``init_scale`` is one number for every weight or a dict ``{tensor name: scale}`` (tensors
+    it does not name raise); ``relative_scale = r`` instead sets each tensor's scale to ``r``
+    times the root-mean-square of its initial weights, ``σ_t = r · sqrt(mean_i w_{t,i}²)``,
+    so that the weight noise is the same fraction of every layer's weights (a tensor whose
+    initial weights are all zero gets ``init_scale``).
+    """
+    w = prior.initial_weights
+    segment = prior.spec.segment_ids().to(w.device)
+    if relative_scale is not None:
+        check_positive(f"{family} relative_scale".strip(), relative_scale)
+        rms = torch.zeros(len(prior.names), dtype=w.dtype, device=w.device).index_add_(0, segment, w ** 2)
+        rms = (rms / torch.tensor(prior.spec.numels, dtype=w.dtype, device=w.device)).sqrt()
+        fallback = float(init_scale) if not isinstance(init_scale, Mapping) else 0.1
+        per_tensor = torch.where(rms > 0, relative_scale * rms, torch.full_like(rms, fallback))
+        return per_tensor[segment]
+    if isinstance(init_scale, Mapping):
+        missing = [n for n in prior.names if n not in init_scale]
+        if missing:
+            raise ValueError(f"init_scale names no scale for {missing}")
+        for n in prior.names:
+            check_positive(f"{family} init_scale[{n!r}]".strip(), init_scale[n])
+        per_tensor = torch.tensor([float(init_scale[n]) for n in prior.names], dtype=w.dtype, device=w.device)
+        return per_tensor[segment]
+    check_positive(f"{family} init_scale".strip(), init_scale)
+    return torch.full_like(w, float(init_scale))
+
+
 class DiagonalGaussian(_GaussianPrior):
     """iBaML's non-isotropic prior ``N(μ, diag σ²)`` with a mean and a variance per weight.
 
     Args:
-        init_scale: initial standard deviation ``σ`` (all weights).
+        init_scale: initial standard deviation ``σ``: one number for all weights, or a dict
+            ``{tensor name: σ}``.
+        relative_scale: if given, each tensor's initial ``σ`` is this fraction of the
+            root-mean-square of its initial weights (see :func:`initial_scales`).
+
+    >>> net = torch.nn.Linear(4, 2)
+    >>> DiagonalGaussian.from_module(net, init_scale={"weight": 0.01, "bias": 0.1}).scale[-2:]
+    tensor([0.1000, 0.1000], grad_fn=<SliceBackward0>)
     """
 
-    def __init__(self, template, init_scale: float = 0.1, **kwargs):
-        check_positive("DiagonalGaussian init_scale", init_scale)
+    def __init__(self, template, init_scale=0.1, relative_scale: Optional[float] = None, **kwargs):
         super().__init__(template, **kwargs)
-        self.scale = PyroParam(torch.full_like(self.initial_weights, float(init_scale)), constraint=constraints.positive)
+        scales = initial_scales(self, init_scale, relative_scale, family="DiagonalGaussian")
+        self.scale = PyroParam(scales, constraint=constraints.positive)
 
     def variance(self) -> Tensor:
         return self.scale ** 2

@@ -40,6 +40,19 @@ def rel_err(a, b):
     return num / den
 
 
+def assert_matches_central_differences(grads, outer_at, meta, index=3, h=1e-5):
+    """Each meta-parameter's entry ``min(index, numel − 1)`` of ``grads`` against the central
+    difference ``(F(θ + h e_i) − F(θ − h e_i)) / 2h`` of ``outer_at(θ)``."""
+    for name in meta:
+        i = min(index, meta[name].numel() - 1)
+        plus = {k: t.clone() for k, t in meta.items()}
+        minus = {k: t.clone() for k, t in meta.items()}
+        plus[name].view(-1)[i] += h
+        minus[name].view(-1)[i] -= h
+        fd = (outer_at(plus) - outer_at(minus)) / (2 * h)
+        assert float(grads[name].view(-1)[i]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8), name
+
+
 @pytest.fixture
 def make_problem():
     def make(prior_cls=priors.DiagonalGaussian, method="map", steps=3000, lr=0.003, optimizer="sgd", **prior_kw):

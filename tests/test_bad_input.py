@@ -270,7 +270,7 @@ CASES = [
                 "'num_classes', 'num_predictive_samples', 'process_group', 'seed']"),
     ("unknown inner optimizer (build_learner)",
      lambda t: ibaml.build_learner("imaml", small_net(), lik(), inner_optimizer="lbfgs"),
-     ValueError, "unknown inner optimizer 'lbfgs'; expected one of ['adam', 'sgd']"),
+     ValueError, "unknown inner optimizer 'lbfgs'; expected one of ['adam', 'newton', 'prior', 'sgd']"),
     ("unknown inference method (MetaLearner)",
      lambda t: ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), method="laplace"),
      ValueError, "unknown inference method 'laplace'; expected one of ['map', 'variational']"),

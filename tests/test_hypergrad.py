@@ -12,7 +12,7 @@ from ibaml.inference import newton_polish
 from ibaml.linalg import CG, Dense
 from ibaml.tree import tree_add
 
-from conftest import rel_err
+from conftest import assert_matches_central_differences, rel_err
 
 FAMILIES = [
     (priors.IsotropicGaussian, dict(precision=4.0, learn_precision=True)),
@@ -76,15 +76,7 @@ def test_implicit_matches_central_finite_differences(make_problem, family, kw, m
     def outer_at(m):
         return problem.outer(polished_solution(problem, m, task), m, task)
 
-    h = 1e-5
-    for name in meta:
-        i = min(3, meta[name].numel() - 1)
-        plus = {k: t.clone() for k, t in meta.items()}
-        minus = {k: t.clone() for k, t in meta.items()}
-        plus[name].view(-1)[i] += h
-        minus[name].view(-1)[i] -= h
-        fd = (outer_at(plus) - outer_at(minus)) / (2 * h)
-        assert float(grads[name].view(-1)[i]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8), name
+    assert_matches_central_differences(grads, outer_at, meta)
 
 
 def test_implicit_matches_explicit_unrolled_to_convergence(make_problem):

@@ -32,6 +32,7 @@ class FirstOrder(HypergradEstimator):
         diagnostics = {
             "inner_loss": inner_diag.loss,
             "inner_grad_norm": inner_diag.grad_norm,
+            **{f"inner_grad_norm.{k}": n for k, n in inner_diag.block_grad_norm.items()},
             "finite": inner_diag.finite & tree_all_finite(grads),
         }
         return TaskGradient(loss, grads, diagnostics)

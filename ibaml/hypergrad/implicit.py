@@ -9,7 +9,7 @@ import torch
 
 from ..implicit import implicit_vjp_at_solution
 from ..linalg import CG
-from ..tree import tree_add, tree_all_finite
+from ..tree import FlatSpec, tree_add, tree_all_finite
 from .base import HypergradEstimator, TaskGradient
 
 
@@ -40,9 +40,11 @@ class Implicit(HypergradEstimator):
                                        solver=self.solver, preconditioner=precond, hvp_mode=self.hvp_mode)
         grads = tree_add(grad_meta, out.meta_cotangent)
         inner_loss = out.inner_value.detach()
+        inner_grad = FlatSpec.from_dict(v_star).unflatten(out.inner_grad.detach())
         diagnostics = {
             "inner_loss": inner_loss,
             "inner_grad_norm": torch.linalg.vector_norm(out.inner_grad).detach(),
+            **{f"inner_grad_norm.{k}": torch.linalg.vector_norm(g) for k, g in inner_grad.items()},
             "residual_norm": out.solve.residual_norm,
             "solver_iterations": out.solve.iterations,
             "finite": (tree_all_finite(v_star) & torch.isfinite(inner_loss) & tree_all_finite(grads)
