@@ -3,6 +3,7 @@ accuracy and calibration.
 
     python examples/miniimagenet.py --data-root /data/miniimagenet --method ibaml --out runs/mini
     python examples/miniimagenet.py --fixture --meta-iters 20 --eval-tasks 20 --out runs/mini_smoke
+    python examples/miniimagenet.py --fixture --fixture-kind strokes --image-size 32 --method maml --out runs/strokes
     python examples/miniimagenet.py --resume runs/mini          # continue from runs/mini/last.pt
 
 Each meta-iteration samples ``--meta-batch`` N-way K-shot tasks (``--ways``, ``--shots``,
@@ -29,7 +30,9 @@ Data: ``--data-root`` holds miniImageNet in one of three layouts (``--format aut
 it: ``mini-imagenet-cache-{train,validation,test}.pkl``; ``{train,val,test}.csv`` with
 ``images/``; ``{train,val,test}/<class>/*.jpg``) or, with ``--dataset omniglot``,
 ``images_background/`` and ``images_evaluation/``. ``--fixture`` writes a tiny synthetic dataset
-in the chosen layout to a temporary folder and runs on it (a smoke test). A missing,
+in the chosen layout to a temporary folder and runs on it (a smoke test); ``--fixture
+--fixture-kind strokes`` writes the procedural character benchmark instead (64 / 16 / 20
+classes, hard enough to separate methods; see ``docs/results/image_benchmark/``). A missing,
 unreadable or misshapen file stops the run with one line naming it.
 """
 
@@ -56,6 +59,7 @@ from ibaml.calibration import CalibrationReport
 from ibaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet_splits, load_omniglot,
                         write_miniimagenet_fixture, write_omniglot_fixture)
+from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.data.miniimagenet import detect_format
 from ibaml.models import Conv4
 
@@ -79,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="miniImageNet file layout (default: detected)")
     data.add_argument("--fixture", action="store_true",
                       help="write a tiny synthetic dataset (in --format, pickle for auto) to a temporary folder and use it")
+    data.add_argument("--fixture-kind", default="stripes", choices=("stripes", "strokes"),
+                      help="miniImageNet --fixture: 'stripes' (tiny and easy, a smoke test) or 'strokes' (the "
+                           "procedural few-shot benchmark of ibaml.data.fixtures.write_stroke_fixture: 64/16/20 "
+                           "character classes, a Conv4 learns it slowly)")
     data.add_argument("--image-size", type=int, default=None,
                       help="resize images to this side once after loading (default: 84 miniImageNet, 28 Omniglot)")
     data.add_argument("--rotations", action=argparse.BooleanOptionalAction, default=True,
@@ -160,6 +168,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         value = getattr(args, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.fixture_kind != "stripes" and args.dataset != "miniimagenet":
+        p.error(f"--fixture-kind {args.fixture_kind} is a miniImageNet layout; it does not apply to --dataset {args.dataset}")
     if not args.fixture and args.data_root is None:
         p.error("--data-root DIR is required (or --fixture for a synthetic smoke run)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -221,6 +231,8 @@ def write_fixture(args, root: Path) -> Path:
         return write_omniglot_fixture(root, n_alphabets=2, chars_per_alphabet=math.ceil(chars / 2),
                                       images_per_char=per_class, seed=args.seed)
     fmt = "pickle" if args.format == "auto" else args.format
+    if args.fixture_kind == "strokes":
+        return write_stroke_fixture(root, fmt, images_per_class=max(30, per_class), seed=args.seed)
     classes = (max(6, 2 * args.ways), max(3, args.ways), max(3, args.ways))
     return write_miniimagenet_fixture(root, fmt, classes, per_class, seed=args.seed)
 
