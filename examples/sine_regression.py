@@ -64,15 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, help="comma-separated methods to run side by side (overrides --method)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--query", type=int, default=10)
-    p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: 5 for MAML/FOMAML, 20 otherwise)")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="inner steps in meta-training (default: the method's preset, ibaml.presets.PRESETS)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: 2x inner steps for MAML/FOMAML, else the same)")
     p.add_argument("--inner-lr", type=float, default=None)
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
     p.add_argument("--meta-batch", type=int, default=25)
-    p.add_argument("--meta-lr", type=float, default=None,
-                   help="meta learning rate (default: 3e-3 for ABML/iBaML, whose prior scales move on a log scale; 1e-3 otherwise)")
+    p.add_argument("--meta-lr", type=float, default=1e-3, help="meta learning rate")
     p.add_argument("--eval-tasks", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -123,8 +123,9 @@ def parse_args(argv=None):
 
 
 def inner_steps(method: str, args):
-    """Inner steps in meta-training and at evaluation (per-method defaults)."""
-    steps = args.inner_steps or (5 if method in ("maml", "fomaml") else 20)
+    """Inner steps in meta-training and at evaluation (defaults: :data:`ibaml.presets.PRESETS`;
+    MAML and FOMAML, which stop early by design, adapt for twice as long at evaluation)."""
+    steps = args.inner_steps or ibaml.presets.PRESETS[method]["inner_steps"]
     eval_steps = args.eval_inner_steps or (2 * steps if method in ("maml", "fomaml") else steps)
     return steps, eval_steps
 
@@ -138,17 +139,14 @@ def run_config(method: str, args) -> dict:
     steps, eval_steps = inner_steps(method, args)
     return dict(common, network=f"MLP(1, {HIDDEN}, 1)", inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
-                meta_lr=args.meta_lr or (3e-3 if method in ("abml", "ibaml") else 1e-3), nonfinite=args.nonfinite)
+                meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
 
 def make_learner(method: str, args, device, dtype, process_group=None):
     torch.manual_seed(args.seed)
     net = MLP(1, HIDDEN, 1).to(device=device, dtype=dtype)
     cfg = run_config(method, args)
-    # iMAML keeps the unit noise of its proximal least-squares problem fixed: learnt through an
-    # implicit gradient at an inexact inner solution, the noise collapses (measured: σ → 0.04
-    # after 3000 meta-iterations, with query NLL in the hundreds)
-    likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=method != "imaml").to(device=device, dtype=dtype)
+    likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,

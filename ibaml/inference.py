@@ -9,7 +9,8 @@ For a task with support set S and query set Q, and meta-parameters θ:
 
   With ``p = N(μ, λ⁻¹I)`` this is iMAML's proximal inner problem.
 
-* **Variational** (``v = {"mean", "rho"}``, ``q(w) = N(m, diag s)``, ``s = softplus(ρ)``)::
+* **Variational** (``v = {"mean", "rho"}``, ``q(w) = N(m, diag s)``, ``s = softplus(ρ)``; or
+  ``v = {"mean", "std"}``, ``s = u²``, with ``Variational(variance="std")``)::
 
       G(v, θ) = (1/M) Σ_j −Σ_{n∈S} log p(y_n | f(x_n; m + √s ⊙ ε_j)) + β KL(q ‖ p(·; θ))
       F(v, θ) = −(1/|Q|) Σ_{n∈Q} log (1/M') Σ_j p(y_n | f(x_n; m + √s ⊙ ε'_j))
@@ -97,6 +98,20 @@ class Variational:
         min_variance: floor added to ``softplus(ρ)``.
         outer: ``"predictive"`` (the query log predictive density, default) or ``"elbo"``
             (ABML's support-and-query negative ELBO, see the module docstring).
+        variance_param: the coordinates of the variances, ``"softplus"`` (``s = softplus(ρ)``, block
+            ``"rho"``) or ``"std"`` (``s = u²``, block ``"std"``). In ``u`` the fixed-draw
+            objective of weights that enter the output linearly is convex (a positive
+            semi-definite quadratic plus the KL's ``β Σ (u²/(2σ²) − log u)``), where in
+            ``ρ ≈ log s`` it is not: second-order inner solvers converge reliably in ``u``.
+        expectation: how ``E_q[NLL]`` is computed: ``"sampled"`` (the ``M`` fixed draws) or
+            ``"linearized"``, the second-order (delta-method) expansion with the Gauss–Newton
+            curvature, for a prior over exactly the network's linear head::
+
+                E_q[NLL(w; S)] ≈ NLL(m; S) + ½ Σ_i s_i h_i,    h = diag Σ_n J_nᵀ Λ_n J_n
+
+            exact for a Gaussian likelihood (a linear-Gaussian head), where the query
+            predictive is also exact, ``N(y; φᵀm, (φ²)ᵀs + σ²)``; no Monte Carlo noise enters
+            the inner problem, whose stationary variances are ``s = 1/(1/σ² + h/β)``.
         antithetic: draw the standard-normal ``ε`` in pairs ``(ε, −ε)`` (:meth:`draws`).
             The odd terms of the Monte Carlo error then cancel: for weights that enter the
             output linearly (a head) the fixed-draw objective's mean block is exactly that of
@@ -117,12 +132,18 @@ class Variational:
     min_variance: float = 1e-10
     outer: str = "predictive"
     antithetic: bool = False
+    variance_param: str = "softplus"
+    expectation: str = "sampled"
     name = "variational"
     needs_noise = True
 
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"Variational beta must be positive, got {self.beta!r}")
+        if self.variance_param not in ("softplus", "std"):
+            raise ValueError(f"Variational variance_param must be 'softplus' or 'std', got {self.variance_param!r}")
+        if self.expectation not in ("sampled", "linearized"):
+            raise ValueError(f"Variational expectation must be 'sampled' or 'linearized', got {self.expectation!r}")
         if self.outer not in ("predictive", "elbo"):
             raise ValueError(f"Variational outer must be 'predictive' or 'elbo', got {self.outer!r}")
         for arg in ("num_samples", "num_outer_samples"):
@@ -143,6 +164,8 @@ class Variational:
 
     def variance(self, v) -> Tensor:
         """``s = softplus(ρ) + min_variance``."""
+        if "std" in v:
+            return v["std"] ** 2 + self.min_variance
         return Fn.softplus(v["rho"]) + self.min_variance
 
     def init(self, model: TaskModel, meta) -> ParamDict:
@@ -150,29 +173,53 @@ class Variational:
         mean = model.prior_call(meta, "location")
         precision = model.prior_call(meta, "precision_diag")
         var0 = torch.full_like(mean, self.init_variance) if precision is None else 1.0 / precision
+        if self.variance_param == "std":
+            return {"mean": mean, "std": torch.sqrt(torch.clamp(var0 - self.min_variance, min=1e-30))}
         return {"mean": mean, "rho": _inverse_softplus(torch.clamp(var0 - self.min_variance, min=1e-30))}
 
     def weight_samples(self, v, eps: Tensor) -> Tensor:
         """``w_j = m + √s ⊙ ε_j`` ``[S, D]``."""
         return v["mean"] + torch.sqrt(self.variance(v)) * eps
 
+    def expected_nll(self, model: TaskModel, v, meta, x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
+        """``E_q[−Σ_n log p(y_n | f(x_n; w))]`` by the draws ``eps`` or linearised (``expectation``)."""
+        if self.expectation == "linearized":
+            return (-model.log_likelihood(meta, v["mean"], x, y).sum()
+                    + model.head_curvature_term(meta, v["mean"], self.variance(v), x))
+        samples = self.weight_samples(v, eps)
+        return -model.log_likelihood_samples(meta, samples, x, y).sum(1).mean()
+
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        if self.expectation == "linearized":
+            nll = self.expected_nll(model, v, meta, task["support_x"], task["support_y"], None)
+            kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task.get("eps_inner"))
+            return nll + self.beta * kl
         eps = task["eps_inner"]
         samples = self.weight_samples(v, eps)
         sx, sy = task["support_x"], task["support_y"]
-        nll = torch.func.vmap(lambda w: -model.log_likelihood(meta, w, sx, sy).sum())(samples).mean()
+        nll = -model.log_likelihood_samples(meta, samples, sx, sy).sum(1).mean()
         kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
         return nll + self.beta * kl
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
-        samples = self.weight_samples(v, task["eps_outer"])
         qx, qy = task["query_x"], task["query_y"]
+        if self.expectation == "linearized":
+            sx, sy = task["support_x"], task["support_y"]
+            if self.outer == "elbo":
+                kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task.get("eps_outer"))
+                nll = (self.expected_nll(model, v, meta, sx, sy, None) + self.expected_nll(model, v, meta, qx, qy, None))
+                return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
+            if hasattr(model.likelihood, "log_prob_gaussian_outputs"):
+                mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
+                return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy).mean()
+        samples = self.weight_samples(v, task["eps_outer"])
         if self.outer == "elbo":
             sx, sy = task["support_x"], task["support_y"]
-            nll = lambda w: -(model.log_likelihood(meta, w, sx, sy).sum() + model.log_likelihood(meta, w, qx, qy).sum())
+            nll = -(model.log_likelihood_samples(meta, samples, sx, sy).sum(1)
+                    + model.log_likelihood_samples(meta, samples, qx, qy).sum(1)).mean()
             kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task["eps_outer"])
-            return (torch.func.vmap(nll)(samples).mean() + self.beta * kl) / (sx.shape[0] + qx.shape[0])
-        loglik = torch.func.vmap(lambda w: model.log_likelihood(meta, w, qx, qy))(samples)  # [M', Q]
+            return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
+        loglik = model.log_likelihood_samples(meta, samples, qx, qy)  # [M', Q]
         return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
@@ -180,10 +227,13 @@ class Variational:
         return self.curvature(v, model.prior_call(meta, "precision_diag"))
 
     def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
-        """``β · precision`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ`` (``None`` without a precision)."""
+        """``β · precision`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ``, ``β (precision + 1/s)`` for
+        ``u`` (``None`` without a precision)."""
         if precision is None:
             return None
         s = self.variance(v)
+        if "std" in v:   # ∂²/∂u² of β Σ (u²/(2σ²) − log u) with 1/σ² = precision
+            return {"mean": self.beta * precision, "std": self.beta * (precision + 1.0 / s)}
         ds = torch.sigmoid(v["rho"])
         return {"mean": self.beta * precision, "rho": self.beta * ds ** 2 / (2 * s ** 2)}
 
@@ -191,7 +241,7 @@ class Variational:
 class InnerDiagnostics(NamedTuple):
     """Per-task diagnostics of an inner solve (tensors; batched under vmap): the inner loss,
     ``||∇_v G||`` at the returned iterate (all blocks, and per block in ``block_grad_norm``:
-    ``{"w"}`` for MAP, ``{"mean", "rho"}`` for a variational posterior), and finiteness."""
+    ``{"w"}`` for MAP, ``{"mean", "rho"}`` or ``{"mean", "std"}`` for a variational posterior), and finiteness."""
 
     loss: Tensor
     grad_norm: Tensor

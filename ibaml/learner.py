@@ -22,6 +22,7 @@ Example
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -149,6 +150,24 @@ def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Ten
     return counts
 
 
+def meta_param_groups(params: Dict[str, Tensor], meta_lr: float, overrides: Optional[Dict[str, float]] = None):
+    """``torch.optim`` parameter groups: one at ``meta_lr``, and one per override pattern
+    (``re.search`` on the meta-parameter's name) at its own learning rate."""
+    if not overrides:
+        return [{"params": list(params.values())}]
+
+
+    for pattern, lr in overrides.items():
+        if not lr > 0:
+            raise ValueError(f"meta_lr_overrides[{pattern!r}] must be positive, got {lr!r}")
+    groups = {None: []}
+    for name, p in params.items():
+        key = next((pat for pat in overrides if re.search(pat, name)), None)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps} if key is None else {"params": ps, "lr": overrides[key]}
+            for key, ps in groups.items() if ps]
+
+
 class MetaLearner(nn.Module):
     """Network + learnable prior + likelihood + inference method + hypergradient estimator.
 
@@ -171,6 +190,10 @@ class MetaLearner(nn.Module):
         num_classes: for classification, the number of classes (label validation; default:
             the network's output width).
         seed: seed of the learner's generator (posterior draws).
+        meta_lr_overrides: ``{regular expression: learning rate}`` for the meta-parameters
+            whose names match (first match wins), e.g. ``{r"prior\.scale": 1e-2}`` to move
+            prior scales, which the meta-optimiser sees in log coordinates, faster than the
+            network weights.
         process_group: a ``torch.distributed`` process group (e.g. ``ibaml.distributed.init_from_env().group``):
             each process solves its shard of every meta-batch and the meta-gradients are
             summed across processes (:mod:`ibaml.distributed`); the result is the one-process
@@ -205,7 +228,7 @@ class MetaLearner(nn.Module):
                  eval_inner_steps: Optional[int] = None, meta_lr: float = 1e-3, meta_optimizer=None,
                  chunk_size: Optional[int] = None, num_predictive_samples: int = 20, hyper_weight: float = 1.0,
                  nonfinite: str = "raise", num_classes: Optional[int] = None, seed: int = 0,
-                 process_group: Any = None):
+                 process_group: Any = None, meta_lr_overrides: Optional[Dict[str, float]] = None):
         super().__init__()
         if isinstance(method, str):
             table = {"map": MAP, "variational": Variational}
@@ -241,7 +264,8 @@ class MetaLearner(nn.Module):
         self.nonfinite = nonfinite
         self.num_classes = num_classes
         optimizer_cls = torch.optim.Adam if meta_optimizer is None else meta_optimizer
-        self.meta_optimizer = optimizer_cls(list(self.model.meta_parameters().values()), lr=meta_lr)
+        self.meta_optimizer = optimizer_cls(meta_param_groups(self.model.meta_parameters(), meta_lr, meta_lr_overrides),
+                                            lr=meta_lr)
         self.generator = torch.Generator(device=prior.initial_weights.device).manual_seed(seed)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.skipped_tasks = 0
@@ -402,8 +426,7 @@ class MetaLearner(nn.Module):
         eps = self._draws(x.shape[0], S, x)
 
         def per_task(v, eps_t, x_t):
-            w = posterior.method.weight_samples(v, eps_t)
-            return torch.func.vmap(lambda wi: self.model.net_output(meta, wi, x_t))(w)
+            return self.model.net_outputs(meta, posterior.method.weight_samples(v, eps_t), x_t)
 
         return torch.func.vmap(per_task, chunk_size=self.chunk_size)(posterior.params, eps, x)
 

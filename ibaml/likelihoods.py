@@ -66,6 +66,17 @@ class GaussianLikelihood(Likelihood):
         per_entry = -0.5 * ((y - output) ** 2 / var + torch.log(var) + LOG_2PI)
         return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
 
+    def output_curvature(self, output: Tensor) -> Tensor:
+        """``−∂² log p(y | f) / ∂f²`` per output entry: ``1/σ²`` ``[N, d]``."""
+        return (1.0 / self.noise.to(output.dtype) ** 2).expand_as(output)
+
+    def log_prob_gaussian_outputs(self, mean: Tensor, var: Tensor, y: Tensor) -> Tensor:
+        """``log ∫ p(y | f) N(f; mean, var) df = log N(y; mean, var + σ²)`` per point ``[N]``
+        (outputs Gaussian under the posterior, as those of a linear head are)."""
+        total = var + self.noise.to(mean.dtype) ** 2
+        per_entry = -0.5 * ((y - mean) ** 2 / total + torch.log(total) + LOG_2PI)
+        return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
+
     def predictive(self, outputs: Tensor) -> Tuple[Tensor, Tensor]:
         """Moment-matched predictive from ``S`` output samples ``[S, N, d]``:
         mean ``(1/S) Σ_s f_s`` and variance ``Var_s(f_s) + σ²`` (both ``[N, d]``)."""
@@ -80,6 +91,11 @@ class CategoricalLikelihood(Likelihood):
     def log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
         logp = torch.log_softmax(output, dim=-1)
         return logp.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+
+    def output_curvature(self, output: Tensor) -> Tensor:
+        """The diagonal of ``−∂² log p(y | f) / ∂f² = diag(p) − ppᵀ``: ``p (1 − p)`` ``[N, C]``."""
+        p = torch.softmax(output, dim=-1)
+        return p * (1 - p)
 
     def predictive(self, outputs: Tensor) -> Tensor:
         """Class probabilities averaged over ``S`` samples: ``(1/S) Σ_s softmax(f_s)`` ``[N, C]``."""

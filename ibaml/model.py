@@ -19,15 +19,30 @@ torch.Size([5])
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from priors.base import Prior
 
 from .likelihoods import Likelihood
+
+
+def _head_only(net: nn.Module, names) -> Optional[Tuple[str, Optional[str]]]:
+    """``(weight name, bias name or None)`` when ``names`` are exactly the parameters of
+    ``net.head`` (an ``nn.Linear``) and ``net`` has ``embed``; else ``None``."""
+    head = getattr(net, "head", None)
+    if not (isinstance(head, nn.Linear) and callable(getattr(net, "embed", None))):
+        return None
+    prefix = next((n for n, m in net.named_modules() if m is head), None)
+    if prefix is None:
+        return None
+    weight = f"{prefix}.weight"
+    bias = f"{prefix}.bias" if head.bias is not None else None
+    return (weight, bias) if set(names) == {weight} | ({bias} if bias else set()) else None
 
 
 class TaskModel(nn.Module):
@@ -55,6 +70,7 @@ class TaskModel(nn.Module):
         self.prior = prior
         self.likelihood = likelihood
         self._task_names = {"net." + n for n in prior.names}
+        self._head_keys = _head_only(net, prior.names)
 
     # ------------------------------------------------------------------ meta-parameters
     def meta_parameters(self) -> Dict[str, nn.Parameter]:
@@ -75,6 +91,48 @@ class TaskModel(nn.Module):
     def _log_likelihood(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.likelihood.log_prob_points(self._net_output(w, x), y)
 
+    def _net_outputs(self, weights: Tensor, x: Tensor) -> Tensor:
+        if self._head_keys is None:
+            return torch.func.vmap(lambda w: self._net_output(w, x))(weights)
+        features = self.net.embed(x)                  # once for every draw of the head
+        weight_key, bias_key = self._head_keys
+
+        def head(w):
+            p = self.prior.unflat(w)
+            return Fn.linear(features, p[weight_key], p.get(bias_key))
+
+        return torch.func.vmap(head)(weights)
+
+    def _head_statistics(self, mean: Tensor, var: Tensor, x: Tensor):
+        weight_key, bias_key = self._require_head()
+        features = self.net.embed(x)                                   # [N, F]
+        m, s = self.prior.unflat(mean), self.prior.unflat(var)
+        out_mean = Fn.linear(features, m[weight_key], m.get(bias_key))          # [N, C]
+        out_var = Fn.linear(features ** 2, s[weight_key], s.get(bias_key))    # [N, C]
+        return features, out_mean, out_var
+
+    def _head_curvature_term(self, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
+        weight_key, bias_key = self._require_head()
+        features, out_mean, _ = self._head_statistics(mean, var, x)
+        lam = self.likelihood.output_curvature(out_mean)              # [N, C]
+        s = self.prior.unflat(var)
+        h_weight = lam.transpose(-1, -2) @ features ** 2               # [C, F]: Σ_n λ_nc φ_nf²
+        term = (s[weight_key] * h_weight).sum()
+        if bias_key is not None:
+            term = term + (s[bias_key] * lam.sum(0)).sum()
+        return 0.5 * term
+
+    def _require_head(self):
+        if self._head_keys is None:
+            raise ValueError("this computation needs a prior over exactly the network's linear head (net.head, "
+                             "with net.embed), e.g. include=priors.last_layer(net); this prior covers "
+                             f"{list(self.prior.names)}")
+        return self._head_keys
+
+    def _log_likelihood_samples(self, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        outputs = self._net_outputs(weights, x)
+        return torch.func.vmap(lambda o: self.likelihood.log_prob_points(o, y))(outputs)
+
     def _prior(self, method: str, *args):
         return getattr(self.prior, method)(*args)
 
@@ -89,6 +147,28 @@ class TaskModel(nn.Module):
     def log_likelihood(self, meta, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-point ``log p(y_n | f(x_n; w), θ)`` ``[N]``."""
         return self._call(meta, "_log_likelihood", w, x, y)
+
+    def net_outputs(self, meta, weights: Tensor, x: Tensor) -> Tensor:
+        """``f(x; w_j, θ)`` for draws ``weights [S, D]``: ``[S, N, ...]``. Where the prior covers
+        exactly the network's ``head`` (an ``nn.Linear``) and the network has ``embed(x)`` with
+        ``forward(x) = head(embed(x))`` (:class:`ibaml.models.MLP`, :class:`ibaml.models.Conv4`),
+        the shared features ``embed(x)`` are computed once for all draws."""
+        return self._call(meta, "_net_outputs", weights, x)
+
+    def log_likelihood_samples(self, meta, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``log p(y_n | f(x_n; w_j), θ)`` for draws ``weights [S, D]``: ``[S, N]``."""
+        return self._call(meta, "_log_likelihood_samples", weights, x, y)
+
+    def head_outputs(self, meta, mean: Tensor, var: Tensor, x: Tensor):
+        """Mean and variance ``[N, C]`` of a linear head's outputs under ``N(mean, diag var)``:
+        ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``)."""
+        return self._call(meta, "_head_statistics", mean, var, x)[1:]
+
+    def head_curvature_term(self, meta, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
+        """``½ Σ_i s_i h_i`` with ``h = Σ_n J_nᵀ Λ_n J_n`` on the diagonal, the Gauss–Newton
+        curvature of the NLL in the head's weights at ``mean`` (``Λ = output_curvature``):
+        ``h_{c,f} = Σ_n Λ_nc φ_nf²``, ``h_c = Σ_n Λ_nc`` for the bias."""
+        return self._call(meta, "_head_curvature_term", mean, var, x)
 
     def prior_call(self, meta, method: str, *args):
         """``prior.method(*args)`` evaluated at the meta-parameters ``meta``."""

@@ -40,6 +40,17 @@ class MLP(nn.Sequential):
         layers.append(nn.Linear(width, out_dim))
         super().__init__(*layers)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The output layer: ``forward(x) == head(embed(x))``."""
+        return self[-1]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's activations, the head's input ``[B, hidden[-1]]``."""
+        for layer in list(self)[:-1]:
+            x = layer(x)
+        return x
+
 
 def batch_norm_batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Batch normalisation with the statistics of ``x`` itself (no running averages):
@@ -124,5 +135,9 @@ class Conv4(nn.Module):
                                       ConvBlock(hidden, hidden), ConvBlock(hidden, hidden))
         self.head = nn.Linear(hidden * side * side, out_dim)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The flattened features, the head's input ``[B, hidden · side²]``."""
+        return self.features(x).flatten(start_dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(start_dim=1))
+        return self.head(self.embed(x))

@@ -11,6 +11,7 @@ import priors
 from ibaml.implicit import implicit_vjp
 from ibaml.inference import newton_polish
 from ibaml.linalg import Dense
+from ibaml.models import MLP
 from ibaml.optim import SGD, NewtonCG, PriorPreconditioned
 from ibaml.tree import tree_add
 
@@ -19,15 +20,22 @@ from conftest import DT, assert_matches_central_differences, sine_tasks, tiny_ne
 HEAD = ["2.weight", "2.bias"]
 
 
-def head_problem(method="map", optimizer=None, steps=3, outer="predictive", **prior_kw):
-    net = tiny_net()
+def head_net():
+    """``tiny_net`` as an :class:`ibaml.models.MLP` (same layers, same initial weights), which
+    exposes ``head`` and ``embed``."""
+    torch.manual_seed(0)
+    return MLP(1, (6,), 1, activation=torch.nn.Tanh).to(DT)
+
+
+def head_problem(method="map", optimizer=None, steps=3, outer="predictive", expectation="sampled", **prior_kw):
+    net = head_net()
     if method == "map":
         prior = priors.IsotropicGaussian.from_module(net, include=HEAD, precision=prior_kw.pop("precision", 2.0),
                                                      learn_precision=True)
         inference = ibaml.MAP()
     else:
         prior = priors.DiagonalGaussian.from_module(net, include=HEAD, **prior_kw)
-        inference = ibaml.Variational(num_samples=2, num_outer_samples=3, outer=outer)
+        inference = ibaml.Variational(num_samples=2, num_outer_samples=3, outer=outer, expectation=expectation)
     model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5, learn_noise=True).to(DT))
     problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(optimizer or NewtonCG(cg_iters=12), steps))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
@@ -87,10 +95,13 @@ def ift_gradient(problem, meta, task, v):
 
 
 CASES = [("map", "predictive", {}), ("variational", "predictive", dict(init_scale=0.5)),
-         ("variational", "elbo", dict(init_scale=0.5))]
+         ("variational", "elbo", dict(init_scale=0.5)),
+         ("variational", "predictive", dict(init_scale=0.5, expectation="linearized")),
+         ("variational", "elbo", dict(init_scale=0.5, expectation="linearized"))]
 
 
-@pytest.mark.parametrize("method, outer, kw", CASES, ids=["map", "variational", "variational-elbo"])
+@pytest.mark.parametrize("method, outer, kw", CASES, ids=["map", "variational", "variational-elbo", "linearized",
+                                                         "linearized-elbo"])
 def test_head_prior_meta_gradient_matches_finite_differences(method, outer, kw):
     """The body is shared (meta-parameters ``net.0.*``): its gradient flows through ``B = ∇²_vθ G``."""
     problem, meta, task = head_problem(method, NewtonCG(cg_iters=12), steps=6, outer=outer, **kw)
@@ -136,3 +147,49 @@ def test_relative_and_per_tensor_initial_scales():
         priors.DiagonalGaussian.from_module(net, include=HEAD, init_scale={"2.weight": 0.1})
     with pytest.raises(ValueError, match="outer"):
         ibaml.Variational(outer="query")
+
+
+def test_head_prior_computes_features_once_and_agrees_with_the_full_network():
+    """``net_outputs`` of a head-only prior (features once, the head per draw) equals the
+    network evaluated at each draw, for the MLP and Conv4, in value and meta-gradient."""
+    from ibaml.models import MLP, Conv4
+
+    for net, x in ((MLP(1, (8, 8), 1).to(DT), torch.randn(5, 1, dtype=DT)),
+                   (Conv4(in_channels=1, hidden=4, out_dim=3, image_size=16).to(DT), torch.randn(6, 1, 16, 16, dtype=DT))):
+        prior = priors.DiagonalGaussian.from_module(net, include=priors.last_layer(net))
+        model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5).to(DT))
+        assert model._head_keys is not None
+        meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+        weights = prior.initial_weights + 0.1 * torch.randn(4, prior.dim, dtype=DT)
+        fast = lambda m: model.net_outputs(m, weights, x)
+        slow = lambda m: torch.func.vmap(lambda w: model.net_output(m, w, x))(weights)
+        assert torch.allclose(fast(meta), slow(meta), atol=1e-12)
+        g_fast = torch.func.grad(lambda m: fast(m).sin().sum())(meta)
+        g_slow = torch.func.grad(lambda m: slow(m).sin().sum())(meta)
+        for k in meta:
+            assert torch.allclose(g_fast[k], g_slow[k], atol=1e-10), k
+    full = ibaml.TaskModel(tiny_net(), priors.DiagonalGaussian.from_module(tiny_net()), ibaml.GaussianLikelihood())
+    assert full._head_keys is None
+
+
+def test_linearized_expectation_is_exact_for_a_linear_gaussian_head():
+    """E_q Σ_n (y_n − φ_nᵀw)²/(2σ²) = Σ_n (y_n − φ_nᵀm)²/(2σ²) + ½ Σ_i s_i Σ_n φ_ni²/σ² (+ log-normaliser):
+    the linearised objective against a large antithetic Monte Carlo estimate, and its
+    stationary variances against s = 1/(1/σ² + h/β)."""
+    problem, meta, task = head_problem("variational", NewtonCG(cg_iters=12, max_step={"rho": 3.0}), steps=12,
+                                       expectation="linearized", init_scale=0.5)
+    method, model = problem.method, problem.model
+    v = problem.init(meta)
+    v = {"mean": v["mean"] + 0.3, "rho": v["rho"] - 0.5}
+    linear = method.expected_nll(model, v, meta, task["support_x"], task["support_y"], None)
+    sampled = ibaml.Variational(num_samples=2, antithetic=True)
+    eps = sampled.draws(1, 200_000, model.prior.dim, torch.Generator().manual_seed(0), dtype=DT)[0]
+    mc = sampled.expected_nll(model, v, meta, task["support_x"], task["support_y"], eps)
+    assert float(linear) == pytest.approx(float(mc), rel=2e-3)
+    solution, diag = problem.solve(meta, task)
+    assert float(diag.grad_norm) < 1e-8
+    body = torch.nn.Sequential(*list(tiny_net())[:2])
+    phi = torch.cat([body(task["support_x"]), torch.ones(8, 1, dtype=DT)], 1)
+    h = (phi ** 2).sum(0) / 0.25
+    prior_var = model.prior.variance().detach()
+    assert torch.allclose(method.variance(solution), 1 / (1 / prior_var + h / method.beta), rtol=1e-8)

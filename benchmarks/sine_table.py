@@ -1,0 +1,71 @@
+"""The README's sine-regression table from the ``metrics.json`` files of
+``examples/sine_regression.py`` runs (one folder per method, or one ``--compare`` folder).
+
+    python benchmarks/sine_table.py runs/sine_full/maml runs/sine_full/ibaml ... --out docs/results/sine/table.json
+
+Each folder's ``metrics.json`` is read (a single-method run: the method's metrics at the top
+level; a ``--compare`` run: ``{"methods": {name: metrics}}``); the table lists, per method,
+in-range MSE, NLL, 90% coverage, calibration error and CRPS, the out-of-range MSE, NLL and
+90% coverage (mean ± 95% CI over the evaluation tasks) and the training time per
+meta-iteration. ``--out`` writes the collected metrics and the configurations as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+IN_RANGE = ("mse", "nll", "coverage_90", "calibration_error", "crps")
+OUT_RANGE = ("mse", "nll", "coverage_90")
+
+
+def collect(folders):
+    """``{method: (metrics, config)}`` from the folders' ``metrics.json``."""
+    rows = {}
+    for folder in folders:
+        path = Path(folder) / "metrics.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file")
+        data = json.loads(path.read_text())
+        config = data.get("config", {})
+        if "methods" in data:
+            for name, metrics in data["methods"].items():
+                rows[name] = (metrics, config)
+        else:
+            rows[config.get("method") or Path(folder).name] = (data, config)
+    return rows
+
+
+def cell(metric) -> str:
+    if isinstance(metric, dict):
+        return f"{metric['mean']:.3f} ± {metric['ci95']:.3f}"
+    return f"{metric:.3f}"
+
+
+def markdown(rows) -> str:
+    head = ["method"] + list(IN_RANGE) + [f"{k}, x∈[5,10]" for k in OUT_RANGE] + ["ms / meta-iter"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, (m, _) in rows.items():
+        values = [cell(m[k]) for k in IN_RANGE] + [cell(m["out_of_range"][k]) for k in OUT_RANGE]
+        lines.append("| " + " | ".join([name] + values + [f"{m['ms_per_meta_iter']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--out", default=None, help="write the collected metrics as JSON")
+    args = p.parse_args(argv)
+    rows = collect(args.folders)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({name: {"metrics": m, "config": c} for name, (m, c) in rows.items()},
+                                             indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
