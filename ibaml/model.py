@@ -31,11 +31,31 @@ from priors.base import Prior
 from .likelihoods import Likelihood
 
 
-def _head_only(net: nn.Module, names) -> Optional[Tuple[str, Optional[str]]]:
-    """``(weight name, bias name or None)`` when ``names`` are exactly the parameters of
-    ``net.head`` (an ``nn.Linear``) and ``net`` has ``embed``; else ``None``."""
+def _head_module(net: nn.Module) -> Optional[nn.Linear]:
+    """The network's linear head: ``net.head`` where ``net.embed`` exists (``forward(x) =
+    head(embed(x))``), or the last layer of an ``nn.Sequential`` ending in ``nn.Linear``."""
     head = getattr(net, "head", None)
-    if not (isinstance(head, nn.Linear) and callable(getattr(net, "embed", None))):
+    if isinstance(head, nn.Linear) and callable(getattr(net, "embed", None)):
+        return head
+    if isinstance(net, nn.Sequential) and len(net) > 1 and isinstance(net[-1], nn.Linear):
+        return net[-1]
+    return None
+
+
+def embed(net: nn.Module, x: Tensor) -> Tensor:
+    """The input of :func:`_head_module`'s head: ``net.embed(x)``, or all layers but the last."""
+    if callable(getattr(net, "embed", None)):
+        return net.embed(x)
+    for layer in list(net)[:-1]:
+        x = layer(x)
+    return x
+
+
+def _head_only(net: nn.Module, names) -> Optional[Tuple[str, Optional[str]]]:
+    """``(weight name, bias name or None)`` when ``names`` are exactly the parameters of the
+    network's linear head (:func:`_head_module`); else ``None``."""
+    head = _head_module(net)
+    if head is None:
         return None
     prefix = next((n for n, m in net.named_modules() if m is head), None)
     if prefix is None:
@@ -94,7 +114,7 @@ class TaskModel(nn.Module):
     def _net_outputs(self, weights: Tensor, x: Tensor) -> Tensor:
         if self._head_keys is None:
             return torch.func.vmap(lambda w: self._net_output(w, x))(weights)
-        features = self.net.embed(x)                  # once for every draw of the head
+        features = embed(self.net, x)                  # once for every draw of the head
         weight_key, bias_key = self._head_keys
 
         def head(w):
@@ -105,7 +125,7 @@ class TaskModel(nn.Module):
 
     def _head_statistics(self, mean: Tensor, var: Tensor, x: Tensor):
         weight_key, bias_key = self._require_head()
-        features = self.net.embed(x)                                   # [N, F]
+        features = embed(self.net, x)                                  # [N, F]
         m, s = self.prior.unflat(mean), self.prior.unflat(var)
         out_mean = Fn.linear(features, m[weight_key], m.get(bias_key))          # [N, C]
         out_var = Fn.linear(features ** 2, s[weight_key], s.get(bias_key))    # [N, C]
@@ -150,9 +170,9 @@ class TaskModel(nn.Module):
 
     def net_outputs(self, meta, weights: Tensor, x: Tensor) -> Tensor:
         """``f(x; w_j, θ)`` for draws ``weights [S, D]``: ``[S, N, ...]``. Where the prior covers
-        exactly the network's ``head`` (an ``nn.Linear``) and the network has ``embed(x)`` with
-        ``forward(x) = head(embed(x))`` (:class:`ibaml.models.MLP`, :class:`ibaml.models.Conv4`),
-        the shared features ``embed(x)`` are computed once for all draws."""
+        exactly the network's linear head (``net.head`` with ``net.embed(x)``, ``forward(x) =
+        head(embed(x))``, as in :class:`ibaml.models.MLP` and :class:`ibaml.models.Conv4`; or the
+        last layer of an ``nn.Sequential``), the shared features are computed once for all draws."""
         return self._call(meta, "_net_outputs", weights, x)
 
     def log_likelihood_samples(self, meta, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
