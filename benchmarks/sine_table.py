@@ -29,11 +29,10 @@ def collect(folders):
             raise SystemExit(f"error: {path}: no such file")
         data = json.loads(path.read_text())
         config = data.get("config", {})
-        if "methods" in data:
-            for name, metrics in data["methods"].items():
-                rows[name] = (metrics, config)
-        else:
-            rows[config.get("method") or Path(folder).name] = (data, config)
+        found = data["methods"].items() if "methods" in data else [(config.get("method") or Path(folder).name, data)]
+        for name, metrics in found:
+            label = name if name not in rows else f"{name}, {config.get('meta_iters')} iterations"
+            rows[label] = (metrics, config)
     return rows
 
 

@@ -64,7 +64,7 @@ from ibaml.data.miniimagenet import detect_format
 from ibaml.models import Conv4
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
-SGD_METHODS = ("maml", "fomaml", "abml")  # the presets' inner optimiser for these is SGD
+SGD_METHODS = ("maml", "fomaml")  # the presets' inner optimiser for these is SGD (NewtonCG for the others)
 NATIVE_SIZE = {"miniimagenet": 84, "omniglot": 28}
 #: MAML's inner step on the mean cross-entropy of the support set (Finn et al. 2017)
 MAML_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
@@ -102,20 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--query", type=int, default=15, help="query images per class")
     task.add_argument("--method", default="ibaml", choices=METHODS)
     task.add_argument("--channels", type=int, default=32, help="Conv4 filters per layer (32 or 64 in the literature)")
-    task.add_argument("--inner-steps", type=int, default=5)
+    task.add_argument("--inner-steps", type=int, default=None,
+                      help="inner steps in meta-training (default: the method's preset, ibaml.presets.PRESETS)")
     task.add_argument("--eval-inner-steps", type=int, default=None,
                       help="inner steps when adapting to validation and test tasks (default: 2x for MAML/FOMAML, else the same)")
-    task.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam"),
-                      help="inner optimiser (default: the preset's, SGD for maml/fomaml/abml and Adam for imaml/ibaml)")
+    task.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam", "prior", "newton"),
+                      help="inner optimiser (default: the preset's, SGD for maml/fomaml and NewtonCG for imaml/abml/ibaml)")
     task.add_argument("--inner-lr", type=float, default=None,
                       help="inner learning rate on the summed support NLL (default for SGD: MAML's step of 0.01 "
                            "(miniImageNet) or 0.4 (Omniglot) on the mean cross-entropy, divided by ways*shots; "
-                           "for Adam: 0.01)")
+                           "for Adam: 0.01; NewtonCG takes none)")
     task.add_argument("--cg-steps", type=int, default=5, help="conjugate-gradient iterations (imaml, ibaml)")
     task.add_argument("--cg-damping", type=float, default=0.0)
-    task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's 100)")
+    task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's 1)")
     task.add_argument("--init-scale", type=float, default=None,
-                      help="initial prior standard deviation for abml/ibaml (default: the preset's 0.1)")
+                      help="initial prior standard deviation for abml/ibaml (default: the preset's 1)")
     task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's 1)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
 
@@ -149,7 +150,7 @@ def explicit_options(parser: argparse.ArgumentParser, argv) -> dict:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    positive = ("ways", "shots", "query", "channels", "inner_steps", "cg_steps", "meta_batch", "meta_iters",
+    positive = ("ways", "shots", "query", "channels", "cg_steps", "meta_batch", "meta_iters",
                 "val_tasks", "eval_tasks", "eval_chunk", "predictive_samples")
     for name in positive:
         if getattr(args, name) < 1:
@@ -159,7 +160,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.ways < 2:
         p.error(f"--ways must be at least 2, got {args.ways}")
-    for name in ("eval_inner_steps", "chunk_size", "threads"):
+    for name in ("inner_steps", "eval_inner_steps", "chunk_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 16:
@@ -256,8 +257,13 @@ def load_data(args, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------- model
-def inner_optimizer(args) -> str:
-    return args.inner_optimizer or ("sgd" if args.method in SGD_METHODS else "adam")
+def inner_optimizer(args):
+    """``--inner-optimizer``, else SGD for MAML/FOMAML and ``None`` (the preset's) otherwise."""
+    return args.inner_optimizer or ("sgd" if args.method in SGD_METHODS else None)
+
+
+def inner_steps(args) -> int:
+    return args.inner_steps or ibaml.presets.PRESETS[args.method]["inner_steps"]
 
 
 def default_inner_lr(args) -> float:
@@ -265,7 +271,7 @@ def default_inner_lr(args) -> float:
     that the inner objective uses; Adam: 0.01 (the preset's)."""
     if inner_optimizer(args) == "sgd":
         return MAML_STEP[args.dataset] / (args.ways * args.shots)
-    return 0.01
+    return 0.01 if inner_optimizer(args) == "adam" else None
 
 
 def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
@@ -273,9 +279,10 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     torch.manual_seed(args.seed)
     net = Conv4(in_channels=C, hidden=args.channels, out_dim=args.ways, image_size=H).to(device=device, dtype=dtype)
     extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
-    eval_steps = args.eval_inner_steps or (2 * args.inner_steps if args.method in ("maml", "fomaml") else args.inner_steps)
+    steps = inner_steps(args)
+    eval_steps = args.eval_inner_steps or (2 * steps if args.method in ("maml", "fomaml") else steps)
     likelihood = ibaml.CategoricalLikelihood().to(device=device, dtype=dtype)
-    return ibaml.build_learner(args.method, net, likelihood, inner_steps=args.inner_steps, eval_inner_steps=eval_steps,
+    return ibaml.build_learner(args.method, net, likelihood, inner_steps=steps, eval_inner_steps=eval_steps,
                                inner_optimizer=inner_optimizer(args), inner_lr=args.inner_lr or default_inner_lr(args),
                                cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size,
@@ -318,7 +325,7 @@ def write_report(out: Path, args, report: CalibrationReport, result: dict) -> No
     history = "\n".join(f"| {h['step']} | {h['accuracy']['mean']:.4f} ± {h['accuracy']['ci95']:.4f} | "
                         f"{h['nll']['mean']:.4f} |" for h in result["validation"])
     text = (f"# {args.dataset}: {args.ways}-way {args.shots}-shot, {args.method}\n\n"
-            f"Conv4 with {args.channels} channels, {args.inner_steps} inner steps, {args.cg_steps} CG iterations, "
+            f"Conv4 with {args.channels} channels, {inner_steps(args)} inner steps, {args.cg_steps} CG iterations, "
             f"meta-batch {args.meta_batch}, {args.meta_iters} meta-iterations, seed {args.seed}, device {args.device}, "
             f"torch {torch.__version__}.\n\n"
             f"## Test: {args.eval_tasks} tasks, {args.query} queries per class (mean ± 95% CI over tasks)\n\n"

@@ -27,7 +27,8 @@ def head_net():
     return MLP(1, (6,), 1, activation=torch.nn.Tanh).to(DT)
 
 
-def head_problem(method="map", optimizer=None, steps=3, outer="predictive", expectation="sampled", **prior_kw):
+def head_problem(method="map", optimizer=None, steps=3, outer="predictive", expectation="sampled",
+                 variance_param="softplus", **prior_kw):
     net = head_net()
     if method == "map":
         prior = priors.IsotropicGaussian.from_module(net, include=HEAD, precision=prior_kw.pop("precision", 2.0),
@@ -35,7 +36,8 @@ def head_problem(method="map", optimizer=None, steps=3, outer="predictive", expe
         inference = ibaml.MAP()
     else:
         prior = priors.DiagonalGaussian.from_module(net, include=HEAD, **prior_kw)
-        inference = ibaml.Variational(num_samples=2, num_outer_samples=3, outer=outer, expectation=expectation)
+        inference = ibaml.Variational(num_samples=2, num_outer_samples=3, outer=outer, expectation=expectation,
+                                      variance_param=variance_param, antithetic=variance_param == "std")
     model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5, learn_noise=True).to(DT))
     problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(optimizer or NewtonCG(cg_iters=12), steps))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
@@ -97,11 +99,12 @@ def ift_gradient(problem, meta, task, v):
 CASES = [("map", "predictive", {}), ("variational", "predictive", dict(init_scale=0.5)),
          ("variational", "elbo", dict(init_scale=0.5)),
          ("variational", "predictive", dict(init_scale=0.5, expectation="linearized")),
-         ("variational", "elbo", dict(init_scale=0.5, expectation="linearized"))]
+         ("variational", "elbo", dict(init_scale=0.5, expectation="linearized")),
+         ("variational", "predictive", dict(init_scale=0.5, variance_param="std"))]
 
 
 @pytest.mark.parametrize("method, outer, kw", CASES, ids=["map", "variational", "variational-elbo", "linearized",
-                                                         "linearized-elbo"])
+                                                         "linearized-elbo", "std-antithetic"])
 def test_head_prior_meta_gradient_matches_finite_differences(method, outer, kw):
     """The body is shared (meta-parameters ``net.0.*``): its gradient flows through ``B = ∇²_vθ G``."""
     problem, meta, task = head_problem(method, NewtonCG(cg_iters=12), steps=6, outer=outer, **kw)
