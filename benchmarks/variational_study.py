@@ -48,7 +48,7 @@ ROWS = {
                                                       newton_prior_damping=0.3, inner_steps=6)),
     # the presets
     "imaml head (preset)": ("imaml", dict()),
-    "imaml head, 10 steps": ("imaml", dict(inner_steps=10)),
+    "imaml head 10 steps": ("imaml", dict(inner_steps=10)),
     "ibaml head linearized (preset)": ("ibaml", dict()),
     "maml (preset)": ("maml", dict()),
 }
