@@ -2,8 +2,9 @@
 ``examples/sine_regression.py`` runs (one folder per method, or one ``--compare`` folder).
 
     python benchmarks/sine_table.py runs/sine_full/maml runs/sine_full/ibaml ... --out docs/results/sine/table.json
+    python benchmarks/sine_table.py docs/results/sine/3000/*.json
 
-Each folder's ``metrics.json`` is read (a single-method run: the method's metrics at the top
+Each folder's ``metrics.json`` (or each given JSON file) is read (a single-method run: the method's metrics at the top
 level; a ``--compare`` run: ``{"methods": {name: metrics}}``); the table lists, per method,
 in-range MSE, NLL, 90% coverage, calibration error and CRPS, the out-of-range MSE, NLL and
 90% coverage (mean ± 95% CI over the evaluation tasks) and the training time per
@@ -24,12 +25,12 @@ def collect(folders):
     """``{method: (metrics, config)}`` from the folders' ``metrics.json``."""
     rows = {}
     for folder in folders:
-        path = Path(folder) / "metrics.json"
+        path = Path(folder) if Path(folder).is_file() else Path(folder) / "metrics.json"
         if not path.is_file():
             raise SystemExit(f"error: {path}: no such file")
         data = json.loads(path.read_text())
         config = data.get("config", {})
-        found = data["methods"].items() if "methods" in data else [(config.get("method") or Path(folder).name, data)]
+        found = data["methods"].items() if "methods" in data else [(config.get("method") or Path(folder).stem, data)]
         for name, metrics in found:
             label = name if name not in rows else f"{name}, {config.get('meta_iters')} iterations"
             rows[label] = (metrics, config)
