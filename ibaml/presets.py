@@ -101,8 +101,8 @@ PRESETS = {
     "imaml": dict(inner_steps=2, inner_optimizer="newton", include="head", precision=1.0),
     "ibaml": dict(inner_steps=10, inner_optimizer="newton", include="head", init_scale=1.0, kl_weight=1.0,
                   expectation="linearized", newton_max_rho_step=3.0),
-    "abml": dict(inner_steps=10, inner_optimizer="newton", include="head", init_scale=1.0, kl_weight=1.0,
-                 expectation="linearized", newton_max_rho_step=3.0),
+    "abml": dict(inner_steps=10, inner_optimizer="prior", include="head", init_scale=1.0, kl_weight=1.0,
+                 expectation="linearized"),
 }
 
 
