@@ -36,7 +36,10 @@ lazy        10           SGD 0.002
 imaml       2            NewtonCG (10 CG iterations); λ = 1
 ibaml       10           NewtonCG (10 CG iterations, |Δρ| ≤ 3); σ = 1, β = 1, the
                          linearised expectation (exact for a linear-Gaussian head)
-abml        10           as ibaml, differentiated through the Newton steps
+abml        10           PriorPreconditioned (proximal step 0.002 on the means, half a
+                         Newton step on ρ bounded by 0.5), differentiated through; the
+                         model of ibaml (differentiating through Newton-CG iterations
+                         was not stable over long runs: sine MSE 2.50 after 3000)
 ==========  ===========  ==============================================================
 
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 100 and ABML's and
