@@ -25,7 +25,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .tree import ParamDict
+from .linalg import CG
+from .tree import FlatSpec, ParamDict
 
 
 def _check_lr(name: str, lr: float) -> None:
@@ -240,9 +241,6 @@ class NewtonCG:
 
     def step(self, objective, params: ParamDict, state: Dict[str, Any],
              curvature: Optional[ParamDict] = None) -> Tuple[ParamDict, Dict[str, Any]]:
-        from .linalg import CG
-        from .tree import FlatSpec
-
         spec = FlatSpec.from_dict(params)
         x = spec.flatten(params)
         flat_grad = torch.func.grad(lambda z: objective(spec.unflatten(z)))
