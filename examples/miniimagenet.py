@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--cg-damping", type=float, default=0.0)
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the classification preset's 30)")
     task.add_argument("--init-scale", type=float, default=None,
-                      help="initial prior standard deviation for abml/ibaml (default: the classification preset's 0.18)")
+                      help="initial prior standard deviation for abml/ibaml (default: the classification preset's 0.1)")
     task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's 1)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
 
