@@ -184,41 +184,32 @@ class Variational:
     def expected_nll(self, model: TaskModel, v, meta, x: Tensor, y: Tensor, eps: Tensor) -> Tensor:
         """``E_q[−Σ_n log p(y_n | f(x_n; w))]`` by the draws ``eps`` or linearised (``expectation``)."""
         if self.expectation == "linearized":
-            return (-model.log_likelihood(meta, v["mean"], x, y).sum()
-                    + model.head_curvature_term(meta, v["mean"], self.variance(v), x))
+            return model.linearized_nll(meta, v["mean"], self.variance(v), x, y)
         samples = self.weight_samples(v, eps)
         return -model.log_likelihood_samples(meta, samples, x, y).sum(1).mean()
 
+    def _draws_of(self, task: Task, key: str) -> Optional[Tensor]:
+        """The task's fixed draws ``task[key]``; the linearised expectation needs none."""
+        return task.get(key) if self.expectation == "linearized" else task[key]
+
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
-        if self.expectation == "linearized":
-            nll = self.expected_nll(model, v, meta, task["support_x"], task["support_y"], None)
-            kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task.get("eps_inner"))
-            return nll + self.beta * kl
-        eps = task["eps_inner"]
-        samples = self.weight_samples(v, eps)
-        sx, sy = task["support_x"], task["support_y"]
-        nll = -model.log_likelihood_samples(meta, samples, sx, sy).sum(1).mean()
+        eps = self._draws_of(task, "eps_inner")
+        nll = self.expected_nll(model, v, meta, task["support_x"], task["support_y"], eps)
         kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
         return nll + self.beta * kl
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         qx, qy = task["query_x"], task["query_y"]
-        if self.expectation == "linearized":
-            sx, sy = task["support_x"], task["support_y"]
-            if self.outer == "elbo":
-                kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task.get("eps_outer"))
-                nll = (self.expected_nll(model, v, meta, sx, sy, None) + self.expected_nll(model, v, meta, qx, qy, None))
-                return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
-            if hasattr(model.likelihood, "log_prob_gaussian_outputs"):
-                mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
-                return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy).mean()
-        samples = self.weight_samples(v, task["eps_outer"])
         if self.outer == "elbo":
+            eps = self._draws_of(task, "eps_outer")
             sx, sy = task["support_x"], task["support_y"]
-            nll = -(model.log_likelihood_samples(meta, samples, sx, sy).sum(1)
-                    + model.log_likelihood_samples(meta, samples, qx, qy).sum(1)).mean()
-            kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), task["eps_outer"])
+            nll = self.expected_nll(model, v, meta, sx, sy, eps) + self.expected_nll(model, v, meta, qx, qy, eps)
+            kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
             return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
+        if self.expectation == "linearized" and hasattr(model.likelihood, "log_prob_gaussian_outputs"):
+            mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
+            return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy).mean()
+        samples = self.weight_samples(v, task["eps_outer"])
         loglik = model.log_likelihood_samples(meta, samples, qx, qy)  # [M', Q]
         return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()
 
@@ -278,21 +269,14 @@ class InnerLoop:
         wants_curvature = getattr(self.optimizer, "needs_curvature", False)
         wants_objective = getattr(self.optimizer, "needs_objective", False)
         for _ in range(int(self.steps)):
-            if wants_objective:   # second-order optimisers evaluate what they need themselves
-                c = None if curvature is None else curvature(v)
-                v, state = self.optimizer.step(objective, v, state, curvature=c)
-                if not differentiable:
-                    v = tree_detach(v)
-                    state = _detach_state(state)
-                continue
-            g, _ = grad_fn(v)
+            extra = {}
             if wants_curvature:
-                c = None if curvature is None else curvature(v)
-                if c is not None and not differentiable:
-                    c = tree_detach(c)
-                v, state = self.optimizer.update(v, g, state, curvature=c)
+                extra["curvature"] = None if curvature is None else curvature(v)
+            if wants_objective:   # second-order optimisers evaluate what they need themselves
+                v, state = self.optimizer.step(objective, v, state, **extra)
             else:
-                v, state = self.optimizer.update(v, g, state)
+                g, _ = grad_fn(v)
+                v, state = self.optimizer.update(v, g, state, **extra)
             if not differentiable:
                 v = tree_detach(v)
                 state = _detach_state(state)

@@ -150,13 +150,11 @@ def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Ten
     return counts
 
 
-def meta_param_groups(params: Dict[str, Tensor], meta_lr: float, overrides: Optional[Dict[str, float]] = None):
-    """``torch.optim`` parameter groups: one at ``meta_lr``, and one per override pattern
-    (``re.search`` on the meta-parameter's name) at its own learning rate."""
+def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, float]] = None):
+    """``torch.optim`` parameter groups: one at the optimiser's learning rate, and one per
+    override pattern (``re.search`` on the meta-parameter's name) at its own."""
     if not overrides:
         return [{"params": list(params.values())}]
-
-
     for pattern, lr in overrides.items():
         if not lr > 0:
             raise ValueError(f"meta_lr_overrides[{pattern!r}] must be positive, got {lr!r}")
@@ -264,7 +262,7 @@ class MetaLearner(nn.Module):
         self.nonfinite = nonfinite
         self.num_classes = num_classes
         optimizer_cls = torch.optim.Adam if meta_optimizer is None else meta_optimizer
-        self.meta_optimizer = optimizer_cls(meta_param_groups(self.model.meta_parameters(), meta_lr, meta_lr_overrides),
+        self.meta_optimizer = optimizer_cls(meta_param_groups(self.model.meta_parameters(), meta_lr_overrides),
                                             lr=meta_lr)
         self.generator = torch.Generator(device=prior.initial_weights.device).manual_seed(seed)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))

@@ -29,6 +29,12 @@ from priors.base import check_positive
 LOG_2PI = math.log(2 * math.pi)
 
 
+def _gaussian_log_prob(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """``log N(y; mean, var)`` summed over the trailing dimensions, per point ``[N]``."""
+    per_entry = -0.5 * ((y - mean) ** 2 / var + torch.log(var) + LOG_2PI)
+    return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
+
+
 class Likelihood(PyroModule):
     """Base class; see the module docstring."""
 
@@ -62,9 +68,7 @@ class GaussianLikelihood(Likelihood):
             self.register_buffer("noise", sigma)
 
     def log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
-        var = self.noise.to(output.dtype) ** 2
-        per_entry = -0.5 * ((y - output) ** 2 / var + torch.log(var) + LOG_2PI)
-        return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
+        return _gaussian_log_prob(y, output, self.noise.to(output.dtype) ** 2)
 
     def output_curvature(self, output: Tensor) -> Tensor:
         """``−∂² log p(y | f) / ∂f²`` per output entry: ``1/σ²`` ``[N, d]``."""
@@ -73,9 +77,7 @@ class GaussianLikelihood(Likelihood):
     def log_prob_gaussian_outputs(self, mean: Tensor, var: Tensor, y: Tensor) -> Tensor:
         """``log ∫ p(y | f) N(f; mean, var) df = log N(y; mean, var + σ²)`` per point ``[N]``
         (outputs Gaussian under the posterior, as those of a linear head are)."""
-        total = var + self.noise.to(mean.dtype) ** 2
-        per_entry = -0.5 * ((y - mean) ** 2 / total + torch.log(total) + LOG_2PI)
-        return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
+        return _gaussian_log_prob(y, mean, var + self.noise.to(mean.dtype) ** 2)
 
     def predictive(self, outputs: Tensor) -> Tuple[Tensor, Tensor]:
         """Moment-matched predictive from ``S`` output samples ``[S, N, d]``:

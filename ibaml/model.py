@@ -123,24 +123,28 @@ class TaskModel(nn.Module):
 
         return torch.func.vmap(head)(weights)
 
-    def _head_statistics(self, mean: Tensor, var: Tensor, x: Tensor):
+    def _head_mean_outputs(self, mean: Tensor, x: Tensor):
         weight_key, bias_key = self._require_head()
         features = embed(self.net, x)                                  # [N, F]
-        m, s = self.prior.unflat(mean), self.prior.unflat(var)
-        out_mean = Fn.linear(features, m[weight_key], m.get(bias_key))          # [N, C]
-        out_var = Fn.linear(features ** 2, s[weight_key], s.get(bias_key))    # [N, C]
-        return features, out_mean, out_var
+        m = self.prior.unflat(mean)
+        return features, Fn.linear(features, m[weight_key], m.get(bias_key))   # [N, C]
 
-    def _head_curvature_term(self, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
-        weight_key, bias_key = self._require_head()
-        features, out_mean, _ = self._head_statistics(mean, var, x)
+    def _head_statistics(self, mean: Tensor, var: Tensor, x: Tensor):
+        features, out_mean = self._head_mean_outputs(mean, x)
+        weight_key, bias_key = self._head_keys
+        s = self.prior.unflat(var)
+        return out_mean, Fn.linear(features ** 2, s[weight_key], s.get(bias_key))   # [N, C] each
+
+    def _linearized_nll(self, mean: Tensor, var: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        features, out_mean = self._head_mean_outputs(mean, x)             # one pass of the body
+        weight_key, bias_key = self._head_keys
         lam = self.likelihood.output_curvature(out_mean)              # [N, C]
         s = self.prior.unflat(var)
         h_weight = lam.transpose(-1, -2) @ features ** 2               # [C, F]: Σ_n λ_nc φ_nf²
         term = (s[weight_key] * h_weight).sum()
         if bias_key is not None:
             term = term + (s[bias_key] * lam.sum(0)).sum()
-        return 0.5 * term
+        return -self.likelihood.log_prob_points(out_mean, y).sum() + 0.5 * term
 
     def _require_head(self):
         if self._head_keys is None:
@@ -182,13 +186,14 @@ class TaskModel(nn.Module):
     def head_outputs(self, meta, mean: Tensor, var: Tensor, x: Tensor):
         """Mean and variance ``[N, C]`` of a linear head's outputs under ``N(mean, diag var)``:
         ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``)."""
-        return self._call(meta, "_head_statistics", mean, var, x)[1:]
+        return self._call(meta, "_head_statistics", mean, var, x)
 
-    def head_curvature_term(self, meta, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
-        """``½ Σ_i s_i h_i`` with ``h = Σ_n J_nᵀ Λ_n J_n`` on the diagonal, the Gauss–Newton
+    def linearized_nll(self, meta, mean: Tensor, var: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``NLL(m) + ½ Σ_i s_i h_i``: the second-order expansion of ``E_q[−Σ_n log p(y_n | f(x_n; w))]``
+        for a linear head, with ``h = Σ_n J_nᵀ Λ_n J_n`` on the diagonal, the Gauss–Newton
         curvature of the NLL in the head's weights at ``mean`` (``Λ = output_curvature``):
-        ``h_{c,f} = Σ_n Λ_nc φ_nf²``, ``h_c = Σ_n Λ_nc`` for the bias."""
-        return self._call(meta, "_head_curvature_term", mean, var, x)
+        ``h_{c,f} = Σ_n Λ_nc φ_nf²``, ``h_c = Σ_n Λ_nc`` for the bias. The body runs once."""
+        return self._call(meta, "_linearized_nll", mean, var, x, y)
 
     def prior_call(self, meta, method: str, *args):
         """``prior.method(*args)`` evaluated at the meta-parameters ``meta``."""

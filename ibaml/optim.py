@@ -29,6 +29,16 @@ from .linalg import CG
 from .tree import FlatSpec, ParamDict
 
 
+def _per_block(option, name: str, default=None):
+    """An optimiser option given for every block, or as a dict ``{block: value}``."""
+    return option.get(name, default) if isinstance(option, dict) else option
+
+
+def _bounded(step: torch.Tensor, bound) -> torch.Tensor:
+    """``step`` clamped entrywise to ``[−bound, bound]`` (unchanged for ``bound=None``)."""
+    return step if bound is None else step.clamp(-bound, bound)
+
+
 def _check_lr(name: str, lr: float) -> None:
     if not lr > 0:
         raise ValueError(f"{name} learning rate must be positive, got {lr!r}")
@@ -154,12 +164,6 @@ class PriorPreconditioned:
         if not 0.0 < self.prior_step <= 1.0:
             raise ValueError(f"PriorPreconditioned prior_step must lie in (0, 1], got {self.prior_step!r}")
 
-    def block_lr(self, name: str) -> float:
-        return self.lr.get(name, self.default_lr) if isinstance(self.lr, dict) else self.lr
-
-    def block_max_step(self, name: str):
-        return self.max_step.get(name) if isinstance(self.max_step, dict) else self.max_step
-
     def init(self, params: ParamDict) -> Dict[str, Any]:
         return {}
 
@@ -167,7 +171,7 @@ class PriorPreconditioned:
                curvature: Optional[ParamDict] = None) -> Tuple[ParamDict, Dict[str, Any]]:
         new = {}
         for k in params:
-            inv_lr = 1.0 / self.block_lr(k)
+            inv_lr = 1.0 / _per_block(self.lr, k, self.default_lr)
             if curvature is None or curvature.get(k) is None:
                 if inv_lr == 0.0:
                     raise ValueError(f"PriorPreconditioned: block {k!r} has lr=inf but the problem reports no "
@@ -175,10 +179,7 @@ class PriorPreconditioned:
                 step = grads[k] / inv_lr
             else:
                 step = grads[k] / (inv_lr + curvature[k] / self.prior_step)
-            bound = self.block_max_step(k)
-            if bound is not None:
-                step = step.clamp(-bound, bound)
-            new[k] = params[k] - step
+            new[k] = params[k] - _bounded(step, _per_block(self.max_step, k))
         return new, state
 
 
@@ -256,14 +257,7 @@ class NewtonCG:
                 precond = precond + torch.finfo(x.dtype).eps
         solve = CG(max_iter=self.cg_iters, tol=0.0, damping=self.damping)(matvec, -g, precond_diag=precond)
         delta = spec.unflatten(self.step_size * solve.x)
-        new = {}
-        for k in params:
-            d = delta[k]
-            bound = self.max_step.get(k) if isinstance(self.max_step, dict) else self.max_step
-            if bound is not None:
-                d = d.clamp(-bound, bound)
-            new[k] = params[k] + d
-        return new, state
+        return {k: params[k] + _bounded(delta[k], _per_block(self.max_step, k)) for k in params}, state
 
 
 def make_optimizer(name: str, lr: float, **kwargs):
