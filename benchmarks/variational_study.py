@@ -51,6 +51,14 @@ ROWS = {
     "imaml head 10 steps": ("imaml", dict(inner_steps=10)),
     "ibaml head linearized (preset)": ("ibaml", dict()),
     "maml (preset)": ("maml", dict()),
+    # the KL weight of the variational presets: β < 1 tempers the posterior (its variances in the
+    # directions the data constrain scale with β), which moves the predictive's coverage
+    "ibaml head linearized β=0.3": ("ibaml", dict(kl_weight=0.3)),
+    "ibaml head linearized β=0.1": ("ibaml", dict(kl_weight=0.1)),
+    "ibaml head linearized outer=elbo": ("ibaml", dict(outer="elbo")),
+    "abml head (preset)": ("abml", dict()),
+    "abml head β=0.3": ("abml", dict(kl_weight=0.3)),
+    "abml head β=0.1": ("abml", dict(kl_weight=0.1)),
 }
 
 
@@ -75,7 +83,7 @@ def run_row(name, method, options, args, seed):
                     stationarity.setdefault(key.split(".", 1)[1], []).append(float(value))
     ms = 1000 * (time.perf_counter() - start) / args.iters
     report = learner.evaluate(tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + seed)))
-    metrics = {k: report.metrics[k] for k in ("mse", "nll", "coverage_90")}
+    metrics = {k: report.metrics[k] for k in ("mse", "nll", "coverage_50", "coverage_90", "coverage_95")}
     return dict(method=method, options=options, seed=seed, ms_per_meta_iter=ms, metrics=metrics,
                 stationarity={b: sum(v) / len(v) for b, v in stationarity.items()},
                 noise=float(learner.likelihood.noise.detach()), skipped=int(learner.skipped_tasks),

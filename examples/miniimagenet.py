@@ -117,13 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the classification preset's 30)")
     task.add_argument("--init-scale", type=float, default=None,
                       help="initial prior standard deviation for abml/ibaml (default: the classification preset's 0.1)")
-    task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's 1)")
+    task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
 
     train = p.add_argument_group("training and evaluation")
     train.add_argument("--meta-batch", type=int, default=2)
     train.add_argument("--meta-iters", type=int, default=40000)
     train.add_argument("--meta-lr", type=float, default=1e-3)
+    train.add_argument("--prior-meta-lr", type=float, default=None,
+                       help="meta learning rate of the prior's scales and precision (seen in log coordinates; "
+                            "default: --meta-lr)")
     train.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk inside a batch (default: all)")
     train.add_argument("--val-every", type=int, default=500, help="validate every N meta-iterations (0: never)")
     train.add_argument("--val-tasks", type=int, default=100)
@@ -286,6 +289,8 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
                                inner_optimizer=inner_optimizer(args), inner_lr=args.inner_lr or default_inner_lr(args),
                                cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size,
+                               meta_lr_overrides=(None if args.prior_meta_lr is None
+                                                  else {r"prior\.(scale|precision)": args.prior_meta_lr}),
                                num_predictive_samples=args.predictive_samples, num_classes=args.ways, seed=args.seed,
                                nonfinite="skip", **extra)
 
