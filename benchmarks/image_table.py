@@ -6,7 +6,7 @@
 
 Each run's ``metrics.json`` is read; the table lists, per run, the method, shots, the inner
 problem's knobs that were set (``precision``, ``init_scale``, ``kl_weight``, inner optimiser
-and steps; ``preset`` where the method's default was used), test accuracy, NLL, ECE and
+and steps, a meta learning rate other than 10⁻³; ``preset`` where the method's defaults were used), test accuracy, NLL, ECE and
 Brier score (mean ± 95% CI over the test tasks) and the time per meta-iteration. ``--out``
 writes the rows (metrics and configuration) as JSON.
 """
@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 METRICS = ("accuracy", "nll", "ece", "brier")
-KNOBS = ("precision", "init_scale", "kl_weight", "inner_optimizer", "inner_steps", "inner_lr")
+KNOBS = ("precision", "init_scale", "kl_weight", "inner_optimizer", "inner_steps", "inner_lr", "prior_meta_lr")
+DEFAULT_META_LR = 1e-3
 
 
 def collect(paths):
@@ -35,6 +36,8 @@ def collect(paths):
 def knobs(config) -> str:
     """The inner-problem options a run set, ``preset`` if none."""
     set_ = [f"{k}={config[k]}" for k in KNOBS if config.get(k) is not None]
+    if config.get("meta_lr", DEFAULT_META_LR) != DEFAULT_META_LR:
+        set_.append(f"meta_lr={config['meta_lr']}")
     return ", ".join(set_) or "preset"
 
 

@@ -378,12 +378,19 @@ def main(argv=None) -> dict:
         return entry
 
     start_step, start_time, stats = step, time.perf_counter(), {}
+    # stationarity of the inner solutions, ||∇_b G|| per block, summed over the last tenth of the run
+    tail_start, stationarity, tail_steps = args.meta_iters - max(1, args.meta_iters // 10), {}, 0
     bar = tqdm(range(step, args.meta_iters), initial=step, total=args.meta_iters, desc=f"{args.method} {args.dataset}",
                disable=not progress, file=sys.stdout, mininterval=1.0)
     for i in bar:
         stats = learner.meta_step(samplers["train"].sample(args.meta_batch))
         step = i + 1
         postfix = {"loss": f"{stats['loss']:.3f}"}
+        if step > tail_start:
+            tail_steps += 1
+            for key, value in stats.items():
+                if key.startswith("inner_grad_norm."):
+                    stationarity[key.split(".", 1)[1]] = stationarity.get(key.split(".", 1)[1], 0.0) + value
         if args.val_every and (step % args.val_every == 0 or step == args.meta_iters):
             entry = validate(step)
             if best is None or entry["accuracy"]["mean"] > best["accuracy"]:
@@ -414,6 +421,7 @@ def main(argv=None) -> dict:
         "train_seconds": seconds,
         "ms_per_meta_iter": 1000 * run_seconds / (step - start_step) if step > start_step else None,
         "skipped_tasks": int(learner.skipped_tasks), "last_loss": stats.get("loss"),
+        "inner_grad_norm": {block: float(total) / tail_steps for block, total in stationarity.items()},
         "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),
         "config": config, "torch": torch.__version__,
     })

@@ -89,3 +89,21 @@ def test_cg_curvature_test_is_not_autocast(tmp_path):
     grads, iterations = precision.meta_gradient(learner, task, torch.float16)
     assert (iterations == 5).all()
     assert precision.relative(grads, reference) < 1e-2
+
+
+def test_image_table_reads_runs(tmp_path, capsys):
+    def run(name, method, accuracy, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        metrics = {k: {"mean": v, "ci95": 0.01} for k, v in
+                   dict(accuracy=accuracy, nll=1.0, ece=0.2, brier=0.5).items()}
+        metrics.update(ms_per_meta_iter=1500.0, config=dict(dict(method=method, shots=1, meta_lr=1e-3), **config))
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return str(folder)
+
+    paths = [run("a", "ibaml", 0.682, init_scale=0.01, kl_weight=0.001), run("b", "maml", 0.631, meta_lr=3e-3)]
+    rows = load("image_table").main(paths + ["--out", str(tmp_path / "table.json")])
+    table = capsys.readouterr().out
+    assert "| a | ibaml | 1 | init_scale=0.01, kl_weight=0.001 | 0.682 ± 0.010 |" in table
+    assert "| b | maml | 1 | meta_lr=0.003 | 0.631 ± 0.010 |" in table and "1.50 |" in table
+    assert json.loads((tmp_path / "table.json").read_text()) == rows
