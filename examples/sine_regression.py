@@ -238,6 +238,7 @@ def evaluate(method, model, batch, name):
 
 
 def plot_examples(method, model, batch, path, n=6):
+    n = min(n, batch.support_x.shape[0])   # fewer evaluation tasks than panels
     x_grid = torch.linspace(-5, 10, 200, dtype=batch.support_x.dtype, device=batch.support_x.device)
     grid = x_grid.view(1, -1, 1).expand(n, -1, -1)
     sx, sy = batch.support_x[:n], batch.support_y[:n]

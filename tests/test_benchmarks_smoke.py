@@ -107,3 +107,18 @@ def test_image_table_reads_runs(tmp_path, capsys):
     assert "| a | ibaml | 1 | init_scale=0.01, kl_weight=0.001 | 0.682 ± 0.010 |" in table
     assert "| b | maml | 1 | meta_lr=0.003 | 0.631 ± 0.010 |" in table and "1.50 |" in table
     assert json.loads((tmp_path / "table.json").read_text()) == rows
+
+
+def test_posterior_response_reads_a_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("sine_regression", ROOT / "examples" / "sine_regression.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--method", "ibaml", "--meta-iters", "2", "--meta-batch", "2", "--eval-tasks", "4",
+                  "--checkpoint-every", "2", "--no-progress", "--out", str(tmp_path / "run")])
+    result = load("posterior_response").main([str(tmp_path / "run"), "--tasks", "12",
+                                              "--out", str(tmp_path / "response.json")])["ibaml"]
+    assert set(result["shots"]) == {1, 3, 10, 30} and result["epistemic_30_over_1"] > 0
+    bins = result["by_amplitude"]
+    assert list(bins) == ["0.1-1.0", "1.0-2.5", "2.5-5.0"] and sum(b["tasks"] for b in bins.values()) == 12
+    for row in bins.values():
+        assert row["tasks"] == 0 or (0 <= row["coverage_90"] <= 1 and row["mean_std"] > 0)
