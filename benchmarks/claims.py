@@ -13,14 +13,18 @@
   solution: ``v*`` from many SGD steps polished by Newton steps
   (:func:`ibaml.inference.newton_polish`), then ``∂_θF − Bᵀ H⁻¹ ∂_vF`` with a dense solve.
   Claim: the implicit error is small where the explicit one is not.
-* ``horizon``: final 10-shot MSE and NLL (10 query points) and training time for MAML
-  (K = 1, 5), lazy (K = 10, 20, 50), iMAML and iBaML (K = 10, 20, 50) after the same
-  number of meta-iterations from the same seeds (presets of :func:`ibaml.build_learner`;
-  evaluation uses the training ``K``). Default budget: 250 meta-iterations of 25 tasks,
-  meta learning rate 3e-3 (for every method), 2 seeds, 200 evaluation tasks. Claim: long
-  horizons help when the meta-gradient does not backpropagate through them.
+* ``horizon``: final 10-shot MSE, time and peak memory per meta-iteration versus the number
+  of inner SGD steps ``K``: exact unrolled MAML's K-curve (``K ∈ {1, 5, 20, 50}``, the
+  control) and, on the same axes, the estimators that do not backpropagate through the K
+  steps: lazy (``K ∈ {5, 20, 50}``), iMAML and iBaML with a prior over every weight
+  (:func:`horizon_learner`). The inner step (SGD 10⁻³ on the summed NLL, the observation
+  noise fixed at 1) is small enough that five steps under-adapt, so a longer horizon has
+  something to give. Default budget: 2000 meta-iterations of 10 tasks, meta learning rate
+  10⁻³, 3 seeds, 200 evaluation tasks (evaluated with the training ``K``). ``--runs
+  method:K,...`` selects runs (to split them over processes) and ``--merge DIR ...`` joins
+  the ``horizon.json`` of such parts into one table and figure.
 
-    python benchmarks/claims.py                          # all three: about 9 minutes on 2 CPU cores
+    python benchmarks/claims.py                          # all three (the horizon alone: about 2 CPU-hours)
     python benchmarks/claims.py --claim memory --device cuda
     python benchmarks/claims.py --quick                  # a smoke run (a minute or two)
 
@@ -130,8 +134,12 @@ def memory_worker(cfg: dict) -> dict:
     tasks, gen = sine_tasks(), torch.Generator().manual_seed(0)
     batch = tasks.sample(cfg["meta_batch"], gen, dtype=dtype).to(device)
     warm = tasks.sample(1, gen, dtype=dtype).to(device)
-    memory_learner(cfg["estimator"], cfg["method"], 1, device, dtype).meta_step(warm)  # kernels, allocator
-    learner = memory_learner(cfg["estimator"], cfg["method"], cfg["K"], device, dtype)
+    if cfg.get("kind") == "horizon":
+        make = lambda K: horizon_learner(cfg["method"], K, seed=0, device=device, dtype=dtype, **cfg["build"])
+    else:
+        make = lambda K: memory_learner(cfg["estimator"], cfg["method"], K, device, dtype)
+    make(1).meta_step(warm)  # kernels, allocator
+    learner = make(cfg["K"])
     gc.collect()
     sync()
     if cuda:
@@ -323,8 +331,30 @@ def accuracy_table(rows, Ks, names):
 
 
 # ----------------------------------------------------------------------------- horizon
-HORIZON_RUNS = [("maml", 1), ("maml", 5), ("lazy", 10), ("lazy", 20), ("lazy", 50), ("imaml", 10), ("imaml", 20),
-                ("imaml", 50), ("ibaml", 10), ("ibaml", 20), ("ibaml", 50)]
+#: (method, K): exact unrolled MAML's K-curve first (the control), then the estimators that do
+#: not backpropagate through the K steps
+HORIZON_RUNS = [("maml", 1), ("maml", 5), ("maml", 20), ("maml", 50), ("lazy", 5), ("lazy", 20), ("lazy", 50),
+                ("imaml", 5), ("imaml", 20), ("imaml", 50), ("ibaml", 5), ("ibaml", 20), ("ibaml", 50)]
+QUICK_HORIZON_RUNS = [("maml", 1), ("maml", 5), ("lazy", 5), ("imaml", 5), ("ibaml", 5)]
+
+
+def horizon_learner(method: str, K: int, lr: float, meta_lr: float, precision: float, seed: int, device, dtype):
+    """A horizon learner: MLP 1-40-40-1, the observation noise fixed at σ = 1 (so the inner
+    step does not change scale as a learned noise would), ``K`` SGD steps of size ``lr`` on
+    the summed support NLL from the meta-learned start, the meta-parameters at ``meta_lr``.
+    iMAML: a prior ``N(μ, λ⁻¹I)`` over every weight; iBaML: ``N(μ, diag σ²)`` over every
+    weight with σ = 0.1 and the KL weighted ``β = λσ²`` (the same pull on the mean), two
+    antithetic draws; both with the implicit gradient (CG 5)."""
+    torch.manual_seed(seed)
+    net = mlp((40, 40)).to(device=device, dtype=dtype)
+    likelihood = ibaml.GaussianLikelihood(1.0, learn_noise=False).to(device=device, dtype=dtype)
+    options = dict(inner_steps=K, inner_optimizer="sgd", inner_lr=lr, include="all", meta_lr=meta_lr, seed=seed,
+                   nonfinite="skip")
+    if method == "imaml":
+        options.update(precision=precision)
+    elif method == "ibaml":
+        options.update(init_scale=0.1, kl_weight=precision * 0.1 ** 2, num_samples=2, antithetic=True)
+    return ibaml.build_learner(method, net, likelihood, **options)
 
 
 def horizon_claim(args, out_dir: Path) -> dict:
@@ -332,63 +362,104 @@ def horizon_claim(args, out_dir: Path) -> dict:
     device = torch.device(args.device)
     meta_iters = 3 if args.quick else args.meta_iters
     eval_tasks = 20 if args.quick else args.eval_tasks
+    meta_batch = 4 if args.quick else args.horizon_meta_batch
     seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
-    runs = HORIZON_RUNS
+    runs = QUICK_HORIZON_RUNS if args.quick else HORIZON_RUNS
+    if args.runs:
+        runs = [(m.strip(), int(k)) for m, k in (pair.split(":") for pair in args.runs.split(","))]
     tasks = sine_tasks(10, 10)
     test = tasks.sample(eval_tasks, torch.Generator().manual_seed(10_000), dtype=dtype).to(device)
+    build = dict(lr=args.horizon_lr, meta_lr=args.meta_lr, precision=args.horizon_precision, device=device,
+                 dtype=dtype)
     rows = []
     for method, K in runs:
         per_seed = []
         for seed in seeds:
-            torch.manual_seed(seed)
-            net = mlp((40, 40)).to(device=device, dtype=dtype)
-            likelihood = ibaml.GaussianLikelihood(1.0, learn_noise=True).to(device=device, dtype=dtype)
-            learner = ibaml.build_learner(method, net, likelihood, inner_steps=K, meta_lr=args.meta_lr, seed=seed,
-                                          nonfinite="skip")
+            learner = horizon_learner(method, K, seed=seed, **build)
+            before = learner.evaluate(test).metrics["mse"]["mean"] if seed == seeds[0] else None
             gen = torch.Generator().manual_seed(seed)
             start = time.perf_counter()
             for _ in range(meta_iters):
-                learner.meta_step(tasks.sample(args.meta_batch, gen, dtype=dtype).to(device))
+                learner.meta_step(tasks.sample(meta_batch, gen, dtype=dtype).to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             metrics = learner.evaluate(test).metrics
             per_seed.append(dict(seed=seed, mse=metrics["mse"]["mean"], mse_ci95=metrics["mse"]["ci95"],
-                                 nll=metrics["nll"]["mean"], nll_ci95=metrics["nll"]["ci95"], seconds=seconds,
-                                 skipped_tasks=learner.skipped_tasks))
+                                 nll=metrics["nll"]["mean"], seconds=seconds,
+                                 ms_per_meta_iter=1000 * seconds / meta_iters, skipped_tasks=learner.skipped_tasks))
+            if before is not None:
+                per_seed[-1]["mse_before_meta_training"] = before
             log(f"horizon {method:6s} K={K:3d} seed={seed}: mse {per_seed[-1]['mse']:.3f} "
-                f"nll {per_seed[-1]['nll']:.3f} ({seconds:.1f} s)")
-        mean = lambda key: sum(r[key] for r in per_seed) / len(per_seed)
-        rows.append(dict(method=method, K=K, mse=mean("mse"), mse_ci95=mean("mse_ci95"), nll=mean("nll"),
-                         nll_ci95=mean("nll_ci95"), seconds=mean("seconds"), seeds=per_seed))
+                f"({per_seed[-1]['ms_per_meta_iter']:.0f} ms / meta-iteration)")
+        mses = torch.tensor([r["mse"] for r in per_seed], dtype=torch.float64)
+        memory = run_memory_config(dict(kind="horizon", method=method, K=K, meta_batch=meta_batch, device=args.device,
+                                        dtype="float32", threads=args.threads, repeats=1,
+                                        build=dict(lr=args.horizon_lr, meta_lr=args.meta_lr,
+                                                   precision=args.horizon_precision)))
+        rows.append(dict(method=method, K=K, mse=float(mses.mean()),
+                         mse_seed_std=float(mses.std()) if len(per_seed) > 1 else 0.0,
+                         nll=sum(r["nll"] for r in per_seed) / len(per_seed),
+                         ms_per_meta_iter=sum(r["ms_per_meta_iter"] for r in per_seed) / len(per_seed),
+                         peak_mb=memory["peak_mb"], mse_before_meta_training=per_seed[0]["mse_before_meta_training"],
+                         seeds=per_seed))
+    config = dict(network="MLP 1-40-40-1", shots=10, query=10, meta_batch=meta_batch, meta_iterations=meta_iters,
+                  meta_lr=args.meta_lr, seeds=seeds, eval_tasks=eval_tasks, noise="fixed at 1",
+                  inner_optimizer=f"SGD(lr={args.horizon_lr}) on the summed NLL", eval_inner_steps="same as training K",
+                  precision=args.horizon_precision, learners="benchmarks/claims.py horizon_learner",
+                  threads=args.threads, quick=args.quick)
+    return horizon_outputs(rows, config, args, out_dir)
+
+
+def horizon_outputs(rows, payload_config, args, out_dir: Path) -> dict:
+    """Write ``horizon.json`` and ``horizon.png`` for ``rows``; print the table."""
     table = horizon_table(rows)
-    payload = dict(claim="horizon", device=args.device,
-                   config=dict(network="MLP 1-40-40-1", shots=10, query=10, meta_batch=args.meta_batch,
-                               meta_iterations=meta_iters, meta_lr=args.meta_lr, seeds=seeds, eval_tasks=eval_tasks,
-                               eval_inner_steps="same as training K", presets="ibaml.build_learner defaults",
-                               threads=args.threads, quick=args.quick),
-                   metric_note="mse / nll: mean over seeds of the per-task mean over the evaluation tasks; ci95: "
-                               "mean over seeds of the 95% interval half-width over tasks",
+    payload = dict(claim="horizon", device=args.device, config=payload_config,
+                   metric_note="mse / nll: mean over seeds of the per-task mean over the evaluation tasks; "
+                               "mse_seed_std: standard deviation over seeds; peak_mb: peak resident-set growth of "
+                               "one meta-iteration in a fresh process (as the memory claim)",
                    rows=rows, table=table)
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    labels = [f"{r['method']}\nK={r['K']}" for r in rows]
     colors = {"maml": "C3", "lazy": "C2", "imaml": "C0", "ibaml": "C1"}
-    for ax, key, title in zip(axes, ("mse", "nll", "seconds"), ("10-shot MSE", "10-shot NLL", "training time (s)")):
-        err = [r.get(f"{key}_ci95", 0.0) for r in rows]
-        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=err, color=[colors[r["method"]] for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_title(f"{title}, {meta_iters} meta-iterations")
+    for method, color in colors.items():
+        sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["K"])
+        if not sel:
+            continue
+        Ks = [r["K"] for r in sel]
+        axes[0].errorbar(Ks, [r["mse"] for r in sel], yerr=[r["mse_seed_std"] for r in sel], color=color,
+                         marker="o", capsize=3, label=method + (" (exact unrolled)" if method == "maml" else ""))
+        axes[1].plot(Ks, [r["peak_mb"] for r in sel], color=color, marker="o", label=method)
+        axes[2].plot(Ks, [r["ms_per_meta_iter"] for r in sel], color=color, marker="o", label=method)
+    iters = payload_config["meta_iterations"]
+    axes[0].set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="10-shot MSE (± std over seeds)",
+                title=f"accuracy after {iters} meta-iterations")
+    axes[1].set(xscale="log", xlabel="inner steps K", ylabel="MiB", title="peak memory of a meta-iteration")
+    axes[2].set(xscale="log", xlabel="inner steps K", ylabel="ms", title="time per meta-iteration")
+    axes[0].legend(fontsize=8)
     write(out_dir, "horizon", payload, fig)
     print(table)
     return payload
 
 
+def merge_horizon(args, out_dir: Path) -> dict:
+    """One horizon table and figure from the ``horizon.json`` of runs split with ``--runs``."""
+    parts = [json.loads((Path(d) / "horizon.json").read_text()) for d in args.merge]
+    configs = [{k: v for k, v in p["config"].items()} for p in parts]
+    if any(c != configs[0] for c in configs[1:]):
+        raise SystemExit("error: --merge: the parts were run with different configurations")
+    order = {run: i for i, run in enumerate(HORIZON_RUNS)}
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get((r["method"], r["K"]), len(order)))
+    return horizon_outputs(rows, configs[0], args, out_dir)
+
+
 def horizon_table(rows):
-    lines = ["| method | K | MSE | NLL | train s |", "|---|---:|---:|---:|---:|"]
+    lines = ["| method | K | MSE (± std over seeds) | MSE before meta-training | NLL | ms / meta-iter | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['K']} | {r['mse']:.3f} ± {r['mse_ci95']:.3f} | "
-                     f"{r['nll']:.3f} ± {r['nll_ci95']:.3f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['method']} | {r['K']} | {r['mse']:.3f} ± {r['mse_seed_std']:.3f} | "
+                     f"{r['mse_before_meta_training']:.3f} | {r['nll']:.3f} | {r['ms_per_meta_iter']:.0f} | "
+                     f"{r['peak_mb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -411,17 +482,24 @@ def parse_args(argv=None):
     p.add_argument("--accuracy-width", type=int, default=20, help="accuracy: hidden width of the MLP")
     p.add_argument("--accuracy-tasks", type=int, default=8)
     p.add_argument("--reference-steps", type=int, default=3000, help="accuracy: SGD steps before Newton polishing")
-    p.add_argument("--meta-iters", type=int, default=250, help="horizon: meta-iterations per run")
-    p.add_argument("--meta-lr", type=float, default=3e-3, help="horizon: meta learning rate")
+    p.add_argument("--meta-iters", type=int, default=2000, help="horizon: meta-iterations per run")
+    p.add_argument("--meta-lr", type=float, default=1e-3, help="horizon: meta learning rate")
     p.add_argument("--eval-tasks", type=int, default=200, help="horizon: evaluation tasks")
-    p.add_argument("--seeds", type=int, default=2, help="horizon: number of seeds")
+    p.add_argument("--seeds", type=int, default=3, help="horizon: number of seeds")
+    p.add_argument("--horizon-meta-batch", type=int, default=10, help="horizon: tasks per meta-iteration")
+    p.add_argument("--horizon-lr", type=float, default=1e-3, help="horizon: inner SGD step on the summed NLL")
+    p.add_argument("--horizon-precision", type=float, default=1.0,
+                   help="horizon: iMAML's λ (and iBaML's β/σ²) over every weight")
+    p.add_argument("--runs", default=None, help="horizon: comma-separated method:K pairs (default: all)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="horizon: join the horizon.json of runs split with --runs into --out")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("threads", "meta_batch", "accuracy_width", "accuracy_tasks", "reference_steps", "meta_iters",
-                 "eval_tasks", "seeds"):
+                 "eval_tasks", "seeds", "horizon_meta_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("precision", "accuracy_lr", "meta_lr"):
+    for name in ("precision", "accuracy_lr", "meta_lr", "horizon_lr", "horizon_precision"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -434,9 +512,11 @@ def main(argv=None):
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return None
+    out_dir = Path(args.out)
+    if args.merge:
+        return {"horizon": merge_horizon(args, out_dir)}
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
     claims = CLAIMS if args.claim == "all" else (args.claim,)
     results = {}
     try:
