@@ -120,6 +120,9 @@ PRESETS = {
 #: iMAML's with ``λ = β/σ² = 10``: iBaML 0.682 (``β = 0.003``, ``λ = 30``: 0.687; ``λ = 3``:
 #: 0.425 at σ = 0.01 and 0.435 at σ = 0.03), where σ = 0.1 with ``β = 1`` (``λ = 100`` with a
 #: posterior variance as large as a Conv4 weight) reached 0.286 and σ = 1 stayed at chance.
+#: With these presets, 1-shot / 5-shot: iBaML 0.682 / 0.820, ABML 0.664 / 0.893, iMAML
+#: 0.673 / 0.885, MAML 0.631 / 0.834; all the prior-based methods are under-confident at this
+#: budget (ECE 0.19–0.24 against MAML's 0.16–0.17).
 CLASSIFICATION = {
     "imaml": dict(precision=30.0),
     "ibaml": dict(init_scale=0.01, kl_weight=1e-3),
