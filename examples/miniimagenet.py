@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the classification preset's 30)")
     task.add_argument("--init-scale", type=float, default=None,
                       help="initial prior standard deviation for abml/ibaml (default: the classification preset's 0.1)")
+    task.add_argument("--outer", choices=("predictive", "elbo"), default="predictive",
+                      help="outer objective of abml/ibaml: the query predictive, or ABML's support-and-query ELBO")
     task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
 
@@ -292,7 +294,7 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
                                meta_lr_overrides=(None if args.prior_meta_lr is None
                                                   else {r"prior\.(scale|precision)": args.prior_meta_lr}),
                                num_predictive_samples=args.predictive_samples, num_classes=args.ways, seed=args.seed,
-                               nonfinite="skip", **extra)
+                               nonfinite="skip", outer=args.outer, **extra)
 
 
 def evaluate_tasks(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
