@@ -353,7 +353,8 @@ def horizon_learner(method: str, K: int, lr: float, meta_lr: float, precision: f
     if method == "imaml":
         options.update(precision=precision)
     elif method == "ibaml":
-        options.update(init_scale=0.1, kl_weight=precision * 0.1 ** 2, num_samples=2, antithetic=True)
+        scale = 0.1
+        options.update(init_scale=scale, kl_weight=precision * scale ** 2, num_samples=2, antithetic=True)
     return ibaml.build_learner(method, net, likelihood, **options)
 
 
@@ -369,13 +370,12 @@ def horizon_claim(args, out_dir: Path) -> dict:
         runs = [(m.strip(), int(k)) for m, k in (pair.split(":") for pair in args.runs.split(","))]
     tasks = sine_tasks(10, 10)
     test = tasks.sample(eval_tasks, torch.Generator().manual_seed(10_000), dtype=dtype).to(device)
-    build = dict(lr=args.horizon_lr, meta_lr=args.meta_lr, precision=args.horizon_precision, device=device,
-                 dtype=dtype)
+    hyper = dict(lr=args.horizon_lr, meta_lr=args.meta_lr, precision=args.horizon_precision)
     rows = []
     for method, K in runs:
         per_seed = []
         for seed in seeds:
-            learner = horizon_learner(method, K, seed=seed, **build)
+            learner = horizon_learner(method, K, seed=seed, device=device, dtype=dtype, **hyper)
             before = learner.evaluate(test).metrics["mse"]["mean"] if seed == seeds[0] else None
             gen = torch.Generator().manual_seed(seed)
             start = time.perf_counter()
@@ -394,9 +394,7 @@ def horizon_claim(args, out_dir: Path) -> dict:
                 f"({per_seed[-1]['ms_per_meta_iter']:.0f} ms / meta-iteration)")
         mses = torch.tensor([r["mse"] for r in per_seed], dtype=torch.float64)
         memory = run_memory_config(dict(kind="horizon", method=method, K=K, meta_batch=meta_batch, device=args.device,
-                                        dtype="float32", threads=args.threads, repeats=1,
-                                        build=dict(lr=args.horizon_lr, meta_lr=args.meta_lr,
-                                                   precision=args.horizon_precision)))
+                                        dtype="float32", threads=args.threads, repeats=1, build=hyper))
         rows.append(dict(method=method, K=K, mse=float(mses.mean()),
                          mse_seed_std=float(mses.std()) if len(per_seed) > 1 else 0.0,
                          nll=sum(r["nll"] for r in per_seed) / len(per_seed),
@@ -445,7 +443,7 @@ def horizon_outputs(rows, payload_config, args, out_dir: Path) -> dict:
 def merge_horizon(args, out_dir: Path) -> dict:
     """One horizon table and figure from the ``horizon.json`` of runs split with ``--runs``."""
     parts = [json.loads((Path(d) / "horizon.json").read_text()) for d in args.merge]
-    configs = [{k: v for k, v in p["config"].items()} for p in parts]
+    configs = [p["config"] for p in parts]
     if any(c != configs[0] for c in configs[1:]):
         raise SystemExit("error: --merge: the parts were run with different configurations")
     order = {run: i for i, run in enumerate(HORIZON_RUNS)}

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--cg-damping", type=float, default=0.0)
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the classification preset's 30)")
     task.add_argument("--init-scale", type=float, default=None,
-                      help="initial prior standard deviation for abml/ibaml (default: the classification preset's 0.1)")
+                      help="initial prior standard deviation for abml/ibaml (default: the classification preset's 0.01)")
     task.add_argument("--outer", choices=("predictive", "elbo"), default="predictive",
                       help="outer objective of abml/ibaml: the query predictive, or ABML's support-and-query ELBO")
     task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
@@ -392,7 +392,8 @@ def main(argv=None) -> dict:
             tail_steps += 1
             for key, value in stats.items():
                 if key.startswith("inner_grad_norm."):
-                    stationarity[key.split(".", 1)[1]] = stationarity.get(key.split(".", 1)[1], 0.0) + value
+                    block = key.split(".", 1)[1]
+                    stationarity[block] = stationarity.get(block, 0.0) + value
         if args.val_every and (step % args.val_every == 0 or step == args.meta_iters):
             entry = validate(step)
             if best is None or entry["accuracy"]["mean"] > best["accuracy"]:
