@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-METRICS = ("accuracy", "nll", "ece", "brier")
+METRICS = ("accuracy", "nll", "ece", "brier", "confidence")
 KNOBS = ("precision", "init_scale", "kl_weight", "inner_optimizer", "inner_steps", "inner_lr", "prior_meta_lr")
 DEFAULT_META_LR = 1e-3
 
@@ -42,7 +42,8 @@ def knobs(config) -> str:
 
 
 def cell(metric) -> str:
-    return f"{metric['mean']:.3f} ± {metric['ci95']:.3f}"
+    """``mean ± ci95``; ``—`` for a metric the run did not record (``confidence`` in older runs)."""
+    return "—" if metric is None else f"{metric['mean']:.3f} ± {metric['ci95']:.3f}"
 
 
 def markdown(rows) -> str:
@@ -50,7 +51,7 @@ def markdown(rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows.items():
         c = m["config"]
-        values = [name, c["method"], str(c["shots"]), knobs(c)] + [cell(m[k]) for k in METRICS]
+        values = [name, c["method"], str(c["shots"]), knobs(c)] + [cell(m.get(k)) for k in METRICS]
         lines.append("| " + " | ".join(values + [f"{m['ms_per_meta_iter'] / 1000:.2f}"]) + " |")
     return "\n".join(lines)
 

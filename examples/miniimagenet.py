@@ -71,7 +71,7 @@ MAML_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk",
               "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads")
-METRICS = ("accuracy", "nll", "ece", "mce", "brier")
+METRICS = ("accuracy", "nll", "ece", "mce", "brier", "confidence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prior-meta-lr", type=float, default=None,
                        help="meta learning rate of the prior's scales and precision (seen in log coordinates; "
                             "default: --meta-lr)")
+    train.add_argument("--logit-scale", default="fixed", choices=("fixed", "learned", "predictive"),
+                       help="the softmax's logit scale τ: 1 (fixed); a meta-parameter in the inner and outer "
+                            "objectives (learned); or a meta-parameter of the predictions only, the task inferred "
+                            "under the plain softmax (predictive; ibaml.CategoricalLikelihood(learn_scale=True, "
+                            "scale_inner=False))")
+    train.add_argument("--logit-scale-meta-lr", type=float, default=1e-2,
+                       help="meta learning rate of a learned logit scale (seen in log coordinates)")
     train.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk inside a batch (default: all)")
     train.add_argument("--val-every", type=int, default=500, help="validate every N meta-iterations (0: never)")
     train.add_argument("--val-tasks", type=int, default=100)
@@ -286,13 +293,18 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
     steps = inner_steps(args)
     eval_steps = args.eval_inner_steps or (2 * steps if args.method in ("maml", "fomaml") else steps)
-    likelihood = ibaml.CategoricalLikelihood().to(device=device, dtype=dtype)
+    likelihood = ibaml.CategoricalLikelihood(learn_scale=args.logit_scale != "fixed",
+                                             scale_inner=args.logit_scale != "predictive").to(device=device, dtype=dtype)
+    overrides = {}
+    if args.prior_meta_lr is not None:
+        overrides[r"prior\.(scale|precision)"] = args.prior_meta_lr
+    if args.logit_scale != "fixed":
+        overrides[r"likelihood\.scale"] = args.logit_scale_meta_lr
     return ibaml.build_learner(args.method, net, likelihood, inner_steps=steps, eval_inner_steps=eval_steps,
                                inner_optimizer=inner_optimizer(args), inner_lr=args.inner_lr or default_inner_lr(args),
                                cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size,
-                               meta_lr_overrides=(None if args.prior_meta_lr is None
-                                                  else {r"prior\.(scale|precision)": args.prior_meta_lr}),
+                               meta_lr_overrides=overrides or None,
                                num_predictive_samples=args.predictive_samples, num_classes=args.ways, seed=args.seed,
                                nonfinite="skip", outer=args.outer, **extra)
 
@@ -425,6 +437,7 @@ def main(argv=None) -> dict:
         "ms_per_meta_iter": 1000 * run_seconds / (step - start_step) if step > start_step else None,
         "skipped_tasks": int(learner.skipped_tasks), "last_loss": stats.get("loss"),
         "inner_grad_norm": {block: float(total) / tail_steps for block, total in stationarity.items()},
+        "logit_scale": float(learner.likelihood.scale.detach()),
         "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),
         "config": config, "torch": torch.__version__,
     })

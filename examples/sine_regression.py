@@ -68,6 +68,9 @@ def parse_args(argv=None):
                    help="inner steps in meta-training (default: the method's preset, ibaml.presets.PRESETS)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: 2x inner steps for MAML/FOMAML, else the same)")
     p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--noise", default="shared", choices=("shared", "task"),
+                   help="observation noise: one learned scale for all tasks (shared) or a second network output "
+                        "inferred per task with the weights (task: ibaml.TaskNoiseGaussianLikelihood)")
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
@@ -137,16 +140,20 @@ def run_config(method: str, args) -> dict:
     if method == "dkt":
         return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
     steps, eval_steps = inner_steps(method, args)
-    return dict(common, network=f"MLP(1, {HIDDEN}, 1)", inner_steps=steps, eval_inner_steps=eval_steps,
+    return dict(common, network=f"MLP(1, {HIDDEN}, 1{', noise_head=True' if args.noise == 'task' else ''})", noise=args.noise, inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
                 meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
 
 def make_learner(method: str, args, device, dtype, process_group=None):
     torch.manual_seed(args.seed)
-    net = MLP(1, HIDDEN, 1).to(device=device, dtype=dtype)
     cfg = run_config(method, args)
-    likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(device=device, dtype=dtype)
+    if args.noise == "task":
+        likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0)
+    else:
+        likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True)
+    likelihood = likelihood.to(device=device, dtype=dtype)
+    net = MLP(1, HIDDEN, 1, noise_head=args.noise == "task").to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,
@@ -282,7 +289,8 @@ def run_method(method, args, device, dtype, out_dir, ctx=None):
     plt.close(fig)
     result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result)
     if method != "dkt":
-        result["noise_std"] = float(model.likelihood.noise.detach())
+        if hasattr(model.likelihood, "noise"):
+            result["noise_std"] = float(model.likelihood.noise.detach())
     (method_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 

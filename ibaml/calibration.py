@@ -47,7 +47,7 @@ from torch import Tensor
 
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 REGRESSION_KEYS = ("mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps")
-CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "mce", "brier")
+CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "mce", "brier", "confidence")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -372,7 +372,9 @@ class CalibrationReport:
 
     Regression keys: ``mse``, ``nll``, ``coverage_50``, ``coverage_90``, ``coverage_95``,
     ``calibration_error`` (pooled, :func:`pooled_calibration_error`), ``crps``.
-    Classification keys: ``accuracy``, ``nll``, ``ece``, ``mce``, ``brier``.
+    Classification keys: ``accuracy``, ``nll``, ``ece``, ``mce``, ``brier`` and ``confidence``
+    (the mean top-class probability: above ``accuracy`` an over-confident method, below it an
+    under-confident one).
 
     Example
     -------
@@ -424,6 +426,7 @@ class CalibrationReport:
             "ece": mean_ci95(e),
             "mce": mean_ci95(m),
             "brier": mean_ci95(brier(probs, labels)),
+            "confidence": mean_ci95(probs.max(-1).values.mean(-1)),
         }
         bins = {k: np.asarray(v).tolist() for k, v in reliability_bins(probs, labels, n_bins).items()}
         return cls("classification", metrics, name, bins=bins, extra=dict(extra or {}))

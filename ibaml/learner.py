@@ -447,7 +447,7 @@ class MetaLearner(nn.Module):
         task = _as_task_dict(batch)
         posterior = self.adapt(task["support_x"], task["support_y"], steps=steps)
         prediction = self.predict(posterior, task["query_x"], num_samples)
-        if isinstance(self.likelihood, GaussianLikelihood):
+        if isinstance(prediction, tuple):          # a Gaussian predictive: (mean, var)
             mean, var = prediction
             y = task["query_y"].to(mean)
             return CalibrationReport.regression(mean.reshape(mean.shape[0], -1), var.reshape(var.shape[0], -1),

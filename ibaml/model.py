@@ -19,7 +19,7 @@ torch.Size([5])
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as Fn
@@ -51,18 +51,35 @@ def embed(net: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def _head_only(net: nn.Module, names) -> Optional[Tuple[str, Optional[str]]]:
-    """``(weight name, bias name or None)`` when ``names`` are exactly the parameters of the
-    network's linear head (:func:`_head_module`); else ``None``."""
+class HeadKeys(NamedTuple):
+    """Names of a linear head's tensors: ``weight``, ``bias`` (or ``None``) and, for a
+    :class:`ibaml.models.NoiseHead`, ``log_noise`` (else ``None``)."""
+
+    weight: str
+    bias: Optional[str]
+    log_noise: Optional[str] = None
+
+
+def _head_only(net: nn.Module, names) -> Optional[HeadKeys]:
+    """The :class:`HeadKeys` when ``names`` are exactly the parameters of the network's linear
+    head (:func:`_head_module`); else ``None``."""
     head = _head_module(net)
     if head is None:
         return None
     prefix = next((n for n, m in net.named_modules() if m is head), None)
     if prefix is None:
         return None
-    weight = f"{prefix}.weight"
-    bias = f"{prefix}.bias" if head.bias is not None else None
-    return (weight, bias) if set(names) == {weight} | ({bias} if bias else set()) else None
+    keys = HeadKeys(f"{prefix}.weight", f"{prefix}.bias" if head.bias is not None else None,
+                    f"{prefix}.log_noise" if isinstance(getattr(head, "log_noise", None), torch.Tensor) else None)
+    return keys if set(names) == {k for k in keys if k is not None} else None
+
+
+def _head_apply(keys: HeadKeys, features: Tensor, p) -> Tensor:
+    """The head's outputs ``[N, C]`` from its input ``features [N, F]`` and tensors ``p``."""
+    out = Fn.linear(features, p[keys.weight], p.get(keys.bias))
+    if keys.log_noise is None:
+        return out
+    return torch.cat([out, p[keys.log_noise].expand(*out.shape[:-1], -1)], dim=-1)
 
 
 class TaskModel(nn.Module):
@@ -108,42 +125,42 @@ class TaskModel(nn.Module):
     def _net_output(self, w: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.net, self.prior.unflat(w), (x,))
 
-    def _log_likelihood(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.likelihood.log_prob_points(self._net_output(w, x), y)
+    def _points_log_prob(self, output: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+        if predictive:
+            return self.likelihood.predictive_log_prob_points(output, y)
+        return self.likelihood.log_prob_points(output, y)
+
+    def _log_likelihood(self, w: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+        return self._points_log_prob(self._net_output(w, x), y, predictive)
 
     def _net_outputs(self, weights: Tensor, x: Tensor) -> Tensor:
         if self._head_keys is None:
             return torch.func.vmap(lambda w: self._net_output(w, x))(weights)
         features = embed(self.net, x)                  # once for every draw of the head
-        weight_key, bias_key = self._head_keys
-
-        def head(w):
-            p = self.prior.unflat(w)
-            return Fn.linear(features, p[weight_key], p.get(bias_key))
-
-        return torch.func.vmap(head)(weights)
+        keys = self._head_keys
+        return torch.func.vmap(lambda w: _head_apply(keys, features, self.prior.unflat(w)))(weights)
 
     def _head_mean_outputs(self, mean: Tensor, x: Tensor):
-        weight_key, bias_key = self._require_head()
+        keys = self._require_head()
         features = embed(self.net, x)                                  # [N, F]
-        m = self.prior.unflat(mean)
-        return features, Fn.linear(features, m[weight_key], m.get(bias_key))   # [N, C]
+        return features, _head_apply(keys, features, self.prior.unflat(mean))   # [N, C]
 
     def _head_statistics(self, mean: Tensor, var: Tensor, x: Tensor):
         features, out_mean = self._head_mean_outputs(mean, x)
-        weight_key, bias_key = self._head_keys
-        s = self.prior.unflat(var)
-        return out_mean, Fn.linear(features ** 2, s[weight_key], s.get(bias_key))   # [N, C] each
+        return out_mean, _head_apply(self._head_keys, features ** 2, self.prior.unflat(var))   # [N, C] each
 
     def _linearized_nll(self, mean: Tensor, var: Tensor, x: Tensor, y: Tensor) -> Tensor:
         features, out_mean = self._head_mean_outputs(mean, x)             # one pass of the body
-        weight_key, bias_key = self._head_keys
+        keys = self._head_keys
         lam = self.likelihood.output_curvature(out_mean)              # [N, C]
         s = self.prior.unflat(var)
-        h_weight = lam.transpose(-1, -2) @ features ** 2               # [C, F]: Σ_n λ_nc φ_nf²
-        term = (s[weight_key] * h_weight).sum()
-        if bias_key is not None:
-            term = term + (s[bias_key] * lam.sum(0)).sum()
+        c = s[keys.weight].shape[0]                                    # outputs of the linear part
+        h_weight = lam[:, :c].transpose(-1, -2) @ features ** 2        # [c, F]: Σ_n λ_nc φ_nf²
+        term = (s[keys.weight] * h_weight).sum()
+        if keys.bias is not None:
+            term = term + (s[keys.bias] * lam[:, :c].sum(0)).sum()
+        if keys.log_noise is not None:
+            term = term + (s[keys.log_noise] * lam[:, c:].sum(0)).sum()
         return -self.likelihood.log_prob_points(out_mean, y).sum() + 0.5 * term
 
     def _require_head(self):
@@ -153,9 +170,9 @@ class TaskModel(nn.Module):
                              f"{list(self.prior.names)}")
         return self._head_keys
 
-    def _log_likelihood_samples(self, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def _log_likelihood_samples(self, weights: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
         outputs = self._net_outputs(weights, x)
-        return torch.func.vmap(lambda o: self.likelihood.log_prob_points(o, y))(outputs)
+        return torch.func.vmap(lambda o: self._points_log_prob(o, y, predictive))(outputs)
 
     def _prior(self, method: str, *args):
         return getattr(self.prior, method)(*args)
@@ -168,9 +185,10 @@ class TaskModel(nn.Module):
         """``f(x; w, θ)``: the network with task weights ``w [D]`` and shared weights from θ."""
         return self._call(meta, "_net_output", w, x)
 
-    def log_likelihood(self, meta, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Per-point ``log p(y_n | f(x_n; w), θ)`` ``[N]``."""
-        return self._call(meta, "_log_likelihood", w, x, y)
+    def log_likelihood(self, meta, w: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+        """Per-point ``log p(y_n | f(x_n; w), θ)`` ``[N]``; with ``predictive=True`` the likelihood
+        of predictions (:meth:`Likelihood.predictive_log_prob_points`, the outer objectives')."""
+        return self._call(meta, "_log_likelihood", w, x, y, predictive)
 
     def net_outputs(self, meta, weights: Tensor, x: Tensor) -> Tensor:
         """``f(x; w_j, θ)`` for draws ``weights [S, D]``: ``[S, N, ...]``. Where the prior covers
@@ -179,13 +197,15 @@ class TaskModel(nn.Module):
         last layer of an ``nn.Sequential``), the shared features are computed once for all draws."""
         return self._call(meta, "_net_outputs", weights, x)
 
-    def log_likelihood_samples(self, meta, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``log p(y_n | f(x_n; w_j), θ)`` for draws ``weights [S, D]``: ``[S, N]``."""
-        return self._call(meta, "_log_likelihood_samples", weights, x, y)
+    def log_likelihood_samples(self, meta, weights: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+        """``log p(y_n | f(x_n; w_j), θ)`` for draws ``weights [S, D]``: ``[S, N]`` (``predictive`` as
+        in :meth:`log_likelihood`)."""
+        return self._call(meta, "_log_likelihood_samples", weights, x, y, predictive)
 
     def head_outputs(self, meta, mean: Tensor, var: Tensor, x: Tensor):
         """Mean and variance ``[N, C]`` of a linear head's outputs under ``N(mean, diag var)``:
-        ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``)."""
+        ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``), followed for a
+        :class:`ibaml.models.NoiseHead` by ``m_g`` and ``s_g``."""
         return self._call(meta, "_head_statistics", mean, var, x)
 
     def linearized_nll(self, meta, mean: Tensor, var: Tensor, x: Tensor, y: Tensor) -> Tensor:

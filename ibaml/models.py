@@ -20,24 +20,49 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class NoiseHead(nn.Linear):
+    """A linear layer with one more output per output: ``[φ Wᵀ + b, g]``, ``g [out_features]``
+    a parameter that does not depend on the input (the task's log noise scale for
+    :class:`ibaml.TaskNoiseGaussianLikelihood`). A prior over the head covers ``weight``,
+    ``bias`` and ``log_noise``, so the noise is a task parameter, inferred with the weights.
+
+    Example
+    -------
+    >>> NoiseHead(40, 1)(torch.zeros(5, 40)).shape
+    torch.Size([5, 2])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.log_noise = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return torch.cat([out, self.log_noise.expand(*out.shape[:-1], -1)], dim=-1)
+
+
 class MLP(nn.Sequential):
     """Fully connected network ``in_dim → hidden... → out_dim`` with ``activation`` between
-    layers; ``MLP(1, (40, 40), 1)`` is the standard sine-regression network.
+    layers; ``MLP(1, (40, 40), 1)`` is the standard sine-regression network. With
+    ``noise_head=True`` the output layer is a :class:`NoiseHead` (``2 · out_dim`` outputs: the
+    means, then the log noise scales of :class:`ibaml.TaskNoiseGaussianLikelihood`).
 
     Example
     -------
     >>> MLP(1, (40, 40), 1)(torch.zeros(5, 1)).shape
     torch.Size([5, 1])
+    >>> MLP(1, (40, 40), 1, noise_head=True)(torch.zeros(5, 1)).shape
+    torch.Size([5, 2])
     """
 
     def __init__(self, in_dim: int = 1, hidden: Sequence[int] = (40, 40), out_dim: int = 1,
-                 activation: type = nn.ReLU):
+                 activation: type = nn.ReLU, noise_head: bool = False):
         layers = []
         width = in_dim
         for h in hidden:
             layers += [nn.Linear(width, h), activation()]
             width = h
-        layers.append(nn.Linear(width, out_dim))
+        layers.append((NoiseHead if noise_head else nn.Linear)(width, out_dim))
         super().__init__(*layers)
 
     @property

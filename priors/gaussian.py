@@ -132,8 +132,9 @@ class IsotropicGaussian(_GaussianPrior):
 def initial_scales(prior, init_scale=0.1, relative_scale: Optional[float] = None, family: str = "") -> Tensor:
     """Flat ``[D]`` initial standard deviations of a prior over ``prior.names``.
 
-    ``init_scale`` is one number for every weight or a dict ``{tensor name: scale}`` (tensors
-    it does not name raise); ``relative_scale = r`` instead sets each tensor's scale to ``r``
+    ``init_scale`` is one number for every weight or a dict ``{tensor name: scale}``, a scale
+    being a number or a tensor of the named tensor's shape (one per entry; tensors it does not
+    name raise); ``relative_scale = r`` instead sets each tensor's scale to ``r``
     times the root-mean-square of its initial weights, ``σ_t = r · sqrt(mean_i w_{t,i}²)``,
     so that the weight noise is the same fraction of every layer's weights (a tensor whose
     initial weights are all zero gets ``init_scale``).
@@ -151,10 +152,20 @@ def initial_scales(prior, init_scale=0.1, relative_scale: Optional[float] = None
         missing = [n for n in prior.names if n not in init_scale]
         if missing:
             raise ValueError(f"init_scale names no scale for {missing}")
-        for n in prior.names:
-            check_positive(f"{family} init_scale[{n!r}]".strip(), init_scale[n])
-        per_tensor = torch.tensor([float(init_scale[n]) for n in prior.names], dtype=w.dtype, device=w.device)
-        return per_tensor[segment]
+        pieces = []
+        for n, shape in zip(prior.names, prior.spec.shapes):
+            label = f"{family} init_scale[{n!r}]".strip()
+            value = init_scale[n]
+            if isinstance(value, Tensor):      # one scale per entry of the tensor
+                if tuple(value.shape) != tuple(shape):
+                    raise ValueError(f"{label} has shape {tuple(value.shape)}, the tensor {tuple(shape)}")
+                if not bool(torch.isfinite(value).all() and (value > 0).all()):
+                    raise ValueError(f"{label} must hold positive finite numbers")
+                pieces.append(value.detach().to(dtype=w.dtype, device=w.device).reshape(-1))
+            else:
+                check_positive(label, value)
+                pieces.append(torch.full((math.prod(shape),), float(value), dtype=w.dtype, device=w.device))
+        return torch.cat(pieces)
     check_positive(f"{family} init_scale".strip(), init_scale)
     return torch.full_like(w, float(init_scale))
 

@@ -87,7 +87,7 @@ def test_reports_round_trip_and_figures(tmp_path):
     probs, labels = random_probs(seed=4)
     rep = cal.CalibrationReport.classification(probs, labels, name="m")
     data = json.loads(rep.to_json())
-    assert set(data["metrics"]) == {"accuracy", "nll", "ece", "mce", "brier"}
+    assert set(data["metrics"]) == {"accuracy", "nll", "ece", "mce", "brier", "confidence"}
     assert sum(rep.bins["count"]) == probs.shape[0] * probs.shape[1]
     assert "| ece |" in rep.to_markdown()
     rep.plot_reliability_diagram().savefig(tmp_path / "rel.png")

@@ -1,0 +1,127 @@
+"""Likelihoods beyond the plain ones: the per-task noise Gaussian (its formulas, its Fisher
+curvature) and the softmax with a learned logit scale, each with exact meta-gradients
+(float64: dense implicit solve against central finite differences)."""
+
+import math
+
+import pytest
+import torch
+
+import ibaml
+import priors
+from ibaml.inference import newton_polish
+from ibaml.implicit import implicit_vjp
+from ibaml.linalg import Dense
+from ibaml.models import MLP
+from ibaml.tree import tree_add
+
+from conftest import DT, assert_matches_central_differences, tiny_task
+
+
+def test_log_prob_is_the_gaussian_with_the_output_noise():
+    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.5, max_log_ratio=3.0).to(DT)
+    out = torch.tensor([[0.3, -0.7], [1.0, 2.0]], dtype=DT)
+    y = torch.tensor([[0.1], [-0.4]], dtype=DT)
+    log_std = 3.0 * torch.tanh(out[:, 1] / 3.0) + math.log(0.5)
+    expected = -0.5 * ((y[:, 0] - out[:, 0]) ** 2 / torch.exp(2 * log_std) + 2 * log_std + math.log(2 * math.pi))
+    assert torch.allclose(lik.log_prob_points(out, y), expected)
+    with pytest.raises(ValueError, match="2d network outputs"):
+        lik.log_prob_points(torch.zeros(2, 3, dtype=DT), torch.zeros(2, 1, dtype=DT))
+
+
+def test_output_curvature_is_the_fisher_information():
+    """``E_y[−∂² log p / ∂f²]`` on the diagonal; the two points ``y = μ ± σ`` match the first two
+    moments of ``y``, which is all the Hessian depends on."""
+    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.8, max_log_ratio=2.0).to(DT)
+    out = torch.tensor([[0.4, 0.9]], dtype=DT)
+    sigma = 0.8 * math.exp(2.0 * math.tanh(0.9 / 2.0))
+    hessians = [torch.autograd.functional.hessian(
+        lambda f: -lik.log_prob_points(f[None], torch.tensor([[0.4 + sign * sigma]], dtype=DT)).sum(), out[0])
+        for sign in (1.0, -1.0)]
+    fisher = 0.5 * (hessians[0] + hessians[1])
+    assert torch.allclose(lik.output_curvature(out)[0], torch.diagonal(fisher), rtol=1e-8)
+    assert abs(float(fisher[0, 1])) < 1e-12     # the mean and the scale are orthogonal
+
+
+def test_gaussian_outputs_reduce_to_the_point_likelihood_and_widen_with_variance():
+    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.5).to(DT)
+    mean = torch.tensor([[0.2, -0.3], [0.5, 0.1]], dtype=DT)
+    y = torch.tensor([[1.5], [0.4]], dtype=DT)
+    zero = torch.zeros_like(mean)
+    assert torch.allclose(lik.log_prob_gaussian_outputs(mean, zero, y), lik.log_prob_points(mean, y))
+    mu, var = lik.predictive(mean[None])
+    assert torch.allclose(mu, mean[:, :1]) and torch.allclose(var, torch.exp(2 * lik._split(mean)[1]))
+    wider = lik.log_prob_gaussian_outputs(mean, torch.full_like(mean, 0.3), y)
+    assert wider[0] > lik.log_prob_points(mean, y)[0]    # a residual of 1.3 is better explained
+
+
+def task_noise_problem():
+    torch.manual_seed(0)
+    net = MLP(1, (5,), 1, activation=torch.nn.Tanh, noise_head=True).to(DT)
+    prior = priors.DiagonalGaussian.from_module(net, include=priors.last_layer(net), init_scale=0.7)
+    model = ibaml.TaskModel(net, prior, ibaml.TaskNoiseGaussianLikelihood(0.5).to(DT))
+    inference = ibaml.Variational(expectation="linearized")
+    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30, max_step={"mean": 1.0, "rho": 1.0}), 30))
+    meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+    return problem, meta, tiny_task(n=8)
+
+
+def solution(problem, meta, task):
+    v, _ = problem.solve(meta, task)
+    return newton_polish(lambda vv: problem.inner(vv, meta, task), v, steps=8)
+
+
+def test_implicit_gradient_with_task_noise_matches_finite_differences():
+    problem, meta, task = task_noise_problem()
+    v = solution(problem, meta, task)
+    gv = torch.func.grad(lambda vv: problem.inner(vv, meta, task))(v)
+    assert max(float(g.abs().max()) for g in gv.values()) < 1e-9
+    (g_v, g_m), _ = torch.func.grad_and_value(problem.outer, argnums=(0, 1))(v, meta, task)
+    cross, result = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, g_v, solver=Dense())
+    grads = tree_add(g_m, cross)
+    # the perturbed problems are solved by Newton steps from the base solution (continuation):
+    # a fresh solve from the prior can stop on a different, less polished iterate
+    def outer_at(m):
+        return problem.outer(newton_polish(lambda vv: problem.inner(vv, m, task), v, steps=6), m, task)
+
+    assert_matches_central_differences(grads, outer_at, meta)
+
+
+def test_logit_scale_applies_to_the_inner_objective_only_when_asked():
+    out = torch.tensor([[0.0, 1.0, -1.0]], dtype=DT)
+    y = torch.tensor([1])
+    both = ibaml.CategoricalLikelihood(scale=2.0).to(DT)
+    outer_only = ibaml.CategoricalLikelihood(scale=2.0, scale_inner=False).to(DT)
+    plain = ibaml.CategoricalLikelihood().to(DT)
+    assert torch.allclose(both.log_prob_points(out, y), torch.log_softmax(2 * out, -1)[:, 1])
+    assert torch.allclose(outer_only.log_prob_points(out, y), plain.log_prob_points(out, y))
+    assert torch.allclose(outer_only.predictive_log_prob_points(out, y), both.log_prob_points(out, y))
+    assert torch.allclose(outer_only.predictive(out[None]), torch.softmax(2 * out, -1))
+    p = torch.softmax(2 * out, -1)
+    assert torch.allclose(both.output_curvature(out), 4 * p * (1 - p))
+
+
+@pytest.mark.parametrize("scale_inner", [True, False])
+def test_implicit_gradient_with_learned_logit_scale_matches_finite_differences(scale_inner):
+    torch.manual_seed(0)
+    net = MLP(2, (5,), 3, activation=torch.nn.Tanh).to(DT)
+    prior = priors.IsotropicGaussian.from_module(net, include=priors.last_layer(net), precision=2.0)
+    lik = ibaml.CategoricalLikelihood(scale=1.5, learn_scale=True, scale_inner=scale_inner).to(DT)
+    model = ibaml.TaskModel(net, prior, lik)
+    problem = ibaml.TaskProblem(model, ibaml.MAP(), ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30), 10))
+    meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+    assert "likelihood.scale_unconstrained" in meta
+    g = torch.Generator().manual_seed(1)
+    task = {"support_x": torch.randn(6, 2, generator=g, dtype=DT), "support_y": torch.arange(6) % 3,
+            "query_x": torch.randn(9, 2, generator=g, dtype=DT), "query_y": torch.arange(9) % 3}
+    v = solution(problem, meta, task)
+    (g_v, g_m), _ = torch.func.grad_and_value(problem.outer, argnums=(0, 1))(v, meta, task)
+    cross, _ = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, g_v, solver=Dense())
+    grads = tree_add(g_m, cross)
+    if not scale_inner:   # τ enters the query loss only: no path through the inner solution
+        assert float(cross["likelihood.scale_unconstrained"].abs()) < 1e-12
+
+    def outer_at(m):
+        return problem.outer(newton_polish(lambda vv: problem.inner(vv, m, task), v, steps=6), m, task)
+
+    assert_matches_central_differences(grads, outer_at, meta)
