@@ -35,6 +35,17 @@ def _gaussian_log_prob(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
 
 
+def _positive_attribute(module: PyroModule, name: str, value: float, learn: bool, label: str) -> None:
+    """Set ``module.<name>`` to the positive number ``value``: a positive meta-parameter
+    (a constrained ``PyroParam``) if ``learn``, else a buffer."""
+    check_positive(label, value)
+    tensor = torch.tensor(float(value))
+    if learn:
+        setattr(module, name, PyroParam(tensor, constraint=constraints.positive))
+    else:
+        module.register_buffer(name, tensor)
+
+
 class Likelihood(PyroModule):
     """Base class; see the module docstring."""
 
@@ -66,12 +77,7 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, noise: float = 0.1, learn_noise: bool = False):
         super().__init__()
-        check_positive("GaussianLikelihood noise", noise)
-        sigma = torch.tensor(float(noise))
-        if learn_noise:
-            self.noise = PyroParam(sigma, constraint=constraints.positive)
-        else:
-            self.register_buffer("noise", sigma)
+        _positive_attribute(self, "noise", noise, learn_noise, "GaussianLikelihood noise")
 
     def log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
         return _gaussian_log_prob(y, output, self.noise.to(output.dtype) ** 2)
@@ -193,12 +199,7 @@ class CategoricalLikelihood(Likelihood):
 
     def __init__(self, scale: float = 1.0, learn_scale: bool = False, scale_inner: bool = True):
         super().__init__()
-        check_positive("CategoricalLikelihood scale", scale)
-        tau = torch.tensor(float(scale))
-        if learn_scale:
-            self.scale = PyroParam(tau, constraint=constraints.positive)
-        else:
-            self.register_buffer("scale", tau)
+        _positive_attribute(self, "scale", scale, learn_scale, "CategoricalLikelihood scale")
         self.scale_inner = bool(scale_inner)
 
     def _logits(self, output: Tensor, scaled: bool = True) -> Tensor:
