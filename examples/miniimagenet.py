@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "objectives (learned); or a meta-parameter of the predictions only, the task inferred "
                             "under the plain softmax (predictive; ibaml.CategoricalLikelihood(learn_scale=True, "
                             "scale_inner=False))")
+    train.add_argument("--logit-scale-init", type=float, default=1.0, help="initial logit scale τ")
     train.add_argument("--logit-scale-meta-lr", type=float, default=1e-2,
                        help="meta learning rate of a learned logit scale (seen in log coordinates)")
     train.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk inside a batch (default: all)")
@@ -293,7 +294,7 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
     steps = inner_steps(args)
     eval_steps = args.eval_inner_steps or (2 * steps if args.method in ("maml", "fomaml") else steps)
-    likelihood = ibaml.CategoricalLikelihood(learn_scale=args.logit_scale != "fixed",
+    likelihood = ibaml.CategoricalLikelihood(scale=args.logit_scale_init, learn_scale=args.logit_scale != "fixed",
                                              scale_inner=args.logit_scale != "predictive").to(device=device, dtype=dtype)
     overrides = {}
     if args.prior_meta_lr is not None:

@@ -68,9 +68,11 @@ def parse_args(argv=None):
                    help="inner steps in meta-training (default: the method's preset, ibaml.presets.PRESETS)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: 2x inner steps for MAML/FOMAML, else the same)")
     p.add_argument("--inner-lr", type=float, default=None)
-    p.add_argument("--noise", default="shared", choices=("shared", "task"),
-                   help="observation noise: one learned scale for all tasks (shared) or a second network output "
-                        "inferred per task with the weights (task: ibaml.TaskNoiseGaussianLikelihood)")
+    p.add_argument("--noise", default="shared", choices=("shared", "task", "task-scaled"),
+                   help="observation noise: one learned scale for all tasks (shared); a log noise scale per task, "
+                        "a parameter of the network's head inferred with its weights (task: "
+                        "ibaml.TaskNoiseGaussianLikelihood with MLP(..., noise_head=True)); or the same with the "
+                        "mean in units of the noise (task-scaled: scale_mean=True)")
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
@@ -140,7 +142,7 @@ def run_config(method: str, args) -> dict:
     if method == "dkt":
         return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
     steps, eval_steps = inner_steps(method, args)
-    return dict(common, network=f"MLP(1, {HIDDEN}, 1{', noise_head=True' if args.noise == 'task' else ''})", noise=args.noise, inner_steps=steps, eval_inner_steps=eval_steps,
+    return dict(common, network=f"MLP(1, {HIDDEN}, 1{', noise_head=True' if args.noise != 'shared' else ''})", noise=args.noise, inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
                 meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
@@ -148,12 +150,12 @@ def run_config(method: str, args) -> dict:
 def make_learner(method: str, args, device, dtype, process_group=None):
     torch.manual_seed(args.seed)
     cfg = run_config(method, args)
-    if args.noise == "task":
-        likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0)
+    if args.noise.startswith("task"):
+        likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=args.noise == "task-scaled")
     else:
         likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True)
     likelihood = likelihood.to(device=device, dtype=dtype)
-    net = MLP(1, HIDDEN, 1, noise_head=args.noise == "task").to(device=device, dtype=dtype)
+    net = MLP(1, HIDDEN, 1, noise_head=args.noise != "shared").to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,

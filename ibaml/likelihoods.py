@@ -125,6 +125,11 @@ class TaskNoiseGaussianLikelihood(Likelihood):
     Args:
         noise: the standard deviation ``σ > 0`` at ``g = 0``.
         max_log_ratio: ``c``, the bound on ``|log(σ / noise)|``.
+        scale_mean: the mean in units of the noise, ``μ = σ f`` (``y / σ ~ N(f, 1)``): the
+            Normal–inverse-gamma structure of Bayesian linear regression, where the prior
+            over the function scales with the noise, so a task's inferred scale widens its
+            epistemic uncertainty as well as its noise, and the per-point objective is
+            convex in ``(f, 1/σ)``.
 
     Example
     -------
@@ -133,38 +138,54 @@ class TaskNoiseGaussianLikelihood(Likelihood):
     torch.Size([4])
     """
 
-    def __init__(self, noise: float = 1.0, max_log_ratio: float = 5.0):
+    def __init__(self, noise: float = 1.0, max_log_ratio: float = 5.0, scale_mean: bool = False):
         super().__init__()
         check_positive("TaskNoiseGaussianLikelihood noise", noise)
         check_positive("TaskNoiseGaussianLikelihood max_log_ratio", max_log_ratio)
         self.register_buffer("log_noise", torch.tensor(math.log(float(noise))))
         self.max_log_ratio = float(max_log_ratio)
+        self.scale_mean = bool(scale_mean)
 
-    def _split(self, output: Tensor):
+    def _parts(self, output: Tensor):
+        """``(f, log σ, ∂ log σ/∂g)`` from the outputs ``[..., 2d]``."""
         d = output.shape[-1]
         if d % 2:
             raise ValueError(f"TaskNoiseGaussianLikelihood needs 2d network outputs for d targets, got {d}")
         c = self.max_log_ratio
-        return output[..., : d // 2], c * torch.tanh(output[..., d // 2:] / c) + self.log_noise.to(output.dtype)
+        t = torch.tanh(output[..., d // 2:] / c)
+        return output[..., : d // 2], c * t + self.log_noise.to(output.dtype), 1 - t ** 2
+
+    def _split(self, output: Tensor):
+        """``(μ, log σ)``: the mean (``σ f`` with ``scale_mean``, else ``f``) and the log scale."""
+        f, log_std, _ = self._parts(output)
+        return (torch.exp(log_std) * f if self.scale_mean else f), log_std
 
     def log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
         mean, log_std = self._split(output)
         return _gaussian_log_prob(y, mean, torch.exp(2 * log_std))
 
     def output_curvature(self, output: Tensor) -> Tensor:
-        """Fisher information per output entry ``[N, 2d]``: ``1/σ²`` (means), ``2 (∂ log σ/∂g)²`` (scales)."""
-        d = output.shape[-1] // 2
-        mean, log_std = self._split(output)
-        slope = 1 - torch.tanh(output[..., d:] / self.max_log_ratio) ** 2
+        """Fisher information per output entry ``[N, 2d]`` (its diagonal): ``1/σ²`` for the means
+        and ``2 σ'²`` for the log scales, or with ``scale_mean`` ``1`` and ``σ'² (f² + 2)``."""
+        f, log_std, slope = self._parts(output)
+        if self.scale_mean:
+            return torch.cat([torch.ones_like(f), slope ** 2 * (f ** 2 + 2)], dim=-1)
         return torch.cat([torch.exp(-2 * log_std), 2 * slope ** 2], dim=-1)
 
     def log_prob_gaussian_outputs(self, mean: Tensor, var: Tensor, y: Tensor) -> Tensor:
-        """``log N(y; m_μ, s_μ + E[σ²])`` per point ``[N]`` for outputs ``N(mean, var)`` (``[N, 2d]``
-        each), ``E[σ²] = σ(m_g)² exp(2 σ'(m_g)² s_g)`` with ``log σ`` linearised in ``g`` at ``m_g``."""
-        m, m_log_std = self._split(mean)
-        d = m.shape[-1]
-        slope = 1 - torch.tanh(mean[..., d:] / self.max_log_ratio) ** 2
-        return _gaussian_log_prob(y, m, var[..., :d] + torch.exp(2 * m_log_std + 2 * slope ** 2 * var[..., d:]))
+        """``log N(y; E[μ], Var[y])`` per point ``[N]`` for outputs ``N(mean, var)`` (``[N, 2d]`` each),
+        with ``log σ`` linearised in ``g`` at ``m_g`` (``log σ ~ N(log σ(m_g), σ'² s_g)``, independent
+        of ``f``): ``E[σ²] = σ(m_g)² exp(2 σ'² s_g)``; without ``scale_mean``
+        ``y ~ N(m_f, s_f + E[σ²])``; with it ``E[y] = E[σ] m_f`` and
+        ``Var[y] = E[σ²] (1 + s_f + m_f²) − E[σ]² m_f²``, ``E[σ] = σ(m_g) exp(σ'² s_g / 2)``."""
+        m_f, log_std, slope = self._parts(mean)
+        d = m_f.shape[-1]
+        s_f, s_log_std = var[..., :d], slope ** 2 * var[..., d:]
+        second = torch.exp(2 * log_std + 2 * s_log_std)                 # E[σ²]
+        if not self.scale_mean:
+            return _gaussian_log_prob(y, m_f, s_f + second)
+        first = torch.exp(log_std + 0.5 * s_log_std)                     # E[σ]
+        return _gaussian_log_prob(y, first * m_f, second * (1 + s_f + m_f ** 2) - (first * m_f) ** 2)
 
     def predictive(self, outputs: Tensor) -> Tuple[Tensor, Tensor]:
         """Moment-matched predictive from ``S`` output samples ``[S, N, 2d]``: mean

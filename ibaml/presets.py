@@ -134,8 +134,8 @@ PRESETS = {
 #: non-finite iterate (measured at the start of meta-training on sine: 4 of 25 tasks after
 #: 3 steps); each weight's step is bounded by 1.
 TASK_NOISE = {
-    "imaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0, inner_steps=20),
-    "ibaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0, inner_steps=20),
+    "imaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0),
+    "ibaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0),
 }
 
 CLASSIFICATION = {

@@ -29,37 +29,41 @@ def test_log_prob_is_the_gaussian_with_the_output_noise():
         lik.log_prob_points(torch.zeros(2, 3, dtype=DT), torch.zeros(2, 1, dtype=DT))
 
 
-def test_output_curvature_is_the_fisher_information():
+@pytest.mark.parametrize("scale_mean", [False, True])
+def test_output_curvature_is_the_fisher_information(scale_mean):
     """``E_y[−∂² log p / ∂f²]`` on the diagonal; the two points ``y = μ ± σ`` match the first two
     moments of ``y``, which is all the Hessian depends on."""
-    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.8, max_log_ratio=2.0).to(DT)
+    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.8, max_log_ratio=2.0, scale_mean=scale_mean).to(DT)
     out = torch.tensor([[0.4, 0.9]], dtype=DT)
     sigma = 0.8 * math.exp(2.0 * math.tanh(0.9 / 2.0))
+    mu = sigma * 0.4 if scale_mean else 0.4
     hessians = [torch.autograd.functional.hessian(
-        lambda f: -lik.log_prob_points(f[None], torch.tensor([[0.4 + sign * sigma]], dtype=DT)).sum(), out[0])
+        lambda f: -lik.log_prob_points(f[None], torch.tensor([[mu + sign * sigma]], dtype=DT)).sum(), out[0])
         for sign in (1.0, -1.0)]
     fisher = 0.5 * (hessians[0] + hessians[1])
     assert torch.allclose(lik.output_curvature(out)[0], torch.diagonal(fisher), rtol=1e-8)
-    assert abs(float(fisher[0, 1])) < 1e-12     # the mean and the scale are orthogonal
+    if not scale_mean:
+        assert abs(float(fisher[0, 1])) < 1e-12     # the mean and the scale are orthogonal
 
 
-def test_gaussian_outputs_reduce_to_the_point_likelihood_and_widen_with_variance():
-    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.5).to(DT)
+@pytest.mark.parametrize("scale_mean", [False, True])
+def test_gaussian_outputs_reduce_to_the_point_likelihood_and_widen_with_variance(scale_mean):
+    lik = ibaml.TaskNoiseGaussianLikelihood(noise=0.5, scale_mean=scale_mean).to(DT)
     mean = torch.tensor([[0.2, -0.3], [0.5, 0.1]], dtype=DT)
     y = torch.tensor([[1.5], [0.4]], dtype=DT)
     zero = torch.zeros_like(mean)
     assert torch.allclose(lik.log_prob_gaussian_outputs(mean, zero, y), lik.log_prob_points(mean, y))
     mu, var = lik.predictive(mean[None])
-    assert torch.allclose(mu, mean[:, :1]) and torch.allclose(var, torch.exp(2 * lik._split(mean)[1]))
+    assert torch.allclose(mu, lik._split(mean)[0]) and torch.allclose(var, torch.exp(2 * lik._split(mean)[1]))
     wider = lik.log_prob_gaussian_outputs(mean, torch.full_like(mean, 0.3), y)
     assert wider[0] > lik.log_prob_points(mean, y)[0]    # a residual of 1.3 is better explained
 
 
-def task_noise_problem():
+def task_noise_problem(scale_mean=False):
     torch.manual_seed(0)
     net = MLP(1, (5,), 1, activation=torch.nn.Tanh, noise_head=True).to(DT)
     prior = priors.DiagonalGaussian.from_module(net, include=priors.last_layer(net), init_scale=0.7)
-    model = ibaml.TaskModel(net, prior, ibaml.TaskNoiseGaussianLikelihood(0.5).to(DT))
+    model = ibaml.TaskModel(net, prior, ibaml.TaskNoiseGaussianLikelihood(0.5, scale_mean=scale_mean).to(DT))
     inference = ibaml.Variational(expectation="linearized")
     problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30, max_step={"mean": 1.0, "rho": 1.0}), 30))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
@@ -71,8 +75,9 @@ def solution(problem, meta, task):
     return newton_polish(lambda vv: problem.inner(vv, meta, task), v, steps=8)
 
 
-def test_implicit_gradient_with_task_noise_matches_finite_differences():
-    problem, meta, task = task_noise_problem()
+@pytest.mark.parametrize("scale_mean", [False, True])
+def test_implicit_gradient_with_task_noise_matches_finite_differences(scale_mean):
+    problem, meta, task = task_noise_problem(scale_mean)
     v = solution(problem, meta, task)
     gv = torch.func.grad(lambda vv: problem.inner(vv, meta, task))(v)
     assert max(float(g.abs().max()) for g in gv.values()) < 1e-9
