@@ -33,11 +33,17 @@ def collect(paths):
     return rows
 
 
-def knobs(config) -> str:
-    """The inner-problem options a run set, ``preset`` if none."""
+def knobs(config, learned_scale=None) -> str:
+    """The inner-problem options a run set, ``preset`` if none; a learned logit scale as
+    ``τ MODE from INIT at META_LR → FINAL``."""
     set_ = [f"{k}={config[k]}" for k in KNOBS if config.get(k) is not None]
     if config.get("meta_lr", DEFAULT_META_LR) != DEFAULT_META_LR:
         set_.append(f"meta_lr={config['meta_lr']}")
+    mode = config.get("logit_scale")
+    if mode not in (None, "fixed") or (mode is None and learned_scale not in (None, 1.0)):
+        # runs older than these options used τ = 1 and 10⁻²; None means the method's preset
+        init, lr = config.get("logit_scale_init", 1.0), config.get("logit_scale_meta_lr", 0.01)
+        set_.append(f"τ {mode or 'preset'} from {init or 'preset'} at {lr or 'preset'} → {learned_scale:.2f}")
     return ", ".join(set_) or "preset"
 
 
@@ -51,7 +57,7 @@ def markdown(rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows.items():
         c = m["config"]
-        values = [name, c["method"], str(c["shots"]), knobs(c)] + [cell(m.get(k)) for k in METRICS]
+        values = [name, c["method"], str(c["shots"]), knobs(c, m.get("logit_scale"))] + [cell(m.get(k)) for k in METRICS]
         lines.append("| " + " | ".join(values + [f"{m['ms_per_meta_iter'] / 1000:.2f}"]) + " |")
     return "\n".join(lines)
 

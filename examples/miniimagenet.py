@@ -129,14 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prior-meta-lr", type=float, default=None,
                        help="meta learning rate of the prior's scales and precision (seen in log coordinates; "
                             "default: --meta-lr)")
-    train.add_argument("--logit-scale", default="fixed", choices=("fixed", "learned", "predictive"),
+    train.add_argument("--logit-scale", default=None, choices=("fixed", "learned", "predictive"),
                        help="the softmax's logit scale τ: 1 (fixed); a meta-parameter in the inner and outer "
                             "objectives (learned); or a meta-parameter of the predictions only, the task inferred "
                             "under the plain softmax (predictive; ibaml.CategoricalLikelihood(learn_scale=True, "
-                            "scale_inner=False))")
-    train.add_argument("--logit-scale-init", type=float, default=1.0, help="initial logit scale τ")
-    train.add_argument("--logit-scale-meta-lr", type=float, default=1e-2,
-                       help="meta learning rate of a learned logit scale (seen in log coordinates)")
+                            "scale_inner=False)). Default: the method's, ibaml.presets.LOGIT_SCALE")
+    train.add_argument("--logit-scale-init", type=float, default=None,
+                       help="initial logit scale τ (default: the method's preset, else 1)")
+    train.add_argument("--logit-scale-meta-lr", type=float, default=None,
+                       help="meta learning rate of a learned logit scale, seen in log coordinates (default: the "
+                            "method's preset, else 1e-2)")
     train.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk inside a batch (default: all)")
     train.add_argument("--val-every", type=int, default=500, help="validate every N meta-iterations (0: never)")
     train.add_argument("--val-tasks", type=int, default=100)
@@ -178,7 +180,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 16:
         p.error(f"--image-size must be at least 16 (four 2x2 poolings in Conv4), got {args.image_size}")
-    for name in ("inner_lr", "meta_lr", "precision", "init_scale", "kl_weight"):
+    for name in ("inner_lr", "meta_lr", "precision", "init_scale", "kl_weight", "logit_scale_init",
+                 "logit_scale_meta_lr"):
         value = getattr(args, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
@@ -287,6 +290,14 @@ def default_inner_lr(args) -> float:
     return 0.01 if inner_optimizer(args) == "adam" else None
 
 
+def logit_scale(args) -> dict:
+    """``{"mode", "init", "meta_lr"}`` of the softmax's logit scale: the options given, else the
+    method's :data:`ibaml.presets.LOGIT_SCALE`, else a fixed scale of 1."""
+    preset = dict(mode="fixed", init=1.0, meta_lr=1e-2, **ibaml.presets.LOGIT_SCALE.get(args.method, {}))
+    given = {"mode": args.logit_scale, "init": args.logit_scale_init, "meta_lr": args.logit_scale_meta_lr}
+    return {k: (v if v is not None else preset[k]) for k, v in given.items()}
+
+
 def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     C, H, _ = image_shape
     torch.manual_seed(args.seed)
@@ -294,13 +305,14 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
     steps = inner_steps(args)
     eval_steps = args.eval_inner_steps or (2 * steps if args.method in ("maml", "fomaml") else steps)
-    likelihood = ibaml.CategoricalLikelihood(scale=args.logit_scale_init, learn_scale=args.logit_scale != "fixed",
-                                             scale_inner=args.logit_scale != "predictive").to(device=device, dtype=dtype)
+    scale = logit_scale(args)
+    likelihood = ibaml.CategoricalLikelihood(scale=scale["init"], learn_scale=scale["mode"] != "fixed",
+                                             scale_inner=scale["mode"] != "predictive").to(device=device, dtype=dtype)
     overrides = {}
     if args.prior_meta_lr is not None:
         overrides[r"prior\.(scale|precision)"] = args.prior_meta_lr
-    if args.logit_scale != "fixed":
-        overrides[r"likelihood\.scale"] = args.logit_scale_meta_lr
+    if scale["mode"] != "fixed":
+        overrides[r"likelihood\.scale"] = scale["meta_lr"]
     return ibaml.build_learner(args.method, net, likelihood, inner_steps=steps, eval_inner_steps=eval_steps,
                                inner_optimizer=inner_optimizer(args), inner_lr=args.inner_lr or default_inner_lr(args),
                                cg_steps=args.cg_steps,
