@@ -8,7 +8,9 @@ accuracy and calibration.
 
 Each meta-iteration samples ``--meta-batch`` N-way K-shot tasks (``--ways``, ``--shots``,
 ``--query`` images per class) from the training classes and takes one meta-step of the chosen
-method with a Conv4 network (``--channels`` filters, batch norm with batch statistics). Every
+method with a Conv4 network (``--channels`` filters, batch norm with batch statistics) and a
+softmax likelihood whose logit scale is a meta-parameter of the predictions
+(``--logit-scale``, default :data:`ibaml.presets.LOGIT_SCALE`). Every
 ``--val-every`` iterations the learner adapts to ``--val-tasks`` fixed validation tasks; the
 parameters with the best validation accuracy go to ``DIR/best.pt``. Every
 ``--checkpoint-every`` iterations (and at the last one) the whole training state goes to
@@ -22,7 +24,8 @@ evaluation sizes, the data location and the checkpoint interval may change.
 At the end the best-validation parameters (the final ones without validation) adapt to
 ``--eval-tasks`` test tasks, sampled and evaluated ``--eval-chunk`` tasks at a time so that
 memory stays bounded, and the script writes ``DIR/metrics.json`` (accuracy, NLL, ECE, MCE,
-Brier, each ``{"mean", "ci95"}`` over the test tasks), ``DIR/report.md`` and
+Brier and mean confidence, each ``{"mean", "ci95"}`` over the test tasks, and the learned
+logit scale), ``DIR/report.md`` and
 ``DIR/reliability.png``. Evaluation draws from its own seeds and leaves the training
 generators untouched, so validating more or less often does not change the trajectory.
 
@@ -293,7 +296,7 @@ def default_inner_lr(args) -> float:
 def logit_scale(args) -> dict:
     """``{"mode", "init", "meta_lr"}`` of the softmax's logit scale: the options given, else the
     method's :data:`ibaml.presets.LOGIT_SCALE`, else a fixed scale of 1."""
-    preset = dict(mode="fixed", init=1.0, meta_lr=1e-2, **ibaml.presets.LOGIT_SCALE.get(args.method, {}))
+    preset = {"mode": "fixed", "init": 1.0, "meta_lr": 1e-2, **ibaml.presets.LOGIT_SCALE.get(args.method, {})}
     given = {"mode": args.logit_scale, "init": args.logit_scale_init, "meta_lr": args.logit_scale_meta_lr}
     return {k: (v if v is not None else preset[k]) for k, v in given.items()}
 

@@ -43,7 +43,8 @@ abml        10           PriorPreconditioned (proximal step 0.002 on the means, 
 ==========  ===========  ==============================================================
 
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 30 and ABML's and
-iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (:data:`CLASSIFICATION`).
+iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (:data:`CLASSIFICATION`), and the image example gives
+every method a meta-learned logit scale on its predictions (:data:`LOGIT_SCALE`).
 
 ``β = 1`` with σ = 1 on the head is the exact (untempered) posterior of the model. The
 linearised expectation (:class:`Variational`, ``expectation="linearized"``) removes the
@@ -128,11 +129,13 @@ PRESETS = {
 #: With these presets, 1-shot / 5-shot: iBaML 0.682 / 0.820, ABML 0.664 / 0.893, iMAML
 #: 0.673 / 0.885, MAML 0.631 / 0.834; all the prior-based methods are under-confident at this
 #: budget (ECE 0.19–0.24 against MAML's 0.16–0.17).
-#: defaults that differ for a noise inferred per task (a :class:`TaskNoiseGaussianLikelihood`):
-#: the inner problem is no longer quadratic in the head (the mean's curvature ``1/σ²`` depends
-#: on the noise output), and an unbounded Newton step from the prior can overshoot to a
-#: non-finite iterate (measured at the start of meta-training on sine: 4 of 25 tasks after
-#: 3 steps); each weight's step is bounded by 1.
+#: defaults that differ for a noise inferred per task (a :class:`TaskNoiseGaussianLikelihood`
+#: with a :class:`ibaml.models.NoiseHead`): the inner problem is no longer quadratic in the
+#: head (the mean's curvature ``1/σ²`` depends on the noise, and the Hessian in the mean and
+#: the log noise is indefinite wherever a residual is non-zero), and an unbounded Newton step
+#: from the prior can overshoot to a non-finite iterate; each weight's step is bounded by 1 and
+#: damped in the prior's metric, and the log noise's prior starts at σ = 0.1, close to one
+#: noise shared by all tasks. On sine this does not yet learn (README, "A noise scale per task").
 TASK_NOISE = {
     "imaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0),
     "ibaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0, noise_prior_scale=0.1),
@@ -163,16 +166,17 @@ CLASSIFICATION = {
 #: ``"learned"`` (τ a meta-parameter of inner and outer objectives) or ``"predictive"`` (a
 #: meta-parameter of the predictions only: ``CategoricalLikelihood(scale=init,
 #: learn_scale=True, scale_inner=False)``), ``init`` and the meta learning rate ``meta_lr``.
-#: A prior strong enough to make the inner problem of a softmax head well posed shrinks its
-#: logits (iBaML at ``λ = β/σ² = 10``: mean confidence 0.50 at accuracy 0.68), and a
+#: Every method gets the same, as every method gets a learned noise in regression. A prior
+#: strong enough to make the inner problem of a softmax head well posed shrinks its logits
+#: (iBaML at ``λ = β/σ² = 10`` with τ = 1: mean confidence 0.50 at accuracy 0.68), and a
 #: predictive scale undoes that without touching the inner problem. Measured on the stroke
-#: benchmark (5-way 1-shot, 300 meta-iterations): τ from 2 reached 4.0, iBaML 0.734 accuracy,
-#: ECE 0.127 (fixed: 0.682, 0.216); from 1 at ``meta_lr`` 10⁻² it stayed at 1.28 (ECE 0.173)
-#: and at 3·10⁻² or 10⁻¹ it collapsed early (τ 0.04, chance); τ in the inner problem too ran
-#: to 126 at 10⁻² (the inner problem unsolved) and reached ECE 0.196 at 10⁻³.
-LOGIT_SCALE = {
-    "ibaml": dict(mode="predictive", init=2.0, meta_lr=1e-2),
-}
+#: benchmark (5-way 1-shot, 300 meta-iterations; ``docs/results/image_benchmark``): τ from 2
+#: reached 4.0, iBaML 0.734 accuracy, ECE 0.127 (τ = 1: 0.682, 0.216); from 1 at ``meta_lr``
+#: 10⁻² it stayed at 1.28 (ECE 0.173), at 3·10⁻² or 10⁻¹ it collapsed early (τ 0.2 and 0.04,
+#: accuracy 0.53 and 0.46); τ in the inner problem too ran to 126 at 10⁻² (the inner problem
+#: unsolved, chance) and reached ECE 0.196 at 10⁻³. MAML: 0.660 and 0.157 (τ = 1: 0.631 and
+#: 0.164); iMAML 0.711 and 0.134 (0.673 and 0.243).
+LOGIT_SCALE = {method: dict(mode="predictive", init=2.0, meta_lr=1e-2) for method in METHODS}
 
 
 def _included(net: nn.Module, include):
