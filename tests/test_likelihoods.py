@@ -130,3 +130,13 @@ def test_implicit_gradient_with_learned_logit_scale_matches_finite_differences(s
         return problem.outer(newton_polish(lambda vv: problem.inner(vv, m, task), v, steps=6), m, task)
 
     assert_matches_central_differences(grads, outer_at, meta)
+
+
+def test_task_noise_presets_start_the_log_noise_prior_narrow_and_bound_newton():
+    net = MLP(1, (8,), 1, noise_head=True)
+    learner = ibaml.build_learner("ibaml", net, ibaml.TaskNoiseGaussianLikelihood(1.0), seed=0)
+    scale = learner.prior.unflat(learner.prior.scale.detach())
+    assert torch.allclose(scale["2.log_noise"], torch.tensor([0.1]))
+    assert torch.allclose(scale["2.weight"], torch.ones(1, 8))
+    optimizer = learner.problem.inner_loop.optimizer
+    assert optimizer.max_step == {"rho": 3.0, "mean": 1.0, "w": 1.0} and optimizer.prior_damping == 1.0

@@ -187,3 +187,15 @@ def test_log_prob_alone_meta_trains(method):
     assert all(math.isfinite(loss) for loss in losses)
     after = learner.meta_params()
     assert all(not torch.equal(before[k], after[k]) for k in ("prior.loc_unconstrained", "prior.scale_unconstrained"))
+
+
+def test_init_scale_per_entry_tensor():
+    net = torch.nn.Linear(3, 2)
+    per_entry = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    prior = priors.DiagonalGaussian.from_module(net, init_scale={"weight": per_entry, "bias": 0.7})
+    scale = prior.unflat(prior.scale.detach())
+    assert torch.allclose(scale["weight"], per_entry) and torch.allclose(scale["bias"], torch.full((2,), 0.7))
+    with pytest.raises(ValueError, match="shape"):
+        priors.DiagonalGaussian.from_module(net, init_scale={"weight": torch.ones(3), "bias": 0.7})
+    with pytest.raises(ValueError, match="positive"):
+        priors.DiagonalGaussian.from_module(net, init_scale={"weight": -per_entry, "bias": 0.7})
