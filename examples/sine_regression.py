@@ -142,7 +142,8 @@ def run_config(method: str, args) -> dict:
     if method == "dkt":
         return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
     steps, eval_steps = inner_steps(method, args)
-    return dict(common, network=f"MLP(1, {HIDDEN}, 1{', noise_head=True' if args.noise != 'shared' else ''})", noise=args.noise, inner_steps=steps, eval_inner_steps=eval_steps,
+    network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if args.noise != "shared" else f"MLP(1, {HIDDEN}, 1)"
+    return dict(common, network=network, noise=args.noise, inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
                 meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
@@ -290,9 +291,8 @@ def run_method(method, args, device, dtype, out_dir, ctx=None):
 
     plt.close(fig)
     result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result)
-    if method != "dkt":
-        if hasattr(model.likelihood, "noise"):
-            result["noise_std"] = float(model.likelihood.noise.detach())
+    if method != "dkt" and hasattr(model.likelihood, "noise"):     # one noise scale shared by all tasks
+        result["noise_std"] = float(model.likelihood.noise.detach())
     (method_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 

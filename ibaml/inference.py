@@ -71,7 +71,7 @@ class MAP:
         return nll - model.prior_call(meta, "log_prob", w)
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
-        return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"], True).mean()
+        return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"], predictive=True).mean()
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
         return self.curvature(v, model.prior_call(meta, "precision_diag"))
@@ -210,7 +210,7 @@ class Variational:
             mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
             return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy).mean()
         samples = self.weight_samples(v, task["eps_outer"])
-        loglik = model.log_likelihood_samples(meta, samples, qx, qy, True)  # [M', Q]
+        loglik = model.log_likelihood_samples(meta, samples, qx, qy, predictive=True)  # [M', Q]
         return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:

@@ -223,26 +223,29 @@ class CategoricalLikelihood(Likelihood):
         _positive_attribute(self, "scale", scale, learn_scale, "CategoricalLikelihood scale")
         self.scale_inner = bool(scale_inner)
 
-    def _logits(self, output: Tensor, scaled: bool = True) -> Tensor:
-        return self.scale.to(output.dtype) * output if scaled else output
+    def _inner_scale(self, output: Tensor):
+        """The logit scale of :meth:`log_prob_points`: ``τ``, or ``1`` where ``τ`` applies only
+        to the predictions."""
+        return self.scale.to(output.dtype) if self.scale_inner else 1.0
 
     @staticmethod
     def _log_prob(logits: Tensor, y: Tensor) -> Tensor:
         return torch.log_softmax(logits, dim=-1).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
 
     def log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
-        return self._log_prob(self._logits(output, self.scale_inner), y)
+        return self._log_prob(self._inner_scale(output) * output, y)
 
     def predictive_log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
         """``log softmax(τ f)_y``, whether or not ``τ`` applies in the inner objective."""
-        return self._log_prob(self._logits(output), y)
+        return self._log_prob(self.scale.to(output.dtype) * output, y)
 
     def output_curvature(self, output: Tensor) -> Tensor:
         """The diagonal of ``−∂² log p(y | f) / ∂f² = τ² (diag(p) − ppᵀ)`` of :meth:`log_prob_points`:
         ``τ² p (1 − p)`` ``[N, C]`` (``τ = 1`` where it applies only to the predictions)."""
-        p = torch.softmax(self._logits(output, self.scale_inner), dim=-1)
-        return (self.scale.to(output.dtype) ** 2 if self.scale_inner else 1.0) * p * (1 - p)
+        tau = self._inner_scale(output)
+        p = torch.softmax(tau * output, dim=-1)
+        return tau ** 2 * p * (1 - p)
 
     def predictive(self, outputs: Tensor) -> Tensor:
         """Class probabilities averaged over ``S`` samples: ``(1/S) Σ_s softmax(τ f_s)`` ``[N, C]``."""
-        return torch.softmax(self._logits(outputs), dim=-1).mean(0)
+        return torch.softmax(self.scale.to(outputs.dtype) * outputs, dim=-1).mean(0)
