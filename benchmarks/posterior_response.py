@@ -7,7 +7,8 @@ Each folder is an ``examples/sine_regression.py`` run of a variational method (i
 support sizes ``K ∈ {1, 3, 10, 30}`` it adapts to ``--tasks`` fresh ``K``-shot tasks and reports
 
 * the in-range epistemic predictive variance ``mean_x [v(x) − σ²]`` over query points
-  ``x ∈ [−5, 5]``, ``v`` the posterior-predictive variance and ``σ²`` the learned noise, and
+  ``x ∈ [−5, 5]``, ``v`` the posterior-predictive variance and ``σ²`` the learned noise (the
+  task's ``σ_t² = r σ²`` for ``--noise conjugate``), and
 * the weight-posterior variance relative to the prior's, ``mean_i s_i/σ_i²``, per network
   tensor the prior covers.
 
@@ -45,7 +46,11 @@ def load_learner(folder: Path):
     dtype = getattr(torch, cfg["dtype"])
     torch.manual_seed(cfg["seed"])
     net = MLP(1, (40, 40), 1).to(dtype)
-    likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(dtype)
+    if cfg.get("noise", "shared") == "conjugate":
+        likelihood = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=cfg["noise_prior_count"],
+                                                            learn_noise=True).to(dtype)
+    else:
+        likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(dtype)
     learner = ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                   eval_inner_steps=cfg["eval_inner_steps"], cg_steps=cfg["cg_steps"], seed=cfg["seed"])
     learner.load_training_state(state["model"])
@@ -62,8 +67,9 @@ def response(learner, tasks: int, seed: int = 0) -> dict:
         batch = SineTaskDistribution(shots=K, query=20).sample(tasks, torch.Generator().manual_seed(seed + K))
         posterior = learner.adapt(batch.support_x, batch.support_y)
         _, var = learner.predict(posterior, batch.query_x, num_samples=200)
+        task_noise_var = noise_var if posterior.noise_ratio is None else noise_var * posterior.noise_ratio[:, None, None]
         ratio = (posterior.variance() / prior_var).mean(0)
-        rows[K] = {"epistemic_variance": float((var - noise_var).mean()),
+        rows[K] = {"epistemic_variance": float((var - task_noise_var).mean()),
                    "variance_ratio": {n: float(ratio[segment == i].mean()) for i, n in enumerate(prior.names)}}
     return {"noise_variance": noise_var, "shots": rows,
             "epistemic_30_over_1": rows[30]["epistemic_variance"] / rows[1]["epistemic_variance"],

@@ -68,11 +68,16 @@ def parse_args(argv=None):
                    help="inner steps in meta-training (default: the method's preset, ibaml.presets.PRESETS)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: 2x inner steps for MAML/FOMAML, else the same)")
     p.add_argument("--inner-lr", type=float, default=None)
-    p.add_argument("--noise", default="shared", choices=("shared", "task", "task-scaled"),
-                   help="observation noise: one learned scale for all tasks (shared); a log noise scale per task, "
+    p.add_argument("--noise", default=None, choices=("shared", "conjugate", "task", "task-scaled"),
+                   help="observation noise (default: the method's, ibaml.presets.REGRESSION_NOISE): one learned "
+                        "scale for all tasks (shared); a noise variance per task "
+                        "inferred in closed form under a conjugate inverse-gamma prior, the Normal-inverse-gamma "
+                        "model (conjugate: ibaml.ConjugateNoiseGaussianLikelihood); a log noise scale per task, "
                         "a parameter of the network's head inferred with its weights (task: "
                         "ibaml.TaskNoiseGaussianLikelihood with MLP(..., noise_head=True)); or the same with the "
                         "mean in units of the noise (task-scaled: scale_mean=True)")
+    p.add_argument("--noise-prior-count", type=float, default=1.0,
+                   help="--noise conjugate: the initial pseudo-count a0 of the inverse-gamma prior (meta-learned)")
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
@@ -135,6 +140,11 @@ def inner_steps(method: str, args):
     return steps, eval_steps
 
 
+def noise_model(method: str, args) -> str:
+    """``--noise``, or the method's default (:data:`ibaml.presets.REGRESSION_NOISE`)."""
+    return args.noise or ibaml.presets.REGRESSION_NOISE.get(method, "shared")
+
+
 def run_config(method: str, args) -> dict:
     """The settings that fix a method's meta-training trajectory; a checkpoint must match them all."""
     common = {"method": method, "shots": args.shots, "query": args.query, "meta_batch": args.meta_batch,
@@ -142,8 +152,11 @@ def run_config(method: str, args) -> dict:
     if method == "dkt":
         return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
     steps, eval_steps = inner_steps(method, args)
-    network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if args.noise != "shared" else f"MLP(1, {HIDDEN}, 1)"
-    return dict(common, network=network, noise=args.noise, inner_steps=steps, eval_inner_steps=eval_steps,
+    noise = noise_model(method, args)
+    network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if noise.startswith("task") else f"MLP(1, {HIDDEN}, 1)"
+    if noise == "conjugate":
+        common["noise_prior_count"] = args.noise_prior_count
+    return dict(common, network=network, noise=noise, inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
                 meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
@@ -151,12 +164,16 @@ def run_config(method: str, args) -> dict:
 def make_learner(method: str, args, device, dtype, process_group=None):
     torch.manual_seed(args.seed)
     cfg = run_config(method, args)
-    if args.noise.startswith("task"):
-        likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=args.noise == "task-scaled")
+    noise = cfg["noise"]
+    if noise.startswith("task"):
+        likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=noise == "task-scaled")
+    elif noise == "conjugate":
+        likelihood = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=args.noise_prior_count,
+                                                            learn_noise=True)
     else:
         likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True)
     likelihood = likelihood.to(device=device, dtype=dtype)
-    net = MLP(1, HIDDEN, 1, noise_head=args.noise != "shared").to(device=device, dtype=dtype)
+    net = MLP(1, HIDDEN, 1, noise_head=noise.startswith("task")).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,
@@ -293,6 +310,8 @@ def run_method(method, args, device, dtype, out_dir, ctx=None):
     result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result)
     if method != "dkt" and hasattr(model.likelihood, "noise"):     # one noise scale shared by all tasks
         result["noise_std"] = float(model.likelihood.noise.detach())
+    if method != "dkt" and hasattr(model.likelihood, "prior_count"):   # the conjugate task noise's a0
+        result["noise_prior_count"] = float(model.likelihood.prior_count.detach())
     (method_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 

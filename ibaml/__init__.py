@@ -12,7 +12,8 @@ from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
 from .implicit import implicit_diff, implicit_vjp
 from .inference import MAP, InnerLoop, TaskProblem, Variational
 from .learner import MetaLearner, NonFiniteError, Posterior
-from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood, TaskNoiseGaussianLikelihood
+from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
+                          TaskNoiseGaussianLikelihood)
 from .model import TaskModel
 from .presets import METHODS, build_learner
 
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "linalg", "optim", "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem",
     "HypergradEstimator", "Implicit", "Explicit", "FirstOrder", "MetaLearner", "NonFiniteError", "Posterior",
-    "GaussianLikelihood", "TaskNoiseGaussianLikelihood", "CategoricalLikelihood", "Likelihood", "TaskModel", "build_learner", "METHODS",
+    "GaussianLikelihood", "ConjugateNoiseGaussianLikelihood", "TaskNoiseGaussianLikelihood", "CategoricalLikelihood", "Likelihood", "TaskModel", "build_learner", "METHODS",
 ]

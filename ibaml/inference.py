@@ -55,6 +55,29 @@ def _inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+def task_noise_ratio(model: TaskModel, meta, w: Tensor, task: Task) -> Optional[Tensor]:
+    """The task's noise-variance ratio ``r = σ_t²/σ²`` of a likelihood with a conjugate task noise
+    (:class:`ibaml.ConjugateNoiseGaussianLikelihood`; ``None`` for any other), from the support
+    set at the posterior mean (or mode) ``w``:
+
+        r = (a₀ + ½ [Σ_n (y_n − f(x_n; w))²/σ² + 2 (log p(μ; θ) − log p(w; θ))]) / (a₀ + N/2)
+
+    with ``μ`` the prior's location (the prior term is ``(w − μ)ᵀ Σ⁻¹ (w − μ)`` for a Gaussian).
+    A function of the solution and θ: the implicit gradient differentiates it like the rest of
+    the outer objective."""
+    if not hasattr(model.likelihood, "noise_ratio"):
+        return None
+    sx, sy = task["support_x"], task["support_y"]
+    data = model.likelihood_call(meta, "squared_deviation", model.net_output(meta, w, sx), sy).sum()
+    location = model.prior_call(meta, "location")
+    prior = 2 * (model.prior_call(meta, "log_prob", location) - model.prior_call(meta, "log_prob", w))
+    return model.likelihood_call(meta, "noise_ratio", data, prior, sy.numel())
+
+
+def _ratio_kwargs(ratio: Optional[Tensor]) -> Dict[str, Tensor]:
+    return {} if ratio is None else {"noise_ratio": ratio}
+
+
 class MAP:
     """Maximum a posteriori task inference; see the module docstring."""
 
@@ -71,7 +94,13 @@ class MAP:
         return nll - model.prior_call(meta, "log_prob", w)
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
-        return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"], predictive=True).mean()
+        ratio = task_noise_ratio(model, meta, v["w"], task)
+        return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"], predictive=True,
+                                     **_ratio_kwargs(ratio)).mean()
+
+    def point(self, v) -> Tensor:
+        """The task weights' point estimate: the mode ``w``."""
+        return v["w"]
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
         return self.curvature(v, model.prior_call(meta, "precision_diag"))
@@ -201,17 +230,27 @@ class Variational:
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         qx, qy = task["query_x"], task["query_y"]
         if self.outer == "elbo":
+            if hasattr(model.likelihood, "noise_ratio"):
+                raise ValueError("outer='elbo' is the inner model's objective and has no task noise; use "
+                                 "outer='predictive' with a ConjugateNoiseGaussianLikelihood")
             eps = self._draws_of(task, "eps_outer")
             sx, sy = task["support_x"], task["support_y"]
             nll = self.expected_nll(model, v, meta, sx, sy, eps) + self.expected_nll(model, v, meta, qx, qy, eps)
             kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
             return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
+        ratio = task_noise_ratio(model, meta, v["mean"], task)
         if self.expectation == "linearized" and hasattr(model.likelihood, "log_prob_gaussian_outputs"):
             mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
-            return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy).mean()
-        samples = self.weight_samples(v, task["eps_outer"])
-        loglik = model.log_likelihood_samples(meta, samples, qx, qy, predictive=True)  # [M', Q]
-        return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()
+            return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy,
+                                          *(() if ratio is None else (ratio,))).mean()
+        eps = task["eps_outer"] if ratio is None else torch.sqrt(ratio) * task["eps_outer"]   # draws under σ_t
+        samples = self.weight_samples(v, eps)
+        loglik = model.log_likelihood_samples(meta, samples, qx, qy, predictive=True, **_ratio_kwargs(ratio))
+        return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()             # [M', Q] → scalar
+
+    def point(self, v) -> Tensor:
+        """The task weights' point estimate: the posterior mean ``m``."""
+        return v["mean"]
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
         """Prior curvature: ``β/σ²`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ``."""

@@ -33,7 +33,7 @@ from priors.base import Prior
 
 from . import distributed
 from .hypergrad import HypergradEstimator, Implicit
-from .inference import MAP, InnerLoop, TaskProblem, Variational
+from .inference import MAP, InnerLoop, TaskProblem, Variational, task_noise_ratio
 from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 from .model import TaskModel
 from .optim import SGD
@@ -52,6 +52,8 @@ class Posterior:
     params: Dict[str, Tensor]
     method: Any
     diagnostics: Dict[str, Tensor]
+    #: per task ``[T]``: ``σ_t²/σ²`` of a :class:`ibaml.ConjugateNoiseGaussianLikelihood`, else ``None``
+    noise_ratio: Optional[Tensor] = None
 
     @property
     def num_tasks(self) -> int:
@@ -167,7 +169,7 @@ def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, f
 
 
 class MetaLearner(nn.Module):
-    """Network + learnable prior + likelihood + inference method + hypergradient estimator.
+    r"""Network + learnable prior + likelihood + inference method + hypergradient estimator.
 
     Args:
         net: the network (an ``nn.Module`` usable with ``torch.func.functional_call``).
@@ -408,12 +410,16 @@ class MetaLearner(nn.Module):
         meta = self.meta_params()
         steps = self.eval_inner_steps if steps is None else int(steps)
 
+        conjugate_noise = hasattr(self.likelihood, "noise_ratio")
+
         def solve(t):
             v, diag = self.problem.solve(meta, t, differentiable=False, steps=steps)
-            return v, diag._asdict()
+            extra = {"noise_ratio": task_noise_ratio(self.model, meta, self.method.point(v), t)} if conjugate_noise else {}
+            return v, diag._asdict(), extra
 
-        params, diagnostics = self._vmap(solve, task)
-        return Posterior(params, self.method, diagnostics)
+        params, diagnostics, extra = self._vmap(solve, task)
+        ratio = extra.get("noise_ratio")
+        return Posterior(params, self.method, diagnostics, None if ratio is None else ratio.detach())
 
     def posterior_outputs(self, posterior: Posterior, x: Tensor, num_samples: Optional[int] = None) -> Tensor:
         """Network outputs at posterior draws: ``[T, S, N, ...]`` for inputs ``x [T, N, ...]``."""
@@ -433,10 +439,14 @@ class MetaLearner(nn.Module):
         """Posterior predictive at ``x [T, N, ...]``.
 
         Regression (Gaussian likelihood): ``(mean, var)`` each ``[T, N, d]`` with
-        ``var = Var_s f(x; w_s) + σ²``. Classification: probabilities ``[T, N, C]``
+        ``var = Var_s f(x; w_s) + σ²`` (times the task's ``posterior.noise_ratio`` where the noise is
+        inferred per task, :class:`ibaml.ConjugateNoiseGaussianLikelihood`). Classification: probabilities ``[T, N, C]``
         averaged over posterior draws."""
         outputs = self.posterior_outputs(posterior, x, num_samples)
         meta = self.meta_params()
+        if posterior.noise_ratio is not None:   # each task's inferred noise (ConjugateNoiseGaussianLikelihood)
+            return torch.func.vmap(lambda o, r: self.model.likelihood_call(meta, "predictive", o, r))(
+                outputs, posterior.noise_ratio)
         return torch.func.vmap(lambda o: self.model.likelihood_call(meta, "predictive", o))(outputs)
 
     def evaluate(self, batch, steps: Optional[int] = None, num_samples: Optional[int] = None, name: str = ""):

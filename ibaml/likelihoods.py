@@ -99,6 +99,80 @@ class GaussianLikelihood(Likelihood):
         return mean, var
 
 
+class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
+    """``y ~ N(f(x; w), σ_t²)`` with a noise variance per task under a conjugate prior, inferred in
+    closed form from the task's support set: the Normal–inverse-gamma model of Bayesian linear
+    regression,
+
+        σ_t² ~ InvGamma(a₀, a₀ σ²),   w | σ_t² ~ N(μ, (σ_t²/σ²) Σ),   y | w, σ_t² ~ N(f(x; w), σ_t²)
+
+    (``σ`` the meta-learned noise scale, ``μ, Σ`` the prior over the task weights, ``a₀`` a
+    meta-learned pseudo-count). For a linear-Gaussian head the posterior mean of ``w`` does not
+    depend on ``σ_t`` (the data and the prior both scale with it), so the inner problem is that
+    of :class:`GaussianLikelihood` with noise ``σ`` and is solved as before; the noise's
+    posterior is ``InvGamma(a₀ + N/2, b_N)`` with
+
+        b_N / σ² = a₀ + ½ [Σ_n (y_n − f(x_n; m))² / σ² + (m − μ)ᵀ Σ⁻¹ (m − μ)]
+
+    at the posterior mean (or mode) ``m`` over the ``N`` support entries, and the predictive of
+    the weights' posterior ``N(m, S)`` is scaled by
+
+        r = σ_t² / σ² = b_N / (a_N σ²),   a_N = a₀ + N/2:   p(y | x) ≈ N(y; f(x; m), r (φᵀ S φ + σ²))
+
+    (``σ_t² = b_N/a_N = 1/E[σ_t⁻²]``; a Gaussian with the scale of the Student-t predictive). A
+    task that the prior's mean function explains poorly (large residuals, or weights far from
+    the prior) gets a wider predictive than one it explains well, which one shared noise cannot
+    do: its predictive variance does not depend on the observed values. ``a₀ → ∞`` recovers the
+    shared noise. With priors other than Gaussian the same formula uses
+    ``2 [log p(μ) − log p(m)]`` in place of the quadratic form.
+
+    Args:
+        noise: ``σ > 0``.
+        prior_count: ``a₀ > 0``.
+        learn_noise, learn_prior_count: learn ``σ``, ``a₀`` as positive meta-parameters.
+
+    Example
+    -------
+    >>> lik = ConjugateNoiseGaussianLikelihood(noise=0.5, prior_count=2.0)
+    >>> float(lik.noise_ratio(torch.tensor(12.0), torch.tensor(0.0), 10))   # (2 + 6) / (2 + 5)
+    1.1428571428571428
+    """
+
+    def __init__(self, noise: float = 0.1, prior_count: float = 1.0, learn_noise: bool = False,
+                 learn_prior_count: bool = True):
+        super().__init__(noise, learn_noise)
+        _positive_attribute(self, "prior_count", prior_count, learn_prior_count,
+                            "ConjugateNoiseGaussianLikelihood prior_count")
+
+    def squared_deviation(self, output: Tensor, y: Tensor) -> Tensor:
+        """``Σ_d (y_d − f_d)² / σ²`` per point ``[N]``."""
+        per_entry = (y - output) ** 2 / self.noise.to(output.dtype) ** 2
+        return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
+
+    def noise_ratio(self, data_deviation: Tensor, prior_deviation: Tensor, num_entries: int) -> Tensor:
+        """``r = (a₀ + ½ (data_deviation + prior_deviation)) / (a₀ + num_entries / 2)`` (the class
+        docstring), from the support's :meth:`squared_deviation` summed and the prior's quadratic
+        form at the posterior mean."""
+        a0 = self.prior_count.to(data_deviation.dtype)
+        return (a0 + 0.5 * (data_deviation + prior_deviation)) / (a0 + 0.5 * num_entries)
+
+    def predictive_log_prob_points(self, output: Tensor, y: Tensor, noise_ratio=None) -> Tensor:
+        """``log N(y; f, r σ²)`` per point (``r = 1`` if not given)."""
+        ratio = 1.0 if noise_ratio is None else noise_ratio
+        return _gaussian_log_prob(y, output, ratio * self.noise.to(output.dtype) ** 2)
+
+    def log_prob_gaussian_outputs(self, mean: Tensor, var: Tensor, y: Tensor, noise_ratio=None) -> Tensor:
+        """``log N(y; mean, r (var + σ²))`` per point ``[N]`` (``r = 1`` if not given)."""
+        ratio = 1.0 if noise_ratio is None else noise_ratio
+        return _gaussian_log_prob(y, mean, ratio * (var + self.noise.to(mean.dtype) ** 2))
+
+    def predictive(self, outputs: Tensor, noise_ratio=None) -> Tuple[Tensor, Tensor]:
+        """:meth:`GaussianLikelihood.predictive` with the variance scaled by ``r`` (if given): the
+        draws ``outputs [S, N, d]`` of the weights' posterior at ``σ`` spread by ``√r`` under ``σ_t``."""
+        mean, var = super().predictive(outputs)
+        return mean, (var if noise_ratio is None else noise_ratio * var)
+
+
 class TaskNoiseGaussianLikelihood(Likelihood):
     """``y ~ N(μ, σ²)`` with the noise scale a task parameter: the network has ``2d`` outputs
     ``(μ, g)`` for ``d`` targets, the mean and the log standard deviation relative to

@@ -125,13 +125,15 @@ class TaskModel(nn.Module):
     def _net_output(self, w: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.net, self.prior.unflat(w), (x,))
 
-    def _points_log_prob(self, output: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+    def _points_log_prob(self, output: Tensor, y: Tensor, predictive: bool = False, noise_ratio=None) -> Tensor:
+        if noise_ratio is not None:
+            return self.likelihood.predictive_log_prob_points(output, y, noise_ratio)
         if predictive:
             return self.likelihood.predictive_log_prob_points(output, y)
         return self.likelihood.log_prob_points(output, y)
 
-    def _log_likelihood(self, w: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
-        return self._points_log_prob(self._net_output(w, x), y, predictive)
+    def _log_likelihood(self, w: Tensor, x: Tensor, y: Tensor, predictive: bool = False, noise_ratio=None) -> Tensor:
+        return self._points_log_prob(self._net_output(w, x), y, predictive, noise_ratio)
 
     def _net_outputs(self, weights: Tensor, x: Tensor) -> Tensor:
         if self._head_keys is None:
@@ -170,9 +172,10 @@ class TaskModel(nn.Module):
                              f"{list(self.prior.names)}")
         return self._head_keys
 
-    def _log_likelihood_samples(self, weights: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+    def _log_likelihood_samples(self, weights: Tensor, x: Tensor, y: Tensor, predictive: bool = False,
+                                noise_ratio=None) -> Tensor:
         outputs = self._net_outputs(weights, x)
-        return torch.func.vmap(lambda o: self._points_log_prob(o, y, predictive))(outputs)
+        return torch.func.vmap(lambda o: self._points_log_prob(o, y, predictive, noise_ratio))(outputs)
 
     def _prior(self, method: str, *args):
         return getattr(self.prior, method)(*args)
@@ -185,10 +188,13 @@ class TaskModel(nn.Module):
         """``f(x; w, θ)``: the network with task weights ``w [D]`` and shared weights from θ."""
         return self._call(meta, "_net_output", w, x)
 
-    def log_likelihood(self, meta, w: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
+    def log_likelihood(self, meta, w: Tensor, x: Tensor, y: Tensor, predictive: bool = False,
+                       noise_ratio=None) -> Tensor:
         """Per-point ``log p(y_n | f(x_n; w), θ)`` ``[N]``; with ``predictive=True`` the likelihood
-        of predictions (:meth:`Likelihood.predictive_log_prob_points`, the outer objectives')."""
-        return self._call(meta, "_log_likelihood", w, x, y, predictive)
+        of predictions (:meth:`Likelihood.predictive_log_prob_points`, the outer objectives'), and
+        with a ``noise_ratio`` that of a task's inferred noise
+        (:class:`ibaml.ConjugateNoiseGaussianLikelihood`)."""
+        return self._call(meta, "_log_likelihood", w, x, y, predictive, noise_ratio)
 
     def net_outputs(self, meta, weights: Tensor, x: Tensor) -> Tensor:
         """``f(x; w_j, θ)`` for draws ``weights [S, D]``: ``[S, N, ...]``. Where the prior covers
@@ -197,10 +203,11 @@ class TaskModel(nn.Module):
         last layer of an ``nn.Sequential``), the shared features are computed once for all draws."""
         return self._call(meta, "_net_outputs", weights, x)
 
-    def log_likelihood_samples(self, meta, weights: Tensor, x: Tensor, y: Tensor, predictive: bool = False) -> Tensor:
-        """``log p(y_n | f(x_n; w_j), θ)`` for draws ``weights [S, D]``: ``[S, N]`` (``predictive`` as
-        in :meth:`log_likelihood`)."""
-        return self._call(meta, "_log_likelihood_samples", weights, x, y, predictive)
+    def log_likelihood_samples(self, meta, weights: Tensor, x: Tensor, y: Tensor, predictive: bool = False,
+                               noise_ratio=None) -> Tensor:
+        """``log p(y_n | f(x_n; w_j), θ)`` for draws ``weights [S, D]``: ``[S, N]`` (``predictive`` and
+        ``noise_ratio`` as in :meth:`log_likelihood`)."""
+        return self._call(meta, "_log_likelihood_samples", weights, x, y, predictive, noise_ratio)
 
     def head_outputs(self, meta, mean: Tensor, var: Tensor, x: Tensor):
         """Mean and variance ``[N, C]`` of a linear head's outputs under ``N(mean, diag var)``:

@@ -75,21 +75,30 @@ def solution(problem, meta, task):
     return newton_polish(lambda vv: problem.inner(vv, meta, task), v, steps=8)
 
 
+def implicit_meta_gradient(problem, meta, task, v):
+    """``(dF/dθ, its direct part ∂θF, its implicit part)`` at the solution ``v``, by a dense solve."""
+    (g_v, g_m), _ = torch.func.grad_and_value(problem.outer, argnums=(0, 1))(v, meta, task)
+    cross, _ = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, g_v, solver=Dense())
+    return tree_add(g_m, cross), g_m, cross
+
+
+def assert_matches_finite_differences_of_polished_solutions(grads, problem, meta, task, v):
+    """The perturbed problems are solved by Newton steps from the base solution (continuation): a
+    fresh solve from the prior can stop on a different, less polished iterate."""
+    def outer_at(m):
+        return problem.outer(newton_polish(lambda vv: problem.inner(vv, m, task), v, steps=6), m, task)
+
+    assert_matches_central_differences(grads, outer_at, meta)
+
+
 @pytest.mark.parametrize("scale_mean", [False, True])
 def test_implicit_gradient_with_task_noise_matches_finite_differences(scale_mean):
     problem, meta, task = task_noise_problem(scale_mean)
     v = solution(problem, meta, task)
     gv = torch.func.grad(lambda vv: problem.inner(vv, meta, task))(v)
     assert max(float(g.abs().max()) for g in gv.values()) < 1e-9
-    (g_v, g_m), _ = torch.func.grad_and_value(problem.outer, argnums=(0, 1))(v, meta, task)
-    cross, result = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, g_v, solver=Dense())
-    grads = tree_add(g_m, cross)
-    # the perturbed problems are solved by Newton steps from the base solution (continuation):
-    # a fresh solve from the prior can stop on a different, less polished iterate
-    def outer_at(m):
-        return problem.outer(newton_polish(lambda vv: problem.inner(vv, m, task), v, steps=6), m, task)
-
-    assert_matches_central_differences(grads, outer_at, meta)
+    grads, _, _ = implicit_meta_gradient(problem, meta, task, v)
+    assert_matches_finite_differences_of_polished_solutions(grads, problem, meta, task, v)
 
 
 def test_logit_scale_applies_to_the_inner_objective_only_when_asked():
@@ -120,16 +129,10 @@ def test_implicit_gradient_with_learned_logit_scale_matches_finite_differences(s
     task = {"support_x": torch.randn(6, 2, generator=g, dtype=DT), "support_y": torch.arange(6) % 3,
             "query_x": torch.randn(9, 2, generator=g, dtype=DT), "query_y": torch.arange(9) % 3}
     v = solution(problem, meta, task)
-    (g_v, g_m), _ = torch.func.grad_and_value(problem.outer, argnums=(0, 1))(v, meta, task)
-    cross, _ = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, g_v, solver=Dense())
-    grads = tree_add(g_m, cross)
+    grads, _, cross = implicit_meta_gradient(problem, meta, task, v)
     if not scale_inner:   # τ enters the query loss only: no path through the inner solution
         assert float(cross["likelihood.scale_unconstrained"].abs()) < 1e-12
-
-    def outer_at(m):
-        return problem.outer(newton_polish(lambda vv: problem.inner(vv, m, task), v, steps=6), m, task)
-
-    assert_matches_central_differences(grads, outer_at, meta)
+    assert_matches_finite_differences_of_polished_solutions(grads, problem, meta, task, v)
 
 
 def test_task_noise_presets_start_the_log_noise_prior_narrow_and_bound_newton():
@@ -140,3 +143,79 @@ def test_task_noise_presets_start_the_log_noise_prior_narrow_and_bound_newton():
     assert torch.allclose(scale["2.weight"], torch.ones(1, 8))
     optimizer = learner.problem.inner_loop.optimizer
     assert optimizer.max_step == {"rho": 3.0, "mean": 1.0, "w": 1.0} and optimizer.prior_damping == 1.0
+
+
+# ---------------------------------------------------------------------- conjugate task noise
+
+def conjugate_problem(method):
+    torch.manual_seed(0)
+    net = MLP(1, (5,), 1, activation=torch.nn.Tanh).to(DT)
+    prior = priors.DiagonalGaussian.from_module(net, include=priors.last_layer(net), init_scale=0.7)
+    lik = ibaml.ConjugateNoiseGaussianLikelihood(0.5, prior_count=1.5, learn_noise=True).to(DT)
+    model = ibaml.TaskModel(net, prior, lik)
+    inference = ibaml.MAP() if method == "map" else ibaml.Variational(expectation="linearized")
+    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30), 10))
+    meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+    return problem, meta, tiny_task(n=8)
+
+
+def test_conjugate_noise_ratio_is_the_normal_inverse_gamma_posterior():
+    """For a linear model with prior ``w | σ_t² ~ N(μ, (σ_t²/σ²) Σ)``, ``σ_t² ~ IG(a₀, a₀σ²)``, the
+    noise's exact posterior is ``IG(a₀ + N/2, b_N)``: ``b_N`` from the closed form against the ratio
+    that :func:`ibaml.inference.task_noise_ratio` computes at the solved posterior mean."""
+    problem, meta, task = conjugate_problem("map")
+    model = problem.model
+    v = solution(problem, meta, task)
+    ratio = ibaml.inference.task_noise_ratio(model, meta, v["w"], task)
+    # the textbook NIG update on the head's features (weights then bias)
+    phi = torch.cat([model.net.embed(task["support_x"]), torch.ones(8, 1, dtype=DT)], 1)
+    y = task["support_y"][:, 0]
+    sigma2 = float(model.likelihood.noise) ** 2
+    prior_var = 1.0 / model.prior_call(meta, "precision_diag")            # Σ (diagonal) at σ_t = σ
+    mu0 = model.prior_call(meta, "location")
+    V0_inv = torch.diag(sigma2 / prior_var)                                 # Σ = σ² V0
+    Vn = torch.linalg.inv(V0_inv + phi.T @ phi)
+    mun = Vn @ (V0_inv @ mu0 + phi.T @ y)
+    assert torch.allclose(mun, v["w"], atol=1e-8)                           # the mean does not depend on σ_t
+    a0 = float(model.likelihood.prior_count)
+    bn = a0 * sigma2 + 0.5 * (y @ y + mu0 @ V0_inv @ mu0 - mun @ (V0_inv + phi.T @ phi) @ mun)
+    assert float(ratio) == pytest.approx(float(bn) / ((a0 + 4) * sigma2), rel=1e-10)
+
+
+def test_conjugate_noise_scales_the_predictive():
+    lik = ibaml.ConjugateNoiseGaussianLikelihood(0.5, prior_count=2.0).to(DT)
+    outputs = torch.randn(6, 4, 1, dtype=DT)
+    mean, var = lik.predictive(outputs)
+    mean2, var2 = lik.predictive(outputs, torch.tensor(3.0, dtype=DT))
+    assert torch.equal(mean, mean2) and torch.allclose(var2, 3 * var)
+    assert float(lik.noise_ratio(torch.tensor(0.0), torch.tensor(0.0), 10)) == pytest.approx(2 / 7)
+    with pytest.raises(ValueError, match="prior_count"):
+        ibaml.ConjugateNoiseGaussianLikelihood(0.5, prior_count=0.0)
+
+
+@pytest.mark.parametrize("method", ["map", "variational"])
+def test_implicit_gradient_with_conjugate_noise_matches_finite_differences(method):
+    """The outer objective reads the support set through the task's noise ratio; the meta-gradient
+    (dense implicit solve) still matches central differences of the polished solution's loss."""
+    problem, meta, task = conjugate_problem(method)
+    v = solution(problem, meta, task)
+    grads, direct, _ = implicit_meta_gradient(problem, meta, task, v)
+    assert float(direct["likelihood.prior_count_unconstrained"].abs()) > 1e-6     # a₀ is learned from the query
+    assert_matches_finite_differences_of_polished_solutions(grads, problem, meta, task, v)
+
+
+def test_learner_predicts_with_each_tasks_noise():
+    torch.manual_seed(0)
+    net = MLP(1, (8,), 1).to(DT)
+    lik = ibaml.ConjugateNoiseGaussianLikelihood(0.3, prior_count=1.0, learn_noise=True).to(DT)
+    learner = ibaml.build_learner("ibaml", net, lik)
+    x = torch.linspace(-3, 3, 10, dtype=DT)[None, :, None].expand(2, -1, -1)
+    y = torch.stack([0.1 * torch.sin(x[0]), 4.0 * torch.sin(x[1])])        # an easy and a hard task
+    posterior = learner.adapt(x, y)
+    assert posterior.noise_ratio.shape == (2,) and posterior.noise_ratio[1] > posterior.noise_ratio[0]
+    state = learner.generator.get_state()
+    _, var = learner.predict(posterior, x)
+    learner.generator.set_state(state)                                       # the same posterior draws
+    plain = ibaml.GaussianLikelihood(0.3).to(DT).predictive(learner.posterior_outputs(posterior, x)[1])[1]
+    assert torch.allclose(var[1], posterior.noise_ratio[1] * plain)
+    learner.meta_step({"support_x": x, "support_y": y, "query_x": x, "query_y": y})
