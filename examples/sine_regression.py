@@ -168,8 +168,7 @@ def make_learner(method: str, args, device, dtype, process_group=None):
     if noise.startswith("task"):
         likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=noise == "task-scaled")
     elif noise == "conjugate":
-        likelihood = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=args.noise_prior_count,
-                                                            learn_noise=True)
+        likelihood = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=args.noise_prior_count)
     else:
         likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True)
     likelihood = likelihood.to(device=device, dtype=dtype)
@@ -308,10 +307,13 @@ def run_method(method, args, device, dtype, out_dir, ctx=None):
 
     plt.close(fig)
     result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result)
-    if method != "dkt" and hasattr(model.likelihood, "noise"):     # one noise scale shared by all tasks
+    if method != "dkt" and hasattr(model.likelihood, "noise") and not hasattr(model.likelihood, "noise_ratio"):
+        # one noise scale shared by all tasks
         result["noise_std"] = float(model.likelihood.noise.detach())
-    if method != "dkt" and hasattr(model.likelihood, "prior_count"):   # the conjugate task noise's a0
-        result["noise_prior_count"] = float(model.likelihood.prior_count.detach())
+    if method != "dkt" and hasattr(model.likelihood, "prior_count"):   # the conjugate task noise's prior
+        result["noise_prior"] = {"count": float(model.likelihood.prior_count.detach()),
+                                 "scale": float(model.likelihood.prior_noise.detach()),
+                                 "evidence_scale": float(model.likelihood.evidence_scale.detach())}
     (method_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 

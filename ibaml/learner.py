@@ -440,10 +440,23 @@ class MetaLearner(nn.Module):
 
         Regression (Gaussian likelihood): ``(mean, var)`` each ``[T, N, d]`` with
         ``var = Var_s f(x; w_s) + σ²`` (times the task's ``posterior.noise_ratio`` where the noise is
-        inferred per task, :class:`ibaml.ConjugateNoiseGaussianLikelihood`). Classification: probabilities ``[T, N, C]``
+        inferred per task, :class:`ibaml.ConjugateNoiseGaussianLikelihood`); for a variational
+        posterior over a linear head with the linearised expectation the outputs are Gaussian and
+        the predictive is exact, ``var = φ(x)²ᵀ s + σ²``, with no draws (``num_samples`` unused). Classification: probabilities ``[T, N, C]``
         averaged over posterior draws."""
-        outputs = self.posterior_outputs(posterior, x, num_samples)
         meta = self.meta_params()
+        method = posterior.method
+        extra = () if posterior.noise_ratio is None else (posterior.noise_ratio,)
+        if (isinstance(method, Variational) and method.expectation == "linearized"
+                and hasattr(self.likelihood, "predictive_gaussian_outputs")):
+            x = x.to(device=self.prior.initial_weights.device, dtype=self.prior.initial_weights.dtype)
+
+            def exact(v, x_t, *ratio):   # a linear-Gaussian head: the outputs are Gaussian, no draws needed
+                out_mean, out_var = self.model.head_outputs(meta, method.point(v), method.variance(v), x_t)
+                return self.model.likelihood_call(meta, "predictive_gaussian_outputs", out_mean, out_var, *ratio)
+
+            return torch.func.vmap(exact, chunk_size=self.chunk_size)(posterior.params, x, *extra)
+        outputs = self.posterior_outputs(posterior, x, num_samples)
         if posterior.noise_ratio is not None:   # each task's inferred noise (ConjugateNoiseGaussianLikelihood)
             return torch.func.vmap(lambda o, r: self.model.likelihood_call(meta, "predictive", o, r))(
                 outputs, posterior.noise_ratio)

@@ -91,6 +91,10 @@ class GaussianLikelihood(Likelihood):
         (outputs Gaussian under the posterior, as those of a linear head are)."""
         return _gaussian_log_prob(y, mean, var + self.noise.to(mean.dtype) ** 2)
 
+    def predictive_gaussian_outputs(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        """The exact predictive for outputs ``N(mean, var)``: ``(mean, var + σ²)``."""
+        return mean, var + self.noise.to(mean.dtype) ** 2
+
     def predictive(self, outputs: Tensor) -> Tuple[Tensor, Tensor]:
         """Moment-matched predictive from ``S`` output samples ``[S, N, d]``:
         mean ``(1/S) Σ_s f_s`` and variance ``Var_s(f_s) + σ²`` (both ``[N, d]``)."""
@@ -104,45 +108,58 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     closed form from the task's support set: the Normal–inverse-gamma model of Bayesian linear
     regression,
 
-        σ_t² ~ InvGamma(a₀, a₀ σ²),   w | σ_t² ~ N(μ, (σ_t²/σ²) Σ),   y | w, σ_t² ~ N(f(x; w), σ_t²)
+        σ_t² ~ InvGamma(a₀, a₀ s₀²),   w | σ_t² ~ N(μ, (σ_t²/σ²) Σ),   y | w, σ_t² ~ N(f(x; w), σ_t²)
 
-    (``σ`` the meta-learned noise scale, ``μ, Σ`` the prior over the task weights, ``a₀`` a
-    meta-learned pseudo-count). For a linear-Gaussian head the posterior mean of ``w`` does not
-    depend on ``σ_t`` (the data and the prior both scale with it), so the inner problem is that
-    of :class:`GaussianLikelihood` with noise ``σ`` and is solved as before; the noise's
-    posterior is ``InvGamma(a₀ + N/2, b_N)`` with
+    with ``μ, Σ`` the prior over the task weights expressed at a reference noise ``σ`` (a fixed
+    unit, ``noise``), and the pseudo-count ``a₀`` and the prior noise scale ``s₀`` meta-learned.
+    For a linear-Gaussian head the posterior mean of ``w`` does not depend on ``σ_t`` (the data
+    and the prior both scale with it), so the inner problem is that of :class:`GaussianLikelihood`
+    with noise ``σ`` and is solved as before; the noise's posterior is ``InvGamma(a₀ + N/2, b_N)``,
 
-        b_N / σ² = a₀ + ½ [Σ_n (y_n − f(x_n; m))² / σ² + (m − μ)ᵀ Σ⁻¹ (m − μ)]
+        b_N / σ² = a₀ s₀²/σ² + ½ [Σ_n (y_n − f(x_n; m))² / σ² + (m − μ)ᵀ Σ⁻¹ (m − μ)]
 
     at the posterior mean (or mode) ``m`` over the ``N`` support entries, and the predictive of
-    the weights' posterior ``N(m, S)`` is scaled by
+    the weights' posterior ``N(m, S)`` (at ``σ``) is scaled by
 
         r = σ_t² / σ² = b_N / (a_N σ²),   a_N = a₀ + N/2:   p(y | x) ≈ N(y; f(x; m), r (φᵀ S φ + σ²))
 
-    (``σ_t² = b_N/a_N = 1/E[σ_t⁻²]``; a Gaussian with the scale of the Student-t predictive). A
+    (``σ_t² = b_N/a_N = 1/E[σ_t⁻²]``: a Gaussian with the scale of the Student-t predictive). A
     task that the prior's mean function explains poorly (large residuals, or weights far from
     the prior) gets a wider predictive than one it explains well, which one shared noise cannot
-    do: its predictive variance does not depend on the observed values. ``a₀ → ∞`` recovers the
-    shared noise. With priors other than Gaussian the same formula uses
-    ``2 [log p(μ) − log p(m)]`` in place of the quadratic form.
+    do: its predictive variance does not depend on the observed values. ``a₀ → ∞`` recovers one
+    shared noise ``s₀``. The reference ``σ`` is not learned: only ``Σ/σ²`` enters the weights'
+    posterior and only ``a₀ s₀²`` the noise's, so a learned ``σ`` would be a direction of the
+    meta-parameters that changes nothing but the conditioning of the inner problem. With priors
+    other than Gaussian the same formula uses ``2 [log p(μ) − log p(m)]`` in place of the
+    quadratic form.
+
+    The support's deviations are in-sample: the weights were fitted to them, so they
+    underestimate the query's, and the prior term, in units of a meta-learned prior, need not
+    match either. ``evidence_scale`` ``γ`` weighs them, ``b_N/σ² = a₀ s₀²/σ² + ½ γ D``
+    (``γ = 1``: the model above); meta-learned, it is the ratio of the query's squared deviations
+    to the support's that the predictive uses, the one free scale of the predictive once
+    ``a₀`` is small (``r → γ D / N``).
 
     Args:
-        noise: ``σ > 0``.
+        noise: the reference ``σ > 0`` (fixed).
         prior_count: ``a₀ > 0``.
-        learn_noise, learn_prior_count: learn ``σ``, ``a₀`` as positive meta-parameters.
+        prior_noise: ``s₀ > 0``.
+        evidence_scale: ``γ > 0``.
+        learn_prior: learn ``a₀``, ``s₀`` and ``γ`` as positive meta-parameters.
 
     Example
     -------
-    >>> lik = ConjugateNoiseGaussianLikelihood(noise=0.5, prior_count=2.0)
-    >>> float(lik.noise_ratio(torch.tensor(12.0), torch.tensor(0.0), 10))   # (2 + 6) / (2 + 5)
-    1.1428571428571428
+    >>> lik = ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=2.0, prior_noise=0.5)
+    >>> float(lik.noise_ratio(torch.tensor(12.0), torch.tensor(0.0), 10))   # (2 · 0.25 + 6) / (2 + 5)
+    0.9285714285714286
     """
 
-    def __init__(self, noise: float = 0.1, prior_count: float = 1.0, learn_noise: bool = False,
-                 learn_prior_count: bool = True):
-        super().__init__(noise, learn_noise)
-        _positive_attribute(self, "prior_count", prior_count, learn_prior_count,
-                            "ConjugateNoiseGaussianLikelihood prior_count")
+    def __init__(self, noise: float = 1.0, prior_count: float = 1.0, prior_noise: float = 1.0,
+                 evidence_scale: float = 1.0, learn_prior: bool = True):
+        super().__init__(noise, learn_noise=False)
+        for name, value in (("prior_count", prior_count), ("prior_noise", prior_noise),
+                            ("evidence_scale", evidence_scale)):
+            _positive_attribute(self, name, value, learn_prior, f"ConjugateNoiseGaussianLikelihood {name}")
 
     def squared_deviation(self, output: Tensor, y: Tensor) -> Tensor:
         """``Σ_d (y_d − f_d)² / σ²`` per point ``[N]``."""
@@ -150,11 +167,14 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
 
     def noise_ratio(self, data_deviation: Tensor, prior_deviation: Tensor, num_entries: int) -> Tensor:
-        """``r = (a₀ + ½ (data_deviation + prior_deviation)) / (a₀ + num_entries / 2)`` (the class
-        docstring), from the support's :meth:`squared_deviation` summed and the prior's quadratic
-        form at the posterior mean."""
-        a0 = self.prior_count.to(data_deviation.dtype)
-        return (a0 + 0.5 * (data_deviation + prior_deviation)) / (a0 + 0.5 * num_entries)
+        """``r = (a₀ s₀²/σ² + ½ γ (data_deviation + prior_deviation)) / (a₀ + num_entries / 2)`` (the
+        class docstring), from the support's :meth:`squared_deviation` summed and the prior's
+        quadratic form at the posterior mean."""
+        dtype = data_deviation.dtype
+        a0 = self.prior_count.to(dtype)
+        b0 = a0 * (self.prior_noise.to(dtype) / self.noise.to(dtype)) ** 2
+        evidence = self.evidence_scale.to(dtype) * (data_deviation + prior_deviation)
+        return (b0 + 0.5 * evidence) / (a0 + 0.5 * num_entries)
 
     def predictive_log_prob_points(self, output: Tensor, y: Tensor, noise_ratio=None) -> Tensor:
         """``log N(y; f, r σ²)`` per point (``r = 1`` if not given)."""
@@ -165,6 +185,11 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         """``log N(y; mean, r (var + σ²))`` per point ``[N]`` (``r = 1`` if not given)."""
         ratio = 1.0 if noise_ratio is None else noise_ratio
         return _gaussian_log_prob(y, mean, ratio * (var + self.noise.to(mean.dtype) ** 2))
+
+    def predictive_gaussian_outputs(self, mean: Tensor, var: Tensor, noise_ratio=None) -> Tuple[Tensor, Tensor]:
+        """``(mean, r (var + σ²))`` (``r = 1`` if not given)."""
+        ratio = 1.0 if noise_ratio is None else noise_ratio
+        return mean, ratio * (var + self.noise.to(mean.dtype) ** 2)
 
     def predictive(self, outputs: Tensor, noise_ratio=None) -> Tuple[Tensor, Tensor]:
         """:meth:`GaussianLikelihood.predictive` with the variance scaled by ``r`` (if given): the
