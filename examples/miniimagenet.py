@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="outer objective of abml/ibaml: the query predictive, or ABML's support-and-query ELBO")
     task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
+    task.add_argument("--outer-samples", type=int, default=None,
+                      help="posterior draws in the meta-training predictive (abml, ibaml; default: the preset's)")
 
     train = p.add_argument_group("training and evaluation")
     train.add_argument("--meta-batch", type=int, default=2)
@@ -178,7 +180,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.ways < 2:
         p.error(f"--ways must be at least 2, got {args.ways}")
-    for name in ("inner_steps", "eval_inner_steps", "chunk_size", "threads"):
+    for name in ("inner_steps", "eval_inner_steps", "chunk_size", "threads", "outer_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 16:
@@ -306,6 +308,8 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     torch.manual_seed(args.seed)
     net = Conv4(in_channels=C, hidden=args.channels, out_dim=args.ways, image_size=H).to(device=device, dtype=dtype)
     extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
+    if args.outer_samples is not None:
+        extra["num_outer_samples"] = args.outer_samples
     steps = inner_steps(args)
     eval_steps = args.eval_inner_steps or (2 * steps if args.method in ("maml", "fomaml") else steps)
     scale = logit_scale(args)

@@ -141,6 +141,19 @@ class Variational:
             exact for a Gaussian likelihood (a linear-Gaussian head), where the query
             predictive is also exact, ``N(y; φᵀm, (φ²)ᵀs + σ²)``; no Monte Carlo noise enters
             the inner problem, whose stationary variances are ``s = 1/(1/σ² + h/β)``.
+        variance_start: where the inner loop starts the variances: ``"prior"`` (``s₀`` as
+            in :meth:`init`) or ``"fixed_point"``, one fixed-point (natural-gradient) step on
+            the precisions from there (:meth:`task_init`)::
+
+                1/s₁ = 1/s₀ + (2/β) ∂G/∂s (m₀, s₀)
+
+            which is the stationary variance ``1/s = 1/σ² + (2/β) ∂E_q[NLL]/∂s`` evaluated at
+            the start; exact in one step for the linearised expectation of a linear-Gaussian
+            head, where ``∂E_q[NLL]/∂s = ½h`` depends on neither ``m`` nor ``s``. Newton steps
+            on ``ρ = log s`` from above move ``log s`` by about −1 each
+            (``∂²/∂ρ²`` of ``½ h eᵖ − ½ β ρ`` is ``½ h eᵖ``), so a posterior ``eᴷ`` times
+            narrower than the prior is not reached in ``K`` steps; from the fixed point the
+            variance block starts solved.
         antithetic: draw the standard-normal ``ε`` in pairs ``(ε, −ε)`` (:meth:`draws`).
             The odd terms of the Monte Carlo error then cancel: for weights that enter the
             output linearly (a head) the fixed-draw objective's mean block is exactly that of
@@ -163,6 +176,7 @@ class Variational:
     antithetic: bool = False
     variance_param: str = "softplus"
     expectation: str = "sampled"
+    variance_start: str = "prior"
     name = "variational"
     needs_noise = True
 
@@ -173,6 +187,8 @@ class Variational:
             raise ValueError(f"Variational variance_param must be 'softplus' or 'std', got {self.variance_param!r}")
         if self.expectation not in ("sampled", "linearized"):
             raise ValueError(f"Variational expectation must be 'sampled' or 'linearized', got {self.expectation!r}")
+        if self.variance_start not in ("prior", "fixed_point"):
+            raise ValueError(f"Variational variance_start must be 'prior' or 'fixed_point', got {self.variance_start!r}")
         if self.outer not in ("predictive", "elbo"):
             raise ValueError(f"Variational outer must be 'predictive' or 'elbo', got {self.outer!r}")
         for arg in ("num_samples", "num_outer_samples"):
@@ -205,6 +221,21 @@ class Variational:
         if self.variance_param == "std":
             return {"mean": mean, "std": torch.sqrt(torch.clamp(var0 - self.min_variance, min=1e-30))}
         return {"mean": mean, "rho": _inverse_softplus(torch.clamp(var0 - self.min_variance, min=1e-30))}
+
+    def task_init(self, model: TaskModel, meta, task: Task) -> ParamDict:
+        """The inner loop's start for ``task``: :meth:`init`, then with
+        ``variance_start="fixed_point"`` the variances ``1/s₁ = 1/s₀ + (2/β) ∂G/∂s`` (at most
+        doubled where ``∂G/∂s < 0``, possible with sampled draws)."""
+        v0 = self.init(model, meta)
+        if self.variance_start == "prior":
+            return v0
+        key = "std" if "std" in v0 else "rho"
+        grad = torch.func.grad(lambda u: self.inner_objective(model, dict(v0, **{key: u}), meta, task))(v0[key])
+        s0 = self.variance(v0)
+        ds = 2.0 * v0["std"] if key == "std" else torch.sigmoid(v0["rho"])       # s'(u), s'(ρ)
+        precision = torch.clamp(1.0 / s0 + (2.0 / self.beta) * grad / ds, min=0.5 / s0)
+        free = torch.clamp(1.0 / precision - self.min_variance, min=1e-30)
+        return dict(v0, **{key: torch.sqrt(free) if key == "std" else _inverse_softplus(free)})
 
     def weight_samples(self, v, eps: Tensor) -> Tensor:
         """``w_j = m + √s ⊙ ε_j`` ``[S, D]``."""
@@ -362,10 +393,16 @@ class TaskProblem:
 
     def solve(self, meta, task: Task, differentiable: bool = False, v0: Optional[ParamDict] = None,
               steps: Optional[int] = None, diagnose: bool = True):
-        """``(v*, diagnostics)`` after the inner loop from ``v0`` (default ``init(θ)``);
+        """``(v*, diagnostics)`` after the inner loop from ``v0`` (default the method's
+        ``task_init(θ, task)`` where it has one, else ``init(θ)``);
         see :meth:`InnerLoop.run` for ``diagnose``."""
         loop = self.inner_loop if steps is None else InnerLoop(self.inner_loop.optimizer, steps)
-        start = self.init(meta) if v0 is None else v0
+        if v0 is not None:
+            start = v0
+        elif hasattr(self.method, "task_init"):
+            start = self.method.task_init(self.model, meta, task)
+        else:
+            start = self.init(meta)
         curvature = None
         if getattr(loop.optimizer, "needs_curvature", False):
             if hasattr(self.method, "curvature"):

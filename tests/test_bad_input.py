@@ -204,7 +204,7 @@ def other_method_checkpoint(tmp):
     (out / "ibaml").mkdir(exist_ok=True)
     (out / "ibaml" / "last.pt").write_bytes((out / "imaml" / "last.pt").read_bytes())
     with contextlib.redirect_stdout(io.StringIO()):
-        sine_regression.main(RUN + ["--method", "ibaml", "--resume", str(out), "--out", str(tmp / "again")])
+        sine_regression.main(RUN + ["--method", "ibaml", "--noise", "shared", "--resume", str(out), "--out", str(tmp / "again")])
 
 
 NONFINITE_HINT = "; lower the inner learning rate, add CG damping, or use nonfinite='skip'"
