@@ -7,8 +7,10 @@
 Each run's ``metrics.json`` is read; the table lists, per run, the method, shots, the inner
 problem's knobs that were set (``precision``, ``init_scale``, ``kl_weight``, inner optimiser
 and steps, a meta learning rate other than 10⁻³; ``preset`` where the method's defaults were used), test accuracy, NLL, ECE and
-Brier score (mean ± 95% CI over the test tasks) and the time per meta-iteration. ``--out``
-writes the rows (metrics and configuration) as JSON.
+Brier score (mean ± 95% CI over the test tasks), the ECE of all test points pooled (bootstrap CI
+over tasks), the same NLL and pooled ECE at the logit scale fitted to the validation tasks
+(``calibrated``, temperature scaling; ``—`` for runs that did not record them) and the time per
+meta-iteration. ``--out`` writes the rows (metrics and configuration) as JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-METRICS = ("accuracy", "nll", "ece", "brier", "confidence")
+METRICS = ("accuracy", "nll", "ece", "ece_pooled", "brier", "confidence")
+CALIBRATED = ("nll", "ece_pooled")
 KNOBS = ("precision", "init_scale", "kl_weight", "inner_optimizer", "inner_steps", "inner_lr", "prior_meta_lr")
 DEFAULT_META_LR = 1e-3
 
@@ -53,11 +56,14 @@ def cell(metric) -> str:
 
 
 def markdown(rows) -> str:
-    head = ["run", "method", "shots", "inner problem"] + list(METRICS) + ["s / meta-iter"]
+    head = (["run", "method", "shots", "inner problem"] + list(METRICS) + ["validation τ"]
+            + [f"{k} at validation τ" for k in CALIBRATED] + ["s / meta-iter"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows.items():
         c = m["config"]
         values = [name, c["method"], str(c["shots"]), knobs(c, m.get("logit_scale"))] + [cell(m.get(k)) for k in METRICS]
+        fit = m.get("calibrated", {})
+        values += [f"{fit['logit_scale']:.2f}" if fit else "—"] + [cell(fit.get(k)) for k in CALIBRATED]
         lines.append("| " + " | ".join(values + [f"{m['ms_per_meta_iter'] / 1000:.2f}"]) + " |")
     return "\n".join(lines)
 

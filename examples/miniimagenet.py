@@ -24,8 +24,9 @@ evaluation sizes, the data location and the checkpoint interval may change.
 At the end the best-validation parameters (the final ones without validation) adapt to
 ``--eval-tasks`` test tasks, sampled and evaluated ``--eval-chunk`` tasks at a time so that
 memory stays bounded, and the script writes ``DIR/metrics.json`` (accuracy, NLL, ECE, MCE,
-Brier and mean confidence, each ``{"mean", "ci95"}`` over the test tasks, and the learned
-logit scale), ``DIR/report.md`` and
+Brier and mean confidence, each ``{"mean", "ci95"}`` over the test tasks, the ECE of all test
+points pooled, and the learned logit scale; with ``--calibrate-scale``, the default, the same
+metrics under ``"calibrated"`` at the logit scale fitted to the validation tasks), ``DIR/report.md`` and
 ``DIR/reliability.png``. Evaluation draws from its own seeds and leaves the training
 generators untouched, so validating more or less often does not change the trajectory.
 
@@ -58,7 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ibaml
-from ibaml.calibration import CalibrationReport
+from ibaml.calibration import CalibrationReport, fit_logit_scale
 from ibaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet_splits, load_omniglot,
                         write_miniimagenet_fixture, write_omniglot_fixture)
@@ -73,8 +74,9 @@ NATIVE_SIZE = {"miniimagenet": 84, "omniglot": 28}
 MAML_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk",
-              "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads")
-METRICS = ("accuracy", "nll", "ece", "mce", "brier", "confidence")
+              "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads",
+              "calibrate_scale")
+METRICS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logit-scale-meta-lr", type=float, default=None,
                        help="meta learning rate of a learned logit scale, seen in log coordinates (default: the "
                             "method's preset, else 1e-2)")
+    train.add_argument("--calibrate-scale", action=argparse.BooleanOptionalAction, default=True,
+                       help="also report the test metrics at the logit scale fitted to the validation tasks "
+                            "(temperature scaling, ibaml.calibration.fit_logit_scale)")
     train.add_argument("--chunk-size", type=int, default=None, help="tasks per vmap chunk inside a batch (default: all)")
     train.add_argument("--val-every", type=int, default=500, help="validate every N meta-iterations (0: never)")
     train.add_argument("--val-tasks", type=int, default=100)
@@ -329,26 +334,40 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
                                nonfinite="skip", outer=args.outer, **extra)
 
 
-def evaluate_tasks(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
-                   name: str = "", progress: bool = True) -> CalibrationReport:
+def task_outputs(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
+                 name: str = "", progress: bool = True):
     """Adapt to ``num_tasks`` tasks drawn from ``sampler`` (reseeded with ``seed``, so the same
-    tasks every call) ``chunk`` at a time and return the classification report over all of
-    them. The learner's generator is reseeded for the evaluation and restored afterwards."""
+    tasks every call) ``chunk`` at a time; returns the network's query outputs at the
+    posterior draws ``[T, S, N, C]`` (``S = 1`` for a point estimate) and the labels ``[T, N]``.
+    The learner's generator is reseeded for the evaluation and restored afterwards."""
     saved = learner.generator.get_state()
     learner.generator.manual_seed(seed)
     sampler.generator.manual_seed(seed)
-    probs, labels = [], []
+    outputs, labels = [], []
     try:
         starts = range(0, num_tasks, chunk)
         for start in tqdm(starts, desc=name or "evaluate", disable=not progress or len(starts) < 2, leave=False,
                           file=sys.stdout, mininterval=1.0):
             batch = sampler.sample(min(chunk, num_tasks - start))
             posterior = learner.adapt(batch.support_x, batch.support_y)
-            probs.append(learner.predict(posterior, batch.query_x).detach().double().cpu())
+            outputs.append(learner.posterior_outputs(posterior, batch.query_x).detach().double().cpu())
             labels.append(batch.query_y.cpu())
     finally:
         learner.generator.set_state(saved)
-    return CalibrationReport.classification(torch.cat(probs), torch.cat(labels), name=name)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def predictive(outputs, scale: float):
+    """Class probabilities ``(1/S) Σ_s softmax(τ f_s)`` ``[T, N, C]`` (``MetaLearner.predict``)."""
+    return torch.softmax(scale * outputs, dim=-1).mean(1)
+
+
+def evaluate_tasks(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
+                   name: str = "", progress: bool = True) -> CalibrationReport:
+    """The classification report over :func:`task_outputs` at the learned logit scale."""
+    outputs, labels = task_outputs(learner, sampler, num_tasks, chunk, seed, name, progress)
+    return CalibrationReport.classification(predictive(outputs, float(learner.likelihood.scale.detach())), labels,
+                                            name=name)
 
 
 # ---------------------------------------------------------------------------------- run
@@ -369,6 +388,11 @@ def write_report(out: Path, args, report: CalibrationReport, result: dict) -> No
             f"torch {torch.__version__}.\n\n"
             f"## Test: {args.eval_tasks} tasks, {args.query} queries per class (mean ± 95% CI over tasks)\n\n"
             f"Evaluated with {which}.\n\n{report.to_markdown()}\n\n![reliability diagram](reliability.png)\n")
+    if "calibrated" in result:
+        fit = result["calibrated"]
+        text += (f"\n## At the logit scale fitted to the validation tasks (temperature scaling)\n\n"
+                 f"τ = {fit['logit_scale']:.3f} (learned: {result['logit_scale']:.3f}): "
+                 + ", ".join(f"{k} {fit[k]['mean']:.4f} ± {fit[k]['ci95']:.4f}" for k in METRICS) + "\n")
     if history:
         text += f"\n## Validation ({args.val_tasks} tasks)\n\n| step | accuracy | NLL |\n|---|---|---|\n{history}\n"
     (out / "report.md").write_text(text)
@@ -448,9 +472,17 @@ def main(argv=None) -> dict:
         evaluated = {"checkpoint": "best", "step": int(best["step"])}
     else:
         evaluated = {"checkpoint": "last", "step": step}
-    report = evaluate_tasks(learner, samplers["test"], args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
-                            name=f"{args.method}, test", progress=progress)
+    outputs, labels = task_outputs(learner, samplers["test"], args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
+                                   name=f"{args.method}, test", progress=progress)
+    report = CalibrationReport.classification(predictive(outputs, float(learner.likelihood.scale.detach())), labels,
+                                              name=f"{args.method}, test")
     result = {k: report.metrics[k] for k in METRICS}
+    if args.calibrate_scale:   # temperature scaling: the scale that fits the validation tasks best
+        val_outputs, val_labels = task_outputs(learner, samplers["val"], args.val_tasks, args.eval_chunk,
+                                               10_000 + args.seed, name="validation", progress=progress)
+        fitted = fit_logit_scale(val_outputs, val_labels)
+        calibrated = CalibrationReport.classification(predictive(outputs, fitted), labels)
+        result["calibrated"] = {"logit_scale": fitted, **{k: calibrated.metrics[k] for k in METRICS}}
     result.update({
         "evaluated": evaluated, "validation": history, "num_test_tasks": args.eval_tasks,
         "train_seconds": seconds,

@@ -19,7 +19,13 @@ Classification (probabilities ``[T, Q, C]``, integer labels ``[T, Q]``, outputs 
 Every metric is computed per task and summarised as ``mean ± 1.96 · std / √T`` over tasks
 (:func:`mean_ci95`). In a :class:`CalibrationReport`, ``calibration_error`` is the pooled
 version (:func:`pooled_calibration_error`): a task of ten query points has coverages in steps of
-0.1, too coarse to compare with the diagonal task by task.
+0.1, too coarse to compare with the diagonal task by task. For the same reason a report also
+gives ``ece_pooled`` (:func:`pooled_ece`), the ECE of all tasks' query points together (its
+usual definition over a test set): the ECE of one task's few points is dominated by the
+binomial noise of its bins, so a perfectly calibrated predictive has a per-task ECE well
+above zero, and that floor falls as the accuracy rises (the bins fill near confidence 1).
+
+:func:`fit_logit_scale` fits a softmax's logit scale to held-out data (temperature scaling).
 
 Metrics are computed in float64 on the CPU, whatever the device and dtype of the inputs.
 
@@ -47,7 +53,7 @@ from torch import Tensor
 
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 REGRESSION_KEYS = ("mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps")
-CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "mce", "brier", "confidence")
+CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -301,6 +307,66 @@ def ece(probs, labels, n_bins: int = 15) -> Tensor:
     return _ece_mce(probs, labels, n_bins)[0]
 
 
+def pooled_ece(probs, labels, n_bins: int = 15, num_bootstrap: int = 1000, seed: int = 0) -> Dict[str, float]:
+    """ECE of all tasks' points pooled, ``{"mean", "ci95"}``:
+    ``ECE = Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)|`` with the bins ``B_b`` filled by every task's
+    query points (``n = T·Q``); ``ci95`` is half the central 95% interval of ``num_bootstrap``
+    resamplings of the tasks with replacement (generator seeded with ``seed``).
+
+    Per task, a bin of ``m`` points has ``|acc − conf|`` of order ``√(acc (1 − acc)/m)`` even for
+    a calibrated predictive, so the mean of per-task ECEs (:func:`ece`) measures that noise as
+    much as the miscalibration; pooled, the noise falls as ``1/√(T Q)``.
+
+    >>> round(pooled_ece(torch.tensor([[[0.9, 0.1], [0.8, 0.2]]]), torch.tensor([[0, 1]]), n_bins=2)["mean"], 6)
+    0.35
+    """
+    n_bins = _check_bins(n_bins)
+    probs, labels = _check_classification(probs, labels)
+    count, conf_sum, acc_sum = _binned(probs, labels, n_bins)              # [T, B]
+
+    def of(c, cs, a):   # sums over tasks [..., B] → ECE [...]
+        return (a - cs).abs().sum(-1) / c.sum(-1)
+
+    value = float(of(count.sum(0), conf_sum.sum(0), acc_sum.sum(0)))
+    T = count.shape[0]
+    if T < 2 or num_bootstrap < 1:
+        return {"mean": value, "ci95": 0.0}
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(T, (int(num_bootstrap), T), generator=g)
+    boot = of(count[idx].sum(1), conf_sum[idx].sum(1), acc_sum[idx].sum(1))
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
+    return {"mean": value, "ci95": (hi - lo) / 2}
+
+
+def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
+    """The logit scale that minimises the pooled NLL of held-out points (temperature scaling):
+    ``τ* = argmin_τ −Σ_{t,n} log (1/S) Σ_s softmax(τ f_{t,s,n})_{y_{t,n}}`` for network outputs
+    ``f [T, S, N, C]`` at ``S`` posterior draws (``S = 1`` for a point estimate) and labels
+    ``[T, N]``; a bounded scalar search on ``log τ`` (:func:`scipy.optimize.minimize_scalar`).
+
+    >>> f = torch.tensor([[[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]]])          # T = S = 1, N = 3
+    >>> round(fit_logit_scale(f, torch.tensor([[0, 1, 1]])), 3)             # 2 of 3 right: p = 2/3
+    0.347
+    """
+    from scipy.optimize import minimize_scalar
+
+    f = _as_float64("outputs", outputs)
+    y = torch.as_tensor(labels).long()
+    if f.dim() != 4 or y.shape != (f.shape[0], f.shape[2]):
+        raise ValueError(f"outputs must be [T, S, N, C] and labels [T, N], got {tuple(f.shape)} and {tuple(y.shape)}")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds!r}")
+    index = y[:, None, :, None].expand(-1, f.shape[1], -1, 1)
+
+    def nll(log_tau: float) -> float:
+        logp = torch.log_softmax(math.exp(log_tau) * f, -1).gather(-1, index).squeeze(-1)   # [T, S, N]
+        return float(-(torch.logsumexp(logp, 1) - math.log(f.shape[1])).sum())
+
+    result = minimize_scalar(nll, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-4})
+    return math.exp(result.x)
+
+
 def mce(probs, labels, n_bins: int = 15) -> Tensor:
     """Per-task maximum calibration error ``MCE = max_{b: B_b ≠ ∅} |acc(B_b) − conf(B_b)|``, ``[T]``.
 
@@ -424,6 +490,7 @@ class CalibrationReport:
             "accuracy": mean_ci95(accuracy(probs, labels)),
             "nll": mean_ci95(nll(probs, labels)),
             "ece": mean_ci95(e),
+            "ece_pooled": pooled_ece(probs, labels, n_bins),
             "mce": mean_ci95(m),
             "brier": mean_ci95(brier(probs, labels)),
             "confidence": mean_ci95(probs.max(-1).values.mean(-1)),

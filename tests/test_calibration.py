@@ -31,6 +31,36 @@ def test_ece_and_mce_match_torchmetrics(n_bins):
         assert ours_mce[t].item() == pytest.approx(ref_mce.item(), abs=1e-5)
 
 
+def test_pooled_ece_is_the_ece_of_all_points_and_near_zero_where_per_task_ece_is_not():
+    """Labels drawn from the predictive itself (a calibrated predictor): 200 tasks of 75 points.
+    The pooled ECE equals the ECE of the tasks' points concatenated and is near 0; the mean of
+    the per-task ECEs is an order of magnitude larger (the binomial noise of 75 points in 15 bins)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(200, 75, 5, generator=g, dtype=torch.float64) * 2.5, -1)
+    labels = torch.multinomial(probs.reshape(-1, 5), 1, generator=g).reshape(200, 75)
+    pooled = cal.pooled_ece(probs, labels)
+    assert pooled["mean"] == pytest.approx(float(cal.ece(probs.reshape(1, -1, 5), labels.reshape(1, -1))[0]), abs=1e-12)
+    assert pooled["mean"] < 0.015 and 0 < pooled["ci95"] < 0.02
+    assert float(cal.ece(probs, labels).mean()) > 5 * pooled["mean"]
+    over = cal.pooled_ece(probs ** 3 / (probs ** 3).sum(-1, keepdim=True), labels)   # sharpened: over-confident
+    assert over["mean"] > pooled["mean"] + 3 * pooled["ci95"]
+    report = cal.CalibrationReport.classification(probs, labels)
+    assert report.metrics["ece_pooled"] == pooled
+
+
+def test_fit_logit_scale_recovers_the_scale_of_the_labels():
+    """Labels drawn from softmax(τ₀ f) at τ₀ = 3: the fitted τ is close to 3, from point outputs
+    (S = 1) and from draws (S = 4) around them; bad shapes are refused."""
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(100, 1, 60, 5, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(3.0 * f[:, 0], -1).reshape(-1, 5), 1, generator=g).reshape(100, 60)
+    assert cal.fit_logit_scale(f, labels) == pytest.approx(3.0, rel=0.1)
+    draws = f + 0.05 * torch.randn(100, 4, 60, 5, generator=g, dtype=torch.float64)
+    assert cal.fit_logit_scale(draws, labels) == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(ValueError, match=r"\[T, S, N, C\]"):
+        cal.fit_logit_scale(f[:, 0], labels)
+
+
 def test_nll_brier_accuracy_match_direct_formulas():
     probs, labels = random_probs(seed=1)
     ref_nll = torch.nn.functional.nll_loss(torch.log(probs.reshape(-1, 5)), labels.reshape(-1), reduction="none")
@@ -87,7 +117,7 @@ def test_reports_round_trip_and_figures(tmp_path):
     probs, labels = random_probs(seed=4)
     rep = cal.CalibrationReport.classification(probs, labels, name="m")
     data = json.loads(rep.to_json())
-    assert set(data["metrics"]) == {"accuracy", "nll", "ece", "mce", "brier", "confidence"}
+    assert set(data["metrics"]) == {"accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence"}
     assert sum(rep.bins["count"]) == probs.shape[0] * probs.shape[1]
     assert "| ece |" in rep.to_markdown()
     rep.plot_reliability_diagram().savefig(tmp_path / "rel.png")

@@ -23,7 +23,8 @@ _spec.loader.exec_module(example)
 # 3-way 1-shot tasks, Conv4 with 8 channels on 32x32 images, a few meta-iterations
 TINY = ["--ways", "3", "--shots", "1", "--query", "2", "--channels", "8", "--inner-steps", "2", "--cg-steps", "2",
         "--meta-batch", "2", "--val-tasks", "4", "--eval-tasks", "6", "--eval-chunk", "4", "--no-progress"]
-RANGES = {"accuracy": (0, 1), "nll": (0, math.inf), "ece": (0, 1), "mce": (0, 1), "brier": (0, 2), "confidence": (0, 1)}
+RANGES = {"accuracy": (0, 1), "nll": (0, math.inf), "ece": (0, 1), "ece_pooled": (0, 1), "mce": (0, 1), "brier": (0, 2),
+          "confidence": (0, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,12 @@ def check_outputs(out: Path, result: dict, eval_tasks: int = 6):
         assert set(metrics[key]) == {"mean", "ci95"}, key
         assert low <= metrics[key]["mean"] <= high and metrics[key]["ci95"] >= 0, (key, metrics[key])
     assert metrics["num_test_tasks"] == eval_tasks
+    fit = metrics["calibrated"]
+    assert fit["logit_scale"] > 0 and set(fit) == set(RANGES) | {"logit_scale"}
+    for key, (low, high) in RANGES.items():
+        assert low <= fit[key]["mean"] <= high, (key, fit[key])
+    if metrics["config"]["method"] in ("maml", "imaml", "fomaml"):   # one point estimate: τ keeps the argmax
+        assert fit["accuracy"] == metrics["accuracy"]
     report = (out / "report.md").read_text()
     assert "| accuracy |" in report and "| brier |" in report and "![reliability diagram](reliability.png)" in report
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
