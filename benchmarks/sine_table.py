@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+import ibaml
+
 IN_RANGE = ("mse", "nll", "coverage_90", "calibration_error", "crps")
 OUT_RANGE = ("mse", "nll", "coverage_90")
 
@@ -32,9 +34,29 @@ def collect(folders):
         config = data.get("config", {})
         found = data["methods"].items() if "methods" in data else [(config.get("method") or Path(folder).stem, data)]
         for name, metrics in found:
-            label = name if name not in rows else f"{name}, {config.get('meta_iters')} iterations"
-            rows[label] = (metrics, config)
+            rows[_label(name, config, rows)] = (metrics, config)
     return rows
+
+
+#: options that tell apart runs of one method (the first run of a method is named by the method alone)
+DISTINCT = ("meta_iters", "inner_lr", "inner_steps", "noise")
+
+
+def _label(name: str, config: dict, rows: dict) -> str:
+    """``name``, or for a further run of the method the options in which it differs from the
+    first (``"ibaml, 5000 iterations"``, ``"maml, inner_lr=0.001, inner_steps=10"``)."""
+    if name not in rows:
+        return name
+    def value(cfg, k):   # an option left at the method's default is "preset" (the noise: the preset's name)
+        if k == "noise" and cfg.get(k) is None:
+            return ibaml.presets.REGRESSION_NOISE.get(name, "shared")
+        return "preset" if cfg.get(k) is None else cfg.get(k)
+
+    first = rows[name][1]
+    parts = [f"{value(config, k)} iterations" if k == "meta_iters" else f"{k}={value(config, k)}"
+             for k in DISTINCT if value(config, k) != value(first, k)]
+    label = ", ".join([name] + parts)
+    return label if label not in rows else f"{label}, run {sum(r.startswith(name) for r in rows) + 1}"
 
 
 def cell(metric) -> str:
