@@ -122,3 +122,27 @@ def test_posterior_response_reads_a_run(tmp_path):
     assert list(bins) == ["0.1-1.0", "1.0-2.5", "2.5-5.0"] and sum(b["tasks"] for b in bins.values()) == 12
     for row in bins.values():
         assert row["tasks"] == 0 or (0 <= row["coverage_90"] <= 1 and row["mean_std"] > 0)
+
+
+def test_logit_scale_sweep_rescores_a_run(tmp_path):
+    """A tiny image run re-scored at fixed scales: the learned scale's row equals the run's own
+    report (the same tasks and draws), and the scale leaves a point estimate's accuracy alone."""
+    spec = importlib.util.spec_from_file_location("miniimagenet", ROOT / "examples" / "miniimagenet.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    run = tmp_path / "run"
+    result = example.main(["--fixture", "--format", "pickle", "--method", "imaml", "--ways", "3", "--shots", "1",
+                           "--query", "2", "--channels", "8", "--image-size", "16", "--inner-steps", "2",
+                           "--cg-steps", "2", "--meta-batch", "2", "--meta-iters", "2", "--val-every", "0",
+                           "--val-tasks", "4", "--eval-tasks", "6", "--eval-chunk", "4", "--no-progress",
+                           "--out", str(run)])
+    payload = load("logit_scale_sweep").main([str(run), "--scales", "0.5,2", "--out", str(tmp_path / "sweep.json")])
+    res = payload["run"]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == payload
+    rows = res["scales"]
+    assert len(rows) == 3 and res["method"] == "imaml"
+    own = rows[f"{res['learned_scale']:.4g}"]
+    for key in ("accuracy", "ece", "ece_pooled", "nll"):
+        assert abs(own[key] - result[key]["mean"]) < 1e-9, key
+    assert len({round(r["accuracy"], 12) for r in rows.values()}) == 1
+    assert rows["0.5"]["confidence"] < rows["2"]["confidence"]
