@@ -80,7 +80,12 @@ def job(tmp_path_factory):
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp)] + EXAMPLE_ARGS + [
         "--threads", "1", "--out", str(tmp / "example")]
     env = dict(os.environ, OMP_NUM_THREADS="1", IBAML_ROOT=str(ROOT), PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        # gloo can abort one rank while the ranks tear down their connections after the job is
+        # done (a peer's socket closes first under load); such a run is repeated once
+        if proc.returncode == 0 or "SIGABRT" not in proc.stderr:
+            break
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return ranks, tmp / "example", proc.stdout
