@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from ibaml.calibration import CalibrationReport
-
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("accuracy", "ece", "ece_pooled", "confidence", "nll")
 
@@ -50,14 +48,14 @@ def test_outputs(example, folder: Path):
     learner.load_training_state(checkpoint["training"])
     outputs, labels = example.task_outputs(learner, sampler, args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
                                            progress=False)
-    return outputs, labels, float(learner.likelihood.scale.detach()), config
+    return outputs, labels, example.learned_scale(learner), config
 
 
 def sweep(example, folder: Path, scales) -> dict:
     outputs, labels, learned, config = test_outputs(example, folder)
     rows = {}
     for tau in sorted(set(scales) | {learned}):
-        report = CalibrationReport.classification(example.predictive(outputs, tau), labels)
+        report = example.report_at(outputs, labels, tau)
         rows[f"{tau:.4g}"] = {k: report.metrics[k]["mean"] for k in KEYS}
     return {"method": config["method"], "shots": config["shots"], "learned_scale": learned, "scales": rows}
 

@@ -47,6 +47,7 @@ def _label(name: str, config: dict, rows: dict) -> str:
     first (``"ibaml, 5000 iterations"``, ``"maml, inner_lr=0.001, inner_steps=10"``)."""
     if name not in rows:
         return name
+
     def value(cfg, k):   # an option left at the method's default is "preset" (the noise: the preset's name)
         if k == "noise" and cfg.get(k) is None:
             return ibaml.presets.REGRESSION_NOISE.get(name, "shared")

@@ -357,17 +357,21 @@ def task_outputs(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks:
     return torch.cat(outputs), torch.cat(labels)
 
 
-def predictive(outputs, scale: float):
-    """Class probabilities ``(1/S) Σ_s softmax(τ f_s)`` ``[T, N, C]`` (``MetaLearner.predict``)."""
-    return torch.softmax(scale * outputs, dim=-1).mean(1)
+def report_at(outputs, labels, scale: float, name: str = "") -> CalibrationReport:
+    """The classification report of the predictions at logit scale ``τ``: class probabilities
+    ``(1/S) Σ_s softmax(τ f_s)`` ``[T, N, C]``, as ``MetaLearner.predict`` computes them."""
+    return CalibrationReport.classification(torch.softmax(scale * outputs, dim=-1).mean(1), labels, name=name)
+
+
+def learned_scale(learner: ibaml.MetaLearner) -> float:
+    return float(learner.likelihood.scale.detach())
 
 
 def evaluate_tasks(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
                    name: str = "", progress: bool = True) -> CalibrationReport:
     """The classification report over :func:`task_outputs` at the learned logit scale."""
     outputs, labels = task_outputs(learner, sampler, num_tasks, chunk, seed, name, progress)
-    return CalibrationReport.classification(predictive(outputs, float(learner.likelihood.scale.detach())), labels,
-                                            name=name)
+    return report_at(outputs, labels, learned_scale(learner), name)
 
 
 # ---------------------------------------------------------------------------------- run
@@ -474,14 +478,13 @@ def main(argv=None) -> dict:
         evaluated = {"checkpoint": "last", "step": step}
     outputs, labels = task_outputs(learner, samplers["test"], args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
                                    name=f"{args.method}, test", progress=progress)
-    report = CalibrationReport.classification(predictive(outputs, float(learner.likelihood.scale.detach())), labels,
-                                              name=f"{args.method}, test")
+    report = report_at(outputs, labels, learned_scale(learner), name=f"{args.method}, test")
     result = {k: report.metrics[k] for k in METRICS}
     if args.calibrate_scale:   # temperature scaling: the scale that fits the validation tasks best
         val_outputs, val_labels = task_outputs(learner, samplers["val"], args.val_tasks, args.eval_chunk,
                                                10_000 + args.seed, name="validation", progress=progress)
         fitted = fit_logit_scale(val_outputs, val_labels)
-        calibrated = CalibrationReport.classification(predictive(outputs, fitted), labels)
+        calibrated = report_at(outputs, labels, fitted)
         result["calibrated"] = {"logit_scale": fitted, **{k: calibrated.metrics[k] for k in METRICS}}
     result.update({
         "evaluated": evaluated, "validation": history, "num_test_tasks": args.eval_tasks,
@@ -489,7 +492,7 @@ def main(argv=None) -> dict:
         "ms_per_meta_iter": 1000 * run_seconds / (step - start_step) if step > start_step else None,
         "skipped_tasks": int(learner.skipped_tasks), "last_loss": stats.get("loss"),
         "inner_grad_norm": {block: float(total) / tail_steps for block, total in stationarity.items()},
-        "logit_scale": float(learner.likelihood.scale.detach()),
+        "logit_scale": learned_scale(learner),
         "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),
         "config": config, "torch": torch.__version__,
     })
