@@ -151,9 +151,7 @@ def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, 
 def batched_meta_gradient(learner: ibaml.MetaLearner):
     """``(meta, task) -> mean over tasks of the estimator's meta-gradient``, vmapped over tasks."""
     def fn(meta, task):
-        out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t),
-                              chunk_size=learner.chunk_size)(task)
-        return {k: g.mean(0) for k, g in out.grads.items()}
+        return {k: g.mean(0) for k, g in learner.task_gradients(task, meta).grads.items()}
 
     return fn
 
@@ -203,7 +201,7 @@ def meta_iteration(learner: ibaml.MetaLearner, task, mode: str = "vmap", compile
 
 def prepare(learner: ibaml.MetaLearner, batch) -> Dict[str, torch.Tensor]:
     """The batch validated and on the learner's device and dtype (done once, outside timing)."""
-    return learner._prepare(batch)
+    return learner.prepare(batch)
 
 
 # ---------------------------------------------------------------------------- timing

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ibaml import training
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("accuracy", "ece", "ece_pooled", "confidence", "nll")
 
@@ -46,8 +48,8 @@ def test_outputs(example, folder: Path):
                                      std=std, dtype=dtype)
     learner = example.make_learner(args, splits["train"].image_shape, device, dtype)
     learner.load_training_state(checkpoint["training"])
-    outputs, labels = example.task_outputs(learner, sampler, args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
-                                           progress=False)
+    outputs, labels = training.task_outputs(learner, sampler.sample, args.eval_tasks, chunk=args.eval_chunk,
+                                            seed=20_000 + args.seed, generators=(sampler.generator,))
     return outputs, labels, example.learned_scale(learner), config
 
 

@@ -52,7 +52,7 @@ def load_learner(folder: Path):
         likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(dtype)
     learner = ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                   eval_inner_steps=cfg["eval_inner_steps"], cg_steps=cfg["cg_steps"], seed=cfg["seed"])
-    learner.load_training_state(state["model"])
+    learner.load_training_state(state["training"] if "training" in state else state["model"])   # older runs: "model"
     return method, learner, cfg
 
 

@@ -45,10 +45,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import matplotlib
@@ -56,11 +54,11 @@ import matplotlib
 matplotlib.use("Agg")
 
 import torch
-from tqdm.auto import tqdm
 
 import ibaml
+from ibaml import presets, training
 from ibaml.calibration import CalibrationReport, fit_logit_scale
-from ibaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ibaml.checkpoint import CheckpointError, load_checkpoint
 from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet_splits, load_omniglot,
                         write_miniimagenet_fixture, write_omniglot_fixture)
 from ibaml.data.fixtures import write_stroke_fixture
@@ -75,7 +73,7 @@ MAML_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk",
               "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads",
-              "calibrate_scale")
+              "calibrate_scale", "overwrite")
 METRICS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
 
 
@@ -155,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-tasks", type=int, default=1000, help="test tasks")
     train.add_argument("--eval-chunk", type=int, default=25, help="tasks sampled and evaluated at a time")
     train.add_argument("--checkpoint-every", type=int, default=500,
-                       help="write DIR/last.pt every N meta-iterations and at the end (0: never)")
-    train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR/last.pt")
+                       help="write DIR/last.pt every N meta-iterations (0: only at the end, where it is always written)")
+    train.add_argument("--resume", default=None, metavar="DIR",
+                       help="continue the run saved in DIR/last.pt (a folder without one yet: start from scratch)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run that DIR already holds")
     train.add_argument("--device", default="cpu")
     train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     train.add_argument("--seed", type=int, default=0)
@@ -222,24 +222,27 @@ def split_sizes(text: str) -> tuple:
 
 
 def parse_args(argv=None):
-    """Parse ``argv``; with ``--resume DIR``, merge the configuration saved in ``DIR/last.pt``.
+    """Parse ``argv``; with ``--resume DIR`` and a checkpoint ``DIR/last.pt``, merge the
+    configuration saved there (a folder without one yet starts from scratch).
     Returns ``(args, checkpoint)`` where ``checkpoint`` is the loaded state or ``None``."""
     p = build_parser()
     args = p.parse_args(argv)
     given = explicit_options(p, argv)
     checkpoint = None
-    if args.resume is not None:
+    if args.resume is not None and (Path(args.resume) / training.LAST).is_file():
         fixed = {k: v for k, v in given.items() if k not in MAY_CHANGE}
-        checkpoint = load_checkpoint(Path(args.resume) / "last.pt", config=fixed, map_location="cpu")
+        checkpoint = load_checkpoint(Path(args.resume) / training.LAST, config=fixed, map_location="cpu")
         saved = checkpoint.get("config", {})
         merged = vars(args)
         for key, value in saved.items():
-            if key in merged and key not in given and key not in ("resume", "out"):
+            if key in merged and key not in given and key not in ("resume", "out", "overwrite"):
                 merged[key] = value
         args = argparse.Namespace(**merged)
     if args.out is None:
         args.out = args.resume if args.resume is not None else "runs/fewshot"
     check_args(p, args)
+    if args.resume is None and not args.overwrite and training.holds_run(args.out):
+        p.error(f"{args.out} already holds a run: continue it with --resume {args.out} or replace it with --overwrite")
     return args, checkpoint
 
 
@@ -289,7 +292,7 @@ def inner_optimizer(args):
 
 
 def inner_steps(args) -> int:
-    return args.inner_steps or ibaml.presets.PRESETS[args.method]["inner_steps"]
+    return presets.inner_steps(args.method, args.inner_steps)[0]
 
 
 def default_inner_lr(args) -> float:
@@ -315,8 +318,7 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     extra = {k: getattr(args, k) for k in ("precision", "init_scale", "kl_weight") if getattr(args, k) is not None}
     if args.outer_samples is not None:
         extra["num_outer_samples"] = args.outer_samples
-    steps = inner_steps(args)
-    eval_steps = args.eval_inner_steps or (2 * steps if args.method in ("maml", "fomaml") else steps)
+    steps, eval_steps = presets.inner_steps(args.method, args.inner_steps, args.eval_inner_steps)
     scale = logit_scale(args)
     likelihood = ibaml.CategoricalLikelihood(scale=scale["init"], learn_scale=scale["mode"] != "fixed",
                                              scale_inner=scale["mode"] != "predictive").to(device=device, dtype=dtype)
@@ -334,29 +336,6 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
                                nonfinite="skip", outer=args.outer, **extra)
 
 
-def task_outputs(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
-                 name: str = "", progress: bool = True):
-    """Adapt to ``num_tasks`` tasks drawn from ``sampler`` (reseeded with ``seed``, so the same
-    tasks every call) ``chunk`` at a time; returns the network's query outputs at the
-    posterior draws ``[T, S, N, C]`` (``S = 1`` for a point estimate) and the labels ``[T, N]``.
-    The learner's generator is reseeded for the evaluation and restored afterwards."""
-    saved = learner.generator.get_state()
-    learner.generator.manual_seed(seed)
-    sampler.generator.manual_seed(seed)
-    outputs, labels = [], []
-    try:
-        starts = range(0, num_tasks, chunk)
-        for start in tqdm(starts, desc=name or "evaluate", disable=not progress or len(starts) < 2, leave=False,
-                          file=sys.stdout, mininterval=1.0):
-            batch = sampler.sample(min(chunk, num_tasks - start))
-            posterior = learner.adapt(batch.support_x, batch.support_y)
-            outputs.append(learner.posterior_outputs(posterior, batch.query_x).detach().double().cpu())
-            labels.append(batch.query_y.cpu())
-    finally:
-        learner.generator.set_state(saved)
-    return torch.cat(outputs), torch.cat(labels)
-
-
 def report_at(outputs, labels, scale: float, name: str = "") -> CalibrationReport:
     """The classification report of the predictions at logit scale ``τ``: class probabilities
     ``(1/S) Σ_s softmax(τ f_s)`` ``[T, N, C]``, as ``MetaLearner.predict`` computes them."""
@@ -365,13 +344,6 @@ def report_at(outputs, labels, scale: float, name: str = "") -> CalibrationRepor
 
 def learned_scale(learner: ibaml.MetaLearner) -> float:
     return float(learner.likelihood.scale.detach())
-
-
-def evaluate_tasks(learner: ibaml.MetaLearner, sampler: EpisodeSampler, num_tasks: int, chunk: int, seed: int,
-                   name: str = "", progress: bool = True) -> CalibrationReport:
-    """The classification report over :func:`task_outputs` at the learned logit scale."""
-    outputs, labels = task_outputs(learner, sampler, num_tasks, chunk, seed, name, progress)
-    return report_at(outputs, labels, learned_scale(learner), name)
 
 
 # ---------------------------------------------------------------------------------- run
@@ -404,14 +376,11 @@ def write_report(out: Path, args, report: CalibrationReport, result: dict) -> No
 
 def main(argv=None) -> dict:
     """Run the example; returns the dict written to ``DIR/metrics.json``."""
-    args, checkpoint = parse_args(argv)
+    args, _ = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    progress = not args.no_progress
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    progress, out = not args.no_progress, Path(args.out)
     splits = load_data(args, device)
     mean, std = splits["train"].channel_stats()
     samplers = {s: EpisodeSampler(splits[s], args.ways, args.shots, args.query, seed=args.seed, mean=mean, std=std,
@@ -419,78 +388,43 @@ def main(argv=None) -> dict:
     learner = make_learner(args, splits["train"].image_shape, device, dtype)
     config = config_of(args)
 
-    step, history, best, seconds = 0, [], None, 0.0
-    if checkpoint is not None:
-        learner.load_training_state(checkpoint["training"])
-        samplers["train"].set_state(checkpoint["sampler"])
-        step, history, best = int(checkpoint["step"]), list(checkpoint["validation"]), checkpoint["best"]
-        seconds = float(checkpoint["train_seconds"])
-        source = Path(args.resume)
-        if best is not None and source.resolve() != out.resolve():  # resumed into another folder
-            shutil.copy2(source / "best.pt", out / "best.pt")
-    else:  # a fresh run: no checkpoint of an earlier run in DIR may be mistaken for this one's
-        for name in ("last.pt", "best.pt"):
-            (out / name).unlink(missing_ok=True)
+    def outputs_of(split: str, num_tasks: int, seed: int):
+        return training.task_outputs(learner, samplers[split].sample, num_tasks, chunk=args.eval_chunk, seed=seed,
+                                     generators=(samplers[split].generator,), progress=progress,
+                                     desc=f"{args.method}, {split}")
 
-    def validate(at: int) -> dict:
-        rep = evaluate_tasks(learner, samplers["val"], args.val_tasks, args.eval_chunk, 10_000 + args.seed,
-                             name="validation", progress=progress)
-        entry = {"step": at, **{k: rep.metrics[k] for k in METRICS}}
-        history.append(entry)
-        return entry
+    def validate(step: int) -> dict:
+        report = report_at(*outputs_of("val", args.val_tasks, 10_000 + args.seed), learned_scale(learner))
+        return {k: report.metrics[k] for k in METRICS}
 
-    start_step, start_time, stats = step, time.perf_counter(), {}
     # stationarity of the inner solutions, ||∇_b G|| per block, summed over the last tenth of the run
-    tail_start, stationarity, tail_steps = args.meta_iters - max(1, args.meta_iters // 10), {}, 0
-    bar = tqdm(range(step, args.meta_iters), initial=step, total=args.meta_iters, desc=f"{args.method} {args.dataset}",
-               disable=not progress, file=sys.stdout, mininterval=1.0)
-    for i in bar:
-        stats = learner.meta_step(samplers["train"].sample(args.meta_batch))
-        step = i + 1
-        postfix = {"loss": f"{stats['loss']:.3f}"}
+    tail_start, stationarity = args.meta_iters - max(1, args.meta_iters // 10), {}
+
+    def on_step(step: int, stats: dict) -> None:
         if step > tail_start:
-            tail_steps += 1
             for key, value in stats.items():
                 if key.startswith("inner_grad_norm."):
-                    block = key.split(".", 1)[1]
-                    stationarity[block] = stationarity.get(block, 0.0) + value
-        if args.val_every and (step % args.val_every == 0 or step == args.meta_iters):
-            entry = validate(step)
-            if best is None or entry["accuracy"]["mean"] > best["accuracy"]:
-                best = {"step": step, "accuracy": entry["accuracy"]["mean"]}
-                save_checkpoint(out / "best.pt", {"config": config, "step": step, "learner": learner.state_dict(),
-                                                  "validation": entry})
-            postfix["val_acc"] = f"{entry['accuracy']['mean']:.3f}"
-        if args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.meta_iters):
-            save_checkpoint(out / "last.pt", {
-                "config": config, "step": step, "training": learner.training_state(),
-                "sampler": samplers["train"].get_state(), "validation": history, "best": best,
-                "train_seconds": seconds + time.perf_counter() - start_time})
-        bar.set_postfix(postfix)
-    bar.close()
-    run_seconds = time.perf_counter() - start_time
-    seconds += run_seconds
+                    stationarity[key.split(".", 1)[1]] = stationarity.get(key.split(".", 1)[1], 0.0) + value
 
-    if best is not None:
-        learner.load_state_dict(load_checkpoint(out / "best.pt", map_location="cpu")["learner"])
-        evaluated = {"checkpoint": "best", "step": int(best["step"])}
-    else:
-        evaluated = {"checkpoint": "last", "step": step}
-    outputs, labels = task_outputs(learner, samplers["test"], args.eval_tasks, args.eval_chunk, 20_000 + args.seed,
-                                   name=f"{args.method}, test", progress=progress)
+    run = training.fit(learner, lambda: samplers["train"].sample(args.meta_batch), args.meta_iters, folder=out,
+                       config=config, must_match=[k for k in config if k not in MAY_CHANGE],
+                       checkpoint_every=args.checkpoint_every, resume=args.resume or False, overwrite=args.overwrite,
+                       validate=validate, validate_every=args.val_every, select_best=lambda e: e["accuracy"]["mean"],
+                       on_step=on_step, rng={"sampler": samplers["train"]}, progress=progress,
+                       desc=f"{args.method} {args.dataset}")
+    outputs, labels = outputs_of("test", args.eval_tasks, 20_000 + args.seed)
     report = report_at(outputs, labels, learned_scale(learner), name=f"{args.method}, test")
     result = {k: report.metrics[k] for k in METRICS}
     if args.calibrate_scale:   # temperature scaling: the scale that fits the validation tasks best
-        val_outputs, val_labels = task_outputs(learner, samplers["val"], args.val_tasks, args.eval_chunk,
-                                               10_000 + args.seed, name="validation", progress=progress)
-        fitted = fit_logit_scale(val_outputs, val_labels)
+        fitted = fit_logit_scale(*outputs_of("val", args.val_tasks, 10_000 + args.seed))
         calibrated = report_at(outputs, labels, fitted)
         result["calibrated"] = {"logit_scale": fitted, **{k: calibrated.metrics[k] for k in METRICS}}
+    tail_steps = min(args.meta_iters - tail_start, run.steps_run)
     result.update({
-        "evaluated": evaluated, "validation": history, "num_test_tasks": args.eval_tasks,
-        "train_seconds": seconds,
-        "ms_per_meta_iter": 1000 * run_seconds / (step - start_step) if step > start_step else None,
-        "skipped_tasks": int(learner.skipped_tasks), "last_loss": stats.get("loss"),
+        "evaluated": run.evaluated, "validation": run.history, "num_test_tasks": args.eval_tasks,
+        "train_seconds": run.seconds,
+        "ms_per_meta_iter": 1000 * run.run_seconds / run.steps_run if run.steps_run else None,
+        "skipped_tasks": int(learner.skipped_tasks), "last_loss": run.stats.get("loss"),
         "inner_grad_norm": {block: float(total) / tail_steps for block, total in stationarity.items()},
         "logit_scale": learned_scale(learner),
         "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),

@@ -3,59 +3,44 @@
     python examples/sine_regression.py --method ibaml --meta-iters 300 --out runs/sine
     python examples/sine_regression.py --compare maml,imaml,ibaml --out runs/sine_compare
 
-Each run meta-trains on tasks y = A sin(x − φ) (A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5]),
-then adapts to ``--eval-tasks`` fresh tasks from their K-shot support sets and
-evaluates the posterior predictive on their query sets, in range (x in [−5, 5]) and out
-of range (x in [5, 10]). It writes ``DIR/metrics.json``, ``DIR/report.md`` and PNG figures
-(predictive bands, calibration curve) and prints a table.
+Tasks are y = A sin(x − φ) (A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5]). Each method is
+meta-trained (:func:`ibaml.training.fit`), adapted to ``--eval-tasks`` fresh tasks from their
+K-shot support sets and evaluated on their query sets in range (x in [−5, 5]) and out of range
+(x in [5, 10]). It writes ``DIR/metrics.json``, ``DIR/report.md``, PNG figures (predictive
+bands, calibration curve) and prints a table.
 
-Checkpoints and resuming::
-
-    python examples/sine_regression.py --method imaml --checkpoint-every 50 --out runs/sine
-    python examples/sine_regression.py --method imaml --checkpoint-every 50 --resume runs/sine
-
-``DIR/<method>/last.pt`` (written atomically every ``--checkpoint-every`` meta-iterations and
-always at the end of training) holds the learner (network, prior, likelihood), the
-meta-optimiser, the step, every random state (task sampler, learner, torch) and the
-configuration. ``--resume DIR`` continues each method from its own ``DIR/<method>/last.pt``
-on exactly the trajectory of an uninterrupted run; a finished method is evaluated, not
-retrained; a checkpoint from another configuration is refused with one line naming the
-differing settings.
-
-Data-parallel meta-training (each process solves a share of every meta-batch)::
-
-    torchrun --nproc_per_node 2 examples/sine_regression.py --method imaml --threads 1 --out runs/sine_ddp
+``DIR/<method>/last.pt`` (atomic, every ``--checkpoint-every`` meta-iterations and at the end)
+holds everything to continue: ``--resume DIR`` continues each method on exactly the trajectory
+of an uninterrupted run (a finished one is evaluated, not retrained; one without a checkpoint
+yet starts from scratch). A folder that already holds a run needs ``--resume`` or ``--overwrite``.
+Data-parallel: ``torchrun --nproc_per_node 2 examples/sine_regression.py --method imaml --threads 1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt
 import torch
-from tqdm.auto import tqdm
 
 import ibaml
-from ibaml import distributed
+from ibaml import distributed, presets, training
+from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid
-from ibaml.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state,
-                              rng_state, save_checkpoint)
+from ibaml.checkpoint import CheckpointError
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.learner import NonFiniteError
 from ibaml.models import MLP
 
 ALL_METHODS = ibaml.METHODS + ("dkt",)
 HIDDEN = (40, 40)
-CHECKPOINT = "last.pt"
 
 
 def parse_args(argv=None):
@@ -64,18 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, help="comma-separated methods to run side by side (overrides --method)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--query", type=int, default=10)
-    p.add_argument("--inner-steps", type=int, default=None,
-                   help="inner steps in meta-training (default: the method's preset, ibaml.presets.PRESETS)")
-    p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: 2x inner steps for MAML/FOMAML, else the same)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
+    p.add_argument("--eval-inner-steps", type=int, default=None,
+                   help="inner steps at evaluation (default: ibaml.presets.EVAL_STEPS_FACTOR × inner steps)")
     p.add_argument("--inner-lr", type=float, default=None)
-    p.add_argument("--noise", default=None, choices=("shared", "conjugate", "task", "task-scaled"),
-                   help="observation noise (default: the method's, ibaml.presets.REGRESSION_NOISE): one learned "
-                        "scale for all tasks (shared); a noise variance per task "
-                        "inferred in closed form under a conjugate inverse-gamma prior, the Normal-inverse-gamma "
-                        "model (conjugate: ibaml.ConjugateNoiseGaussianLikelihood); a log noise scale per task, "
-                        "a parameter of the network's head inferred with its weights (task: "
-                        "ibaml.TaskNoiseGaussianLikelihood with MLP(..., noise_head=True)); or the same with the "
-                        "mean in units of the noise (task-scaled: scale_mean=True)")
+    p.add_argument("--noise", default=None, choices=presets.NOISE_MODELS,
+                   help="observation noise (default: the method's, ibaml.presets.REGRESSION_NOISE; see "
+                        "ibaml.presets.regression_likelihood)")
     p.add_argument("--noise-prior-count", type=float, default=1.0,
                    help="--noise conjugate: the initial pseudo-count a0 of the inverse-gamma prior (meta-learned)")
     p.add_argument("--cg-steps", type=int, default=5)
@@ -90,19 +70,18 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output folder (default: the --resume folder, else runs/sine)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--nonfinite", default="skip", choices=ibaml.learner.NONFINITE_POLICIES,
+    p.add_argument("--nonfinite", default="skip", choices=training.NONFINITE_POLICIES,
                    help="a task with a non-finite inner solution, CG residual or meta-gradient: skip it and count it "
                         "(default), or stop with an error")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also write OUT/<method>/last.pt every N meta-iterations (it is always written at the end)")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue each method from DIR/<method>/last.pt (a finished method is not retrained)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue each method from DIR/<method>/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs that OUT already holds")
     p.add_argument("--train-only", action="store_true", help="meta-train and write checkpoints; skip the evaluation")
-    p.add_argument("--distributed", action="store_true",
-                   help="data-parallel meta-training under torchrun (implied when WORLD_SIZE is set)")
+    p.add_argument("--distributed", action="store_true", help="data-parallel meta-training under torchrun")
     args = p.parse_args(argv)
-    methods = args.compare.split(",") if args.compare else [args.method]
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    args.methods = args.compare.split(",") if args.compare else [args.method]
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     for name in ("shots", "query", "meta_iters", "meta_batch", "eval_tasks", "cg_steps"):
@@ -115,34 +94,16 @@ def parse_args(argv=None):
     if args.distributed and not distributed.launched_with_torchrun():
         p.error("--distributed needs the torchrun environment: torchrun --nproc_per_node N examples/sine_regression.py ...")
     args.distributed = distributed.launched_with_torchrun()
-    if args.distributed and "dkt" in methods:
+    if args.distributed and "dkt" in args.methods:
         p.error("--distributed supports the meta-learners, not dkt")
     if args.distributed and args.meta_batch < int(os.environ["WORLD_SIZE"]):
         p.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
-    if args.resume is not None:
-        folder = Path(args.resume)
-        if not folder.is_dir():
-            p.error(f"--resume {args.resume}: no such folder")
-        if not any((folder / m / CHECKPOINT).is_file() for m in methods):
-            p.error(f"--resume {args.resume}: no checkpoint there for {', '.join(methods)} "
-                    f"(expected {folder / methods[0] / CHECKPOINT})")
-    if args.out is None:
-        args.out = args.resume or "runs/sine"
-    args.methods = methods
+    args.out = args.out or args.resume or "runs/sine"
+    held = [m for m in args.methods if training.holds_run(Path(args.out) / m)]
+    if held and not (args.resume or args.overwrite):
+        p.error(f"{args.out} already holds a run of {', '.join(held)}: continue it with --resume {args.out} "
+                f"or replace it with --overwrite")
     return args
-
-
-def inner_steps(method: str, args):
-    """Inner steps in meta-training and at evaluation (defaults: :data:`ibaml.presets.PRESETS`;
-    MAML and FOMAML, which stop early by design, adapt for twice as long at evaluation)."""
-    steps = args.inner_steps or ibaml.presets.PRESETS[method]["inner_steps"]
-    eval_steps = args.eval_inner_steps or (2 * steps if method in ("maml", "fomaml") else steps)
-    return steps, eval_steps
-
-
-def noise_model(method: str, args) -> str:
-    """``--noise``, or the method's default (:data:`ibaml.presets.REGRESSION_NOISE`)."""
-    return args.noise or ibaml.presets.REGRESSION_NOISE.get(method, "shared")
 
 
 def run_config(method: str, args) -> dict:
@@ -151,8 +112,8 @@ def run_config(method: str, args) -> dict:
               "dtype": args.dtype, "seed": args.seed}
     if method == "dkt":
         return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
-    steps, eval_steps = inner_steps(method, args)
-    noise = noise_model(method, args)
+    steps, eval_steps = presets.inner_steps(method, args.inner_steps, args.eval_inner_steps)
+    noise = args.noise or presets.REGRESSION_NOISE.get(method, "shared")
     network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if noise.startswith("task") else f"MLP(1, {HIDDEN}, 1)"
     if noise == "conjugate":
         common["noise_prior_count"] = args.noise_prior_count
@@ -161,160 +122,78 @@ def run_config(method: str, args) -> dict:
                 meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
 
-def make_learner(method: str, args, device, dtype, process_group=None):
+def make_model(method: str, cfg: dict, args, device, dtype, group=None):
+    """The method's learner (or the deep-kernel GP), built from the seed."""
     torch.manual_seed(args.seed)
-    cfg = run_config(method, args)
-    noise = cfg["noise"]
-    if noise.startswith("task"):
-        likelihood = ibaml.TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=noise == "task-scaled")
-    elif noise == "conjugate":
-        likelihood = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=args.noise_prior_count)
-    else:
-        likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True)
-    likelihood = likelihood.to(device=device, dtype=dtype)
-    net = MLP(1, HIDDEN, 1, noise_head=noise.startswith("task")).to(device=device, dtype=dtype)
+    if method == "dkt":
+        return DeepKernelGP(in_dim=1, hidden=HIDDEN).to(device=device, dtype=dtype)
+    likelihood = presets.regression_likelihood(cfg["noise"], args.noise_prior_count).to(device=device, dtype=dtype)
+    net = MLP(1, HIDDEN, 1, noise_head=cfg["noise"].startswith("task")).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,
-                               nonfinite=args.nonfinite, process_group=process_group)
+                               nonfinite=args.nonfinite, process_group=group)
 
 
-def make_model(method, args, device, dtype, ctx):
-    """``(model, step, get_state, set_state)``: the model, one meta-update on a batch, and its
-    training state (parameters, meta-optimiser, learner generator) as a dict of tensors."""
+def predictive(method, model, support_x, support_y, query_x):
+    """Predictive mean and variance ``[T, N]`` at ``query_x [T, N, 1]``."""
     if method == "dkt":
-        from ibaml.baselines.dkt import DeepKernelGP
-
-        torch.manual_seed(args.seed)
-        model = DeepKernelGP(in_dim=1, hidden=HIDDEN).to(device=device, dtype=dtype)
-
-        def set_state(state):
-            model.load_state_dict(state["model"])
-            model.optimizer.load_state_dict(state["optimizer"])
-
-        return (model, lambda batch: {"loss": model.meta_step(batch)},
-                lambda: {"model": model.state_dict(), "optimizer": model.optimizer.state_dict()}, set_state)
-    model = make_learner(method, args, device, dtype, process_group=ctx.group if ctx else None)
-    return model, model.meta_step, model.training_state, model.load_training_state
+        return model.predict(support_x, support_y, query_x)
+    mean, var = model.predict(model.adapt(support_x, support_y), query_x)
+    return mean[..., 0], var[..., 0]
 
 
-def resume_state(method, args, cfg):
-    """The checkpoint ``--resume DIR/<method>/last.pt`` (checked against ``cfg``), or ``None``."""
-    if args.resume is None or not (Path(args.resume) / method / CHECKPOINT).is_file():
-        return None
-    path = Path(args.resume) / method / CHECKPOINT
-    state = load_checkpoint(path, config=cfg, keys=list(cfg), map_location="cpu")
-    if not 0 <= state.get("step", -1) <= args.meta_iters:
-        raise CheckpointError(f"{path}: checkpoint at step {state.get('step')!r}, beyond --meta-iters {args.meta_iters}")
-    return state
+def report(method, model, batch, name) -> CalibrationReport:
+    if method != "dkt":
+        return model.evaluate(batch, name=name)
+    mean, var = predictive(method, model, batch.support_x, batch.support_y, batch.query_x)
+    return CalibrationReport.regression(mean, var, batch.query_y.reshape(mean.shape), name=name)
 
 
-def train(method, args, device, dtype, tasks, method_dir, ctx=None):
-    """Meta-train ``method`` for ``--meta-iters`` steps from scratch or from its checkpoint.
-    Returns ``(model, training seconds, last stats)``; rank 0 writes ``method_dir/last.pt``."""
-    is_main = ctx is None or ctx.is_main
-    cfg = run_config(method, args)
-    gen = torch.Generator().manual_seed(args.seed)
-    model, step, get_state, set_state = make_model(method, args, device, dtype, ctx)
-    path = method_dir / CHECKPOINT
-    start, seconds = 0, 0.0
-    state = resume_state(method, args, cfg)
-    if state is not None:
-        try:
-            set_state(state["model"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{Path(args.resume) / method / CHECKPOINT}: does not fit this model ({first})") from None
-        restore_rng_state(state["rng"], tasks=gen)
-        start, seconds = int(state["step"]), float(state["train_seconds"])
-        if is_main:
-            done = "finished, not retrained" if start == args.meta_iters else "resuming"
-            print(f"{method}: checkpoint at step {start} of {args.meta_iters} ({done})", flush=True)
-    if is_main:
-        method_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
-
-    def save(done: int):
-        if is_main:
-            save_checkpoint(path, {"config": cfg, "step": done, "train_seconds": seconds, "model": get_state(),
-                                   "rng": rng_state(tasks=gen)})
-
-    bar = tqdm(range(start, args.meta_iters), desc=method, disable=args.no_progress or not is_main, file=sys.stdout,
-               mininterval=1.0, initial=start, total=args.meta_iters)
-    stats = {}
-    clock = time.perf_counter()
-    for it in bar:
-        stats = step(tasks.sample(args.meta_batch, gen, dtype=dtype).to(device))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        done = it + 1
-        if done == args.meta_iters or (args.checkpoint_every and done % args.checkpoint_every == 0):
-            seconds += time.perf_counter() - clock
-            save(done)
-            clock = time.perf_counter()
-    return model, seconds, stats
-
-
-def evaluate(method, model, batch, name):
-    if method == "dkt":
-        mean, var = model.predict(batch.support_x, batch.support_y, batch.query_x)
-        y = batch.query_y.reshape(mean.shape)
-        return CalibrationReport.regression(mean, var, y, name=name), (mean, var)
-    report = model.evaluate(batch, name=name)
-    return report, None
-
-
-def plot_examples(method, model, batch, path, n=6):
-    n = min(n, batch.support_x.shape[0])   # fewer evaluation tasks than panels
-    x_grid = torch.linspace(-5, 10, 200, dtype=batch.support_x.dtype, device=batch.support_x.device)
-    grid = x_grid.view(1, -1, 1).expand(n, -1, -1)
+def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> None:
+    n = min(n, batch.num_tasks)
+    x = torch.linspace(-5, 10, 200, dtype=batch.support_x.dtype, device=batch.support_x.device)
     sx, sy = batch.support_x[:n], batch.support_y[:n]
-    if method == "dkt":
-        mean, var = model.predict(sx, sy, grid)
-    else:
-        posterior = model.adapt(sx, sy)
-        mean, var = model.predict(posterior, grid)
-        mean, var = mean[..., 0], var[..., 0]
-    amp, phase = batch.info["amplitude"][:n].reshape(n, 1), batch.info["phase"][:n].reshape(n, 1)
-    y_true = amp * torch.sin(x_grid.view(1, -1) - phase)
-    fig = plot_predictive_grid(sx[..., 0].cpu(), sy[..., 0].cpu(), x_grid.cpu(), mean.cpu(), var.cpu(),
-                               x_true=x_grid.cpu(), y_true=y_true.cpu(), title=f"{method}: 90% predictive bands")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    mean, var = predictive(method, model, sx, sy, x.view(1, -1, 1).expand(n, -1, -1))
+    y_true = batch.info["amplitude"][:n].reshape(n, 1) * torch.sin(x.view(1, -1) - batch.info["phase"][:n].reshape(n, 1))
+    for fig, name in ((plot_predictive_grid(sx[..., 0].cpu(), sy[..., 0].cpu(), x.cpu(), mean.cpu(), var.cpu(),
+                                            x_true=x.cpu(), y_true=y_true.cpu(),
+                                            title=f"{method}: 90% predictive bands"), "predictive_bands.png"),
+                      (report_in.plot_calibration_curve(), "calibration_curve.png")):
+        fig.savefig(folder / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
 
-def run_method(method, args, device, dtype, out_dir, ctx=None):
-    tasks = SineTaskDistribution(shots=args.shots, query=args.query)
-    method_dir = out_dir / method
-    model, seconds, last = train(method, args, device, dtype, tasks, method_dir, ctx)
-    result = {"train_seconds": seconds, "ms_per_meta_iter": 1000 * seconds / args.meta_iters}
+def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
+    """Meta-train (or resume) and evaluate one method: ``(metrics, report in range, out of range)``."""
+    tasks, cfg, folder = SineTaskDistribution(shots=args.shots, query=args.query), run_config(method, args), out_dir / method
+    model = make_model(method, cfg, args, device, dtype, ctx.group if ctx else None)
+    gen = torch.Generator().manual_seed(args.seed)
+    fit = training.fit(model, lambda: tasks.sample(args.meta_batch, gen, dtype=dtype).to(device), args.meta_iters,
+                       folder=folder, config=cfg, checkpoint_every=args.checkpoint_every,
+                       resume=Path(args.resume) / method if args.resume else False, overwrite=args.overwrite,
+                       rng={"tasks": gen}, progress=not args.no_progress, desc=method,
+                       is_main=ctx is None or ctx.is_main)
+    result = {"train_seconds": fit.seconds, "ms_per_meta_iter": 1000 * fit.seconds / args.meta_iters}
     if method != "dkt":
         result["skipped_tasks"] = int(model.skipped_tasks)
     if args.train_only or not (ctx is None or ctx.is_main):
         return result, None, None
-    eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
-    in_range = tasks.sample(args.eval_tasks, eval_gen, dtype=dtype).to(device)
-    out_tasks = SineTaskDistribution(shots=args.shots, query=args.query, query_x_range=(5.0, 10.0))
-    out_range = out_tasks.sample(args.eval_tasks, torch.Generator().manual_seed(20_000 + args.seed), dtype=dtype).to(device)
-    report_in, _ = evaluate(method, model, in_range, f"{method} (x in [-5, 5])")
-    report_out, _ = evaluate(method, model, out_range, f"{method} (x in [5, 10])")
-    method_dir.mkdir(parents=True, exist_ok=True)
-    plot_examples(method, model, in_range, method_dir / "predictive_bands.png")
-    fig = report_in.plot_calibration_curve()
-    fig.savefig(method_dir / "calibration_curve.png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + args.seed), dtype=dtype).to(device)
+    out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(20_000 + args.seed),
+                                            dtype=dtype).to(device)
+    report_in = report(method, model, in_range, f"{method} (x in [-5, 5])")
+    report_out = report(method, model, out_range, f"{method} (x in [5, 10])")
+    save_figures(method, model, in_range, report_in, folder)
     result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result)
-    if method != "dkt" and hasattr(model.likelihood, "noise") and not hasattr(model.likelihood, "noise_ratio"):
-        # one noise scale shared by all tasks
-        result["noise_std"] = float(model.likelihood.noise.detach())
-    if method != "dkt" and hasattr(model.likelihood, "prior_count"):   # the conjugate task noise's prior
-        result["noise_prior"] = {"count": float(model.likelihood.prior_count.detach()),
-                                 "scale": float(model.likelihood.prior_noise.detach()),
-                                 "evidence_scale": float(model.likelihood.evidence_scale.detach())}
-    (method_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    likelihood = getattr(model, "likelihood", None) if method != "dkt" else None
+    if hasattr(likelihood, "noise") and not hasattr(likelihood, "noise_ratio"):   # one noise shared by all tasks
+        result["noise_std"] = float(likelihood.noise.detach())
+    if hasattr(likelihood, "prior_count"):   # the conjugate task noise's prior
+        result["noise_prior"] = {"count": float(likelihood.prior_count.detach()),
+                                 "scale": float(likelihood.prior_noise.detach()),
+                                 "evidence_scale": float(likelihood.evidence_scale.detach())}
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 
 
@@ -322,60 +201,45 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    ctx = distributed.init_from_env(device) if args.distributed else None
-    if ctx is not None:
-        device = ctx.device
+    ctx = distributed.init_from_env(torch.device(args.device)) if args.distributed else None
+    device, dtype, out = (ctx.device if ctx else torch.device(args.device)), getattr(torch, args.dtype), Path(args.out)
     try:
-        return run(args, device, ctx)
+        runs = {m: run_method(m, args, device, dtype, out, ctx) for m in args.methods}
     finally:
         if ctx is not None:
             distributed.dist.barrier(ctx.group)
             distributed.dist.destroy_process_group()
-
-
-def run(args, device, ctx=None):
-    dtype = getattr(torch, args.dtype)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, reports_in, reports_out = {}, {}, {}
-    for method in args.methods:
-        results[method], reports_in[method], reports_out[method] = run_method(method, args, device, dtype, out_dir, ctx)
     if ctx is not None and not ctx.is_main:
         return None
-    metrics = results[args.methods[0]] if len(args.methods) == 1 else results
-    config = {k: v for k, v in vars(args).items() if k != "methods"}
-    payload = dict(metrics) if len(args.methods) == 1 else {"methods": results}
-    payload["config"] = config
-    payload["world_size"] = ctx.world_size if ctx else 1
-    payload["torch"] = torch.__version__
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-    skipped = ", ".join(f"{m} {results[m]['skipped_tasks']}" for m in args.methods if "skipped_tasks" in results[m])
+    results = {m: r[0] for m, r in runs.items()}
+    payload = dict(results[args.methods[0]]) if len(args.methods) == 1 else {"methods": results}
+    payload.update(config={k: v for k, v in vars(args).items() if k != "methods"},
+                   world_size=ctx.world_size if ctx else 1, torch=torch.__version__)
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2))
+    skipped = ", ".join(f"{m} {r['skipped_tasks']}" for m, r in results.items() if "skipped_tasks" in r)
     if args.train_only:
-        print(f"non-finite tasks skipped in meta-training: {skipped or 'none'}")
-        print(f"wrote {out_dir / 'metrics.json'} and checkpoints {out_dir}/<method>/{CHECKPOINT}")
+        print(f"non-finite tasks skipped in meta-training: {skipped or 'none'}\nwrote {out / 'metrics.json'} "
+              f"and checkpoints {out}/<method>/last.pt")
         return payload
     keys = ["mse", "nll", "coverage_90", "calibration_error", "crps"]
-    table_in = compare_markdown(reports_in, keys=keys)
-    table_out = compare_markdown(reports_out, keys=keys)
-    timing = "\n".join(f"| {m} | {results[m]['ms_per_meta_iter']:.1f} |" for m in args.methods)
-    report = (f"# Sine regression, {args.shots}-shot\n\n"
-              f"{args.meta_iters} meta-iterations, meta-batch {args.meta_batch}, {args.eval_tasks} evaluation tasks "
-              f"(mean ± 95% CI over tasks), device {args.device}, torch {torch.__version__}.\n\n"
-              f"## In range (query x in [-5, 5])\n\n{table_in}\n\n"
-              f"## Out of range (query x in [5, 10])\n\n{table_out}\n\n"
-              f"## Time\n\n| method | ms / meta-iteration |\n|---|---|\n{timing}\n\n"
-              + "".join(f"![{m}]({m}/predictive_bands.png)\n" for m in args.methods))
-    (out_dir / "report.md").write_text(report)
+    table_in = compare_markdown({m: r[1] for m, r in runs.items()}, keys=keys)
+    table_out = compare_markdown({m: r[2] for m, r in runs.items()}, keys=keys)
+    timing = "\n".join(f"| {m} | {r['ms_per_meta_iter']:.1f} |" for m, r in results.items())
+    (out / "report.md").write_text(
+        f"# Sine regression, {args.shots}-shot\n\n{args.meta_iters} meta-iterations, meta-batch {args.meta_batch}, "
+        f"{args.eval_tasks} evaluation tasks (mean ± 95% CI over tasks), device {args.device}, torch "
+        f"{torch.__version__}.\n\n## In range (query x in [-5, 5])\n\n{table_in}\n\n## Out of range (query x in "
+        f"[5, 10])\n\n{table_out}\n\n## Time\n\n| method | ms / meta-iteration |\n|---|---|\n{timing}\n\n"
+        + "".join(f"![{m}]({m}/predictive_bands.png)\n" for m in args.methods))
     print(f"\nIn range (query x in [-5, 5]):\n{table_in}\n\nOut of range (query x in [5, 10]):\n{table_out}\n")
     if skipped:
         print(f"non-finite tasks skipped in meta-training: {skipped}")
-    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.md'}")
+    print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return payload
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, NonFiniteError) as e:
+    except (CheckpointError, training.NonFiniteError) as e:
         sys.exit(f"error: {e}")

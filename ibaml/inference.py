@@ -113,6 +113,15 @@ class MAP:
         """The point estimate repeated: ``[S, D]`` for ``eps [S, D]``."""
         return v["w"].expand_as(eps)
 
+    def draws(self, num_tasks: int, num: int, dim: int, generator: torch.Generator, dtype=None) -> Tensor:
+        """Standard-normal draws ``ε [num_tasks, num, dim]`` on the generator's device (the point
+        estimate ignores them in :meth:`weight_samples`)."""
+        return torch.randn(num_tasks, num, dim, generator=generator, device=generator.device, dtype=dtype)
+
+    def task_noise(self, num_tasks: int, dim: int, generator: torch.Generator, dtype=None) -> Dict[str, Tensor]:
+        """The per-task noise of meta-training: none for a point estimate."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Variational:
@@ -206,6 +215,12 @@ class Variational:
         if self.antithetic:
             eps = torch.cat([eps, -eps[:, :num - half]], 1)
         return eps
+
+    def task_noise(self, num_tasks: int, dim: int, generator: torch.Generator, dtype=None) -> Dict[str, Tensor]:
+        """The fixed draws of one meta-step, on the generator's device: ``eps_inner [T, M, D]``
+        for the inner objective, then ``eps_outer [T, M', D]`` for the query predictive."""
+        return {"eps_inner": self.draws(num_tasks, self.num_samples, dim, generator, dtype),
+                "eps_outer": self.draws(num_tasks, self.num_outer_samples, dim, generator, dtype)}
 
     def variance(self, v) -> Tensor:
         """``s = softplus(ρ) + min_variance``."""

@@ -1,22 +1,32 @@
-"""``MetaLearner``: meta-training, adaptation and prediction for a batch of tasks.
-
-One meta-step on a batch of ``T`` tasks::
-
-    g = (1/T) Σ_t estimator.task_gradient(problem, θ, task_t).grads     (vmapped over t)
-      − hyper_weight · ∇_θ log p_hyper(θ)
-    θ ← meta_optimizer.step(θ, g)
+"""``MetaLearner``: the per-task mathematics of meta-learning for a batch of tasks.
 
 The per-task work (inner solve, hypergradient) runs under ``torch.func.vmap`` with an
-optional ``chunk_size``; there is no Python loop over tasks.
+optional ``chunk_size``; there is no Python loop over tasks::
+
+    (F_t, g_t, diagnostics_t) = estimator.task_gradient(problem, θ, task_t)     vmapped over t
+
+:meth:`MetaLearner.task_gradients` returns them per task, as tensors, with no host
+synchronisation; the policy around them (input checks, non-finite tasks, distributed
+reduction, the meta-optimiser's step, the training loop, checkpoints and evaluation) is in
+:mod:`ibaml.training`. :meth:`MetaLearner.adapt` and :meth:`MetaLearner.predict` infer and
+predict new tasks.
 
 Example
 -------
->>> net = MLP(1, (40, 40), 1)
->>> learner = MetaLearner(net, DiagonalGaussian.from_module(net), GaussianLikelihood(0.5, learn_noise=True),
-...                       method=Variational(), estimator=Implicit(), inner_optimizer=Adam(lr=0.01), inner_steps=10)
->>> stats = learner.meta_step(tasks.sample(25, generator))
->>> posterior = learner.adapt(test.support_x, test.support_y)
->>> mean, var = learner.predict(posterior, test.query_x)
+>>> import ibaml, priors
+>>> from ibaml.data import SineTaskDistribution
+>>> _ = torch.manual_seed(0)
+>>> net = ibaml.nets.MLP(1, (8,), 1)
+>>> learner = MetaLearner(net, priors.IsotropicGaussian.from_module(net, precision=10.0),
+...                       ibaml.GaussianLikelihood(0.5), inner_optimizer=ibaml.optim.SGD(lr=0.01), inner_steps=3)
+>>> batch = SineTaskDistribution(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
+>>> out = learner.task_gradients(batch)
+>>> out.loss.shape, out.grads["prior.location.0.weight"].shape
+(torch.Size([4]), torch.Size([4, 8, 1]))
+>>> stats = learner.meta_step(batch)
+>>> mean, var = learner.predict(learner.adapt(batch.support_x, batch.support_y), batch.query_x)
+>>> mean.shape, bool((var > 0).all())
+(torch.Size([4, 5, 1]), True)
 """
 
 from __future__ import annotations
@@ -31,18 +41,14 @@ from torch import Tensor, nn
 
 from priors.base import Prior
 
-from . import distributed
-from .hypergrad import HypergradEstimator, Implicit
+from . import distributed, training
+from .data.tasks import as_task_dict, validate_labels, validate_tasks
+from .hypergrad import HypergradEstimator, Implicit, TaskGradient
 from .inference import MAP, InnerLoop, TaskProblem, Variational, task_noise_ratio
-from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from .likelihoods import CategoricalLikelihood, Likelihood
 from .model import TaskModel
 from .optim import SGD
-
-NONFINITE_POLICIES = ("raise", "skip")
-
-
-class NonFiniteError(RuntimeError):
-    """Raised when inner solutions or meta-gradients are not finite and the policy is ``"raise"``."""
+from .training import NONFINITE_POLICIES, NonFiniteError
 
 
 @dataclass
@@ -66,90 +72,6 @@ class Posterior:
     def variance(self) -> Optional[Tensor]:
         """Mean-field variances ``[T, D]`` (``None`` for MAP)."""
         return self.method.variance(self.params) if isinstance(self.method, Variational) else None
-
-
-def _as_task_dict(batch) -> Dict[str, Tensor]:
-    if isinstance(batch, dict):
-        return dict(batch)
-    return {k: getattr(batch, k) for k in ("support_x", "support_y", "query_x", "query_y")}
-
-
-def validate_tasks(task: Dict[str, Tensor], likelihood: Likelihood, num_classes: Optional[int] = None) -> None:
-    """Check a task batch before any work is done; raise ``ValueError`` with one line naming the
-    problem: a missing support set, shapes that disagree (``[tasks, points, ...]`` for inputs
-    and targets, the same tasks and point shape in support and query), an empty set, NaN or
-    Inf in inputs or targets, and (classification, ``num_classes`` given) labels outside
-    ``0..num_classes-1``.
-
-    >>> validate_tasks({"support_x": torch.zeros(2, 3, 1), "support_y": torch.zeros(2, 4, 1)},
-    ...                GaussianLikelihood())
-    Traceback (most recent call last):
-    ValueError: support_x has (2, 3) [tasks, points] but support_y has (2, 4)
-    """
-    for key in ("support_x", "support_y"):
-        if key not in task:
-            raise ValueError(f"task batch has no {key!r}")
-    for key, value in task.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
-    for side in ("support", "query"):
-        if f"{side}_x" not in task:
-            continue
-        if f"{side}_y" not in task:
-            raise ValueError(f"task batch has {side}_x but no {side}_y")
-        x, y = task[f"{side}_x"], task[f"{side}_y"]
-        if x.dim() < 2:
-            raise ValueError(f"{side}_x must have shape [tasks, points, ...], got {tuple(x.shape)}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"{side} set is empty: {side}_x has shape {tuple(x.shape)}")
-        if y.shape[:2] != x.shape[:2]:
-            raise ValueError(f"{side}_x has {tuple(x.shape[:2])} [tasks, points] but {side}_y has {tuple(y.shape[:2])}")
-        for name, t in ((f"{side}_x", x), (f"{side}_y", y)):
-            if t.is_floating_point():
-                bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(1)
-                if bad.any():
-                    first = int(bad.nonzero()[0, 0])
-                    raise ValueError(f"{name} contains NaN or Inf in {int(bad.sum())} of {t.shape[0]} tasks "
-                                     f"(first: task {first})")
-    if "query_x" in task and task["query_x"].shape[0] != task["support_x"].shape[0]:
-        raise ValueError(f"support has {task['support_x'].shape[0]} tasks but query has {task['query_x'].shape[0]}")
-    if "query_x" in task and task["query_x"].shape[2:] != task["support_x"].shape[2:]:
-        raise ValueError(f"support_x points have shape {tuple(task['support_x'].shape[2:])} but query_x points "
-                         f"have {tuple(task['query_x'].shape[2:])}")
-    if isinstance(likelihood, CategoricalLikelihood) and num_classes is not None:
-        validate_labels(task, num_classes)
-
-
-def validate_labels(task: Dict[str, Tensor], num_classes: int) -> None:
-    """Classification targets must be integer labels in ``0..num_classes-1``."""
-    for key in ("support_y", "query_y"):
-        if key not in task:
-            continue
-        y = task[key]
-        if y.is_floating_point():
-            raise ValueError(f"{key} must hold integer class labels, got dtype {y.dtype}")
-        if (y < 0).any() or (y >= num_classes).any():
-            raise ValueError(f"{key} has labels outside 0..{num_classes - 1} (min {int(y.min())}, max {int(y.max())})")
-
-
-def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, int]:
-    """Count the non-finite tasks (``~finite``) by the first stage that failed, in the order
-    of the computation: ``inner`` (inner loss or gradient norm at the inner solution),
-    ``query`` (the query loss ``F``), ``solver`` (the linear solver's residual norm, implicit
-    estimators), ``gradient`` (the meta-gradient itself)."""
-    left = ~finite
-    counts = {}
-    stages = (("inner", ("inner_loss", "inner_grad_norm")), ("query", None), ("solver", ("residual_norm",)))
-    for stage, keys in stages:
-        values = [losses] if keys is None else [diagnostics[k] for k in keys if k in diagnostics]
-        failed = torch.zeros_like(left)
-        for v in values:
-            failed = failed | ~torch.isfinite(v)
-        failed = failed & left
-        counts[stage] = int(failed.sum())
-        left = left & ~failed
-    counts["gradient"] = int(left.sum())
-    return counts
 
 
 def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, float]] = None):
@@ -287,15 +209,7 @@ class MetaLearner(nn.Module):
         """The meta-parameter dict θ (detached by default)."""
         return {k: (p.detach() if detach else p) for k, p in self.model.meta_parameters().items()}
 
-    def _draws(self, num_tasks: int, num: int, like: Tensor) -> Tensor:
-        gen = self.generator
-        if hasattr(self.method, "draws"):   # the inference method owns its noise (antithetic pairs)
-            eps = self.method.draws(num_tasks, num, self.prior.dim, gen, dtype=like.dtype)
-        else:
-            eps = torch.randn(num_tasks, num, self.prior.dim, generator=gen, device=gen.device, dtype=like.dtype)
-        return eps.to(like.device)
-
-    def _num_outputs(self, task: Dict[str, Tensor]) -> int:
+    def num_outputs(self, task: Dict[str, Tensor]) -> int:
         """Width of the network's output (classification: the number of classes), found by one
         forward pass on one example the first time and kept: the architecture does not change."""
         if self._output_width is None:
@@ -307,106 +221,62 @@ class MetaLearner(nn.Module):
                                                                x).shape[-1])
         return self._output_width
 
-    def _prepare(self, batch) -> Dict[str, Tensor]:
-        task = _as_task_dict(batch)
-        validate_tasks(task, self.likelihood, self.num_classes)
-        if isinstance(self.likelihood, CategoricalLikelihood) and self.num_classes is None:
-            validate_labels(task, self._num_outputs(task))
-        dtype = self.prior.initial_weights.dtype
-        device = self.prior.initial_weights.device
+    def check_tasks(self, batch) -> None:
+        """:func:`ibaml.data.tasks.validate_tasks` with this learner's number of classes
+        (classification: ``num_classes``, else the network's output width)."""
+        task = as_task_dict(batch)
+        num_classes = None
+        if isinstance(self.likelihood, CategoricalLikelihood):
+            num_classes = self.num_classes
+        validate_tasks(task, num_classes)
+        if isinstance(self.likelihood, CategoricalLikelihood) and num_classes is None:
+            validate_labels(task, self.num_outputs(task))
+
+    def prepare(self, batch, validate: bool = True) -> Dict[str, Tensor]:
+        """The batch as a dict on the learner's device and dtype (integer labels keep theirs),
+        checked first (:meth:`check_tasks`, which reads values on the host) unless
+        ``validate=False``, with the inference method's noise of this step
+        (``method.task_noise``, drawn from the learner's generator) unless already present."""
+        task = as_task_dict(batch)
+        if validate:
+            self.check_tasks(task)
+        dtype, device = self.prior.initial_weights.dtype, self.prior.initial_weights.device
         task = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in task.items()}
-        if isinstance(self.method, Variational):
-            T = task["support_x"].shape[0]
-            task["eps_inner"] = self._draws(T, self.method.num_samples, task["support_x"])
-            task["eps_outer"] = self._draws(T, self.method.num_outer_samples, task["support_x"])
+        if not any(key.startswith("eps_") for key in task):   # this step's draws, once
+            noise = self.method.task_noise(task["support_x"].shape[0], self.prior.dim, self.generator, dtype=dtype)
+            task.update({key: eps.to(device) for key, eps in noise.items()})
         return task
 
-    def _vmap(self, fn, task):
-        return torch.func.vmap(fn, chunk_size=self.chunk_size)(task)
-
     # ------------------------------------------------------------------ meta-training
-    def meta_gradient(self, batch):
-        """Mean meta-gradient over the finite tasks of ``batch`` (no update):
+    def task_gradients(self, batch, meta: Optional[Dict[str, Tensor]] = None) -> TaskGradient:
+        """Per-task losses ``F_t [T]``, meta-gradients ``g_t`` (each leaf ``[T, ...]``) and
+        diagnostics (each ``[T]``) of the estimator at ``θ = meta`` (default: the current
+        meta-parameters), vmapped over the tasks, with no host synchronisation and no update::
 
-            g = (1/N) Σ_{t finite} g_t,    loss = (1/N) Σ_{t finite} F_t
+            (F_t, g_t, diagnostics_t) = estimator.task_gradient(problem, θ, task_t)
 
-        Returns ``(loss, grads, diagnostics, finite_mask)`` with per-task diagnostics ``[T]``.
-        Non-finite tasks are handled by the ``nonfinite`` policy (class docstring). With a
-        ``process_group``, this process computes ``g_t`` for its shard only; the sums over
-        tasks are all-reduced and the per-task values gathered, so every process returns
-        the whole batch's result."""
-        task = self._prepare(batch)
-        num_tasks = task["support_x"].shape[0]
-        group = self.process_group
-        if group is not None:
-            rank, world = distributed.dist.get_rank(group), distributed.dist.get_world_size(group)
-            task = distributed.shard_tasks(task, rank, world)
-        meta = self.meta_params()
-        out = self._vmap(lambda t: self.estimator.task_gradient(self.problem, meta, t), task)
-        local_finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
-        per_task = dict(out.diagnostics, _loss=out.loss, _finite=local_finite)
-        if group is not None:
-            per_task = distributed.all_gather_tasks(per_task, num_tasks, group)
-        losses, finite = per_task.pop("_loss"), per_task.pop("_finite")
-        n_bad = int((~finite).sum())
-        if n_bad and (self.nonfinite == "raise" or n_bad == finite.numel()):
-            c = nonfinite_causes(per_task, losses, finite)
-            raise NonFiniteError(
-                f"{n_bad} of {finite.numel()} tasks gave non-finite values (inner solution: {c['inner']}, query loss: "
-                f"{c['query']}, CG residual: {c['solver']}, meta-gradient: {c['gradient']}); lower the inner "
-                f"learning rate, add CG damping, or use nonfinite='skip'"
-                + (" (every task failed, so nothing is left to learn from)" if n_bad == finite.numel() else ""))
+        ``batch`` is a :class:`ibaml.data.TaskBatch` or a dict; it is not validated here (see
+        :meth:`prepare`, :func:`ibaml.training.meta_gradient`), and a dict from :meth:`prepare`
+        keeps its noise draws, so the same call is a pure function of ``(meta, batch)``."""
+        task = self.prepare(batch, validate=False)
+        meta = self.meta_params() if meta is None else meta
+        return self._vmap(lambda t: self.estimator.task_gradient(self.problem, meta, t), task)
 
-        def masked_sum(g, keep):
-            mask = keep.view(-1, *([1] * (g.dim() - 1)))
-            return torch.where(mask, g, torch.zeros_like(g)).sum(0)
+    def _vmap(self, fn, *args):
+        return torch.func.vmap(fn, chunk_size=self.chunk_size)(*args)
 
-        sums = {k: masked_sum(g, local_finite) for k, g in out.grads.items()}
-        if group is not None:
-            sums = distributed.all_reduce_sum(sums, group)
-        n_keep = finite.to(losses.dtype).sum().clamp(min=1)
-        grads = {k: s / n_keep for k, s in sums.items()}
-        loss = masked_sum(losses, finite) / n_keep
-        return loss, grads, per_task, finite
+    def meta_gradient(self, batch) -> training.MetaGradient:
+        """The mean meta-gradient over the finite tasks, :func:`ibaml.training.meta_gradient`."""
+        return training.meta_gradient(self, batch)
 
-    def meta_step(self, batch) -> Dict[str, float]:
-        """One meta-update on a batch of tasks; returns summary statistics: ``loss`` (mean
-        query loss of the finite tasks), ``skipped`` (non-finite tasks dropped), the means of
-        ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, ``hyper``, and the
-        stationarity of each block of the inner solution, ``inner_grad_norm.<block>``
-        (``||∇_b G(v*, θ)||`` averaged over the finite tasks: ``w`` for MAP, ``mean`` and
-        ``rho`` for a variational posterior), as 0-d tensors that are read from the device only
-        when a caller converts them: the meta-gradient is exact only where these are small."""
-        loss, grads, diagnostics, finite = self.meta_gradient(batch)
-        n_bad = int((~finite).sum())
-        self.skipped_tasks += n_bad
-        self.meta_optimizer.zero_grad(set_to_none=True)
-        params = self.model.meta_parameters()
-        hyper = None
-        if self.hyper_weight:
-            hyper = -self.hyper_weight * self.model.prior_call(params, "hyper_log_prob")
-            if hyper.requires_grad:
-                hyper.backward()
-        for k, p in params.items():
-            p.grad = grads[k].to(p.dtype) if p.grad is None else p.grad + grads[k].to(p.dtype)
-        self.meta_optimizer.step()
-        self.step_count += 1
-        stats = {"loss": float(loss), "skipped": n_bad}
-        for key in ("inner_grad_norm", "residual_norm"):
-            if key in diagnostics:
-                stats[key] = float(diagnostics[key][finite].float().mean())
-        keep = finite.to(loss.dtype)
-        for key in diagnostics:
-            if key.startswith("inner_grad_norm."):   # stationarity per block, kept on the device
-                stats[key] = (torch.where(finite, diagnostics[key], 0.0).sum() / keep.sum().clamp(min=1)).detach()
-        if hyper is not None:
-            stats["hyper"] = float(hyper.detach())
-        return stats
+    def meta_step(self, batch) -> Dict[str, Any]:
+        """One meta-update, :func:`ibaml.training.meta_step` (its statistics are returned)."""
+        return training.meta_step(self, batch)
 
     # ------------------------------------------------------------------ adaptation and prediction
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Posterior:
         """Task inference on support sets ``[T, S, ...]``: a :class:`Posterior` per task."""
-        task = self._prepare({"support_x": support_x, "support_y": support_y})
+        task = self.prepare({"support_x": support_x, "support_y": support_y})
         meta = self.meta_params()
         steps = self.eval_inner_steps if steps is None else int(steps)
 
@@ -427,7 +297,7 @@ class MetaLearner(nn.Module):
         dtype = self.prior.initial_weights.dtype
         x = x.to(device=self.prior.initial_weights.device, dtype=dtype)
         S = 1 if isinstance(posterior.method, MAP) else (num_samples or self.num_predictive_samples)
-        eps = self._draws(x.shape[0], S, x)
+        eps = posterior.method.draws(x.shape[0], S, self.prior.dim, self.generator, dtype=dtype).to(x.device)
 
         def per_task(v, eps_t, x_t):
             return self.model.net_outputs(meta, posterior.method.weight_samples(v, eps_t), x_t)
@@ -462,20 +332,11 @@ class MetaLearner(nn.Module):
                 outputs, posterior.noise_ratio)
         return torch.func.vmap(lambda o: self.model.likelihood_call(meta, "predictive", o))(outputs)
 
-    def evaluate(self, batch, steps: Optional[int] = None, num_samples: Optional[int] = None, name: str = ""):
+    def evaluate(self, batch, steps: Optional[int] = None, num_samples: Optional[int] = None, name: str = "",
+                 chunk: Optional[int] = None):
         """Adapt on each task's support set, predict its query set, and return a
-        :class:`ibaml.calibration.CalibrationReport`."""
-        from .calibration import CalibrationReport
-
-        task = _as_task_dict(batch)
-        posterior = self.adapt(task["support_x"], task["support_y"], steps=steps)
-        prediction = self.predict(posterior, task["query_x"], num_samples)
-        if isinstance(prediction, tuple):          # a Gaussian predictive: (mean, var)
-            mean, var = prediction
-            y = task["query_y"].to(mean)
-            return CalibrationReport.regression(mean.reshape(mean.shape[0], -1), var.reshape(var.shape[0], -1),
-                                                y.reshape(y.shape[0], -1), name=name)
-        return CalibrationReport.classification(prediction, task["query_y"].to(prediction.device), name=name)
+        :class:`ibaml.calibration.CalibrationReport` (:func:`ibaml.training.evaluate`)."""
+        return training.evaluate(self, batch, chunk=chunk, steps=steps, num_samples=num_samples, name=name)
 
     # ------------------------------------------------------------------ state
     def training_state(self) -> Dict[str, Any]:

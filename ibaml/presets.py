@@ -75,7 +75,8 @@ from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
 from .inference import MAP, Variational
 from .learner import MetaLearner
 from .model import _head_only
-from .likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
+from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
+                          TaskNoiseGaussianLikelihood)
 from .linalg import CG
 from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
 
@@ -146,6 +147,46 @@ TASK_NOISE = {
 #: Newton steps once the features had grown, and the meta-training diverged.
 REGRESSION_NOISE = {"maml": "shared", "fomaml": "shared", "lazy": "shared", "imaml": "shared",
                     "ibaml": "conjugate", "abml": "conjugate"}
+
+#: inner steps at evaluation over those of meta-training: MAML and FOMAML, whose few inner steps
+#: stop early by design, adapt for twice as long on new tasks; the other methods solve their
+#: inner problem and adapt as in meta-training.
+EVAL_STEPS_FACTOR = {"maml": 2, "fomaml": 2}
+
+#: the noise models of :func:`regression_likelihood`
+NOISE_MODELS = ("shared", "conjugate", "task", "task-scaled")
+
+
+def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[int] = None):
+    """``(meta-training steps, evaluation steps)``: the ones given, else the method's
+    :data:`PRESETS` and :data:`EVAL_STEPS_FACTOR` times those.
+
+    >>> inner_steps("maml"), inner_steps("imaml", 5), inner_steps("maml", 3, 4)
+    ((5, 10), (5, 5), (3, 4))
+    """
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    steps = int(steps or PRESETS[method]["inner_steps"])
+    return steps, int(eval_steps or EVAL_STEPS_FACTOR.get(method, 1) * steps)
+
+
+def regression_likelihood(noise: str, prior_count: float = 1.0) -> Likelihood:
+    """The Gaussian likelihood of a noise model (:data:`REGRESSION_NOISE`), from noise 1:
+    ``"shared"`` one learned scale, ``"conjugate"`` a variance per task in closed form
+    (:class:`ibaml.ConjugateNoiseGaussianLikelihood` with pseudo-count ``prior_count``),
+    ``"task"`` / ``"task-scaled"`` a log noise per task in the network's head
+    (:class:`ibaml.TaskNoiseGaussianLikelihood`, the net needs ``noise_head=True``).
+
+    >>> type(regression_likelihood("conjugate")).__name__
+    'ConjugateNoiseGaussianLikelihood'
+    """
+    if noise == "shared":
+        return GaussianLikelihood(noise=1.0, learn_noise=True)
+    if noise == "conjugate":
+        return ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=prior_count)
+    if noise in ("task", "task-scaled"):
+        return TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=noise == "task-scaled")
+    raise ValueError(f"unknown noise model {noise!r}; expected one of {NOISE_MODELS}")
 
 
 def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: float):

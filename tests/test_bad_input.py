@@ -292,10 +292,10 @@ CASES = [
      CLIError, "unrecognized arguments: --bogus"),
     ("--distributed without torchrun (example CLI)", lambda t: cli(["--distributed"]),
      CLIError, "--distributed needs the torchrun environment: torchrun --nproc_per_node N examples/sine_regression.py ..."),
-    ("--resume of a missing folder (example CLI)", lambda t: cli(["--resume", str(t / "nowhere")]),
-     CLIError, "--resume {tmp}/nowhere: no such folder"),
-    ("--resume of a folder without checkpoints (example CLI)", lambda t: cli(["--resume", str(t)]),
-     CLIError, "--resume {tmp}: no checkpoint there for ibaml (expected {tmp}/ibaml/last.pt)"),
+    ("a new run into a folder that holds one (example CLI)",
+     lambda t: cli(RUN + ["--out", str(example_checkpoint(t))]),
+     CLIError, "{tmp}/run already holds a run of imaml: continue it with --resume {tmp}/run or replace it with "
+               "--overwrite"),
     # --- dataset files
     ("missing dataset file", lambda t: load_miniimagenet(t, "test", format="pickle"),
      DatasetError, "miniImageNet: {tmp}/mini-imagenet-cache-test.pkl: file missing"),
@@ -327,7 +327,7 @@ CASES = [
      CheckpointError, "{tmp}/run/imaml/last.pt: checkpoint from an incompatible configuration "
                       "(inner_steps: saved 1, now 2, eval_inner_steps: saved 1, now 2)"),
     ("checkpoint past --meta-iters", lambda t: resume(t, "--meta-iters", "1"),
-     CheckpointError, "{tmp}/run/imaml/last.pt: checkpoint at step 2, beyond --meta-iters 1"),
+     CheckpointError, "{tmp}/run/imaml/last.pt: checkpoint at step 2, beyond the 1 steps of this run"),
     ("truncated checkpoint", lambda t: resume(t, damage=truncate),
      CheckpointError, "{tmp}/run/imaml/last.pt: not a readable checkpoint (truncated or corrupt?): not a complete "
                       "torch.save archive"),

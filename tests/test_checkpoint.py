@@ -109,12 +109,12 @@ def assert_identical(a, b, where="state"):
 def assert_same_trajectory(path_a, path_b):
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
     assert a["step"] == b["step"] == ITERS
-    learner_a, learner_b = a["model"]["learner"], b["model"]["learner"]
+    learner_a, learner_b = a["training"]["learner"], b["training"]["learner"]
     meta = [k for k in learner_a if k.startswith(("model.prior.", "model.likelihood."))]
     assert meta, sorted(learner_a)
     for k in meta:  # the meta-parameters, then everything else that continues the run
         assert torch.equal(learner_a[k], learner_b[k]), k
-    for key in ("model", "rng", "config"):
+    for key in ("training", "rng", "config", "validation", "best"):
         assert_identical(a[key], b[key], key)
 
 

@@ -145,8 +145,8 @@ def test_sine_example_under_torchrun_matches_one_process(job, tmp_path):
     sine_regression.main(EXAMPLE_ARGS + ["--out", str(tmp_path)])
     par, one = load_checkpoint(example / "ibaml" / "last.pt"), load_checkpoint(tmp_path / "ibaml" / "last.pt")
     assert par["step"] == one["step"] == 1 and par["config"] == one["config"]
-    meta = {k: v for k, v in one["model"]["learner"].items() if k.startswith(("model.prior.", "model.likelihood."))}
-    _close({k: par["model"]["learner"][k] for k in meta}, meta, rtol=1e-9, atol=1e-10)
+    meta = {k: v for k, v in one["training"]["learner"].items() if k.startswith(("model.prior.", "model.likelihood."))}
+    _close({k: par["training"]["learner"][k] for k in meta}, meta, rtol=1e-9, atol=1e-10)
     for name, state in one["rng"]["sources"].items():
         assert torch.equal(par["rng"]["sources"][name], state), name
     assert stdout.count("non-finite tasks skipped in meta-training: ibaml 0") == 1  # rank 0 reports alone

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import sine_tasks
+from conftest import assert_task_gradients_equal_plain_loop, sine_tasks
 
 import ibaml
 import priors
@@ -33,17 +33,36 @@ def test_presets_learn_on_sine(method):
     assert after < before, (method, before, after)
 
 
-def test_vmapped_meta_gradient_equals_loop_over_tasks():
+@pytest.mark.parametrize("method", ["map", "variational"])
+def test_vmapped_task_gradients_equal_a_plain_loop(method):
     net = small_net()
+    kwargs = {"method": ibaml.Variational(beta=0.5, num_samples=3, num_outer_samples=2)} if method == "variational" \
+        else {"method": "map"}
     learner = ibaml.MetaLearner(net, priors.DiagonalGaussian.from_module(net, init_scale=0.3), lik(),
-                                method="map", estimator=ibaml.Implicit(), inner_steps=5)
+                                estimator=ibaml.Implicit(), inner_steps=5, **kwargs)
     batch = sine_tasks(4, torch.Generator().manual_seed(2))
-    loss, grads, _, _ = learner.meta_gradient(batch)
-    per_task = [learner.meta_gradient({k: v[i:i + 1] for k, v in batch.items()}) for i in range(4)]
-    assert torch.allclose(loss, sum(p[0] for p in per_task) / 4, rtol=1e-10)
+    out = assert_task_gradients_equal_plain_loop(learner, batch)
+    # the reduced meta-gradient is the mean of the per-task ones
+    prepared = learner.prepare(batch)
+    loss, grads, _, finite = learner.meta_gradient(prepared)
+    again = learner.task_gradients(prepared)
+    assert bool(finite.all()) and torch.allclose(loss, again.loss.mean(), rtol=1e-12)
     for k in grads:
-        loop = sum(p[1][k] for p in per_task) / 4
-        assert torch.allclose(grads[k], loop, rtol=1e-9, atol=1e-12), k
+        assert torch.allclose(grads[k], again.grads[k].mean(0), rtol=1e-10, atol=1e-14), k
+    assert out.loss.shape == (4,)
+
+
+def test_task_gradients_is_pure_and_leaves_the_learner_alone():
+    net = small_net()
+    learner = ibaml.build_learner("ibaml", net, lik(), inner_steps=3)
+    task = learner.prepare(sine_tasks(3, torch.Generator().manual_seed(5)))
+    before = {k: v.clone() for k, v in learner.meta_params().items()}
+    state = learner.generator.get_state()
+    a, b = learner.task_gradients(task), learner.task_gradients(task)
+    assert torch.equal(learner.generator.get_state(), state)      # a prepared batch keeps its draws
+    assert all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
+    assert all(torch.equal(before[k], v) for k, v in learner.meta_params().items())
+    assert int(learner.step_count) == 0
 
 
 def test_chunked_vmap_matches_unchunked():

@@ -91,7 +91,8 @@ def test_example_on_omniglot_with_rotations(omni_root, tmp_path):
     # 12 characters split 6 / 3 / 3, each in four rotations; 28x28 grayscale
     assert metrics["classes"] == {"train": 24, "val": 12, "test": 12} and metrics["image_shape"] == [1, 28, 28]
     assert split_file.is_file() and metrics["evaluated"] == {"checkpoint": "last", "step": 2}
-    assert not (out / "best.pt").exists() and not (out / "last.pt").exists() and metrics["validation"] == []
+    assert not (out / "best.pt").exists() and metrics["validation"] == []
+    assert load_checkpoint(out / "last.pt")["step"] == 2   # written at the end even with --checkpoint-every 0
 
 
 def test_resume_continues_the_same_trajectory(mini_roots, tmp_path):
@@ -107,7 +108,7 @@ def test_resume_continues_the_same_trajectory(mini_roots, tmp_path):
     for key, value in a["training"]["learner"].items():
         assert torch.equal(value, b["training"]["learner"][key]), key
     assert torch.equal(a["training"]["generator"], b["training"]["generator"])
-    assert torch.equal(a["sampler"], b["sampler"])
+    assert torch.equal(a["rng"]["sources"]["sampler"], b["rng"]["sources"]["sampler"])
     # validation at steps 2 and 4 in both runs (b also at 1) gives the same numbers
     steps_b = {h["step"]: h for h in resumed["validation"]}
     assert sorted(steps_b) == [1, 2, 4] and (tmp_path / "c" / "best.pt").is_file()
@@ -121,12 +122,25 @@ def test_resume_checks_the_configuration(mini_roots, tmp_path):
         "--checkpoint-every", 1, "--out", out, *TINY)
     with pytest.raises(CheckpointError, match=r"incompatible configuration \(ways: saved 3, now 4\)"):
         run("--resume", out, "--ways", 4)
-    with pytest.raises(CheckpointError, match="no checkpoint file there"):
-        run("--resume", tmp_path / "nowhere")
-    # a fresh run into the same folder drops the earlier run's checkpoints
-    run("--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 1, "--val-every", 0,
-        "--checkpoint-every", 0, "--out", out, *TINY)
-    assert not (out / "last.pt").exists()
+    # a fresh run into a folder that holds a run is refused in one line; --overwrite replaces it
+    with pytest.raises(SystemExit):
+        run("--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 1, "--val-every", 0, "--out", out,
+            *TINY)
+    before = load_checkpoint(out / "last.pt")["training"]["learner"]
+    run("--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 1, "--val-every", 0, "--seed", 3,
+        "--out", out, "--overwrite", *TINY)
+    after = load_checkpoint(out / "last.pt")
+    assert after["config"]["seed"] == 3 and not all(torch.equal(v, after["training"]["learner"][k])
+                                                    for k, v in before.items())
+
+
+def test_resume_without_a_checkpoint_starts_from_scratch(mini_roots, tmp_path, capsys):
+    # a run killed before its first checkpoint: the same command with --resume starts it afresh
+    common = ["--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 1, "--val-every", 0, *TINY]
+    fresh = run(*common, "--out", tmp_path / "a")
+    resumed = run(*common, "--resume", tmp_path / "b")
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert resumed["accuracy"] == fresh["accuracy"] and resumed["nll"] == fresh["nll"]
 
 
 @pytest.mark.parametrize("extra,message", [

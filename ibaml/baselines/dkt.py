@@ -23,9 +23,11 @@ Example
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import gpytorch
+
 import torch
 from torch import Tensor, nn
 
@@ -73,6 +75,14 @@ class DeepKernelGP(nn.Module):
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+    def training_state(self) -> dict:
+        """Parameters and the optimiser's state (a copy), what :func:`ibaml.training.fit` checkpoints."""
+        return copy.deepcopy({"model": self.state_dict(), "optimizer": self.optimizer.state_dict()})
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor):

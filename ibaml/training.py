@@ -1,0 +1,426 @@
+"""The training run: one meta-step on top of :meth:`ibaml.MetaLearner.task_gradients`, the loop
+with checkpoints and exact resume (:func:`fit`), and chunked evaluation.
+
+One meta-step on a batch of ``T`` tasks (:func:`meta_gradient`, :func:`meta_step`)::
+
+    (F_t, g_t) = learner.task_gradients(batch)                    vmapped, no host synchronisation
+    g = (1/N) Σ_{t finite} g_t,   N = #{t : F_t, g_t, v_t* finite}  the non-finite policy
+    g ← g − hyper_weight · ∇_θ log p_hyper(θ)
+    θ ← meta_optimizer.step(θ, g)
+
+With a ``process_group`` each process computes ``g_t`` for its shard of the batch and the
+sums over tasks are all-reduced (:mod:`ibaml.distributed`): every process gets the
+one-process meta-gradient.
+
+:func:`fit` runs ``steps`` meta-steps on batches from ``sample_tasks()``. With a ``folder`` it
+writes ``folder/last.pt`` atomically every ``checkpoint_every`` steps and at the end (the
+learner's training state, every random source named in ``rng``, the validation history), so
+that ``resume=True`` continues on exactly the trajectory of an uninterrupted run; with
+``validate`` it evaluates every ``validate_every`` steps and keeps the best parameters in
+``folder/best.pt``. A folder that already holds a run is not overwritten unless asked.
+
+Example
+-------
+>>> import ibaml, tempfile
+>>> from ibaml.data import SineTaskDistribution
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> net = ibaml.nets.MLP(1, (8,), 1)
+>>> learner = ibaml.build_learner("imaml", net, ibaml.GaussianLikelihood(1.0), inner_steps=2)
+>>> tasks, gen = SineTaskDistribution(shots=5, query=5), torch.Generator().manual_seed(0)
+>>> folder = tempfile.mkdtemp()
+>>> result = fit(learner, lambda: tasks.sample(4, gen), 3, folder=folder, rng={"tasks": gen}, progress=False)
+>>> result.step, sorted(p.name for p in Path(folder).iterdir())
+(3, ['last.pt'])
+>>> evaluate(learner, tasks.sample(8, gen), chunk=4).metrics["mse"]["mean"] > 0
+True
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import distributed
+from .calibration import CalibrationReport
+from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state, rng_state, \
+    save_checkpoint
+from .data.tasks import as_task_dict
+
+NONFINITE_POLICIES = ("raise", "skip")
+LAST, BEST = "last.pt", "best.pt"
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when inner solutions or meta-gradients are not finite and the policy is ``"raise"``."""
+
+
+class RunExistsError(CheckpointError):
+    """A new run was started in a folder that already holds one (neither resumed nor overwritten)."""
+
+
+class MetaGradient(NamedTuple):
+    """The reduced meta-gradient of a batch: ``loss`` and ``grads`` are means over the finite
+    tasks; ``diagnostics`` (each ``[T]``) and ``finite`` (``[T]`` bool) are per task."""
+
+    loss: Tensor
+    grads: Dict[str, Tensor]
+    diagnostics: Dict[str, Tensor]
+    finite: Tensor
+
+
+def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, int]:
+    """Count the non-finite tasks (``~finite``) by the first stage that failed, in the order
+    of the computation: ``inner`` (inner loss or gradient norm at the inner solution),
+    ``query`` (the query loss ``F``), ``solver`` (the linear solver's residual norm, implicit
+    estimators), ``gradient`` (the meta-gradient itself).
+
+    >>> nonfinite_causes({"inner_loss": torch.tensor([0.0, float("nan")])}, torch.zeros(2),
+    ...                  torch.tensor([True, False]))
+    {'inner': 1, 'query': 0, 'solver': 0, 'gradient': 0}
+    """
+    left = ~finite
+    counts = {}
+    stages = (("inner", ("inner_loss", "inner_grad_norm")), ("query", None), ("solver", ("residual_norm",)))
+    for stage, keys in stages:
+        values = [losses] if keys is None else [diagnostics[k] for k in keys if k in diagnostics]
+        failed = torch.zeros_like(left)
+        for v in values:
+            failed = failed | ~torch.isfinite(v)
+        failed = failed & left
+        counts[stage] = int(failed.sum())
+        left = left & ~failed
+    counts["gradient"] = int(left.sum())
+    return counts
+
+
+def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
+    """``Σ_t keep_t · values_t`` over the leading (task) dimension, NaN in dropped tasks ignored."""
+    mask = keep.view(-1, *([1] * (values.dim() - 1)))
+    return torch.where(mask, values, torch.zeros_like(values)).sum(0)
+
+
+def meta_gradient(learner, batch) -> MetaGradient:
+    """Mean meta-gradient over the finite tasks of ``batch`` (no update)::
+
+        g = (1/N) Σ_{t finite} g_t,    loss = (1/N) Σ_{t finite} F_t
+
+    The batch is validated first (:func:`ibaml.data.tasks.validate_tasks`); non-finite tasks
+    are handled by ``learner.nonfinite`` (``"raise"``: :class:`NonFiniteError` naming the
+    stage that failed; ``"skip"``: dropped, unless every task failed)."""
+    task = learner.prepare(batch)
+    num_tasks = task["support_x"].shape[0]
+    group = learner.process_group
+    if group is not None:
+        rank, world = distributed.dist.get_rank(group), distributed.dist.get_world_size(group)
+        task = distributed.shard_tasks(task, rank, world)
+    out = learner.task_gradients(task)
+    local_finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
+    per_task = dict(out.diagnostics, _loss=out.loss, _finite=local_finite)
+    if group is not None:
+        per_task = distributed.all_gather_tasks(per_task, num_tasks, group)
+    losses, finite = per_task.pop("_loss"), per_task.pop("_finite")
+    n_bad = int((~finite).sum())
+    if n_bad and (learner.nonfinite == "raise" or n_bad == finite.numel()):
+        c = nonfinite_causes(per_task, losses, finite)
+        raise NonFiniteError(
+            f"{n_bad} of {finite.numel()} tasks gave non-finite values (inner solution: {c['inner']}, query loss: "
+            f"{c['query']}, CG residual: {c['solver']}, meta-gradient: {c['gradient']}); lower the inner "
+            f"learning rate, add CG damping, or use nonfinite='skip'"
+            + (" (every task failed, so nothing is left to learn from)" if n_bad == finite.numel() else ""))
+    sums = {k: _masked_sum(g, local_finite) for k, g in out.grads.items()}
+    if group is not None:
+        sums = distributed.all_reduce_sum(sums, group)
+    n_keep = finite.to(losses.dtype).sum().clamp(min=1)
+    grads = {k: s / n_keep for k, s in sums.items()}
+    return MetaGradient(_masked_sum(losses, finite) / n_keep, grads, per_task, finite)
+
+
+def meta_step(learner, batch) -> Dict[str, Any]:
+    """One meta-update of ``learner`` on a batch of tasks; returns summary statistics: ``loss``
+    (mean query loss of the finite tasks), ``skipped`` (non-finite tasks dropped), the means of
+    ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, ``hyper``, and the
+    stationarity of each block of the inner solution, ``inner_grad_norm.<block>``
+    (``||∇_b G(v*, θ)||`` averaged over the finite tasks: ``w`` for MAP, ``mean`` and ``rho``
+    for a variational posterior), as 0-d tensors read from the device only when a caller
+    converts them: the meta-gradient is exact only where these are small."""
+    loss, grads, diagnostics, finite = meta_gradient(learner, batch)
+    n_bad = int((~finite).sum())
+    learner.skipped_tasks += n_bad
+    optimizer = learner.meta_optimizer
+    optimizer.zero_grad(set_to_none=True)
+    params = learner.model.meta_parameters()
+    hyper = None
+    if learner.hyper_weight:
+        hyper = -learner.hyper_weight * learner.model.prior_call(params, "hyper_log_prob")
+        if hyper.requires_grad:
+            hyper.backward()
+    for k, p in params.items():
+        p.grad = grads[k].to(p.dtype) if p.grad is None else p.grad + grads[k].to(p.dtype)
+    optimizer.step()
+    learner.step_count += 1
+    stats: Dict[str, Any] = {"loss": float(loss), "skipped": n_bad}
+    for key in ("inner_grad_norm", "residual_norm"):
+        if key in diagnostics:
+            stats[key] = float(diagnostics[key][finite].float().mean())
+    keep = finite.to(loss.dtype)
+    for key in diagnostics:
+        if key.startswith("inner_grad_norm."):   # stationarity per block, kept on the device
+            stats[key] = (torch.where(finite, diagnostics[key], 0.0).sum() / keep.sum().clamp(min=1)).detach()
+    if hyper is not None:
+        stats["hyper"] = float(hyper.detach())
+    return stats
+
+
+# ---------------------------------------------------------------------------------- the loop
+@dataclass
+class FitResult:
+    """What :func:`fit` did: ``step`` meta-steps done in all (resumed runs included), of which
+    ``steps_run`` in this call; training ``seconds`` in all and ``run_seconds`` in this call
+    (checkpoint writing and validation excluded); the last step's ``stats``; the validation
+    ``history`` and the ``best`` entry (``{"step", "score"}``); ``evaluated``: which parameters
+    the learner holds now (``{"checkpoint": "best" | "last", "step"}``)."""
+
+    step: int
+    steps_run: int
+    seconds: float
+    run_seconds: float
+    stats: Dict[str, Any]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best: Optional[Dict[str, Any]] = None
+    evaluated: Dict[str, Any] = field(default_factory=dict)
+    resumed_from: Optional[int] = None
+
+
+def holds_run(folder: Union[str, Path]) -> bool:
+    """Whether ``folder`` holds the checkpoints of a run (``last.pt`` or ``best.pt``)."""
+    return any((Path(folder) / name).is_file() for name in (LAST, BEST))
+
+
+def clean_folder(folder: Union[str, Path]) -> int:
+    """Remove leftover temporary checkpoint files (an interrupted atomic write) of ``last.pt``
+    and ``best.pt`` in ``folder``; returns how many."""
+    return sum(remove_stale_temporaries(Path(folder) / name) for name in (LAST, BEST))
+
+
+def _progress_bar(iterable, progress: bool, **kwargs):
+    """tqdm that redraws at most once a second on a terminal and once a minute in a log file."""
+    tty = hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+    return tqdm(iterable, disable=not progress, file=sys.stdout, mininterval=1.0 if tty else 60.0,
+                dynamic_ncols=tty, **kwargs)
+
+
+def _as_stats(value) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {"loss": float(value)}
+
+
+def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[str, Path, None] = None,
+        config: Optional[Mapping[str, Any]] = None, must_match: Optional[Iterable[str]] = None,
+        checkpoint_every: int = 0,
+        resume: Union[bool, str, Path] = False, overwrite: bool = False,
+        validate: Optional[Callable[[int], Dict[str, Any]]] = None, validate_every: int = 0,
+        select_best: Optional[Callable[[Dict[str, Any]], float]] = None, restore_best: bool = True,
+        on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None, rng: Optional[Mapping[str, Any]] = None,
+        progress: bool = True, desc: str = "meta-train", is_main: bool = True) -> FitResult:
+    """Meta-train ``learner`` for ``steps`` meta-steps on batches ``sample_tasks()``.
+
+    Args:
+        learner: a :class:`ibaml.MetaLearner` (or any object with ``meta_step(batch)``,
+            ``training_state()``, ``load_training_state(state)``, ``state_dict()`` and
+            ``load_state_dict(state)``).
+        sample_tasks: draws the next meta-batch; its random sources must be named in ``rng``
+            for an exact resume.
+        steps: meta-steps in all (a resumed run continues up to ``steps``).
+        folder: where ``last.pt`` and ``best.pt`` go (``None``: no checkpoints).
+        config: the run's settings, saved in checkpoints; a checkpoint whose ``config``
+            differs from this one on a key of ``must_match`` (default: every key of
+            ``config``) is refused (:class:`ibaml.checkpoint.CheckpointError`).
+        checkpoint_every: also write ``last.pt`` every ``N`` steps (it is always written at the end).
+        resume: ``True``: continue from ``folder/last.pt``; a folder path: continue from
+            that folder's ``last.pt`` (and ``best.pt``), writing to ``folder``. Where there is
+            no checkpoint yet (a run killed before its first one), start from scratch with a
+            one-line notice, so the command that started a run also restarts it.
+        overwrite: replace the run that ``folder`` holds. Without ``resume`` or ``overwrite``
+            a folder that holds a run raises :class:`RunExistsError`.
+        validate: ``validate(step) → dict`` of metrics, called every ``validate_every``
+            steps and at the last one; the entries (with ``"step"``) make the history.
+        select_best: ``entry → score`` (higher is better): the parameters of the best
+            validation go to ``folder/best.pt`` and, with ``restore_best``, back into the
+            learner at the end.
+        on_step: ``on_step(step, stats)`` after each meta-step.
+        rng: ``{name: source}`` (``torch.Generator``, an :class:`ibaml.data.EpisodeSampler`)
+            checkpointed with torch's global generators.
+        progress: a tqdm bar (redrawn once a minute when the output is not a terminal).
+        is_main: whether this process writes files and prints (distributed runs: rank 0).
+    """
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if checkpoint_every < 0 or validate_every < 0:
+        raise ValueError("checkpoint_every and validate_every must be 0 or positive")
+    if folder is None and (resume or checkpoint_every or select_best is not None):
+        raise ValueError("resume, checkpoint_every and select_best need a folder for the checkpoints")
+    rng = dict(rng or {})
+    config = dict(config or {})
+    folder = None if folder is None else Path(folder)
+    start, seconds, history, best, resumed_from = 0, 0.0, [], None, None
+    if folder is not None:
+        source = folder if resume is True or not resume else Path(resume)
+        if is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            clean_folder(folder)
+        if resume and (source / LAST).is_file():
+            keys = list(config) if must_match is None else list(must_match)
+            state = load_checkpoint(source / LAST, config=config, keys=keys, map_location="cpu")
+            if not 0 <= int(state.get("step", -1)) <= steps:
+                raise CheckpointError(f"{source / LAST}: checkpoint at step {state.get('step')!r}, "
+                                      f"beyond the {steps} steps of this run")
+            try:
+                learner.load_training_state(state["training"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise CheckpointError(f"{source / LAST}: does not fit this model ({first})") from None
+            restore_rng_state(state["rng"], **rng)
+            start = resumed_from = int(state["step"])
+            seconds, history, best = float(state["train_seconds"]), list(state["validation"]), state["best"]
+            if is_main and best is not None and source.resolve() != folder.resolve():
+                shutil.copy2(source / BEST, folder / BEST)
+            if is_main:
+                done = "finished, not retrained" if start == steps else "resuming"
+                print(f"{desc}: checkpoint at step {start} of {steps} ({done})", flush=True)
+        elif resume:
+            if is_main:
+                print(f"{desc}: no checkpoint in {source} yet, starting from scratch", flush=True)
+        elif holds_run(folder) and not overwrite:
+            raise RunExistsError(f"{folder} already holds a run ({LAST} or {BEST}): resume it or overwrite it")
+        if is_main and not resumed_from and (overwrite or resume):
+            for name in (LAST, BEST):   # a fresh run: no checkpoint of an earlier run may be mistaken for this one's
+                (folder / name).unlink(missing_ok=True)
+
+    def save(done: int) -> None:
+        if folder is not None and is_main:
+            save_checkpoint(folder / LAST, {"config": config, "step": done, "training": learner.training_state(),
+                                            "rng": rng_state(**rng), "validation": history, "best": best,
+                                            "train_seconds": seconds})
+
+    stats: Dict[str, Any] = {}
+    bar = _progress_bar(range(start, steps), progress and is_main, initial=start, total=steps, desc=desc)
+    clock = run_seconds = 0.0
+    for i in bar:
+        clock = time.perf_counter()
+        stats = _as_stats(learner.meta_step(sample_tasks()))
+        elapsed = time.perf_counter() - clock
+        seconds, run_seconds = seconds + elapsed, run_seconds + elapsed
+        done = i + 1
+        if on_step is not None:
+            on_step(done, stats)
+        postfix = {"loss": f"{stats['loss']:.3f}"}
+        if validate is not None and validate_every and (done % validate_every == 0 or done == steps):
+            entry = {"step": done, **validate(done)}
+            history.append(entry)
+            if select_best is not None:
+                score = float(select_best(entry))
+                postfix["val"] = f"{score:.3f}"
+                if best is None or score > best["score"]:
+                    best = {"step": done, "score": score}
+                    if is_main:
+                        save_checkpoint(folder / BEST, {"config": config, "step": done,
+                                                        "learner": learner.state_dict(), "validation": entry})
+        if done == steps or (checkpoint_every and done % checkpoint_every == 0):
+            save(done)
+        bar.set_postfix(postfix)
+    bar.close()
+    evaluated = {"checkpoint": "last", "step": steps}
+    if best is not None and restore_best:
+        learner.load_state_dict(load_checkpoint(folder / BEST, map_location="cpu")["learner"])
+        evaluated = {"checkpoint": "best", "step": int(best["step"])}
+    return FitResult(step=steps, steps_run=steps - start, seconds=seconds, run_seconds=run_seconds, stats=stats,
+                     history=history, best=best, evaluated=evaluated, resumed_from=resumed_from)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def _chunks(tasks, num_tasks: Optional[int], chunk: Optional[int]):
+    """``(sample, total)``: ``sample(start, n)`` returns ``n`` tasks, from a batch or a sampler."""
+    if callable(tasks):
+        if num_tasks is None:
+            raise ValueError("num_tasks is needed when tasks is a sampler (a callable)")
+        return (lambda start, n: tasks(n)), int(num_tasks)
+    task = as_task_dict(tasks)
+    total = task["support_x"].shape[0] if num_tasks is None else int(num_tasks)
+    return (lambda start, n: {k: v[start:start + n] for k, v in task.items()}), total
+
+
+class _Reseeded:
+    """Within the block, ``generators`` start from ``seed``; their states are put back after."""
+
+    def __init__(self, generators, seed: Optional[int]):
+        self.generators, self.seed = [g for g in generators if g is not None], seed
+
+    def __enter__(self):
+        if self.seed is not None:
+            self.saved = [g.get_state() for g in self.generators]
+            for g in self.generators:
+                g.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.seed is not None:
+            for g, s in zip(self.generators, self.saved):
+                g.set_state(s)
+
+
+def _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, desc, per_chunk, steps=None):
+    """``[(per_chunk(posterior, batch), query targets)]`` over the chunks of ``tasks``."""
+    sample, total = _chunks(tasks, num_tasks, chunk)
+    chunk = total if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    results = []
+    with _Reseeded([learner.generator, *generators], seed):
+        starts = range(0, total, chunk)
+        for start in _progress_bar(starts, progress and len(starts) > 1, desc=desc, leave=False):
+            batch = as_task_dict(sample(start, min(chunk, total - start)))
+            posterior = learner.adapt(batch["support_x"], batch["support_y"], steps=steps)
+            results.append((per_chunk(posterior, batch), batch["query_y"]))
+    return results
+
+
+def task_outputs(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+                 seed: Optional[int] = None, generators=(), progress: bool = False, desc: str = "evaluate"):
+    """Adapt to the tasks ``chunk`` at a time and return the network's query outputs at the
+    posterior draws ``[T, S, N, ...]`` (``S = 1`` for a point estimate, on the CPU in float64)
+    and the query targets ``[T, N, ...]``.
+
+    ``tasks`` is a batch or a sampler ``tasks(n)`` (then ``num_tasks`` is needed). With
+    ``seed``, the learner's generator and ``generators`` (e.g. the sampler's) start from
+    ``seed``, so every call sees the same tasks and draws, and are restored afterwards."""
+    results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, desc,
+                           lambda post, b: learner.posterior_outputs(post, b["query_x"]).detach().double().cpu())
+    return torch.cat([o for o, _ in results]), torch.cat([y.cpu() for _, y in results])
+
+
+def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+             seed: Optional[int] = None, generators=(), steps: Optional[int] = None,
+             num_samples: Optional[int] = None, name: str = "", progress: bool = False) -> CalibrationReport:
+    """Adapt on each task's support set, predict its query set, ``chunk`` tasks at a time, and
+    return a :class:`ibaml.calibration.CalibrationReport` over all of them (regression: the
+    predictive mean and variance; classification: the predictive class probabilities).
+    ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :func:`task_outputs`."""
+    results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, name or "evaluate",
+                           lambda post, b: learner.predict(post, b["query_x"], num_samples), steps)
+    first = results[0][0]
+    if isinstance(first, tuple):          # a Gaussian predictive: (mean, var)
+        mean = torch.cat([m for (m, _), _ in results])
+        var = torch.cat([v for (_, v), _ in results])
+        y = torch.cat([t for _, t in results]).to(mean)
+        return CalibrationReport.regression(mean.reshape(mean.shape[0], -1), var.reshape(var.shape[0], -1),
+                                            y.reshape(y.shape[0], -1), name=name)
+    probs = torch.cat([p for p, _ in results])
+    labels = torch.cat([t.to(probs.device) for _, t in results])
+    return CalibrationReport.classification(probs, labels, name=name)
