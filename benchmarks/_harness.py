@@ -115,7 +115,7 @@ def make_batch(workload: str, T: int, dtype, device, image_size: int = 84, seed:
 
 
 def make_net(workload: str, hidden: int = 64, image_size: int = 84) -> torch.nn.Module:
-    from ibaml.models import MLP, Conv4
+    from ibaml.nets import MLP, Conv4
 
     if workload == "sine":
         return MLP(1, (40, 40), 1)

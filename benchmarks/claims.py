@@ -55,9 +55,9 @@ import ibaml
 import priors
 from ibaml.hypergrad import Explicit, Implicit, Lazy
 from ibaml.inference import MAP, InnerLoop, TaskProblem, Variational, newton_polish
-from ibaml.implicit import implicit_vjp
+from ibaml.implicit_function import implicit_vjp
 from ibaml.linalg import CG, Dense
-from ibaml.model import TaskModel
+from ibaml.task_model import TaskModel
 from ibaml.optim import SGD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,7 +75,7 @@ def sine_tasks(shots=10, query=10):
 
 
 def mlp(hidden, activation=torch.nn.ReLU):
-    from ibaml.models import MLP
+    from ibaml.nets import MLP
 
     return MLP(1, tuple(hidden), 1, activation=activation)
 

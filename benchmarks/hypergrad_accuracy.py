@@ -40,10 +40,10 @@ import torch
 import ibaml
 import priors
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.implicit import implicit_vjp
+from ibaml.implicit_function import implicit_vjp
 from ibaml.inference import InnerLoop, TaskProblem, newton_polish
 from ibaml.linalg import CG, Dense
-from ibaml.models import MLP
+from ibaml.nets import MLP
 from ibaml.optim import SGD, Adam
 from ibaml.tree import FlatSpec
 

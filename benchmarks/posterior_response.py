@@ -31,7 +31,7 @@ import torch
 import ibaml
 from ibaml.checkpoint import load_checkpoint
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.models import MLP
+from ibaml.nets import MLP
 
 SHOTS = (1, 3, 10, 30)
 AMPLITUDE_BINS = ((0.1, 1.0), (1.0, 2.5), (2.5, 5.0))

@@ -29,7 +29,7 @@ import torch
 
 import ibaml
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.models import MLP
+from ibaml.nets import MLP
 
 ROWS = {
     # the earlier presets: a prior over all weights, Adam, 20 steps

@@ -63,7 +63,7 @@ from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet_splits, 
                         write_miniimagenet_fixture, write_omniglot_fixture)
 from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.data.miniimagenet import detect_format
-from ibaml.models import Conv4
+from ibaml.nets import Conv4
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
 SGD_METHODS = ("maml", "fomaml")  # the presets' inner optimiser for these is SGD (NewtonCG for the others)

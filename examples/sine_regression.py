@@ -37,7 +37,7 @@ from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid
 from ibaml.checkpoint import CheckpointError
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.models import MLP
+from ibaml.nets import MLP
 
 ALL_METHODS = ibaml.METHODS + ("dkt",)
 HIDDEN = (40, 40)

@@ -7,14 +7,14 @@ meta-gradients through the posterior mode by the implicit function theorem
 first-order estimators behind the same interface.
 """
 
-from . import linalg, optim
+from . import linalg, nets, optim
 from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
-from .implicit import implicit_diff, implicit_vjp
+from .implicit_function import implicit_diff, implicit_vjp
 from .inference import MAP, InnerLoop, TaskProblem, Variational
 from .learner import MetaLearner, NonFiniteError, Posterior
 from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
                           TaskNoiseGaussianLikelihood)
-from .model import TaskModel
+from .task_model import TaskModel
 from .presets import METHODS, build_learner
 
 __version__ = "0.1.0"

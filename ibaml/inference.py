@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from .model import TaskModel
+from .task_model import TaskModel
 from .optim import SGD
 from .tree import ParamDict, tree_all_finite, tree_detach, tree_norm
 

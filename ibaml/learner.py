@@ -21,8 +21,8 @@ Example
 ...                       ibaml.GaussianLikelihood(0.5), inner_optimizer=ibaml.optim.SGD(lr=0.01), inner_steps=3)
 >>> batch = SineTaskDistribution(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
 >>> out = learner.task_gradients(batch)
->>> out.loss.shape, out.grads["prior.location.0.weight"].shape
-(torch.Size([4]), torch.Size([4, 8, 1]))
+>>> out.loss.shape, out.grads["prior.loc_unconstrained"].shape     # [tasks], [tasks, D]
+(torch.Size([4]), torch.Size([4, 25]))
 >>> stats = learner.meta_step(batch)
 >>> mean, var = learner.predict(learner.adapt(batch.support_x, batch.support_y), batch.query_x)
 >>> mean.shape, bool((var > 0).all())
@@ -46,7 +46,7 @@ from .data.tasks import as_task_dict, validate_labels, validate_tasks
 from .hypergrad import HypergradEstimator, Implicit, TaskGradient
 from .inference import MAP, InnerLoop, TaskProblem, Variational, task_noise_ratio
 from .likelihoods import CategoricalLikelihood, Likelihood
-from .model import TaskModel
+from .task_model import TaskModel
 from .optim import SGD
 from .training import NONFINITE_POLICIES, NonFiniteError
 

@@ -150,8 +150,8 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     Example
     -------
     >>> lik = ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=2.0, prior_noise=0.5)
-    >>> float(lik.noise_ratio(torch.tensor(12.0), torch.tensor(0.0), 10))   # (2 · 0.25 + 6) / (2 + 5)
-    0.9285714285714286
+    >>> round(float(lik.noise_ratio(torch.tensor(12.0), torch.tensor(0.0), 10).detach()), 6)   # (2·0.25 + 6)/(2 + 5)
+    0.928571
     """
 
     def __init__(self, noise: float = 1.0, prior_count: float = 1.0, prior_noise: float = 1.0,
@@ -206,7 +206,7 @@ class TaskNoiseGaussianLikelihood(Likelihood):
         log σ = c tanh(g / c) + log noise,   log p(y | f) = −½ Σ_d [(y_d − μ_d)²/σ_d² + 2 log σ_d + log 2π]
 
     (the bound keeps a task that its few points fit exactly from driving ``σ`` to zero). With
-    a :class:`ibaml.models.NoiseHead` (``MLP(..., noise_head=True)``) ``g`` is a parameter of
+    a :class:`ibaml.nets.NoiseHead` (``MLP(..., noise_head=True)``) ``g`` is a parameter of
     the head that does not depend on the input, so a prior over the head makes the noise a
     per-task parameter, inferred with the weights: a task that the prior's mean function
     explains poorly gets a wider predictive than one it explains well. A noise scale shared

@@ -74,7 +74,7 @@ from priors.base import Prior, select_names
 from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
 from .inference import MAP, Variational
 from .learner import MetaLearner
-from .model import _head_only
+from .task_model import _head_only
 from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
                           TaskNoiseGaussianLikelihood)
 from .linalg import CG
@@ -118,7 +118,7 @@ PRESETS = {
 
 
 #: defaults that differ for a noise inferred per task (a :class:`TaskNoiseGaussianLikelihood`
-#: with a :class:`ibaml.models.NoiseHead`): the inner problem is no longer quadratic in the
+#: with a :class:`ibaml.nets.NoiseHead`): the inner problem is no longer quadratic in the
 #: head (the mean's curvature ``1/σ²`` depends on the noise, and the Hessian in the mean and
 #: the log noise is indefinite wherever a residual is non-zero), and an unbounded Newton step
 #: from the prior can overshoot to a non-finite iterate; each weight's step is bounded by 1 and
@@ -190,7 +190,7 @@ def regression_likelihood(noise: str, prior_count: float = 1.0) -> Likelihood:
 
 
 def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: float):
-    """``init_scale`` per tensor for a prior over a :class:`ibaml.models.NoiseHead`: the log
+    """``init_scale`` per tensor for a prior over a :class:`ibaml.nets.NoiseHead`: the log
     noise starts at ``noise_prior_scale`` (close to one noise shared by all tasks, which the
     meta-learned scale can widen), the weights at ``init_scale``."""
     keys = _head_only(net, names)

@@ -15,14 +15,15 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-ParamDict = Dict[str, Tensor]
+from priors.flatten import FlatSpec, ParamDict   # the priors lay their weights out the same way
+
+__all__ = ["ParamDict", "FlatSpec", "tree_map", "tree_add", "tree_sub", "tree_scale", "tree_dot", "tree_norm",
+           "tree_detach", "tree_zeros_like", "tree_all_finite"]
 
 
 def tree_map(fn: Callable, *trees: Mapping[str, Tensor]) -> ParamDict:
@@ -69,44 +70,3 @@ def tree_all_finite(a: Mapping[str, Tensor]) -> Tensor:
     for v in a.values():
         out = out & torch.isfinite(v).all()
     return out
-
-
-@dataclass(frozen=True)
-class FlatSpec:
-    """Names and shapes of a parameter dict, to go between the dict and one flat vector.
-
-    ``flatten(d)`` concatenates ``d[name].reshape(-1)`` in ``names`` order (length ``D``);
-    ``unflatten(v)`` returns views of ``v`` with the original shapes. Both work on a
-    single vector; use ``torch.func.vmap`` for batches.
-    """
-
-    names: Tuple[str, ...]
-    shapes: Tuple[torch.Size, ...]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Tensor], names: Sequence[str] | None = None) -> "FlatSpec":
-        names = tuple(d) if names is None else tuple(names)
-        return cls(names, tuple(torch.Size(d[n].shape) for n in names))
-
-    @property
-    def numels(self) -> Tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def size(self) -> int:
-        """Total number of entries ``D``."""
-        return sum(self.numels)
-
-    def segment_ids(self) -> Tensor:
-        """Long tensor [D]: index of the named tensor each flat entry belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self.names)), torch.tensor(self.numels, dtype=torch.long))
-
-    def flatten(self, d: Mapping[str, Tensor]) -> Tensor:
-        return torch.cat([d[n].reshape(-1) for n in self.names])
-
-    def unflatten(self, v: Tensor) -> ParamDict:
-        out, start = {}, 0
-        for n, shape, k in zip(self.names, self.shapes, self.numels):
-            out[n] = v[start:start + k].view(shape)
-            start += k
-        return out

@@ -62,16 +62,23 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import pyro
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor
 
-if TYPE_CHECKING:  # ibaml imports this module, so ibaml is imported only where it is used
-    from ibaml.tree import ParamDict
+from .flatten import FlatSpec, ParamDict
 
+
+#: Pyro's ``module_local_params`` is switched on for the whole process when ``priors`` is
+#: imported: with it, each PyroModule keeps its ``PyroParam``s as its own ``nn.Parameter``s (in
+#: ``parameters()``, ``state_dict()``, ``deepcopy``), as a meta-learner needs; without it they
+#: live in Pyro's global parameter store under their attribute names, so two priors (or a prior
+#: and a user's model) with a ``location`` would share one tensor. Pyro reads the setting when a
+#: parameter is accessed, not only when it is created, so it cannot be confined to a ``with``
+#: block. Code that relies on the global store should use ``pyro.settings.context``.
 pyro.settings.set(module_local_params=True)
 
 NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
@@ -142,7 +149,6 @@ class Prior(PyroModule):
     """
 
     def __init__(self, template: Mapping[str, Tensor]):
-        from ibaml.tree import FlatSpec  # here, not at module level: ``import priors`` works on its own
 
         super().__init__()
         if not template:

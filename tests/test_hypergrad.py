@@ -7,7 +7,7 @@ import torch.nn.functional as Fn
 
 import ibaml
 import priors
-from ibaml.implicit import implicit_vjp
+from ibaml.implicit_function import implicit_vjp
 from ibaml.inference import newton_polish
 from ibaml.linalg import CG, Dense
 from ibaml.tree import tree_add

@@ -8,10 +8,10 @@ import torch
 
 import ibaml
 import priors
-from ibaml.implicit import implicit_vjp
+from ibaml.implicit_function import implicit_vjp
 from ibaml.inference import newton_polish
 from ibaml.linalg import Dense
-from ibaml.models import MLP
+from ibaml.nets import MLP
 from ibaml.optim import SGD, NewtonCG, PriorPreconditioned
 from ibaml.tree import tree_add
 
@@ -21,7 +21,7 @@ HEAD = ["2.weight", "2.bias"]
 
 
 def head_net():
-    """``tiny_net`` as an :class:`ibaml.models.MLP` (same layers, same initial weights), which
+    """``tiny_net`` as an :class:`ibaml.nets.MLP` (same layers, same initial weights), which
     exposes ``head`` and ``embed``."""
     torch.manual_seed(0)
     return MLP(1, (6,), 1, activation=torch.nn.Tanh).to(DT)
@@ -192,7 +192,7 @@ def test_relative_and_per_tensor_initial_scales():
 def test_head_prior_computes_features_once_and_agrees_with_the_full_network():
     """``net_outputs`` of a head-only prior (features once, the head per draw) equals the
     network evaluated at each draw, for the MLP and Conv4, in value and meta-gradient."""
-    from ibaml.models import MLP, Conv4
+    from ibaml.nets import MLP, Conv4
 
     for net, x in ((MLP(1, (8, 8), 1).to(DT), torch.randn(5, 1, dtype=DT)),
                    (Conv4(in_channels=1, hidden=4, out_dim=3, image_size=16).to(DT), torch.randn(6, 1, 16, 16, dtype=DT))):

@@ -15,7 +15,7 @@ import ibaml
 import priors
 from ibaml.hypergrad import Explicit, FirstOrder, Lazy
 from ibaml.inference import MAP, InnerLoop, TaskProblem, Variational
-from ibaml.model import TaskModel
+from ibaml.task_model import TaskModel
 from ibaml.optim import SGD, Adam
 
 DT = torch.float64

@@ -11,9 +11,9 @@ import torch
 import ibaml
 import priors
 from ibaml.inference import newton_polish
-from ibaml.implicit import implicit_vjp
+from ibaml.implicit_function import implicit_vjp
 from ibaml.linalg import Dense
-from ibaml.models import MLP
+from ibaml.nets import MLP
 from ibaml.tree import tree_add
 
 from conftest import DT, assert_matches_central_differences, tiny_task

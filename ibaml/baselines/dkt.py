@@ -31,7 +31,7 @@ import gpytorch
 import torch
 from torch import Tensor, nn
 
-from ..models import MLP
+from ..nets import MLP
 
 
 class DeepKernelGP(nn.Module):

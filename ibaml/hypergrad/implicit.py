@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..implicit import implicit_vjp_at_solution
+from ..implicit_function import implicit_vjp_at_solution
 from ..linalg import CG
 from ..tree import FlatSpec, tree_add, tree_all_finite
 from .base import HypergradEstimator, TaskGradient

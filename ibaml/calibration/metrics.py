@@ -1,4 +1,4 @@
-"""Accuracy and calibration of predictive distributions, per task, with reports and figures.
+"""Accuracy and calibration metrics of predictive distributions, per task.
 
 Regression (Gaussian predictive ``N(μ, v)`` per point; inputs ``[T, Q]``, outputs ``[T]``):
 
@@ -29,32 +29,20 @@ above zero, and that floor falls as the accuracy rises (the bins fill near confi
 
 Metrics are computed in float64 on the CPU, whatever the device and dtype of the inputs.
 
-Example
--------
->>> g = torch.Generator().manual_seed(0)
->>> mu, var = torch.zeros(50, 20), torch.ones(50, 20)
->>> y = torch.randn(50, 20, generator=g)                 # drawn from the predictive itself
->>> report = CalibrationReport.regression(mu, var, y, name="oracle")
->>> abs(report.metrics["coverage_90"]["mean"] - 0.9) < 0.05
-True
->>> fig = report.plot_calibration_curve()                # a matplotlib Figure; fig.savefig(...)
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 REGRESSION_KEYS = ("mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps")
 CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
-
 
 # ----------------------------------------------------------------------------- checks
 def _as_float64(name: str, t) -> Tensor:
@@ -182,7 +170,7 @@ def calibration_curve(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> T
     ``E cov_t(l) = l`` (the diagonal).
 
     >>> calibration_curve(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 2.0]]), [0.5, 0.99])
-    tensor([[0.0000, 1.0000]], dtype=torch.float64)
+    tensor([[0., 1.]], dtype=torch.float64)
     """
     lv = _check_levels(levels)
     mu, var, y = _check_regression(mu, var, y)
@@ -385,7 +373,7 @@ def reliability_bins(probs, labels, n_bins: int = 15) -> Dict[str, np.ndarray]:
     ``edges`` (``n_bins + 1`` bin edges from 0 to 1).
 
     >>> bins = reliability_bins(torch.tensor([[[0.9, 0.1], [0.8, 0.2]]]), torch.tensor([[0, 1]]), n_bins=2)
-    >>> bins["count"].tolist(), bins["accuracy"][1]
+    >>> bins["count"].tolist(), float(bins["accuracy"][1])
     ([0, 2], 0.5)
     """
     n_bins = _check_bins(n_bins)
@@ -404,299 +392,10 @@ def mean_ci95(values) -> Dict[str, float]:
     ``{"mean": v̄, "ci95": 1.96 · std(v, ddof=1) / √T}`` (``ci95 = 0`` when ``T = 1``).
 
     >>> mean_ci95([1.0, 2.0, 3.0])
-    {'mean': 2.0, 'ci95': 1.1315914696717467}
+    {'mean': 2.0, 'ci95': 1.1316065276116665}
     """
     v = _as_float64("values", values).reshape(-1)
     if v.numel() == 0:
         raise ValueError("values must hold at least one number")
     ci = 0.0 if v.numel() == 1 else float(1.96 * v.std(unbiased=True) / math.sqrt(v.numel()))
     return {"mean": float(v.mean()), "ci95": ci}
-
-
-# ----------------------------------------------------------------------------- report
-def _jsonable(o):
-    """NaN/Inf → None, numpy/tensors → lists, recursively (strict JSON)."""
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.ndarray, Tensor)):
-        return _jsonable(np.asarray(o.detach().cpu() if isinstance(o, Tensor) else o).tolist())
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(o) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, (str, int, bool)) or o is None:
-        return o
-    return str(o)
-
-
-@dataclass
-class CalibrationReport:
-    """Metrics of one method on a set of tasks, each ``{"mean", "ci95"}`` over tasks, with the
-    data behind the figures.
-
-    Regression keys: ``mse``, ``nll``, ``coverage_50``, ``coverage_90``, ``coverage_95``,
-    ``calibration_error`` (pooled, :func:`pooled_calibration_error`), ``crps``.
-    Classification keys: ``accuracy``, ``nll``, ``ece``, ``mce``, ``brier`` and ``confidence``
-    (the mean top-class probability: above ``accuracy`` an over-confident method, below it an
-    under-confident one).
-
-    Example
-    -------
-    >>> probs = torch.softmax(torch.randn(4, 10, 5, generator=torch.Generator().manual_seed(0)), -1)
-    >>> rep = CalibrationReport.classification(probs, torch.zeros(4, 10, dtype=torch.long), name="net")
-    >>> CalibrationReport.from_json(rep.to_json()).metrics == rep.metrics
-    True
-    >>> print(rep.to_markdown().splitlines()[0])
-    | metric | net |
-    """
-
-    kind: str
-    metrics: Dict[str, Dict[str, float]]
-    name: str = ""
-    curve: Optional[Dict[str, list]] = None
-    bins: Optional[Dict[str, list]] = None
-    extra: Dict[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def regression(cls, mu, var, y, name: str = "", levels: Sequence[float] = DEFAULT_LEVELS,
-                   extra: Optional[dict] = None) -> "CalibrationReport":
-        """Report for Gaussian predictives ``N(mu, var)`` against targets ``y``, all ``[T, Q]``."""
-        lv = _check_levels(levels)
-        mu, var, y = _check_regression(mu, var, y)
-        cov = _coverage(mu, var, y, torch.tensor([0.5, 0.9, 0.95], dtype=torch.float64))
-        metrics = {
-            "mse": mean_ci95(mse(mu, y)),
-            "nll": mean_ci95(gaussian_nll(mu, var, y)),
-            "coverage_50": mean_ci95(cov[:, 0]),
-            "coverage_90": mean_ci95(cov[:, 1]),
-            "coverage_95": mean_ci95(cov[:, 2]),
-            "calibration_error": pooled_calibration_error(mu, var, y, levels),
-            "crps": mean_ci95(crps_gaussian(mu, var, y)),
-        }
-        curve = _coverage(mu, var, y, lv).mean(0)
-        return cls("regression", metrics, name, curve={"levels": lv.tolist(), "observed": curve.tolist()},
-                   extra=dict(extra or {}))
-
-    @classmethod
-    def classification(cls, probs, labels, n_bins: int = 15, name: str = "",
-                       extra: Optional[dict] = None) -> "CalibrationReport":
-        """Report for class probabilities ``probs [T, Q, C]`` against ``labels [T, Q]``."""
-        n_bins = _check_bins(n_bins)
-        probs, labels = _check_classification(probs, labels)
-        e, m = _ece_mce(probs, labels, n_bins)
-        metrics = {
-            "accuracy": mean_ci95(accuracy(probs, labels)),
-            "nll": mean_ci95(nll(probs, labels)),
-            "ece": mean_ci95(e),
-            "ece_pooled": pooled_ece(probs, labels, n_bins),
-            "mce": mean_ci95(m),
-            "brier": mean_ci95(brier(probs, labels)),
-            "confidence": mean_ci95(probs.max(-1).values.mean(-1)),
-        }
-        bins = {k: np.asarray(v).tolist() for k, v in reliability_bins(probs, labels, n_bins).items()}
-        return cls("classification", metrics, name, bins=bins, extra=dict(extra or {}))
-
-    # -- serialisation
-    def to_dict(self) -> dict:
-        """Plain data (NaN as ``None``): ``kind``, ``name``, ``metrics``, ``curve``, ``bins``, ``extra``."""
-        return _jsonable({"kind": self.kind, "name": self.name, "metrics": self.metrics, "curve": self.curve,
-                          "bins": self.bins, "extra": self.extra})
-
-    def to_json(self) -> str:
-        """Strict JSON of :meth:`to_dict` (read back with :meth:`from_json`)."""
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CalibrationReport":
-        """Inverse of :meth:`to_dict` (empty bins come back as NaN)."""
-        try:
-            kind, metrics = data["kind"], data["metrics"]
-        except (KeyError, TypeError):
-            raise ValueError("data must be a dict with at least 'kind' and 'metrics'") from None
-        bins = data.get("bins")
-        if bins is not None:
-            bins = {k: [float("nan") if v is None else v for v in vals] for k, vals in bins.items()}
-        return cls(kind, {k: dict(v) for k, v in metrics.items()}, data.get("name", ""), data.get("curve"), bins,
-                   dict(data.get("extra") or {}))
-
-    @classmethod
-    def from_json(cls, text: str) -> "CalibrationReport":
-        return cls.from_dict(json.loads(text))
-
-    def to_markdown(self) -> str:
-        """A two-column markdown table: ``| metric | mean ± ci95 |``."""
-        lines = [f"| metric | {self.name or 'mean ± ci95'} |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in self.metrics.items()]
-        return "\n".join(lines)
-
-    # -- figures
-    def plot_calibration_curve(self, ax=None):
-        """Observed against nominal central-interval coverage (regression), with the diagonal.
-        Returns the Figure (that of ``ax`` when given)."""
-        if self.curve is None:
-            raise ValueError("plot_calibration_curve needs a regression report (this one is "
-                             f"{self.kind!r})")
-        fig, ax = _figure_and_axes(ax, (4, 4))
-        ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
-        ax.plot(self.curve["levels"], self.curve["observed"], "o-", ms=3, label=self.name or "model")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("nominal coverage")
-        ax.set_ylabel("observed coverage")
-        err = self.metrics.get("calibration_error", {}).get("mean", float("nan"))
-        ax.set_title(f"{self.name} calibration error {err:.3f}".strip())
-        ax.legend(loc="upper left")
-        return fig
-
-    def plot_reliability_diagram(self, ax=None):
-        """Accuracy per confidence bin as bars, the gap to the bin's mean confidence shaded, the
-        diagonal, and in the title the ECE of these bins, ``Σ_b (n_b/n) |acc_b − conf_b|`` over
-        all tasks' query points pooled (classification). Returns the Figure."""
-        if self.bins is None:
-            raise ValueError("plot_reliability_diagram needs a classification report (this one is "
-                             f"{self.kind!r})")
-        fig, ax = _figure_and_axes(ax, (4, 4))
-        edges = np.asarray(self.bins["edges"], dtype=float)
-        centers = (edges[:-1] + edges[1:]) / 2
-        width = edges[1] - edges[0]
-        count = np.asarray(self.bins["count"])
-        acc = np.where(count > 0, np.asarray(self.bins["accuracy"], dtype=float), 0.0)
-        conf = np.where(count > 0, np.asarray(self.bins["confidence"], dtype=float), centers)
-        gap = np.where(count > 0, conf - acc, 0.0)
-        ax.bar(centers, acc, width=width, edgecolor="k", alpha=0.8, label="accuracy")
-        ax.bar(centers, gap, bottom=acc, width=width, color="tab:red", alpha=0.3, hatch="//", edgecolor="tab:red",
-               label="gap")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
-        # the bars pool every task's query points, so the title gives the ECE of those same bins
-        pooled_ece = float((count * np.abs(gap)).sum() / max(count.sum(), 1))
-        ax.set_title(f"{self.name} ECE {pooled_ece:.3f} (pooled)".strip())
-        ax.legend(loc="upper left")
-        return fig
-
-
-def _fmt(v: Dict[str, float]) -> str:
-    return f"{v['mean']:.4f} ± {v['ci95']:.4f}"
-
-
-def compare_markdown(reports: Dict[str, CalibrationReport], keys: Optional[Iterable[str]] = None) -> str:
-    """One markdown table: a row per report, a column per metric, cells ``mean ± ci95``
-    (``–`` where a report lacks the metric). ``keys`` default to the first report's metrics.
-
-    >>> rep = CalibrationReport("regression", {"mse": {"mean": 0.5, "ci95": 0.1}})
-    >>> print(compare_markdown({"a": rep}))
-    | method | mse |
-    |---|---|
-    | a | 0.5000 ± 0.1000 |
-    """
-    if not reports:
-        raise ValueError("reports must hold at least one report")
-    keys = list(keys) if keys is not None else list(next(iter(reports.values())).metrics)
-    lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, rep in reports.items():
-        cells = [(_fmt(rep.metrics[k]) if k in rep.metrics else "–") for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- predictive bands
-def _figure_and_axes(ax, figsize):
-    """A new Agg-backed Figure (outside pyplot's global state) unless ``ax`` is given."""
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _flat(name: str, t) -> np.ndarray:
-    return _as_float64(name, t).reshape(-1).numpy()
-
-
-def plot_predictive_bands(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, ax=None,
-                          title=None, level: float = 0.9):
-    """One regression task: predictive mean over ``x_grid``, the central ``level`` band
-    ``mean ± z √var`` (``z = Φ⁻¹((1 + level)/2)``, 1.645 for the default 90%), the support
-    points and, if given, the true curve ``(x_true, y_true)``. Returns the axes.
-
-    >>> x = torch.linspace(-5, 5, 50)
-    >>> ax = plot_predictive_bands(x[::10], torch.sin(x[::10]), x, torch.sin(x), torch.full((50,), 0.1))
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level!r}")
-    x, m, v = _flat("x_grid", x_grid), _flat("mean", mean), _flat("var", var)
-    if not len(x) == len(m) == len(v):
-        raise ValueError(f"x_grid, mean and var must have as many points each, got {len(x)}, {len(m)}, {len(v)}")
-    if (v < 0).any():
-        raise ValueError("var must be non-negative")
-    xs, ys = _flat("x_support", x_support), _flat("y_support", y_support)
-    if len(xs) != len(ys):
-        raise ValueError(f"x_support has {len(xs)} points but y_support has {len(ys)}")
-    _, ax = _figure_and_axes(ax, (5, 3.5))
-    order = np.argsort(x, kind="stable")
-    x, m, s = x[order], m[order], np.sqrt(v[order])
-    z = float(_normal_quantile(0.5 + level / 2))
-    if x_true is not None and y_true is not None:
-        xt, yt = _flat("x_true", x_true), _flat("y_true", y_true)
-        if len(xt) != len(yt):
-            raise ValueError(f"x_true has {len(xt)} points but y_true has {len(yt)}")
-        o = np.argsort(xt, kind="stable")
-        ax.plot(xt[o], yt[o], "k--", lw=1, label="truth")
-    ax.plot(x, m, color="tab:blue", label="predictive mean")
-    ax.fill_between(x, m - z * s, m + z * s, color="tab:blue", alpha=0.25, label=f"{level:.0%} interval")
-    ax.scatter(xs, ys, color="tab:red", zorder=3, s=18, label="support")
-    if title:
-        ax.set_title(title)
-    return ax
-
-
-def plot_predictive_grid(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, title=None,
-                         cols: int = 3, level: float = 0.9, titles: Optional[Sequence[str]] = None):
-    """Several tasks in a grid of :func:`plot_predictive_bands` panels; returns the Figure.
-
-    Per-task arguments have a leading task dimension: ``x_support, y_support [T, S]``,
-    ``mean, var [T, G]``, ``y_true [T, G']``. ``x_grid`` and ``x_true`` are shared ``[G]`` or
-    per task ``[T, G]``.
-
-    >>> x = torch.linspace(-5, 5, 40)
-    >>> fig = plot_predictive_grid(torch.zeros(4, 3), torch.zeros(4, 3), x, torch.zeros(4, 40), torch.ones(4, 40))
-    """
-    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
-        raise ValueError(f"cols must be a positive integer, got {cols!r}")
-    mean_t = _as_float64("mean", mean)
-    if mean_t.dim() < 2:
-        raise ValueError(f"mean must have shape [tasks, grid points], got {tuple(mean_t.shape)}")
-    n = mean_t.shape[0]
-    for name, t in (("x_support", x_support), ("y_support", y_support), ("var", var), ("y_true", y_true)):
-        if t is not None and len(t) != n:
-            raise ValueError(f"{name} has {len(t)} tasks but mean has {n}")
-
-    def per_task(t, i):
-        if t is None:
-            return None
-        t = torch.as_tensor(t)
-        return t[i] if t.dim() >= 2 and t.shape[0] == n else t
-
-    from matplotlib.figure import Figure
-
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= n:
-            ax.axis("off")
-            continue
-        plot_predictive_bands(x_support[i], y_support[i], per_task(x_grid, i), mean_t[i], var[i],
-                              x_true=per_task(x_true, i), y_true=None if y_true is None else y_true[i], ax=ax,
-                              title=None if titles is None else titles[i], level=level)
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig

@@ -53,7 +53,7 @@ def embed(net: nn.Module, x: Tensor) -> Tensor:
 
 class HeadKeys(NamedTuple):
     """Names of a linear head's tensors: ``weight``, ``bias`` (or ``None``) and, for a
-    :class:`ibaml.models.NoiseHead`, ``log_noise`` (else ``None``)."""
+    :class:`ibaml.nets.NoiseHead`, ``log_noise`` (else ``None``)."""
 
     weight: str
     bias: Optional[str]
@@ -199,7 +199,7 @@ class TaskModel(nn.Module):
     def net_outputs(self, meta, weights: Tensor, x: Tensor) -> Tensor:
         """``f(x; w_j, θ)`` for draws ``weights [S, D]``: ``[S, N, ...]``. Where the prior covers
         exactly the network's linear head (``net.head`` with ``net.embed(x)``, ``forward(x) =
-        head(embed(x))``, as in :class:`ibaml.models.MLP` and :class:`ibaml.models.Conv4`; or the
+        head(embed(x))``, as in :class:`ibaml.nets.MLP` and :class:`ibaml.nets.Conv4`; or the
         last layer of an ``nn.Sequential``), the shared features are computed once for all draws."""
         return self._call(meta, "_net_outputs", weights, x)
 
@@ -212,7 +212,7 @@ class TaskModel(nn.Module):
     def head_outputs(self, meta, mean: Tensor, var: Tensor, x: Tensor):
         """Mean and variance ``[N, C]`` of a linear head's outputs under ``N(mean, diag var)``:
         ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``), followed for a
-        :class:`ibaml.models.NoiseHead` by ``m_g`` and ``s_g``."""
+        :class:`ibaml.nets.NoiseHead` by ``m_g`` and ``s_g``."""
         return self._call(meta, "_head_statistics", mean, var, x)
 
     def linearized_nll(self, meta, mean: Tensor, var: Tensor, x: Tensor, y: Tensor) -> Tensor:
