@@ -24,7 +24,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
-from priors.base import check_positive
+from priors.base import LocalPyroModule, check_positive
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -46,8 +46,9 @@ def _positive_attribute(module: PyroModule, name: str, value: float, learn: bool
         module.register_buffer(name, tensor)
 
 
-class Likelihood(PyroModule):
-    """Base class; see the module docstring."""
+class Likelihood(LocalPyroModule):
+    """Base class; see the module docstring. Its Pyro parameters are module-local, like a
+    prior's (:class:`priors.base.LocalPyroModule`)."""
 
     def forward(self, method: str, *args, **kwargs):
         return getattr(self, method)(*args, **kwargs)

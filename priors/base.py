@@ -1,8 +1,10 @@
 """The ``Prior`` base class: a learnable prior p(w; θ) over some of a network's weights.
 
 A prior is a :class:`pyro.nn.PyroModule` whose meta-parameters θ are constrained
-``PyroParam``s (a scale is declared ``constraint=positive`` where it lives). It covers a
-fixed, ordered set of named network tensors (its ``spec``); the weights those tensors
+``PyroParam``s (a scale is declared ``constraint=positive`` where it lives). Its Pyro
+parameters are module-local (:class:`LocalPyroModule`): each prior reads its own tensors, not
+Pyro's global param store, and the process-wide ``module_local_params`` setting stays as the
+user set it. It covers a fixed, ordered set of named network tensors (its ``spec``); the weights those tensors
 hold are the *task parameters* that the inner loop adapts, everything else in the
 network is shared.
 
@@ -72,15 +74,6 @@ from torch import Tensor
 from .flatten import FlatSpec, ParamDict
 
 
-#: Pyro's ``module_local_params`` is switched on for the whole process when ``priors`` is
-#: imported: with it, each PyroModule keeps its ``PyroParam``s as its own ``nn.Parameter``s (in
-#: ``parameters()``, ``state_dict()``, ``deepcopy``), as a meta-learner needs; without it they
-#: live in Pyro's global parameter store under their attribute names, so two priors (or a prior
-#: and a user's model) with a ``location`` would share one tensor. Pyro reads the setting when a
-#: parameter is accessed, not only when it is created, so it cannot be confined to a ``with``
-#: block. Code that relies on the global store should use ``pyro.settings.context``.
-pyro.settings.set(module_local_params=True)
-
 NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -139,7 +132,36 @@ def diag_gaussian_kl(mean: Tensor, var: Tensor, loc: Tensor, prior_var: Tensor) 
     return 0.5 * (var / prior_var + (mean - loc) ** 2 / prior_var - 1.0 + torch.log(prior_var) - torch.log(var)).sum()
 
 
-class Prior(PyroModule):
+class LocalPyroModule(PyroModule):
+    """A :class:`pyro.nn.PyroModule` whose Pyro parameters are module-local without a
+    process-wide switch: it is built and called under
+    ``pyro.settings.context(module_local_params=True)``, which restores the setting after.
+
+    In Pyro's default (global) mode, a ``PyroParam`` read inside a module's ``__call__`` goes
+    through the global param store under the attribute's name: two priors with a ``loc``
+    would share one value, and the tensors that :func:`torch.func.functional_call`
+    substitutes would be replaced by the stored ones. With module-local parameters each
+    module reads its own tensors (in ``parameters()``, ``state_dict()``, copies), so the
+    meta-parameters passed as a dict are the ones used and differentiated. Pyro fixes a
+    module's call context when the module is built and consults the setting when a call
+    enters and leaves it, hence ``__init__`` and ``__call__`` are both wrapped; outside a
+    call (``prior.log_prob(w)``) a ``PyroParam`` reads the module's own tensor in either mode.
+
+    A ``LocalPyroModule`` placed inside another ``PyroModule`` shares that module's call
+    context; build the outer module under the same setting
+    (``with pyro.settings.context(module_local_params=True): ...``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            super().__init__(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)
+
+
+class Prior(LocalPyroModule):
     """Base class of learnable priors over the weights named in ``template``.
 
     Args:

@@ -2,6 +2,7 @@ import math
 import subprocess
 import sys
 
+import pyro
 import pytest
 import torch
 from pyro.distributions import constraints
@@ -149,6 +150,50 @@ def test_import_priors_on_its_own():
     code = "from priors import Prior, DiagonalGaussian; import torch; DiagonalGaussian.from_module(torch.nn.Linear(2, 1))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("initial", [False, True])
+def test_importing_and_using_priors_leaves_the_pyro_setting_as_it_was(initial):
+    # module-local parameters are scoped to the priors' and likelihoods' own construction and
+    # calls; the process-wide setting stays the user's
+    code = (f"import pyro; pyro.settings.set(module_local_params={initial}); "
+            "import torch, priors, ibaml; "
+            f"assert pyro.settings.get('module_local_params') is {initial}, 'import changed it'; "
+            "net = torch.nn.Linear(2, 1); prior = priors.DiagonalGaussian.from_module(net); "
+            "lik = ibaml.GaussianLikelihood(0.5, learn_noise=True); "
+            "prior('log_prob', dict(net.named_parameters())); "
+            "lik('log_prob_points', torch.zeros(3, 1), torch.ones(3, 1)); "
+            f"assert pyro.settings.get('module_local_params') is {initial}, 'a call changed it'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr.strip().splitlines()[-1]
+
+
+def test_priors_and_likelihoods_read_their_own_parameters_in_pyro_global_mode():
+    """With Pyro's default (global param store) mode set, two priors keep their own values and
+    ``functional_call`` evaluates and differentiates at the meta-parameters it is given."""
+    with pyro.settings.context(module_local_params=False):
+        nets = [net(), net()]
+        with torch.no_grad():
+            for p in nets[1].parameters():
+                p.add_(1.0)
+        a, b = (priors.DiagonalGaussian.from_module(n) for n in nets)
+        w = random_params(a)
+        assert a("log_prob", w) == a.log_prob(w)
+        assert b("log_prob", w) == b.log_prob(w) != a.log_prob(w)
+        meta = {k: v.detach() + 0.5 for k, v in a.named_parameters()}
+        moved = priors.DiagonalGaussian.from_module(nets[0])
+        moved.load_state_dict({**a.state_dict(), **meta})
+        value = torch.func.functional_call(a, meta, ("log_prob", w))
+        torch.testing.assert_close(value, moved.log_prob(w))
+        g = torch.func.grad(lambda m: torch.func.functional_call(a, m, ("log_prob", w)))(meta)
+        assert all(v.abs().sum() > 0 for v in g.values())
+        lik = ibaml.GaussianLikelihood(0.5, learn_noise=True)
+        noise = {k: v.detach() + 1.0 for k, v in lik.named_parameters()}
+        f, y = torch.zeros(3, 1, dtype=DT), torch.ones(3, 1, dtype=DT)
+        moved_lik = ibaml.GaussianLikelihood(0.5 * math.e, learn_noise=True)
+        torch.testing.assert_close(torch.func.functional_call(lik, noise, ("log_prob_points", f, y)),
+                                   moved_lik.log_prob_points(f, y).to(DT))
+        assert not {"loc", "scale", "noise"} & set(pyro.get_param_store().keys())   # nothing went global
 
 
 class LogProbOnlyGaussian(priors.Prior):
