@@ -11,7 +11,7 @@
   reported) and an SGD inner loop (lr 0.002), on a tanh MLP 1-20-20-1 (smooth, so that the
   stationary point is well defined), 8 tasks. The reference ``g*`` is the implicit-function-theorem gradient at the exact inner
   solution: ``v*`` from many SGD steps polished by Newton steps
-  (:func:`ibaml.inference.newton_polish`), then ``∂_θF − Bᵀ H⁻¹ ∂_vF`` with a dense solve.
+  (:func:`ibaml.inner_loop.newton_polish`), then ``∂_θF − Bᵀ H⁻¹ ∂_vF`` with a dense solve.
   Claim: the implicit error is small where the explicit one is not.
 * ``horizon``: final 10-shot MSE, time and peak memory per meta-iteration versus the number
   of inner SGD steps ``K``: exact unrolled MAML's K-curve (``K ∈ {1, 5, 20, 50}``, the
@@ -54,7 +54,8 @@ import torch
 import ibaml
 import priors
 from ibaml.hypergrad import Explicit, Implicit, Lazy
-from ibaml.inference import MAP, InnerLoop, TaskProblem, Variational, newton_polish
+from ibaml.inference import MAP, Variational
+from ibaml.inner_loop import InnerLoop, TaskProblem, newton_polish
 from ibaml.implicit_function import implicit_vjp
 from ibaml.linalg import CG, Dense
 from ibaml.task_model import TaskModel

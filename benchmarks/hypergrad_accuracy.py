@@ -41,7 +41,7 @@ import ibaml
 import priors
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.implicit_function import implicit_vjp
-from ibaml.inference import InnerLoop, TaskProblem, newton_polish
+from ibaml.inner_loop import InnerLoop, TaskProblem, newton_polish
 from ibaml.linalg import CG, Dense
 from ibaml.nets import MLP
 from ibaml.optim import SGD, Adam

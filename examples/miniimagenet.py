@@ -66,10 +66,7 @@ from ibaml.data.miniimagenet import detect_format
 from ibaml.nets import Conv4
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
-SGD_METHODS = ("maml", "fomaml")  # the presets' inner optimiser for these is SGD (NewtonCG for the others)
 NATIVE_SIZE = {"miniimagenet": 84, "omniglot": 28}
-#: MAML's inner step on the mean cross-entropy of the support set (Finn et al. 2017)
-MAML_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk",
               "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads",
@@ -286,29 +283,8 @@ def load_data(args, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------- model
-def inner_optimizer(args):
-    """``--inner-optimizer``, else SGD for MAML/FOMAML and ``None`` (the preset's) otherwise."""
-    return args.inner_optimizer or ("sgd" if args.method in SGD_METHODS else None)
-
-
 def inner_steps(args) -> int:
     return presets.inner_steps(args.method, args.inner_steps)[0]
-
-
-def default_inner_lr(args) -> float:
-    """SGD: MAML's step on the mean support cross-entropy, ``step / (ways·shots)`` on the summed NLL
-    that the inner objective uses; Adam: 0.01 (the preset's)."""
-    if inner_optimizer(args) == "sgd":
-        return MAML_STEP[args.dataset] / (args.ways * args.shots)
-    return 0.01 if inner_optimizer(args) == "adam" else None
-
-
-def logit_scale(args) -> dict:
-    """``{"mode", "init", "meta_lr"}`` of the softmax's logit scale: the options given, else the
-    method's :data:`ibaml.presets.LOGIT_SCALE`, else a fixed scale of 1."""
-    preset = {"mode": "fixed", "init": 1.0, "meta_lr": 1e-2, **ibaml.presets.LOGIT_SCALE.get(args.method, {})}
-    given = {"mode": args.logit_scale, "init": args.logit_scale_init, "meta_lr": args.logit_scale_meta_lr}
-    return {k: (v if v is not None else preset[k]) for k, v in given.items()}
 
 
 def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
@@ -319,16 +295,15 @@ def make_learner(args, image_shape, device, dtype) -> ibaml.MetaLearner:
     if args.outer_samples is not None:
         extra["num_outer_samples"] = args.outer_samples
     steps, eval_steps = presets.inner_steps(args.method, args.inner_steps, args.eval_inner_steps)
-    scale = logit_scale(args)
-    likelihood = ibaml.CategoricalLikelihood(scale=scale["init"], learn_scale=scale["mode"] != "fixed",
-                                             scale_inner=scale["mode"] != "predictive").to(device=device, dtype=dtype)
-    overrides = {}
+    scale = presets.logit_scale(args.method, args.logit_scale, args.logit_scale_init, args.logit_scale_meta_lr)
+    likelihood = presets.categorical_likelihood(scale).to(device=device, dtype=dtype)
+    overrides = presets.logit_scale_overrides(scale)
     if args.prior_meta_lr is not None:
         overrides[r"prior\.(scale|precision)"] = args.prior_meta_lr
-    if scale["mode"] != "fixed":
-        overrides[r"likelihood\.scale"] = scale["meta_lr"]
     return ibaml.build_learner(args.method, net, likelihood, inner_steps=steps, eval_inner_steps=eval_steps,
-                               inner_optimizer=inner_optimizer(args), inner_lr=args.inner_lr or default_inner_lr(args),
+                               inner_optimizer=args.inner_optimizer,
+                               inner_lr=args.inner_lr or presets.image_inner_lr(args.method, args.dataset, args.ways,
+                                                                                args.shots, args.inner_optimizer),
                                cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size,
                                meta_lr_overrides=overrides or None,

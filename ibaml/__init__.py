@@ -10,7 +10,8 @@ first-order estimators behind the same interface.
 from . import linalg, nets, optim
 from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
 from .implicit_function import implicit_diff, implicit_vjp
-from .inference import MAP, InnerLoop, TaskProblem, Variational
+from .inference import MAP, Variational
+from .inner_loop import InnerLoop, TaskProblem
 from .learner import MetaLearner, NonFiniteError, Posterior
 from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
                           TaskNoiseGaussianLikelihood)

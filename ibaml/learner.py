@@ -44,7 +44,8 @@ from priors.base import Prior
 from . import distributed, training
 from .data.tasks import as_task_dict, validate_labels, validate_tasks
 from .hypergrad import HypergradEstimator, Implicit, TaskGradient
-from .inference import MAP, InnerLoop, TaskProblem, Variational, task_noise_ratio
+from .inference import MAP, Variational, task_noise_ratio
+from .inner_loop import InnerLoop, TaskProblem
 from .likelihoods import CategoricalLikelihood, Likelihood
 from .task_model import TaskModel
 from .optim import SGD

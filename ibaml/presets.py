@@ -44,8 +44,10 @@ abml        10           PriorPreconditioned (proximal step 0.002 on the means, 
 ==========  ===========  ==============================================================
 
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 30 and ABML's and
-iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (:data:`CLASSIFICATION`), and the image example gives
-every method a meta-learned logit scale on its predictions (:data:`LOGIT_SCALE`).
+iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (ABML) and ``3·10⁻³`` (iBaML) (:data:`CLASSIFICATION`);
+every method gets a meta-learned logit scale on its predictions (:data:`LOGIT_SCALE`,
+:func:`logit_scale`, :func:`categorical_likelihood`) and, with SGD, MAML's inner step
+(:func:`image_inner_lr`).
 
 ``β = 1`` with σ = 1 on the head is the exact (untempered) posterior of the model. The
 linearised expectation (:class:`Variational`, ``expectation="linearized"``) removes the
@@ -239,6 +241,60 @@ CLASSIFICATION = {
 #: From τ = 1 at 3·10⁻² or 10⁻¹ the scale collapsed early (τ 0.2 and 0.04, iBaML 1-shot accuracy
 #: 0.53 and 0.46); τ in the inner problem too ran to 126 at 10⁻² (the inner problem unsolved).
 LOGIT_SCALE = {method: dict(mode="predictive", init=2.0, meta_lr=3e-2) for method in METHODS}
+
+#: MAML's inner step on the mean cross-entropy of the support set per image dataset (Finn et
+#: al. 2017); :func:`image_inner_lr` turns it into the step on the summed NLL
+MAML_IMAGE_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
+
+
+def logit_scale(method: str, mode: Optional[str] = None, init: Optional[float] = None,
+                meta_lr: Optional[float] = None) -> dict:
+    """``{"mode", "init", "meta_lr"}`` of a softmax's logit scale τ: the values given, else
+    the method's :data:`LOGIT_SCALE`, else a fixed τ = 1.
+
+    >>> logit_scale("ibaml", init=4.0)
+    {'mode': 'predictive', 'init': 4.0, 'meta_lr': 0.03}
+    """
+    preset = {"mode": "fixed", "init": 1.0, "meta_lr": 1e-2, **LOGIT_SCALE.get(method, {})}
+    given = {"mode": mode, "init": init, "meta_lr": meta_lr}
+    return {k: (v if v is not None else preset[k]) for k, v in given.items()}
+
+
+def categorical_likelihood(scale: dict) -> CategoricalLikelihood:
+    """The softmax ``p(y | f) = softmax(τ f)`` of a :func:`logit_scale` setting: τ fixed
+    (``"fixed"``), a meta-parameter of inner and outer objectives (``"learned"``) or of the
+    predictions only (``"predictive"``). Its meta learning rate goes to ``build_learner``
+    through :func:`logit_scale_overrides`.
+
+    >>> categorical_likelihood(logit_scale("maml")).scale_inner
+    False
+    """
+    return CategoricalLikelihood(scale=scale["init"], learn_scale=scale["mode"] != "fixed",
+                                 scale_inner=scale["mode"] != "predictive")
+
+
+def logit_scale_overrides(scale: dict) -> dict:
+    """``meta_lr_overrides`` entry of a learned logit scale (none for a fixed one).
+
+    >>> logit_scale_overrides(logit_scale("imaml"))
+    {'likelihood\\\\.scale': 0.03}
+    """
+    return {} if scale["mode"] == "fixed" else {r"likelihood\.scale": scale["meta_lr"]}
+
+
+def image_inner_lr(method: str, dataset: str, ways: int, shots: int, inner_optimizer=None) -> Optional[float]:
+    """The inner step size of an image run with ``inner_optimizer`` (default the method's): for
+    SGD, MAML's step on the mean support cross-entropy, ``MAML_IMAGE_STEP[dataset] / (ways·shots)``
+    on the summed NLL that the inner objective uses; 0.01 for Adam; ``None`` (the preset's)
+    otherwise.
+
+    >>> image_inner_lr("maml", "miniimagenet", 5, 1), image_inner_lr("imaml", "miniimagenet", 5, 1)
+    (0.002, None)
+    """
+    optimizer = inner_optimizer or PRESETS[method]["inner_optimizer"]
+    if optimizer == "sgd":
+        return MAML_IMAGE_STEP[dataset] / (ways * shots)
+    return 0.01 if optimizer == "adam" else None
 
 
 def _included(net: nn.Module, include):

@@ -8,7 +8,7 @@ import torch.nn.functional as Fn
 import ibaml
 import priors
 from ibaml.implicit_function import implicit_vjp
-from ibaml.inference import newton_polish
+from ibaml.inner_loop import newton_polish
 from ibaml.linalg import CG, Dense
 from ibaml.tree import tree_add
 

@@ -9,7 +9,7 @@ import torch
 import ibaml
 import priors
 from ibaml.implicit_function import implicit_vjp
-from ibaml.inference import newton_polish
+from ibaml.inner_loop import newton_polish
 from ibaml.linalg import Dense
 from ibaml.nets import MLP
 from ibaml.optim import SGD, NewtonCG, PriorPreconditioned

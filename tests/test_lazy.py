@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_leaves
 import ibaml
 import priors
 from ibaml.hypergrad import Explicit, FirstOrder, Lazy
-from ibaml.inference import MAP, InnerLoop, TaskProblem, Variational
+from ibaml.inference import MAP, Variational
+from ibaml.inner_loop import InnerLoop, TaskProblem
 from ibaml.task_model import TaskModel
 from ibaml.optim import SGD, Adam
 

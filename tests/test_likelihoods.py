@@ -10,7 +10,7 @@ import torch
 
 import ibaml
 import priors
-from ibaml.inference import newton_polish
+from ibaml.inner_loop import newton_polish
 from ibaml.implicit_function import implicit_vjp
 from ibaml.linalg import Dense
 from ibaml.nets import MLP

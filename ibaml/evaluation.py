@@ -1,0 +1,102 @@
+"""Chunked evaluation: adapt to test tasks a chunk at a time, predict their query sets, and
+report (:func:`evaluate`, a :class:`ibaml.calibration.CalibrationReport`) or return the raw
+query outputs at the posterior draws (:func:`task_outputs`). With ``seed`` the tasks and the
+draws are the same at every call and the random generators are put back afterwards.
+
+Example
+-------
+>>> learner = ibaml.build_learner("imaml", MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), inner_steps=2)
+>>> report = evaluate(learner, tasks.sample(8, generator), chunk=4)
+>>> sorted(report.metrics)[:3], report.metrics["mse"]["mean"] > 0
+(['calibration_error', 'coverage_50', 'coverage_90'], True)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .calibration import CalibrationReport
+from .data.tasks import as_task_dict
+from .progress import progress_bar
+
+
+def _chunks(tasks, num_tasks: Optional[int], chunk: Optional[int]):
+    """``(sample, total)``: ``sample(start, n)`` returns ``n`` tasks, from a batch or a sampler."""
+    if callable(tasks):
+        if num_tasks is None:
+            raise ValueError("num_tasks is needed when tasks is a sampler (a callable)")
+        return (lambda start, n: tasks(n)), int(num_tasks)
+    task = as_task_dict(tasks)
+    total = task["support_x"].shape[0] if num_tasks is None else int(num_tasks)
+    return (lambda start, n: {k: v[start:start + n] for k, v in task.items()}), total
+
+
+class _Reseeded:
+    """Within the block, ``generators`` start from ``seed``; their states are put back after."""
+
+    def __init__(self, generators, seed: Optional[int]):
+        self.generators, self.seed = [g for g in generators if g is not None], seed
+
+    def __enter__(self):
+        if self.seed is not None:
+            self.saved = [g.get_state() for g in self.generators]
+            for g in self.generators:
+                g.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.seed is not None:
+            for g, s in zip(self.generators, self.saved):
+                g.set_state(s)
+
+
+def _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, desc, per_chunk, steps=None):
+    """``[(per_chunk(posterior, batch), query targets)]`` over the chunks of ``tasks``."""
+    sample, total = _chunks(tasks, num_tasks, chunk)
+    chunk = total if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    results = []
+    with _Reseeded([learner.generator, *generators], seed):
+        starts = range(0, total, chunk)
+        for start in progress_bar(starts, progress and len(starts) > 1, desc=desc, leave=False):
+            batch = as_task_dict(sample(start, min(chunk, total - start)))
+            posterior = learner.adapt(batch["support_x"], batch["support_y"], steps=steps)
+            results.append((per_chunk(posterior, batch), batch["query_y"]))
+    return results
+
+
+def task_outputs(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+                 seed: Optional[int] = None, generators=(), progress: bool = False, desc: str = "evaluate"):
+    """Adapt to the tasks ``chunk`` at a time and return the network's query outputs at the
+    posterior draws ``[T, S, N, ...]`` (``S = 1`` for a point estimate, on the CPU in float64)
+    and the query targets ``[T, N, ...]``.
+
+    ``tasks`` is a batch or a sampler ``tasks(n)`` (then ``num_tasks`` is needed). With
+    ``seed``, the learner's generator and ``generators`` (e.g. the sampler's) start from
+    ``seed``, so every call sees the same tasks and draws, and are restored afterwards."""
+    results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, desc,
+                           lambda post, b: learner.posterior_outputs(post, b["query_x"]).detach().double().cpu())
+    return torch.cat([o for o, _ in results]), torch.cat([y.cpu() for _, y in results])
+
+
+def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+             seed: Optional[int] = None, generators=(), steps: Optional[int] = None,
+             num_samples: Optional[int] = None, name: str = "", progress: bool = False) -> CalibrationReport:
+    """Adapt on each task's support set, predict its query set, ``chunk`` tasks at a time, and
+    return a :class:`ibaml.calibration.CalibrationReport` over all of them (regression: the
+    predictive mean and variance; classification: the predictive class probabilities).
+    ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :func:`task_outputs`."""
+    results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, name or "evaluate",
+                           lambda post, b: learner.predict(post, b["query_x"], num_samples), steps)
+    first = results[0][0]
+    if isinstance(first, tuple):          # a Gaussian predictive: (mean, var)
+        mean = torch.cat([m for (m, _), _ in results])
+        var = torch.cat([v for (_, v), _ in results])
+        y = torch.cat([t for _, t in results]).to(mean)
+        return CalibrationReport.regression(mean.reshape(mean.shape[0], -1), var.reshape(var.shape[0], -1),
+                                            y.reshape(y.shape[0], -1), name=name)
+    probs = torch.cat([p for p, _ in results])
+    labels = torch.cat([t.to(probs.device) for _, t in results])
+    return CalibrationReport.classification(probs, labels, name=name)
