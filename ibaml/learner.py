@@ -266,13 +266,14 @@ class MetaLearner(nn.Module):
     def _vmap(self, fn, *args):
         return torch.func.vmap(fn, chunk_size=self.chunk_size)(*args)
 
-    def meta_gradient(self, batch) -> training.MetaGradient:
+    def meta_gradient(self, batch, *, validate: bool = True, check: bool = True) -> training.MetaGradient:
         """The mean meta-gradient over the finite tasks, :func:`ibaml.training.meta_gradient`."""
-        return training.meta_gradient(self, batch)
+        return training.meta_gradient(self, batch, validate=validate, check=check)
 
-    def meta_step(self, batch) -> Dict[str, Any]:
-        """One meta-update, :func:`ibaml.training.meta_step` (its statistics are returned)."""
-        return training.meta_step(self, batch)
+    def meta_step(self, batch, *, validate: bool = True, check: bool = True) -> Dict[str, Any]:
+        """One meta-update, :func:`ibaml.training.meta_step` (its statistics are returned);
+        ``validate=False, check=False`` reads nothing on the host (:func:`ibaml.training.read_stats`)."""
+        return training.meta_step(self, batch, validate=validate, check=check)
 
     # ------------------------------------------------------------------ adaptation and prediction
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Posterior:

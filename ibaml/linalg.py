@@ -169,7 +169,9 @@ def dense_matrix(matvec: MatVec, size: int, like: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Dense:
     """Exact solve: forms ``A + δI`` column by column (``D`` matvecs) and calls
-    ``torch.linalg.solve``. For tests and tiny networks only (memory ``O(D²)``)."""
+    ``torch.linalg.solve_ex`` (no error check, so no host synchronisation on CUDA: a singular
+    system gives non-finite values, which the learner's non-finite policy catches). For tests
+    and tiny networks only (memory ``O(D²)``)."""
 
     damping: float = 0.0
 
@@ -180,6 +182,6 @@ class Dense:
                  precond_diag: Optional[Tensor] = None) -> SolveResult:
         A = _damped(matvec, self.damping)
         M = dense_matrix(A, b.shape[0], b)
-        x = torch.linalg.solve(M, b)
+        x = torch.linalg.solve_ex(M, b)[0]
         residual = torch.linalg.vector_norm(b - M @ x)
         return SolveResult(x, residual, torch.ones((), dtype=torch.long, device=b.device))

@@ -68,7 +68,8 @@ class RunExistsError(CheckpointError):
 
 class MetaGradient(NamedTuple):
     """The reduced meta-gradient of a batch: ``loss`` and ``grads`` are means over the finite
-    tasks; ``diagnostics`` (each ``[T]``) and ``finite`` (``[T]`` bool) are per task."""
+    tasks; ``diagnostics`` (each ``[T]``, the estimator's and ``query_loss``, ``F_t``) and
+    ``finite`` (``[T]`` bool) are per task."""
 
     loss: Tensor
     grads: Dict[str, Tensor]
@@ -76,16 +77,11 @@ class MetaGradient(NamedTuple):
     finite: Tensor
 
 
-def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, int]:
+def nonfinite_cause_counts(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, Tensor]:
     """Count the non-finite tasks (``~finite``) by the first stage that failed, in the order
-    of the computation: ``inner`` (inner loss or gradient norm at the inner solution),
-    ``query`` (the query loss ``F``), ``solver`` (the linear solver's residual norm, implicit
-    estimators), ``gradient`` (the meta-gradient itself).
-
-    >>> nonfinite_causes({"inner_loss": torch.tensor([0.0, float("nan")])}, torch.zeros(2),
-    ...                  torch.tensor([True, False]))
-    {'inner': 1, 'query': 0, 'solver': 0, 'gradient': 0}
-    """
+    of the computation, as 0-d tensors (no host read): ``inner`` (inner loss or gradient norm at
+    the inner solution), ``query`` (the query loss ``F``), ``solver`` (the linear solver's
+    residual norm, implicit estimators), ``gradient`` (the meta-gradient itself)."""
     left = ~finite
     counts = {}
     stages = (("inner", ("inner_loss", "inner_grad_norm")), ("query", None), ("solver", ("residual_norm",)))
@@ -95,10 +91,27 @@ def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Ten
         for v in values:
             failed = failed | ~torch.isfinite(v)
         failed = failed & left
-        counts[stage] = int(failed.sum())
+        counts[stage] = failed.sum()
         left = left & ~failed
-    counts["gradient"] = int(left.sum())
+    counts["gradient"] = left.sum()
     return counts
+
+
+def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, int]:
+    """:func:`nonfinite_cause_counts` read as integers.
+
+    >>> nonfinite_causes({"inner_loss": torch.tensor([0.0, float("nan")])}, torch.zeros(2),
+    ...                  torch.tensor([True, False]))
+    {'inner': 1, 'query': 0, 'solver': 0, 'gradient': 0}
+    """
+    return {k: int(v) for k, v in nonfinite_cause_counts(diagnostics, losses, finite).items()}
+
+
+def _nonfinite_message(causes: Mapping[str, int], n_bad: int, n_tasks: int) -> str:
+    return (f"{n_bad} of {n_tasks} tasks gave non-finite values (inner solution: {causes['inner']}, query loss: "
+            f"{causes['query']}, CG residual: {causes['solver']}, meta-gradient: {causes['gradient']}); lower the "
+            f"inner learning rate, add CG damping, or use nonfinite='skip'"
+            + (" (every task failed, so nothing is left to learn from)" if n_bad == n_tasks else ""))
 
 
 def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
@@ -107,53 +120,81 @@ def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum(0)
 
 
-def meta_gradient(learner, batch) -> MetaGradient:
+def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
+    return _masked_sum(values, keep) / keep.to(values.dtype).sum().clamp(min=1)
+
+
+def reduce_task_gradients(out) -> MetaGradient:
+    """The mean over the finite tasks of :meth:`ibaml.MetaLearner.task_gradients`' output, by
+    masks alone (no host read; it compiles with ``torch.compile(fullgraph=True)``)::
+
+        finite_t = finite(v_t*) ∧ finite(F_t),   N = max(1, Σ_t finite_t)
+        loss = (1/N) Σ_t finite_t F_t,   g = (1/N) Σ_t finite_t g_t
+
+    >>> learner = ibaml.build_learner("imaml", MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), inner_steps=2)
+    >>> reduced = reduce_task_gradients(learner.task_gradients(tasks.sample(4, generator)))
+    >>> reduced.finite.tolist(), sorted(reduced.grads) == sorted(learner.meta_params())
+    ([True, True, True, True], True)
+    """
+    finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
+    n_keep = finite.to(out.loss.dtype).sum().clamp(min=1)
+    grads = {k: _masked_sum(g, finite) / n_keep for k, g in out.grads.items()}
+    return MetaGradient(_masked_sum(out.loss, finite) / n_keep, grads, dict(out.diagnostics, query_loss=out.loss),
+                        finite)
+
+
+def meta_gradient(learner, batch, *, validate: bool = True, check: bool = True) -> MetaGradient:
     """Mean meta-gradient over the finite tasks of ``batch`` (no update)::
 
         g = (1/N) Σ_{t finite} g_t,    loss = (1/N) Σ_{t finite} F_t
 
-    The batch is validated first (:func:`ibaml.data.tasks.validate_tasks`); non-finite tasks
-    are handled by ``learner.nonfinite`` (``"raise"``: :class:`NonFiniteError` naming the
-    stage that failed; ``"skip"``: dropped, unless every task failed)."""
-    task = learner.prepare(batch)
+    With ``validate`` the batch is checked first (:func:`ibaml.data.tasks.validate_tasks`).
+    With ``check`` non-finite tasks are handled by ``learner.nonfinite`` (``"raise"``:
+    :class:`NonFiniteError` naming the stage that failed; ``"skip"``: dropped, unless every
+    task failed), which reads one count on the host. ``validate=False, check=False`` reads
+    nothing on the host: the non-finite tasks are only masked out (``finite`` says which)."""
+    task = learner.prepare(batch, validate=validate)
     num_tasks = task["support_x"].shape[0]
     group = learner.process_group
     if group is not None:
         rank, world = distributed.dist.get_rank(group), distributed.dist.get_world_size(group)
         task = distributed.shard_tasks(task, rank, world)
     out = learner.task_gradients(task)
-    local_finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
-    per_task = dict(out.diagnostics, _loss=out.loss, _finite=local_finite)
-    if group is not None:
-        per_task = distributed.all_gather_tasks(per_task, num_tasks, group)
-    losses, finite = per_task.pop("_loss"), per_task.pop("_finite")
-    n_bad = int((~finite).sum())
-    if n_bad and (learner.nonfinite == "raise" or n_bad == finite.numel()):
-        c = nonfinite_causes(per_task, losses, finite)
-        raise NonFiniteError(
-            f"{n_bad} of {finite.numel()} tasks gave non-finite values (inner solution: {c['inner']}, query loss: "
-            f"{c['query']}, CG residual: {c['solver']}, meta-gradient: {c['gradient']}); lower the inner "
-            f"learning rate, add CG damping, or use nonfinite='skip'"
-            + (" (every task failed, so nothing is left to learn from)" if n_bad == finite.numel() else ""))
-    sums = {k: _masked_sum(g, local_finite) for k, g in out.grads.items()}
-    if group is not None:
-        sums = distributed.all_reduce_sum(sums, group)
+    if group is None:
+        reduced = reduce_task_gradients(out)
+        per_task, losses, finite = reduced.diagnostics, out.loss, reduced.finite
+    else:
+        local_finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
+        per_task = distributed.all_gather_tasks(dict(out.diagnostics, query_loss=out.loss, _finite=local_finite),
+                                                num_tasks, group)
+        losses, finite = per_task["query_loss"], per_task.pop("_finite")
+    if check:
+        n_bad = int((~finite).sum())
+        if n_bad and (learner.nonfinite == "raise" or n_bad == finite.numel()):
+            raise NonFiniteError(_nonfinite_message(nonfinite_causes(per_task, losses, finite), n_bad, finite.numel()))
+    if group is None:
+        return reduced
+    sums = distributed.all_reduce_sum({k: _masked_sum(g, local_finite) for k, g in out.grads.items()}, group)
     n_keep = finite.to(losses.dtype).sum().clamp(min=1)
-    grads = {k: s / n_keep for k, s in sums.items()}
-    return MetaGradient(_masked_sum(losses, finite) / n_keep, grads, per_task, finite)
+    return MetaGradient(_masked_sum(losses, finite) / n_keep, {k: v / n_keep for k, v in sums.items()}, per_task, finite)
 
 
-def meta_step(learner, batch) -> Dict[str, Any]:
+def meta_step(learner, batch, *, validate: bool = True, check: bool = True) -> Dict[str, Any]:
     """One meta-update of ``learner`` on a batch of tasks; returns summary statistics: ``loss``
     (mean query loss of the finite tasks), ``skipped`` (non-finite tasks dropped), the means of
     ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, ``hyper``, and the
     stationarity of each block of the inner solution, ``inner_grad_norm.<block>``
     (``||∇_b G(v*, θ)||`` averaged over the finite tasks: ``w`` for MAP, ``mean`` and ``rho``
-    for a variational posterior), as 0-d tensors read from the device only when a caller
-    converts them: the meta-gradient is exact only where these are small."""
-    loss, grads, diagnostics, finite = meta_gradient(learner, batch)
-    n_bad = int((~finite).sum())
-    learner.skipped_tasks += n_bad
+    for a variational posterior): the meta-gradient is exact only where these are small.
+
+    With ``check`` (the default) the non-finite policy is applied at once (one host read) and
+    ``loss``, ``skipped``, ``inner_grad_norm``, ``residual_norm`` and ``hyper`` are numbers;
+    the per-block norms stay 0-d tensors. With ``validate=False, check=False`` the step reads
+    nothing on the host: every statistic is a 0-d tensor, the non-finite tasks are masked out
+    (with none left the parameters are kept; the optimiser's moments see a zero gradient),
+    ``nonfinite.<stage>`` counts them, and :func:`read_stats` applies the policy when the
+    caller reads the statistics (``learner.skipped_tasks`` is updated there)."""
+    loss, grads, diagnostics, finite = meta_gradient(learner, batch, validate=validate, check=check)
     optimizer = learner.meta_optimizer
     optimizer.zero_grad(set_to_none=True)
     params = learner.model.meta_parameters()
@@ -164,19 +205,44 @@ def meta_step(learner, batch) -> Dict[str, Any]:
             hyper.backward()
     for k, p in params.items():
         p.grad = grads[k].to(p.dtype) if p.grad is None else p.grad + grads[k].to(p.dtype)
+    before = None if check else {k: p.detach().clone() for k, p in params.items()}
     optimizer.step()
+    any_finite = finite.any()
+    if before is not None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(torch.where(any_finite, p, before[k]))
     learner.step_count += 1
-    stats: Dict[str, Any] = {"loss": float(loss), "skipped": n_bad}
-    for key in ("inner_grad_norm", "residual_norm"):
-        if key in diagnostics:
-            stats[key] = float(diagnostics[key][finite].float().mean())
-    keep = finite.to(loss.dtype)
+    stats: Dict[str, Any] = {"loss": loss.detach(), "skipped": (~finite).sum()}
     for key in diagnostics:
-        if key.startswith("inner_grad_norm."):   # stationarity per block, kept on the device
-            stats[key] = (torch.where(finite, diagnostics[key], 0.0).sum() / keep.sum().clamp(min=1)).detach()
+        if key in ("inner_grad_norm", "residual_norm") or key.startswith("inner_grad_norm."):
+            stats[key] = _masked_mean(diagnostics[key].detach(), finite)
     if hyper is not None:
-        stats["hyper"] = float(hyper.detach())
-    return stats
+        stats["hyper"] = hyper.detach()
+    if not check:
+        causes = nonfinite_cause_counts(diagnostics, diagnostics["query_loss"], finite)
+        stats.update({f"nonfinite.{k}": v for k, v in causes.items()})
+        stats["tasks"] = finite.numel()
+        return stats
+    learner.skipped_tasks += int(stats["skipped"])
+    return {k: (v if k.startswith("inner_grad_norm.") else float(v)) for k, v in stats.items()}
+
+
+def read_stats(learner, stats: Mapping[str, Any]) -> Dict[str, Any]:
+    """The statistics of a ``meta_step(..., check=False)`` read on the host (numbers), with the
+    learner's non-finite policy applied: the skipped tasks are added to
+    ``learner.skipped_tasks``, and :class:`NonFiniteError` is raised if any task failed under
+    ``"raise"`` or every task failed under ``"skip"`` (the parameters were not moved by them)."""
+    values = {k: (v if k.startswith("inner_grad_norm.") else float(v) if torch.is_tensor(v) else v)
+              for k, v in stats.items()}
+    causes = {k.split(".", 1)[1]: int(values.pop(k)) for k in list(values) if k.startswith("nonfinite.")}
+    n_tasks = int(values.pop("tasks", 0))
+    n_bad = int(values["skipped"])
+    values["skipped"] = n_bad
+    learner.skipped_tasks += n_bad
+    if n_bad and causes and (learner.nonfinite == "raise" or n_bad == n_tasks):
+        raise NonFiniteError(_nonfinite_message(causes, n_bad, n_tasks))
+    return values
 
 
 # ---------------------------------------------------------------------------------- the loop

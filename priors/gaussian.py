@@ -223,6 +223,11 @@ class LowRankGaussian(_GaussianPrior):
 
         KL = ½ [Σ_i (Σ⁻¹)_ii s_i − D − Σ_i log s_i] − log N(m; μ, Σ) − (D/2) log 2π.
 
+    Host synchronisation: the precision diagonal uses ``cholesky_ex`` (no error check), but
+    ``log_prob`` goes through ``LowRankMultivariateNormal``, whose Cholesky factorisation of
+    the capacitance checks for errors and so synchronises a CUDA device once per evaluation
+    (on the CPU it reads nothing back); the other priors read nothing on either device.
+
     Args:
         rank: ``r``.
         init_scale: initial ``sqrt(d)``.
@@ -259,7 +264,7 @@ class LowRankGaussian(_GaussianPrior):
         U, d = self.cov_factor, self.cov_diag
         W = U / d.unsqueeze(-1)
         capacitance = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device) + U.transpose(-1, -2) @ W
-        L = torch.linalg.cholesky(capacitance)
+        L = torch.linalg.cholesky_ex(capacitance)[0]   # I + UᵀD⁻¹U is positive definite; no error check
         Z = torch.linalg.solve_triangular(L, W.transpose(-1, -2), upper=False)
         return 1.0 / d - (Z ** 2).sum(0)
 

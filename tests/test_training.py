@@ -104,3 +104,101 @@ def test_meta_step_is_the_learner_s_and_counts_steps():
     sa, sb = a.meta_step(batch), training.meta_step(b, batch)
     assert sa["loss"] == sb["loss"] and int(a.step_count) == int(b.step_count) == 1
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------- no host synchronisation
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that copy a tensor's value to the host (``.item()``, ``bool()``,
+    ``int()``, ``torch.equal``, boolean indexing's size), except inside ``torch.optim``,
+    whose step counter is a host scalar by design (non-capturable optimisers)."""
+
+    READS = ("_local_scalar_dense", "is_nonzero", "equal", "nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            import traceback
+            if not any("/torch/optim/" in f.filename for f in traceback.extract_stack()):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def sync_learner(method, nonfinite="raise", dtype=torch.float64):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+    return ibaml.build_learner(method, net, ibaml.GaussianLikelihood(1.0, learn_noise=True).to(dtype), inner_steps=3,
+                               cg_steps=3, meta_lr=1e-2, nonfinite=nonfinite)
+
+
+@pytest.mark.parametrize("method", ["imaml", "ibaml", "maml", "abml", "lazy"])
+def test_meta_step_without_checks_reads_nothing_on_the_host_and_equals_the_checked_step(method):
+    batch = sine_tasks(4, torch.Generator().manual_seed(0))
+    checked, free = sync_learner(method), sync_learner(method)
+    with HostReads() as reads:
+        checked.meta_step(batch)
+    assert reads.count > 0                      # the detector sees the checked step's reads
+    with HostReads() as reads:
+        stats = free.meta_step(batch, validate=False, check=False)
+    assert reads.count == 0
+    assert all(torch.is_tensor(v) for k, v in stats.items() if k != "tasks")
+    for k, v in checked.state_dict().items():
+        torch.testing.assert_close(free.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    values = training.read_stats(free, stats)
+    assert values["skipped"] == 0 and isinstance(values["loss"], float)
+
+
+def overflowing(batch, tasks):
+    batch["support_y"][tasks] = batch["support_y"][tasks] * 1e200    # squared residuals overflow float64
+    return batch
+
+
+def test_meta_step_without_checks_masks_failed_tasks_and_read_stats_applies_the_policy():
+    bad = overflowing(sine_tasks(4, torch.Generator().manual_seed(0)), [1, 3])
+    good = {k: v[[0, 2]] for k, v in bad.items()}
+    skipping, reference = sync_learner("imaml", "skip"), sync_learner("imaml", "skip")
+    with pytest.raises(training.NonFiniteError) as checked_error:
+        sync_learner("imaml", "raise").meta_step(bad)
+    stats = skipping.meta_step(bad, validate=False, check=False)
+    reference.meta_step(good)
+    for k, v in reference.state_dict().items():       # the step of the finite tasks alone
+        torch.testing.assert_close(skipping.state_dict()[k], v, msg=k)
+    assert training.read_stats(skipping, stats)["skipped"] == 2 and skipping.skipped_tasks == 2
+
+    raising = sync_learner("imaml", "raise")
+    stats = raising.meta_step(bad, validate=False, check=False)
+    assert all(torch.isfinite(p).all() for p in raising.meta_params().values())
+    with pytest.raises(training.NonFiniteError) as deferred_error:
+        training.read_stats(raising, stats)
+    assert str(deferred_error.value) == str(checked_error.value)
+
+    every = sync_learner("imaml", "skip")
+    before = {k: v.detach().clone() for k, v in every.meta_params().items()}
+    stats = every.meta_step(overflowing(sine_tasks(4, torch.Generator().manual_seed(0)), [0, 1, 2, 3]),
+                            validate=False, check=False)
+    for k, v in every.meta_params().items():            # no finite task: the parameters stay
+        assert torch.equal(v.detach(), before[k]), k
+    with pytest.raises(training.NonFiniteError, match="every task failed"):
+        training.read_stats(every, stats)
+
+
+def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager():
+    """``torch.compile(fullgraph=True)`` fails on any graph break, and so on any host read or
+    data-dependent Python branch: the per-task gradients (vmapped inner solve, implicit
+    gradient by CG), their masked mean and an SGD update compile as one graph (float32)."""
+    learner = sync_learner("ibaml", dtype=torch.float32)
+    task = learner.prepare(sine_tasks(4, torch.Generator().manual_seed(0), dtype=torch.float32), validate=False)
+    meta = {k: v.detach() for k, v in learner.meta_params().items()}
+
+    def step(meta, task):
+        reduced = training.reduce_task_gradients(learner.task_gradients(task, meta))
+        return reduced.loss, {k: meta[k] - 0.01 * reduced.grads[k] for k in meta}
+
+    torch._dynamo.reset()
+    loss, updated = torch.compile(step, fullgraph=True, backend="aot_eager")(meta, task)
+    eager_loss, eager_updated = step(meta, task)
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-6)
+    for k in meta:
+        torch.testing.assert_close(updated[k], eager_updated[k], rtol=0, atol=1e-6, msg=k)
