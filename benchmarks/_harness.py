@@ -181,7 +181,12 @@ def meta_gradient_fn(learner: ibaml.MetaLearner, mode: str, compile_mode: str = 
 
 def meta_iteration(learner: ibaml.MetaLearner, task, mode: str = "vmap", compile_mode: str = "default") -> Callable:
     """A no-argument function running one meta-iteration (meta-gradient, then the
-    meta-optimiser's step) on the prepared ``task`` (see :func:`prepare`)."""
+    meta-optimiser's step) on the prepared ``task`` (see :func:`prepare`): for ``"vmap"``
+    ``learner.meta_step(task, validate=False, check=False)`` itself (no host read, the
+    non-finite policy by masks), for ``"compile"`` and ``"loop"`` the same mean
+    meta-gradient computed that way and the optimiser's step."""
+    if mode == "vmap":   # the library's own meta-step, without host reads
+        return lambda: learner.meta_step(task, validate=False, check=False)
     grad_fn = meta_gradient_fn(learner, mode, compile_mode)
     params = learner.model.meta_parameters()
     # Under CUDA graphs (compile mode "reduce-overhead") a call's outputs live in the graph's

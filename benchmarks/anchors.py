@@ -1,10 +1,12 @@
-"""ibaml beside two public meta-learning libraries on the same Conv4 workload, in one run.
+"""ibaml beside two public meta-learning libraries on the same workload, in one run.
 
-Workload (as in ``benchmarks/scaling.py``): Conv4 with ``hidden`` channels on 5-way 1-shot
-episodes with 15 query images per class (``image_size``², random pixels), meta-batch ``T``;
-MAP inner problem ``G(w, θ) = Σ_support CE(f(x; w), y) + (λ/2)‖w − θ‖²`` (λ = 100, every
-network weight adapted), ``K`` SGD steps with learning rate 1e-3 from ``w = θ``; outer loss
-the mean query cross-entropy; the meta-update is Adam on θ.
+Workloads (as in ``benchmarks/scaling.py``): ``conv4``, Conv4 with ``hidden`` channels on
+5-way 1-shot episodes with 15 query images per class (``image_size``², random pixels), loss
+the cross-entropy; ``sine``, the MLP(1, 40, 40, 1) on 10-shot sine tasks with 10 query points,
+loss the Gaussian NLL at unit noise, ``½(f − y)²`` up to a constant. Meta-batch ``T``; MAP
+inner problem ``G(w, θ) = Σ_support loss(f(x; w), y) + (λ/2)‖w − θ‖²`` (λ = 100, every
+network weight adapted), ``K`` SGD steps with learning rate 1e-3 from ``w = θ`` (``K`` from
+the list ``--inner-steps``); outer loss the mean query loss; the meta-update is Adam on θ.
 
 * **implicit** (iMAML): ibaml's :class:`ibaml.Implicit` (CG, ``cg`` iterations), vmapped
   over tasks and looped, against TorchOpt's ``torchopt.diff.implicit.custom_root`` with
@@ -15,19 +17,21 @@ the mean query cross-entropy; the meta-update is Adam on θ.
   with a differentiable ``torch.optim.SGD``, one task at a time.
 
 Every implementation starts from the same θ. Before timing, one meta-gradient of each is
-compared with ibaml's (relative error and cosine similarity): the same mathematics must
-give the same numbers, otherwise a timing comparison means nothing. The implicit check
-solves the damped system ``(H + δI) x = ∂_v F`` on both sides (``--check-damping δ``,
-TorchOpt's ``ridge``): on this network the inner Hessian at ``w_K`` can be indefinite,
-where ibaml's CG stops at the first direction of non-positive curvature and TorchOpt's
-carries on, so the undamped solves differ by design; the check reports whether ibaml's CG
-ran all its iterations (the damped system was positive definite along the way). Then all
+compared with ibaml's (relative error and cosine similarity) on exactly the configuration
+that is timed: the same mathematics must give the same numbers, otherwise a timing
+comparison means nothing. Where the inner Hessian at ``w_K`` is indefinite, ibaml's CG stops
+at the first direction of non-positive curvature and TorchOpt's carries on, so the solves
+can differ there by design; the check reports whether ibaml's CG ran all its iterations
+(the system was positive definite along the way). ``--check-damping δ`` adds ``δI`` to both
+solves of the check only (TorchOpt's ``ridge``), which is then no longer the timed
+configuration. Then all
 meta-iterations are timed in turn (``benchmarks/_harness.py``), and the ratio of each
 library's time and peak memory to ibaml's is reported. A library that cannot be imported
 is skipped with the reason; ibaml alone is then timed.
 
     pip install torchopt==0.7.3 higher==0.2.1           # optional; torchopt needs optree, graphviz
     python benchmarks/anchors.py --device cuda --out runs/anchors
+    python benchmarks/anchors.py --device cpu --workload sine --meta-batch 25 --inner-steps 5,10,20 --out runs/anchors_sine
     python benchmarks/anchors.py --quick
 
 Writes ``DIR/anchors.json`` and prints a table.
@@ -66,7 +70,8 @@ def try_import(name: str):
 class Anchor:
     """A library's meta-iteration on its own copy of the network (same initial θ)."""
 
-    def __init__(self, learner, task, meta_lr: float):
+    def __init__(self, learner, task, meta_lr: float, workload: str = "conv4"):
+        self.workload = workload
         self.net = copy.deepcopy(learner.model.net)
         self.names = learner.prior.names
         self.params = dict(self.net.named_parameters())
@@ -92,26 +97,34 @@ class Anchor:
         self.optimizer.step()
 
 
-def inner_objective(net, names, w, theta, x, y):
-    """``Σ CE(f(x; w), y) + (λ/2)‖w − θ‖²`` for tuples ``w``, ``θ`` in ``names`` order."""
-    logits = functional_call(net, dict(zip(names, w)), (x,))
+def task_loss(workload: str, out: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The workload's loss, summed or averaged over the points: the cross-entropy (``conv4``)
+    or the Gaussian NLL at unit noise without its constant, ``½(f − y)²`` (``sine``)."""
+    if workload == "sine":
+        return Fn.mse_loss(out, y, reduction=reduction) * 0.5
+    return Fn.cross_entropy(out, y, reduction=reduction)
+
+
+def inner_objective(net, names, w, theta, x, y, workload="conv4"):
+    """``Σ loss(f(x; w), y) + (λ/2)‖w − θ‖²`` for tuples ``w``, ``θ`` in ``names`` order."""
+    out = functional_call(net, dict(zip(names, w)), (x,))
     proximal = sum(((a - b) ** 2).sum() for a, b in zip(w, theta))
-    return Fn.cross_entropy(logits, y, reduction="sum") + 0.5 * PRECISION * proximal
+    return task_loss(workload, out, y, "sum") + 0.5 * PRECISION * proximal
 
 
 class TorchOptImplicit(Anchor):
     """iMAML through ``torchopt.diff.implicit.custom_root``: the optimality condition is
     ``∇_w G(w, θ) = 0``; the decorated solver runs ``K`` SGD steps without a graph."""
 
-    def __init__(self, learner, task, meta_lr, K: int, cg: int, ridge: float = 0.0):
-        super().__init__(learner, task, meta_lr)
+    def __init__(self, learner, task, meta_lr, K: int, cg: int, ridge: float = 0.0, workload: str = "conv4"):
+        super().__init__(learner, task, meta_lr, workload)
         from torchopt.diff.implicit import custom_root
         from torchopt.linear_solve import solve_cg
 
         net, names = self.net, self.names
 
         def optimality(w, theta, x, y):
-            return torch.func.grad(lambda ww: inner_objective(net, names, ww, theta, x, y))(w)
+            return torch.func.grad(lambda ww: inner_objective(net, names, ww, theta, x, y, workload))(w)
 
         linear_solver = solve_cg(maxiter=cg, rtol=0.0, atol=0.0, **({"ridge": ridge} if ridge else {}))
 
@@ -119,7 +132,7 @@ class TorchOptImplicit(Anchor):
         def solve(w, theta, x, y):
             theta = tuple(t.detach() for t in theta)
             w = tuple(t.detach() for t in w)
-            grad = torch.func.grad(lambda ww: inner_objective(net, names, ww, theta, x, y))
+            grad = torch.func.grad(lambda ww: inner_objective(net, names, ww, theta, x, y, workload))
             for _ in range(K):
                 w = tuple(a - INNER_LR * g for a, g in zip(w, grad(w)))
             return w
@@ -131,16 +144,16 @@ class TorchOptImplicit(Anchor):
         t = self.task
         for i in range(self.T):
             w = self.solve(tuple(p.detach() for p in theta), theta, t["support_x"][i], t["support_y"][i])
-            logits = functional_call(self.net, dict(zip(self.names, w)), (t["query_x"][i],))
-            (Fn.cross_entropy(logits, t["query_y"][i]) / self.T).backward()
+            out = functional_call(self.net, dict(zip(self.names, w)), (t["query_x"][i],))
+            (task_loss(self.workload, out, t["query_y"][i], "mean") / self.T).backward()
 
 
 class HigherExplicit(Anchor):
     """MAML (with the proximal term) through ``higher.innerloop_ctx``: ``K`` differentiable
     SGD steps on the patched network, backpropagated to the initial weights θ."""
 
-    def __init__(self, learner, task, meta_lr, K: int):
-        super().__init__(learner, task, meta_lr)
+    def __init__(self, learner, task, meta_lr, K: int, workload: str = "conv4"):
+        super().__init__(learner, task, meta_lr, workload)
         self.K = K
         self.inner_optimizer = torch.optim.SGD(self.net.parameters(), lr=INNER_LR)
 
@@ -155,9 +168,9 @@ class HigherExplicit(Anchor):
                     fast = dict(zip((n for n, _ in self.net.named_parameters()), fnet.parameters()))
                     w = [fast[n] for n in self.names]
                     proximal = sum(((a - b) ** 2).sum() for a, b in zip(w, theta))
-                    loss = Fn.cross_entropy(fnet(t["support_x"][i]), t["support_y"][i], reduction="sum")
+                    loss = task_loss(self.workload, fnet(t["support_x"][i]), t["support_y"][i], "sum")
                     diffopt.step(loss + 0.5 * PRECISION * proximal)
-                (Fn.cross_entropy(fnet(t["query_x"][i]), t["query_y"][i]) / self.T).backward()
+                (task_loss(self.workload, fnet(t["query_x"][i]), t["query_y"][i], "mean") / self.T).backward()
 
 
 def _loc_key(learner) -> str:
@@ -165,13 +178,14 @@ def _loc_key(learner) -> str:
     return key
 
 
-def check_implicit(learner, batch, K: int, cg: int, damping: float) -> dict:
-    """ibaml's and TorchOpt's implicit meta-gradients on the damped system, side by side."""
+def check_implicit(learner, batch, K: int, cg: int, damping: float, workload: str = "conv4") -> dict:
+    """ibaml's and TorchOpt's implicit meta-gradients (on the system damped by ``damping``,
+    0 for the timed configuration), side by side."""
     task = H.prepare(learner, batch)
     meta = learner.meta_params()
     out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t))(task)
     ours = out.grads[_loc_key(learner)].mean(0)
-    theirs = TorchOptImplicit(learner, task, 1e-3, K, cg, ridge=damping).meta_gradient()
+    theirs = TorchOptImplicit(learner, task, 1e-3, K, cg, ridge=damping, workload=workload).meta_gradient()
     iterations = out.diagnostics["solver_iterations"]
     return {**agreement(ours, theirs), "damping": damping, "ibaml_cg_iterations": iterations.tolist(),
             "all_cg_iterations_ran": bool((iterations == cg).all())}
@@ -183,42 +197,20 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
             "cosine": float(torch.nn.functional.cosine_similarity(ref, oth, dim=0))}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    H.add_common_args(p, "runs/anchors")
-    p.add_argument("--meta-batch", type=int, default=32)
-    p.add_argument("--inner-steps", type=int, default=10)
-    p.add_argument("--cg-steps", type=int, default=5)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=84)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--meta-lr", type=float, default=1e-3)
-    p.add_argument("--check-damping", type=float, default=1000.0, help="CG damping of the implicit agreement check")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.meta_batch, args.inner_steps, args.hidden, args.image_size, args.repeats = 2, 2, 4, 16, 1
-    device, dtype = H.setup(args)
-    T, K, cg = args.meta_batch, args.inner_steps, args.cg_steps
-    batch = H.make_batch("conv4", T, dtype, device, image_size=args.image_size)
-    libraries = {}
-    torchopt, why_torchopt = try_import("torchopt")
-    higher, why_higher = try_import("higher")
-    for name, module, why in (("torchopt", torchopt, why_torchopt), ("higher", higher, why_higher)):
-        libraries[name] = {"available": module is not None,
-                           "version": getattr(module, "__version__", None) if module else None, "reason": why}
-        if why:
-            print(f"skipping {name}: {why}")
-
+def run_one(args, K: int, device, dtype, batch) -> tuple:
+    """Rows, ratios and gradient checks of every implementation at ``K`` inner steps."""
+    T, cg, workload = args.meta_batch, args.cg_steps, args.workload
+    torchopt, _ = try_import("torchopt")
+    higher, _ = try_import("higher")
     fns, rows, checks = {}, [], {}
     build = lambda estimator, damping=0.0: H.build_learner(  # noqa: E731
-        "conv4", estimator, K, cg, device, dtype, hidden=args.hidden, image_size=args.image_size,
+        workload, estimator, K, cg, device, dtype, hidden=args.hidden, image_size=args.image_size,
         chunk_size=args.chunk_size, precision=PRECISION, inner_lr=INNER_LR, cg_damping=damping)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torchopt calls functorch.vjp, deprecated in torch 2
         if torchopt is not None:
             checks["torchopt vs ibaml implicit"] = check_implicit(build("implicit", args.check_damping), batch, K, cg,
-                                                                 args.check_damping)
+                                                                 args.check_damping, workload)
         for estimator in ("implicit", "explicit"):
             learner = build(estimator)
             learner.meta_optimizer.param_groups[0]["lr"] = args.meta_lr
@@ -226,9 +218,10 @@ def main(argv=None):
             for mode in ("vmap", "loop"):
                 fns[f"ibaml {estimator} {mode}"] = H.meta_iteration(learner, task, mode)
             if estimator == "implicit" and torchopt is not None:
-                fns["torchopt implicit loop"] = TorchOptImplicit(learner, task, args.meta_lr, K, cg).iteration
+                fns["torchopt implicit loop"] = TorchOptImplicit(learner, task, args.meta_lr, K, cg,
+                                                                 workload=workload).iteration
             if estimator == "explicit" and higher is not None:
-                impl = HigherExplicit(learner, task, args.meta_lr, K)
+                impl = HigherExplicit(learner, task, args.meta_lr, K, workload)
                 ours = H.batched_meta_gradient(learner)(learner.meta_params(), task)[_loc_key(learner)]
                 checks["higher vs ibaml explicit"] = agreement(ours, impl.meta_gradient())
                 fns["higher explicit loop"] = impl.iteration
@@ -242,32 +235,73 @@ def main(argv=None):
         times = H.time_interleaved(fns, device, args.repeats, warmup=0)
     for name, ts in times.items():
         ms = 1000 * H.median(ts)
-        rows.append({"implementation": name, "ms": ms, "ms_all": [1000 * t for t in ts], "tasks_per_s": T / (ms / 1000),
-                     "peak_bytes": peaks[name]})
+        rows.append({"implementation": name, "inner_steps": K, "ms": ms, "ms_all": [1000 * t for t in ts],
+                     "tasks_per_s": T / (ms / 1000), "peak_bytes": peaks[name]})
     by_name = {r["implementation"]: r for r in rows}
     ratios = {}
-    for anchor, ours in (("torchopt implicit loop", "ibaml implicit"), ("higher explicit loop", "ibaml explicit")):
-        if anchor not in by_name:
+    pairs = [("torchopt implicit loop", "ibaml implicit vmap"), ("torchopt implicit loop", "ibaml implicit loop"),
+             ("higher explicit loop", "ibaml explicit vmap"), ("higher explicit loop", "ibaml explicit loop"),
+             ("ibaml explicit vmap", "ibaml implicit vmap")]
+    for slower, ours in pairs:
+        if slower not in by_name:
             continue
-        for mode in ("vmap", "loop"):
-            mine = by_name[f"{ours} {mode}"]
-            entry = {"time": by_name[anchor]["ms"] / mine["ms"]}
-            if by_name[anchor]["peak_bytes"] and mine["peak_bytes"]:
-                entry["peak_memory"] = by_name[anchor]["peak_bytes"] / mine["peak_bytes"]
-            ratios[f"{anchor} / {ours} {mode}"] = entry
+        entry = {"inner_steps": K, "time": by_name[slower]["ms"] / by_name[ours]["ms"]}
+        if by_name[slower]["peak_bytes"] and by_name[ours]["peak_bytes"]:
+            entry["peak_memory"] = by_name[slower]["peak_bytes"] / by_name[ours]["peak_bytes"]
+        ratios[f"{slower} / {ours}, K={K}"] = entry
+    return rows, ratios, {f"{k}, K={K}": v for k, v in checks.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    H.add_common_args(p, "runs/anchors")
+    p.add_argument("--workload", default="conv4", choices=("conv4", "sine"))
+    p.add_argument("--meta-batch", type=int, default=32)
+    p.add_argument("--inner-steps", default="10", help="comma-separated K values")
+    p.add_argument("--cg-steps", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--meta-lr", type=float, default=1e-3)
+    p.add_argument("--check-damping", type=float, default=0.0,
+                   help="CG damping added to both solves of the implicit agreement check only (default 0: the timed "
+                        "configuration)")
+    args = p.parse_args(argv)
+    steps = [int(k) for k in str(args.inner_steps).split(",")]
+    if args.quick:
+        args.meta_batch, steps, args.hidden, args.image_size, args.repeats = 2, [2], 4, 16, 1
+    device, dtype = H.setup(args)
+    batch = H.make_batch(args.workload, args.meta_batch, dtype, device, image_size=args.image_size)
+    libraries = {}
+    for name in ("torchopt", "higher"):
+        module, why = try_import(name)
+        libraries[name] = {"available": module is not None,
+                           "version": getattr(module, "__version__", None) if module else None, "reason": why}
+        if why:
+            print(f"skipping {name}: {why}")
+    rows, ratios, checks = [], {}, {}
+    for K in steps:
+        r, q, c = run_one(args, K, device, dtype, batch)
+        rows += r
+        ratios.update(q)
+        checks.update(c)
+    network = "MLP(1, 40, 40, 1)" if args.workload == "sine" else f"Conv4-{args.hidden}"
+    shape = ({"shots": 10, "query": 10} if args.workload == "sine"
+             else {"image_size": args.image_size, "ways": 5, "shots": 1, "query": 15})
     payload = {**H.environment(device), "memory_method": H.memory_method(device),
-               "workload": {"network": f"Conv4-{args.hidden}", "image_size": args.image_size, "ways": 5, "shots": 1,
-                            "query": 15, "meta_batch": T, "inner_steps": K, "cg_steps": cg, "precision": PRECISION,
-                            "inner_lr": INNER_LR},
+               "workload": {"name": args.workload, "network": network, **shape, "meta_batch": args.meta_batch,
+                            "inner_steps": steps, "cg_steps": args.cg_steps, "precision": PRECISION,
+                            "inner_lr": INNER_LR, "check_damping": args.check_damping},
                "libraries": libraries, "gradient_agreement": checks, "results": rows, "ratios": ratios}
     H.write_json(Path(args.out), "anchors.json", payload)
     fmt = lambda v: "—" if v is None else f"{v / 2 ** 20:.1f}"  # noqa: E731
-    print(H.markdown(["implementation", "ms / meta-iter", "tasks/s", "peak MiB"],
-                     [[r["implementation"], f"{r['ms']:.1f}", f"{r['tasks_per_s']:.2f}", fmt(r["peak_bytes"])]
-                      for r in rows]))
+    print(H.markdown(["implementation", "K", "ms / meta-iter", "tasks/s", "peak MiB"],
+                     [[r["implementation"], r["inner_steps"], f"{r['ms']:.1f}", f"{r['tasks_per_s']:.2f}",
+                       fmt(r["peak_bytes"])] for r in rows]))
     if ratios:
         print()
-        print(H.markdown(["library / ibaml", "time ratio", "memory ratio"],
+        print(H.markdown(["slower / faster", "time ratio", "memory ratio"],
                          [[k, f"{v['time']:.2f}", f"{v['peak_memory']:.2f}" if "peak_memory" in v else "—"]
                           for k, v in ratios.items()]))
     for k, v in checks.items():
