@@ -12,9 +12,11 @@ SGD inner loop with learning rate ``1e-3``, CG with the prior precision as preco
 
 A **meta-iteration** is what a training step does once the batch is on the device: the
 mean meta-gradient over the ``T`` tasks of the batch, either ``torch.func.vmap`` over the
-tasks (``"vmap"``), the same vmapped function under ``torch.compile`` (``"compile"``), or a
-Python loop that calls the estimator once per task (``"loop"``), followed by the
-meta-optimiser's update. The batch is validated and moved to the device once, before
+tasks (``"vmap"``: ``MetaLearner.meta_step`` itself, without host reads), the same vmapped
+function under ``torch.compile`` (``"compile"``), a Python loop that calls the estimator once
+per task (``"loop"``), or ``meta_step`` with the learner's own per-device choice between
+the two (``"default"``, ``task_batching="auto"``: a loop for convolutions on the CPU),
+followed by the meta-optimiser's update. The batch is validated and moved to the device once, before
 timing, so the timed region holds no host synchronisation: on CUDA the only one is the
 ``torch.cuda.synchronize()`` that closes the measurement.
 
@@ -48,7 +50,7 @@ import priors
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 WORKLOADS = ("sine", "conv4")
-MODES = ("vmap", "compile", "loop")
+MODES = ("vmap", "compile", "loop", "default")
 GB = 1e9
 
 
@@ -144,7 +146,7 @@ def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, 
         raise ValueError(f"unknown estimator {estimator!r}; expected 'explicit' or 'implicit'")
     return ibaml.MetaLearner(net, prior, likelihood, method="map", estimator=est,
                              inner_optimizer=ibaml.optim.SGD(lr=inner_lr), inner_steps=K, num_classes=num_classes,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, task_batching="vmap")
 
 
 # ---------------------------------------------------------------------------- one meta-iteration
@@ -185,8 +187,14 @@ def meta_iteration(learner: ibaml.MetaLearner, task, mode: str = "vmap", compile
     ``learner.meta_step(task, validate=False, check=False)`` itself (no host read, the
     non-finite policy by masks), for ``"compile"`` and ``"loop"`` the same mean
     meta-gradient computed that way and the optimiser's step."""
-    if mode == "vmap":   # the library's own meta-step, without host reads
-        return lambda: learner.meta_step(task, validate=False, check=False)
+    if mode in ("vmap", "default"):   # the library's own meta-step, without host reads
+        batching = "vmap" if mode == "vmap" else "auto"
+
+        def library_step():
+            learner.task_batching = batching   # "default": the learner's own per-device choice
+            learner.meta_step(task, validate=False, check=False)
+
+        return library_step
     grad_fn = meta_gradient_fn(learner, mode, compile_mode)
     params = learner.model.meta_parameters()
     # Under CUDA graphs (compile mode "reduce-overhead") a call's outputs live in the graph's

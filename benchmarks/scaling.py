@@ -103,7 +103,7 @@ def run_config(workload, T, estimator, K, modes, args, device, dtype):
         row["ms"] = 1000 * H.median(ts)
         row["ms_all"] = [1000 * t for t in ts]
         row["tasks_per_s"] = T / H.median(ts)
-        if row["peak_bytes"] is not None and mode != "loop":
+        if row["peak_bytes"] is not None and mode not in ("loop", "default"):
             row["gb_per_task"] = row["peak_bytes"] / T / H.GB
     del learner, task, fns
     H.release(device)
@@ -245,6 +245,7 @@ def main(argv=None):
                         print(f"{workload:5s} T={T:3d} {estimator:8s} {r['mode']:7s} K={K:4d} {ms} {mib}", flush=True)
     ratio = time_ratio(results, "loop", "vmap")
     compiled = time_ratio(results, "vmap", "compile")
+    default_over_loop = time_ratio(results, "default", "loop")
     mem_ratio = memory_ratios(results)
     summary = summarize(results, device, mem_ratio, ratio)
     fallbacks = sorted({m for r in results for m in r.get("vmap_fallbacks", [])})
@@ -252,6 +253,7 @@ def main(argv=None):
                "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
                "conv4": {"hidden": args.hidden, "image_size": args.image_size, "ways": 5, "shots": 1, "query": 15},
                "results": results, "loop_over_vmap_time_ratio": ratio, "vmap_over_compile_time_ratio": compiled,
+               "default_over_loop_time_ratio": default_over_loop,
                "peak_memory_ratio_k100_over_k1": mem_ratio, "vmap_fallbacks": fallbacks, "summary": summary}
     out = Path(args.out)
     H.write_json(out, "scaling.json", payload)

@@ -1,9 +1,13 @@
 """``MetaLearner``: the per-task mathematics of meta-learning for a batch of tasks.
 
 The per-task work (inner solve, hypergradient) runs under ``torch.func.vmap`` with an
-optional ``chunk_size``; there is no Python loop over tasks::
+optional ``chunk_size``::
 
     (F_t, g_t, diagnostics_t) = estimator.task_gradient(problem, θ, task_t)     vmapped over t
+
+(``task_batching="loop"`` runs the same per-task function in a Python loop instead, which is
+the default only for convolutional networks on the CPU, where ``vmap`` turns each convolution
+into a slower grouped one.)
 
 :meth:`MetaLearner.task_gradients` returns them per task, as tensors, with no host
 synchronisation; the policy around them (input checks, non-finite tasks, distributed
@@ -38,6 +42,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from priors.base import Prior
 
@@ -91,6 +96,18 @@ def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, f
             for key, ps in groups.items() if ps]
 
 
+TASK_BATCHING = ("auto", "vmap", "loop")
+
+
+def loop_over_tasks(fn, *args):
+    """``fn`` applied to each task's slice of ``args`` (pytrees of tensors with a leading task
+    dimension) in a Python loop, the outputs stacked: what ``torch.func.vmap(fn)(*args)``
+    computes, one task at a time."""
+    leaves = [x for x in tree_flatten(args)[0] if isinstance(x, Tensor)]
+    outputs = [fn(*tree_map(lambda x: x[t] if isinstance(x, Tensor) else x, args)) for t in range(leaves[0].shape[0])]
+    return tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outputs)
+
+
 class MetaLearner(nn.Module):
     r"""Network + learnable prior + likelihood + inference method + hypergradient estimator.
 
@@ -106,6 +123,10 @@ class MetaLearner(nn.Module):
         meta_lr: learning rate of the default meta-optimiser (Adam).
         meta_optimizer: a ``torch.optim`` class (default ``torch.optim.Adam``).
         chunk_size: tasks per vmap chunk (``None``: all at once).
+        task_batching: ``"vmap"``, ``"loop"`` (the same per-task function, one task at a time)
+            or ``"auto"`` (default): ``"loop"`` for a network with convolutions on the CPU,
+            where a vmapped convolution becomes a grouped one that is slower than one
+            convolution per task (measured: ``benchmarks/scaling.py``, Conv4), else ``"vmap"``.
         num_predictive_samples: posterior draws in :meth:`predict`.
         hyper_weight: weight of the hyperprior term in the meta-objective.
         nonfinite: what to do with a task whose values are not finite (see below):
@@ -151,7 +172,8 @@ class MetaLearner(nn.Module):
                  eval_inner_steps: Optional[int] = None, meta_lr: float = 1e-3, meta_optimizer=None,
                  chunk_size: Optional[int] = None, num_predictive_samples: int = 20, hyper_weight: float = 1.0,
                  nonfinite: str = "raise", num_classes: Optional[int] = None, seed: int = 0,
-                 process_group: Any = None, meta_lr_overrides: Optional[Dict[str, float]] = None):
+                 process_group: Any = None, meta_lr_overrides: Optional[Dict[str, float]] = None,
+                 task_batching: str = "auto"):
         super().__init__()
         if isinstance(method, str):
             table = {"map": MAP, "variational": Variational}
@@ -173,6 +195,8 @@ class MetaLearner(nn.Module):
             raise ValueError(f"meta_lr must be positive, got {meta_lr!r}")
         if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if task_batching not in TASK_BATCHING:
+            raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}")
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         self.model = TaskModel(net, prior, likelihood)
@@ -182,6 +206,7 @@ class MetaLearner(nn.Module):
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else int(eval_inner_steps)
         self.problem = TaskProblem(self.model, self.method, self.inner_loop)
         self.chunk_size = chunk_size
+        self.task_batching = task_batching
         self.num_predictive_samples = int(num_predictive_samples)
         self.hyper_weight = float(hyper_weight)
         self.nonfinite = nonfinite
@@ -263,7 +288,18 @@ class MetaLearner(nn.Module):
         meta = self.meta_params() if meta is None else meta
         return self._vmap(lambda t: self.estimator.task_gradient(self.problem, meta, t), task)
 
+    def batching(self) -> str:
+        """``"vmap"`` or ``"loop"``: :attr:`task_batching`, with ``"auto"`` resolved for the
+        network and its device."""
+        if self.task_batching != "auto":
+            return self.task_batching
+        on_cpu = self.prior.initial_weights.device.type == "cpu"
+        convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.net.modules())
+        return "loop" if on_cpu and convolutional else "vmap"
+
     def _vmap(self, fn, *args):
+        if self.batching() == "loop":
+            return loop_over_tasks(fn, *args)
         return torch.func.vmap(fn, chunk_size=self.chunk_size)(*args)
 
     def meta_gradient(self, batch, *, validate: bool = True, check: bool = True) -> training.MetaGradient:
@@ -304,7 +340,7 @@ class MetaLearner(nn.Module):
         def per_task(v, eps_t, x_t):
             return self.model.net_outputs(meta, posterior.method.weight_samples(v, eps_t), x_t)
 
-        return torch.func.vmap(per_task, chunk_size=self.chunk_size)(posterior.params, eps, x)
+        return self._vmap(per_task, posterior.params, eps, x)
 
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: Optional[int] = None):

@@ -202,3 +202,36 @@ def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager():
     torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-6)
     for k in meta:
         torch.testing.assert_close(updated[k], eager_updated[k], rtol=0, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------- vmap or a loop over tasks
+def test_task_batching_auto_loops_for_convolutions_on_the_cpu_and_both_agree():
+    from ibaml.nets import Conv4
+    from ibaml.learner import loop_over_tasks
+
+    def conv_learner(batching):
+        torch.manual_seed(0)
+        net = Conv4(in_channels=1, hidden=4, out_dim=3, image_size=16).double()
+        return ibaml.build_learner("imaml", net, ibaml.CategoricalLikelihood().double(), inner_steps=2,
+                                   num_classes=3, task_batching=batching)
+
+    gen = torch.Generator().manual_seed(0)
+    batch = {"support_x": torch.randn(3, 3, 1, 16, 16, generator=gen, dtype=torch.float64),
+             "support_y": torch.arange(3).repeat(3, 1),
+             "query_x": torch.randn(3, 6, 1, 16, 16, generator=gen, dtype=torch.float64),
+             "query_y": torch.arange(3).repeat(3, 2)}
+    auto, vmapped = conv_learner("auto"), conv_learner("vmap")
+    assert auto.batching() == "loop" and vmapped.batching() == "vmap"
+    assert make_learner().batching() == "vmap"                         # an MLP keeps vmap
+    task = auto.prepare(batch)
+    looped, batched = auto.task_gradients(task), vmapped.task_gradients(task)
+    torch.testing.assert_close(looped.loss, batched.loss, rtol=1e-9, atol=1e-12)
+    for k in batched.grads:
+        torch.testing.assert_close(looped.grads[k], batched.grads[k], rtol=1e-8, atol=1e-10, msg=k)
+    probs_loop = auto.predict(auto.adapt(task["support_x"], task["support_y"]), task["query_x"])
+    probs_vmap = vmapped.predict(vmapped.adapt(task["support_x"], task["support_y"]), task["query_x"])
+    torch.testing.assert_close(probs_loop, probs_vmap, rtol=1e-8, atol=1e-10)
+    stacked = loop_over_tasks(lambda a, b: {"sum": a + b["x"], "n": 2}, torch.ones(4, 2), {"x": torch.arange(4.0)})
+    assert stacked["n"] == 2 and torch.equal(stacked["sum"], torch.ones(4, 2) + torch.arange(4.0)[:, None])
+    with pytest.raises(ValueError, match="task_batching must be one of"):
+        conv_learner("threads")
