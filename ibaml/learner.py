@@ -54,7 +54,7 @@ from .inner_loop import InnerLoop, TaskProblem
 from .likelihoods import CategoricalLikelihood, Likelihood
 from .task_model import TaskModel
 from .optim import SGD
-from .training import NONFINITE_POLICIES, NonFiniteError
+from .nonfinite import NONFINITE_POLICIES, NonFiniteError
 
 
 @dataclass

@@ -52,14 +52,11 @@ from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state, rng_state, \
     save_checkpoint
 from .evaluation import evaluate, task_outputs  # noqa: F401  (ibaml.training.evaluate)
+from .nonfinite import NONFINITE_POLICIES, NonFiniteError, nonfinite_cause_counts, nonfinite_causes  # noqa: F401
+from .nonfinite import nonfinite_message
 from .progress import progress_bar
 
-NONFINITE_POLICIES = ("raise", "skip")
 LAST, BEST = "last.pt", "best.pt"
-
-
-class NonFiniteError(RuntimeError):
-    """Raised when inner solutions or meta-gradients are not finite and the policy is ``"raise"``."""
 
 
 class RunExistsError(CheckpointError):
@@ -75,43 +72,6 @@ class MetaGradient(NamedTuple):
     grads: Dict[str, Tensor]
     diagnostics: Dict[str, Tensor]
     finite: Tensor
-
-
-def nonfinite_cause_counts(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, Tensor]:
-    """Count the non-finite tasks (``~finite``) by the first stage that failed, in the order
-    of the computation, as 0-d tensors (no host read): ``inner`` (inner loss or gradient norm at
-    the inner solution), ``query`` (the query loss ``F``), ``solver`` (the linear solver's
-    residual norm, implicit estimators), ``gradient`` (the meta-gradient itself)."""
-    left = ~finite
-    counts = {}
-    stages = (("inner", ("inner_loss", "inner_grad_norm")), ("query", None), ("solver", ("residual_norm",)))
-    for stage, keys in stages:
-        values = [losses] if keys is None else [diagnostics[k] for k in keys if k in diagnostics]
-        failed = torch.zeros_like(left)
-        for v in values:
-            failed = failed | ~torch.isfinite(v)
-        failed = failed & left
-        counts[stage] = failed.sum()
-        left = left & ~failed
-    counts["gradient"] = left.sum()
-    return counts
-
-
-def nonfinite_causes(diagnostics: Dict[str, Tensor], losses: Tensor, finite: Tensor) -> Dict[str, int]:
-    """:func:`nonfinite_cause_counts` read as integers.
-
-    >>> nonfinite_causes({"inner_loss": torch.tensor([0.0, float("nan")])}, torch.zeros(2),
-    ...                  torch.tensor([True, False]))
-    {'inner': 1, 'query': 0, 'solver': 0, 'gradient': 0}
-    """
-    return {k: int(v) for k, v in nonfinite_cause_counts(diagnostics, losses, finite).items()}
-
-
-def _nonfinite_message(causes: Mapping[str, int], n_bad: int, n_tasks: int) -> str:
-    return (f"{n_bad} of {n_tasks} tasks gave non-finite values (inner solution: {causes['inner']}, query loss: "
-            f"{causes['query']}, CG residual: {causes['solver']}, meta-gradient: {causes['gradient']}); lower the "
-            f"inner learning rate, add CG damping, or use nonfinite='skip'"
-            + (" (every task failed, so nothing is left to learn from)" if n_bad == n_tasks else ""))
 
 
 def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
@@ -171,7 +131,7 @@ def meta_gradient(learner, batch, *, validate: bool = True, check: bool = True) 
     if check:
         n_bad = int((~finite).sum())
         if n_bad and (learner.nonfinite == "raise" or n_bad == finite.numel()):
-            raise NonFiniteError(_nonfinite_message(nonfinite_causes(per_task, losses, finite), n_bad, finite.numel()))
+            raise NonFiniteError(nonfinite_message(nonfinite_causes(per_task, losses, finite), n_bad, finite.numel()))
     if group is None:
         return reduced
     sums = distributed.all_reduce_sum({k: _masked_sum(g, local_finite) for k, g in out.grads.items()}, group)
@@ -241,7 +201,7 @@ def read_stats(learner, stats: Mapping[str, Any]) -> Dict[str, Any]:
     values["skipped"] = n_bad
     learner.skipped_tasks += n_bad
     if n_bad and causes and (learner.nonfinite == "raise" or n_bad == n_tasks):
-        raise NonFiniteError(_nonfinite_message(causes, n_bad, n_tasks))
+        raise NonFiniteError(nonfinite_message(causes, n_bad, n_tasks))
     return values
 
 

@@ -53,16 +53,24 @@ def test_scaling_quick(tmp_path):
 def test_anchors_quick(tmp_path):
     anchors = load("anchors")
     assert anchors.try_import("no_such_library_xyz")[0] is None  # a missing library is skipped, not an error
-    payload = anchors.main(["--quick", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "anchors.json").read_text())
-    names = {r["implementation"] for r in saved["results"]}
-    assert {"ibaml implicit vmap", "ibaml implicit loop", "ibaml explicit vmap", "ibaml explicit loop"} <= names
-    for library, anchor, check in (("torchopt", "torchopt implicit loop", "torchopt vs ibaml implicit"),
-                                   ("higher", "higher explicit loop", "higher vs ibaml explicit")):
-        if payload["libraries"][library]["available"]:
-            assert anchor in names and saved["gradient_agreement"][check]["relative_error"] < 1e-4
-        else:
-            assert anchor not in names and payload["libraries"][library]["reason"]
+    for workload in ("sine", "conv4"):
+        out = tmp_path / workload
+        payload = anchors.main(["--quick", "--workload", workload, "--out", str(out)])
+        saved = json.loads((out / "anchors.json").read_text())
+        names = {r["implementation"] for r in saved["results"]}
+        assert {"ibaml implicit vmap", "ibaml implicit loop", "ibaml explicit vmap", "ibaml explicit loop"} <= names
+        assert saved["workload"]["check_damping"] == 0.0          # the check is of the timed configuration
+        for library, anchor, check in (("torchopt", "torchopt implicit loop", "torchopt vs ibaml implicit, K=2"),
+                                       ("higher", "higher explicit loop", "higher vs ibaml explicit, K=2")):
+            if payload["libraries"][library]["available"]:
+                assert anchor in names
+                agreement = saved["gradient_agreement"][check]
+                # on sine the inner Hessian is positive definite and the two solves agree; on the
+                # quick Conv4 it may not be, and the check says whether ibaml's CG ran to the end
+                if workload == "sine" or agreement.get("all_cg_iterations_ran", True):
+                    assert agreement["relative_error"] < 1e-4, (workload, check)
+            else:
+                assert anchor not in names and payload["libraries"][library]["reason"]
 
 
 def test_precision_quick(tmp_path):

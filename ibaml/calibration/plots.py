@@ -4,7 +4,7 @@ grid. Matplotlib is imported where a figure is drawn (it is the slowest import o
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
