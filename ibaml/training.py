@@ -81,6 +81,7 @@ def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
 
 
 def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """``Σ_t keep_t · values_t / max(1, Σ_t keep_t)`` (:func:`_masked_sum` over the kept tasks' count)."""
     return _masked_sum(values, keep) / keep.to(values.dtype).sum().clamp(min=1)
 
 
@@ -97,10 +98,8 @@ def reduce_task_gradients(out) -> MetaGradient:
     ([True, True, True, True], True)
     """
     finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
-    n_keep = finite.to(out.loss.dtype).sum().clamp(min=1)
-    grads = {k: _masked_sum(g, finite) / n_keep for k, g in out.grads.items()}
-    return MetaGradient(_masked_sum(out.loss, finite) / n_keep, grads, dict(out.diagnostics, query_loss=out.loss),
-                        finite)
+    grads = {k: _masked_mean(g, finite) for k, g in out.grads.items()}
+    return MetaGradient(_masked_mean(out.loss, finite), grads, dict(out.diagnostics, query_loss=out.loss), finite)
 
 
 def meta_gradient(learner, batch, *, validate: bool = True, check: bool = True) -> MetaGradient:
@@ -167,8 +166,8 @@ def meta_step(learner, batch, *, validate: bool = True, check: bool = True) -> D
         p.grad = grads[k].to(p.dtype) if p.grad is None else p.grad + grads[k].to(p.dtype)
     before = None if check else {k: p.detach().clone() for k, p in params.items()}
     optimizer.step()
-    any_finite = finite.any()
-    if before is not None:
+    if before is not None:   # no host read: with no finite task left the parameters are kept
+        any_finite = finite.any()
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(torch.where(any_finite, p, before[k]))

@@ -154,3 +154,13 @@ def test_logit_scale_sweep_rescores_a_run(tmp_path):
         assert abs(own[key] - result[key]["mean"]) < 1e-9, key
     assert len({round(r["accuracy"], 12) for r in rows.values()}) == 1
     assert rows["0.5"]["confidence"] < rows["2"]["confidence"]
+
+
+def test_memory_profile_quick(tmp_path):
+    payload = load("memory_profile").main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "memory_profile.json").read_text())
+    assert set(saved["phases_bytes"]) == {"inner solve", "query pass", "implicit solve", "task gradient"}
+    assert saved["task"] == {"ways": 5, "shots": 1, "query_images": 75, "support_images": 5}
+    sweep = payload["query_pass_bytes_by_query_images"]
+    if sweep[75] is not None:   # the query pass grows with the query images it holds
+        assert sweep[75] > sweep[15]
