@@ -86,7 +86,8 @@ def batch_norm_batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     with ``vmap`` (per-task ``weight`` / ``bias``) and with forward- and reverse-mode derivatives
     of second order (the Hessian-vector products of the implicit gradient), and keeps about half
     the activations for the backward pass that the same formula written as separate tensor
-    operations keeps.
+    operations keeps. Under ``torch.autocast`` (a lower-precision ``x``) the affine parameters
+    are cast to ``x``'s dtype, as the CPU kernel requires.
 
     Example
     -------
@@ -94,6 +95,8 @@ def batch_norm_batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     >>> bool(y.mean(dim=(0, 2, 3)).abs().max() < 1e-5)
     True
     """
+    if weight.dtype != x.dtype:
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
 
 
