@@ -8,7 +8,8 @@ Builds the learner exactly as ``examples/sine_regression.py`` does for ``--metho
 evaluation seed (``10 000 + seed``): MSE, NLL and 90% coverage along the run. At the end, the
 MSE of those tasks by amplitude (bins of width 1 over ``A ∈ [0.1, 5]``) and the ten worst
 tasks with their amplitudes. ``--cosine`` decays every meta learning rate along a half cosine
-to 0 at the last step (the example keeps it constant). Writes the JSON and prints a table.
+to 0 at the last step (the example keeps it constant); ``--likelihood-meta-lr`` gives the
+likelihood's parameters (the noise prior) their own rate. Writes the JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ibaml import training
+from ibaml.learner import meta_param_groups
 from ibaml.data.sine import SineTaskDistribution
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -38,6 +40,8 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--val-tasks", type=int, default=500)
     p.add_argument("--cosine", action="store_true", help="half-cosine decay of the meta learning rates")
+    p.add_argument("--likelihood-meta-lr", type=float, default=None,
+                   help="meta learning rate of the likelihood's parameters (default: the example's for all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
@@ -47,6 +51,9 @@ def main(argv=None):
                                   "--overwrite"] + (["--noise", args.noise] if args.noise else []))
     cfg = example.run_config(args.method, ex_args)
     model = example.make_model(args.method, cfg, ex_args, torch.device("cpu"), torch.float32)
+    if args.likelihood_meta_lr is not None:   # the same Adam with the likelihood's parameters in their own group
+        groups = meta_param_groups(model.model.meta_parameters(), {r"^likelihood\.": args.likelihood_meta_lr})
+        model.meta_optimizer = torch.optim.Adam(groups, lr=ex_args.meta_lr)
     tasks = SineTaskDistribution(shots=ex_args.shots, query=ex_args.query)
     gen = torch.Generator().manual_seed(args.seed)
     val = tasks.sample(args.val_tasks, torch.Generator().manual_seed(10_000 + args.seed))
@@ -84,8 +91,8 @@ def main(argv=None):
                "worst_tasks": [{"mse": float(task_mse[i]), "amplitude": float(amplitude[i])} for i in worst]}
     likelihood = model.likelihood
     if hasattr(likelihood, "prior_count"):
-        payload["noise_prior"] = {"count": float(likelihood.prior_count), "scale": float(likelihood.prior_noise),
-                                  "evidence_scale": float(likelihood.evidence_scale)}
+        payload["noise_prior"] = {name: float(getattr(likelihood, attr).detach()) for name, attr in (
+            ("count", "prior_count"), ("scale", "prior_noise"), ("evidence_scale", "evidence_scale"))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1))
     print("| step | MSE | NLL | 90% coverage |\n|---|---|---|---|")
