@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
 
-def profile(learner, task, device) -> dict:
-    """Peak bytes of each phase of one task's implicit meta-gradient."""
+def profile(learner, task, device, query_sizes) -> tuple:
+    """Peak bytes of each phase of one task's implicit meta-gradient, and of the query pass
+    with the first ``n`` query images for each ``n`` in ``query_sizes``."""
     problem, meta = learner.problem, learner.meta_params()
     v_star, _ = problem.solve(meta, task, differentiable=False, diagnose=False)
     outer_grads = torch.func.grad_and_value(problem.outer, argnums=(0, 1))
@@ -43,11 +44,15 @@ def profile(learner, task, device) -> dict:
                                                            grad_v, solver=estimator.solver),
         "task gradient": lambda: estimator.task_gradient(problem, meta, task),
     }
+    for n in query_sizes:
+        sub = dict(task, query_x=task["query_x"][:n], query_y=task["query_y"][:n])
+        phases[n] = lambda sub=sub: outer_grads(v_star, meta, sub)
     out = {}
     for name, fn in phases.items():
         fn()   # warm-up
         out[name] = H.peak_memory(fn, device)
-    return out
+    sweep = {n: out.pop(n) for n in query_sizes}
+    return out, sweep
 
 
 def main(argv=None):
@@ -66,15 +71,7 @@ def main(argv=None):
                               hidden=args.hidden, image_size=args.image_size)
     batch = H.make_batch("conv4", 1, dtype, device, image_size=args.image_size)
     task = {k: v[0] for k, v in H.prepare(learner, batch).items()}
-    phases = profile(learner, task, device)
-    problem, meta = learner.problem, learner.meta_params()
-    v_star, _ = problem.solve(meta, task, differentiable=False, diagnose=False)
-    outer_grads = torch.func.grad_and_value(problem.outer, argnums=(0, 1))
-    sweep = {}
-    for n in (int(s) for s in args.query_sizes.split(",")):
-        sub = dict(task, query_x=task["query_x"][:n], query_y=task["query_y"][:n])
-        outer_grads(v_star, meta, sub)
-        sweep[n] = H.peak_memory(lambda: outer_grads(v_star, meta, sub), device)
+    phases, sweep = profile(learner, task, device, [int(n) for n in args.query_sizes.split(",")])
     payload = {**H.environment(device), "memory_method": H.memory_method(device), "config": vars(args),
                "task": {"ways": 5, "shots": 1, "query_images": int(task["query_x"].shape[0]),
                         "support_images": int(task["support_x"].shape[0])},
