@@ -42,17 +42,31 @@ def main(argv=None):
     p.add_argument("--cosine", action="store_true", help="half-cosine decay of the meta learning rates")
     p.add_argument("--likelihood-meta-lr", type=float, default=None,
                    help="meta learning rate of the likelihood's parameters (default: the example's for all)")
+    p.add_argument("--param-lr", action="append", default=[], metavar="REGEX=LR",
+                   help="meta learning rate of the meta-parameters whose name matches REGEX (0 holds them at "
+                        "their initial value), e.g. 'prior_count$=0'; repeatable, after --likelihood-meta-lr")
+    p.add_argument("--noise-prior-count", type=float, default=None, help="the example's --noise-prior-count")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     ex_args = example.parse_args(["--method", args.method, "--seed", str(args.seed), "--meta-iters",
                                   str(args.meta_iters), "--out", str(Path(args.out).with_suffix("")) + "_run",
-                                  "--overwrite"] + (["--noise", args.noise] if args.noise else []))
+                                  "--overwrite"] + (["--noise", args.noise] if args.noise else [])
+                                 + (["--noise-prior-count", str(args.noise_prior_count)]
+                                    if args.noise_prior_count is not None else []))
     cfg = example.run_config(args.method, ex_args)
     model = example.make_model(args.method, cfg, ex_args, torch.device("cpu"), torch.float32)
-    if args.likelihood_meta_lr is not None:   # the same Adam with the likelihood's parameters in their own group
-        groups = meta_param_groups(model.model.meta_parameters(), {r"^likelihood\.": args.likelihood_meta_lr})
+    rates = {}
+    for spec in args.param_lr:
+        pattern, _, rate = spec.rpartition("=")
+        if not pattern:
+            p.error(f"--param-lr {spec!r}: expected REGEX=LR")
+        rates[pattern] = float(rate)
+    if args.likelihood_meta_lr is not None:
+        rates.setdefault(r"^likelihood\.", args.likelihood_meta_lr)
+    if rates:   # the same Adam with the matching parameters in their own groups
+        groups = meta_param_groups(model.model.meta_parameters(), rates)
         model.meta_optimizer = torch.optim.Adam(groups, lr=ex_args.meta_lr)
     tasks = SineTaskDistribution(shots=ex_args.shots, query=ex_args.query)
     gen = torch.Generator().manual_seed(args.seed)

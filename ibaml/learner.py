@@ -82,12 +82,13 @@ class Posterior:
 
 def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, float]] = None):
     """``torch.optim`` parameter groups: one at the optimiser's learning rate, and one per
-    override pattern (``re.search`` on the meta-parameter's name) at its own."""
+    override pattern (``re.search`` on the meta-parameter's name, the first that matches) at its
+    own; a rate of 0 holds the matching parameters at their values."""
     if not overrides:
         return [{"params": list(params.values())}]
     for pattern, lr in overrides.items():
-        if not lr > 0:
-            raise ValueError(f"meta_lr_overrides[{pattern!r}] must be positive, got {lr!r}")
+        if not lr >= 0:
+            raise ValueError(f"meta_lr_overrides[{pattern!r}] must be non-negative, got {lr!r}")
     groups = {None: []}
     for name, p in params.items():
         key = next((pat for pat in overrides if re.search(pat, name)), None)
