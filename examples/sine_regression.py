@@ -56,8 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--noise", default=None, choices=presets.NOISE_MODELS,
                    help="observation noise (default: the method's, ibaml.presets.REGRESSION_NOISE; see "
                         "ibaml.presets.regression_likelihood)")
-    p.add_argument("--noise-prior-count", type=float, default=1.0,
-                   help="--noise conjugate: the initial pseudo-count a0 of the inverse-gamma prior (meta-learned)")
+    p.add_argument("--noise-prior-count", type=float, default=None,
+                   help="--noise conjugate: the pseudo-count a0 of the inverse-gamma prior (default: the "
+                        "method's, ibaml.presets.NOISE_PRIOR_COUNT)")
+    p.add_argument("--learn-noise-prior-count", choices=("yes", "no"), default=None,
+                   help="--noise conjugate: meta-learn a0 from its initial value (default: the method's)")
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
@@ -116,7 +119,9 @@ def run_config(method: str, args) -> dict:
     noise = args.noise or presets.REGRESSION_NOISE.get(method, "shared")
     network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if noise.startswith("task") else f"MLP(1, {HIDDEN}, 1)"
     if noise == "conjugate":
-        common["noise_prior_count"] = args.noise_prior_count
+        learn = None if args.learn_noise_prior_count is None else args.learn_noise_prior_count == "yes"
+        common["noise_prior_count"], common["learn_noise_prior_count"] = presets.noise_prior_count(
+            method, args.noise_prior_count, learn)
     return dict(common, network=network, noise=noise, inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
                 meta_lr=args.meta_lr, nonfinite=args.nonfinite)
@@ -127,7 +132,8 @@ def make_model(method: str, cfg: dict, args, device, dtype, group=None):
     torch.manual_seed(args.seed)
     if method == "dkt":
         return DeepKernelGP(in_dim=1, hidden=HIDDEN).to(device=device, dtype=dtype)
-    likelihood = presets.regression_likelihood(cfg["noise"], args.noise_prior_count).to(device=device, dtype=dtype)
+    likelihood = presets.regression_likelihood(cfg["noise"], cfg.get("noise_prior_count", 1.0),
+                                               cfg.get("learn_noise_prior_count", True)).to(device=device, dtype=dtype)
     net = MLP(1, HIDDEN, 1, noise_head=cfg["noise"].startswith("task")).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,

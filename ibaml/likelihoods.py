@@ -17,7 +17,7 @@ torch.Size([4])
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from pyro.distributions import constraints
@@ -147,6 +147,11 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         prior_noise: ``s₀ > 0``.
         evidence_scale: ``γ > 0``.
         learn_prior: learn ``a₀``, ``s₀`` and ``γ`` as positive meta-parameters.
+        learn_prior_count: learn ``a₀`` (default: ``learn_prior``). Held fixed, ``a₀`` is how
+            many observations' worth of weight the meta-learned noise ``s₀`` keeps against each
+            task's own evidence; learned by the query likelihood, it falls towards 0 (measured on
+            sine, 1 → 0.10–0.12 in 3000 meta-iterations), the noise becomes the task's alone,
+            and tasks with large errors are down-weighted in the meta-objective by ``1/r``.
 
     Example
     -------
@@ -156,11 +161,12 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     """
 
     def __init__(self, noise: float = 1.0, prior_count: float = 1.0, prior_noise: float = 1.0,
-                 evidence_scale: float = 1.0, learn_prior: bool = True):
+                 evidence_scale: float = 1.0, learn_prior: bool = True, learn_prior_count: Optional[bool] = None):
         super().__init__(noise, learn_noise=False)
-        for name, value in (("prior_count", prior_count), ("prior_noise", prior_noise),
-                            ("evidence_scale", evidence_scale)):
-            _positive_attribute(self, name, value, learn_prior, f"ConjugateNoiseGaussianLikelihood {name}")
+        learn_count = learn_prior if learn_prior_count is None else bool(learn_prior_count)
+        for name, value, learn in (("prior_count", prior_count, learn_count), ("prior_noise", prior_noise, learn_prior),
+                                   ("evidence_scale", evidence_scale, learn_prior)):
+            _positive_attribute(self, name, value, learn, f"ConjugateNoiseGaussianLikelihood {name}")
 
     def squared_deviation(self, output: Tensor, y: Tensor) -> Tensor:
         """``Σ_d (y_d − f_d)² / σ²`` per point ``[N]``."""

@@ -236,3 +236,21 @@ def test_linearized_head_predictive_is_exact():
     outputs = learner.posterior_outputs(posterior, x, num_samples=20000)     # [T, S, N, 1]
     assert torch.allclose(mean, outputs.mean(1), atol=0.02)
     assert torch.allclose(var, outputs.var(1) + 0.09, rtol=0.05)
+
+
+def test_conjugate_noise_prior_count_can_be_held_fixed_while_the_rest_is_learned():
+    from ibaml import presets
+    fixed = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=5.0, learn_prior_count=False)
+    learned = {n for n, _ in fixed.named_parameters()}
+    assert not any("prior_count" in n for n in learned)
+    assert any("prior_noise" in n for n in learned) and any("evidence_scale" in n for n in learned)
+    assert float(fixed.prior_count) == 5.0 and "prior_count" in dict(fixed.named_buffers())
+    # held or learned, the same a0 gives the same noise ratio
+    free = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=5.0)
+    args = (torch.tensor(12.0), torch.tensor(3.0), 10)
+    assert float(fixed.noise_ratio(*args)) == pytest.approx(float(free.noise_ratio(*args).detach()), rel=1e-6)
+    # iBaML's preset holds it, the others learn it
+    lik = presets.regression_likelihood("conjugate", *presets.noise_prior_count("ibaml"))
+    assert not any("prior_count" in n for n, _ in lik.named_parameters())
+    lik = presets.regression_likelihood("conjugate", *presets.noise_prior_count("abml"))
+    assert any("prior_count" in n for n, _ in lik.named_parameters())
