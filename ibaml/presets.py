@@ -36,7 +36,9 @@ lazy        10           SGD 0.002
 imaml       2            NewtonCG (10 CG iterations); λ = 1
 ibaml       10           NewtonCG (10 CG iterations, |Δρ| ≤ 3) from the fixed-point
                          variances (``variance_start="fixed_point"``); σ = 1, β = 1, the
-                         linearised expectation (exact for a linear-Gaussian head)
+                         linearised expectation (exact for a linear-Gaussian head); in
+                         regression a noise per task with its prior's pseudo-count held
+                         at 5 (:data:`NOISE_PRIOR_COUNT`)
 abml        10           PriorPreconditioned (proximal step 0.002 on the means, half a
                          Newton step on ρ bounded by 0.5), differentiated through; the
                          model of ibaml (differentiating through Newton-CG iterations
@@ -142,7 +144,8 @@ TASK_NOISE = {
 #: that of a fixed noise). One shared noise cannot follow the task: the predictive variance of a
 #: linear-Gaussian head does not depend on the observed values, so tasks whose errors differ
 #: five-fold (sine amplitudes 0.1–5) get one width. Measured on 10-shot sine (3000
-#: meta-iterations, 1000 evaluation tasks, README): iBaML's 90% coverage 0.919 with the conjugate
+#: meta-iterations, 1000 evaluation tasks, README; the pseudo-count learned, see
+#: :data:`NOISE_PRIOR_COUNT`): iBaML's 90% coverage 0.919 with the conjugate
 #: noise against 0.947 with the shared one (MSE 0.015 and 0.012, NLL −1.22 and −0.79); ABML's
 #: 0.906 against 0.972 (MSE 0.33, NLL 0.20). iBaML's variances start at their fixed point
 #: (``variance_start="fixed_point"``): from the prior, its variance block was not solved by ten
