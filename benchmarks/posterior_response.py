@@ -47,9 +47,8 @@ def load_learner(folder: Path):
     torch.manual_seed(cfg["seed"])
     net = MLP(1, (40, 40), 1).to(dtype)
     if cfg.get("noise", "shared") == "conjugate":
-        likelihood = ibaml.ConjugateNoiseGaussianLikelihood(
-            noise=1.0, prior_count=cfg["noise_prior_count"],
-            learn_prior_count=cfg.get("learn_noise_prior_count", True)).to(dtype)   # older runs learned a0
+        likelihood = ibaml.presets.regression_likelihood(   # older runs learned a0
+            "conjugate", cfg["noise_prior_count"], cfg.get("learn_noise_prior_count", True)).to(dtype)
     else:
         likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(dtype)
     learner = ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],

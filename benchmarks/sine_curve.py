@@ -44,7 +44,7 @@ def main(argv=None):
                    help="meta learning rate of the likelihood's parameters (default: the example's for all)")
     p.add_argument("--param-lr", action="append", default=[], metavar="REGEX=LR",
                    help="meta learning rate of the meta-parameters whose name matches REGEX (0 holds them at "
-                        "their initial value), e.g. 'prior_count$=0'; repeatable, after --likelihood-meta-lr")
+                        "their initial value), e.g. 'prior_count$=0'; repeatable, matched before --likelihood-meta-lr")
     p.add_argument("--noise-prior-count", type=float, default=None, help="the example's --noise-prior-count")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON file to write")

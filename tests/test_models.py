@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from ibaml.nets import MLP, BatchNorm2d, Conv4, batch_norm_batch_stats
+from ibaml.nets import MLP, BatchNorm2d, Conv4, ConvBlock, batch_norm_batch_stats
 
 DT = torch.float64
 T = 3
@@ -130,8 +131,6 @@ def test_conv_block_pools_before_rectifying_with_the_same_values_and_derivatives
     """``relu(maxpool(·))`` is ``maxpool(relu(·))``: values, gradients and Hessian-vector products
     of the block against the written-out order, float64, on inputs where many windows are
     entirely negative (their gradient is 0 either way)."""
-    from ibaml.nets import ConvBlock
-    import torch.nn.functional as F
     torch.manual_seed(0)
     block = ConvBlock(2, 3).double()
     params = {k: v.detach() for k, v in block.named_parameters()}
