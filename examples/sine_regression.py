@@ -4,7 +4,9 @@
     python examples/sine_regression.py --compare maml,imaml,ibaml --out runs/sine_compare
 
 Tasks are y = A sin(x − φ) (A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5]). Each method is
-meta-trained (:func:`ibaml.training.fit`), adapted to ``--eval-tasks`` fresh tasks from their
+meta-trained (:func:`ibaml.training.fit`; a conjugate task noise then has its prior's scale and
+evidence weight fitted to ``--noise-fit-tasks`` held-out tasks, :func:`ibaml.training.fit_noise_prior`),
+adapted to ``--eval-tasks`` fresh tasks from their
 K-shot support sets and evaluated on their query sets in range (x in [−5, 5]) and out of range
 (x in [5, 10]). It writes ``DIR/metrics.json``, ``DIR/report.md``, PNG figures (predictive
 bands, calibration curve) and prints a table.
@@ -61,6 +63,9 @@ def parse_args(argv=None):
                         "method's, ibaml.presets.NOISE_PRIOR_COUNT)")
     p.add_argument("--learn-noise-prior-count", choices=("yes", "no"), default=None,
                    help="--noise conjugate: meta-learn a0 from its initial value (default: the method's)")
+    p.add_argument("--noise-fit-tasks", type=int, default=500, metavar="N",
+                   help="--noise conjugate: after meta-training, fit the noise prior's scale and evidence weight to "
+                        "N held-out tasks (ibaml.training.fit_noise_prior; 0: keep the meta-trained ones)")
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
@@ -90,6 +95,8 @@ def parse_args(argv=None):
     for name in ("shots", "query", "meta_iters", "meta_batch", "eval_tasks", "cg_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.noise_fit_tasks < 0:
+        p.error(f"--noise-fit-tasks must be 0 (no fit) or positive, got {args.noise_fit_tasks}")
     if args.checkpoint_every < 0:
         p.error(f"--checkpoint-every must be 0 (only at the end) or positive, got {args.checkpoint_every}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -185,6 +192,9 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
         result["skipped_tasks"] = int(model.skipped_tasks)
     if args.train_only or not (ctx is None or ctx.is_main):
         return result, None, None
+    if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
+        held_out = tasks.sample(args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + args.seed), dtype=dtype)
+        result["noise_prior_fit"] = training.fit_noise_prior(model, held_out.to(device), chunk=250)
     in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + args.seed), dtype=dtype).to(device)
     out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(20_000 + args.seed),
                                             dtype=dtype).to(device)

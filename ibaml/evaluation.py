@@ -1,7 +1,8 @@
 """Chunked evaluation: adapt to test tasks a chunk at a time, predict their query sets, and
 report (:func:`evaluate`, a :class:`ibaml.calibration.CalibrationReport`) or return the raw
-query outputs at the posterior draws (:func:`task_outputs`). With ``seed`` the tasks and the
-draws are the same at every call and the random generators are put back afterwards.
+query outputs at the posterior draws (:func:`task_outputs`), or fit the predictive's noise to
+held-out tasks (:func:`fit_noise_prior`). With ``seed`` the tasks and the draws are the same at
+every call and the random generators are put back afterwards.
 
 Example
 -------
@@ -100,3 +101,33 @@ def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional
     probs = torch.cat([p for p, _ in results])
     labels = torch.cat([t.to(probs.device) for _, t in results])
     return CalibrationReport.classification(probs, labels, name=name)
+
+
+def fit_noise_prior(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+                    seed: Optional[int] = None, generators=(), steps: Optional[int] = None,
+                    progress: bool = False) -> dict:
+    """Fit the predictive's noise to held-out tasks: adapt to their support sets, predict their
+    query sets, and set the prior noise ``s₀`` and evidence scale ``γ`` of the learner's
+    :class:`ibaml.ConjugateNoiseGaussianLikelihood` to the maximisers of the query
+    log-likelihood (:meth:`~ibaml.ConjugateNoiseGaussianLikelihood.fit_prior_noise`; the
+    network, the prior and ``a₀`` unchanged, so the predictive means do not move). Returns
+    ``{"prior_noise": (before, after), "evidence_scale": (before, after), "tasks": T}``.
+    ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :func:`task_outputs`.
+
+    Meta-training learns ``s₀`` and ``γ`` too, but slowly (their meta learning rate is that of
+    the network) and under an objective in which they also weigh the tasks against each other;
+    this is the closed-loop step that makes the predictive's width match the held-out errors."""
+    likelihood = learner.likelihood
+    if not hasattr(likelihood, "fit_prior_noise"):
+        raise TypeError(f"fit_noise_prior needs a ConjugateNoiseGaussianLikelihood, the learner has "
+                        f"{type(likelihood).__name__}")
+    results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, "fit noise prior",
+                           lambda post, b: (learner.predict(post, b["query_x"]), post.noise_ratio,
+                                            b["support_y"][0].numel()), steps)
+    mean = torch.cat([m.reshape(m.shape[0], -1) for ((m, _), _, _), _ in results])
+    var = torch.cat([v.reshape(v.shape[0], -1) for ((_, v), _, _), _ in results])
+    ratio = torch.cat([r for (_, r, _), _ in results])
+    y = torch.cat([t.reshape(t.shape[0], -1) for _, t in results]).to(mean)
+    before = float(likelihood.prior_noise.detach()), float(likelihood.evidence_scale.detach())
+    after = likelihood.fit_prior_noise(ratio, (y - mean) ** 2, var, results[0][0][2])
+    return {"prior_noise": (before[0], after[0]), "evidence_scale": (before[1], after[1]), "tasks": int(ratio.shape[0])}

@@ -35,6 +35,45 @@ def _gaussian_log_prob(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
 
 
+def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
+                           start: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
+    """The coefficients ``(c₁, c₂) > 0`` of a per-task noise ratio ``r_t = c₁ + c₂ D_t`` that
+    maximise the held-out Gaussian log-likelihood
+
+        Σ_t Σ_n log N(e_tn; 0, r_t v_tn)
+
+    of the query errors ``e [T, N]`` under predictive variances ``r_t v [T, N]``, from each
+    task's support evidence ``D [T]`` (:meth:`ConjugateNoiseGaussianLikelihood.noise_ratio`'s
+    ``D``, with ``r = c₁ + c₂ D``). L-BFGS-B on ``log c`` in float64 from ``start``.
+
+    >>> D = torch.tensor([1.0, 4.0]); v = torch.ones(2, 3)
+    >>> e2 = (0.5 + 0.25 * D)[:, None] * v                    # errors of exactly that size
+    >>> [round(c, 3) for c in fit_linear_noise_ratio(D, e2, v)]
+    [0.5, 0.25]
+    """
+    from scipy.optimize import minimize
+
+    D, e2, v = (torch.as_tensor(t, dtype=torch.float64).detach().cpu() for t in (evidence, squared_error, unit_variance))
+    if D.dim() != 1 or e2.shape != v.shape or e2.shape[0] != D.shape[0]:
+        raise ValueError(f"evidence must be [T] and squared_error, unit_variance [T, N], got "
+                         f"{tuple(D.shape)}, {tuple(e2.shape)}, {tuple(v.shape)}")
+    if not (torch.isfinite(D).all() and torch.isfinite(e2).all() and (v > 0).all()):
+        raise ValueError("evidence and squared errors must be finite and the variances positive")
+    count = e2.shape[1]
+
+    def nll(log_c):
+        c = torch.tensor(log_c, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            ratio = c[0].exp() + c[1].exp() * D.clamp(min=0)
+            value = 0.5 * (e2 / (ratio[:, None] * v) + torch.log(ratio[:, None] * v)).sum() / (D.shape[0] * count)
+            value.backward()
+        return float(value.detach()), c.grad.numpy()
+
+    x0 = [math.log(max(float(c), 1e-12)) for c in start]
+    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=[(-40.0, 20.0)] * 2)
+    return math.exp(result.x[0]), math.exp(result.x[1])
+
+
 def _positive_attribute(module: PyroModule, name: str, value: float, learn: bool, label: str) -> None:
     """Set ``module.<name>`` to the positive number ``value``: a positive meta-parameter
     (a constrained ``PyroParam``) if ``learn``, else a buffer."""
@@ -182,6 +221,42 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         b0 = a0 * (self.prior_noise.to(dtype) / self.noise.to(dtype)) ** 2
         evidence = self.evidence_scale.to(dtype) * (data_deviation + prior_deviation)
         return (b0 + 0.5 * evidence) / (a0 + 0.5 * num_entries)
+
+    def evidence(self, noise_ratio: Tensor, num_entries: int) -> Tensor:
+        """The support evidence ``D`` of a task from its ratio ``r`` (the inverse of
+        :meth:`noise_ratio`): ``D = 2 [r (a₀ + N/2) − a₀ s₀²/σ²] / γ``."""
+        dtype = noise_ratio.dtype
+        a0 = self.prior_count.to(dtype)
+        b0 = a0 * (self.prior_noise.to(dtype) / self.noise.to(dtype)) ** 2
+        return 2 * (noise_ratio * (a0 + 0.5 * num_entries) - b0) / self.evidence_scale.to(dtype)
+
+    @torch.no_grad()
+    def fit_prior_noise(self, noise_ratio: Tensor, squared_error: Tensor, variance: Tensor,
+                        num_entries: int) -> Tuple[float, float]:
+        """Set the prior noise ``s₀`` and the evidence scale ``γ`` (``a₀`` held) to the values
+        that maximise the held-out predictive log-likelihood of query errors ``e [T, N]`` under
+        the predictive variances ``variance [T, N]`` that the tasks' current ratios ``r [T]``
+        gave (``num_entries`` support entries a task). With ``a_N = a₀ + N/2`` the ratio is
+        linear in the evidence, ``r = c₁ + c₂ D`` with ``c₁ = a₀ s₀²/(σ² a_N)`` and
+        ``c₂ = γ/(2 a_N)``: :func:`fit_linear_noise_ratio` fits ``(c₁, c₂)`` with the network and
+        the prior over the weights fixed (the posterior mean does not depend on the noise), and
+
+            s₀ = σ √(c₁ a_N / a₀),   γ = 2 a_N c₂.
+
+        Empirical Bayes for the predictive's noise on held-out tasks, the regression counterpart
+        of temperature scaling. Returns ``(s₀, γ)``."""
+        a0, sigma, s0, gamma = (float(t.detach()) for t in (self.prior_count, self.noise, self.prior_noise,
+                                                             self.evidence_scale))
+        a_n = a0 + 0.5 * num_entries
+        ratio = noise_ratio.detach()
+        start = (a0 * (s0 / sigma) ** 2 / a_n, gamma / (2 * a_n))
+        c1, c2 = fit_linear_noise_ratio(self.evidence(ratio, num_entries), squared_error,
+                                        variance / ratio[:, None], start)
+        prior_noise, evidence_scale = sigma * math.sqrt(c1 * a_n / a0), 2 * a_n * c2
+        device = self.noise.device
+        self.prior_noise = torch.tensor(prior_noise, dtype=self.noise.dtype, device=device)
+        self.evidence_scale = torch.tensor(evidence_scale, dtype=self.noise.dtype, device=device)
+        return prior_noise, evidence_scale
 
     def predictive_log_prob_points(self, output: Tensor, y: Tensor, noise_ratio=None) -> Tensor:
         """``log N(y; f, r σ²)`` per point (``r = 1`` if not given)."""

@@ -51,7 +51,7 @@ from torch import Tensor
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state, rng_state, \
     save_checkpoint
-from .evaluation import evaluate, task_outputs  # noqa: F401  (ibaml.training.evaluate)
+from .evaluation import evaluate, fit_noise_prior, task_outputs  # noqa: F401  (ibaml.training.evaluate)
 from .nonfinite import (NONFINITE_POLICIES, NonFiniteError, nonfinite_cause_counts, nonfinite_causes,  # noqa: F401
                         nonfinite_message)
 from .progress import progress_bar

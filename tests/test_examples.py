@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -10,7 +12,7 @@ def test_sine_example_compare_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--compare", "maml,imaml,ibaml",
            "--meta-iters", "5", "--meta-batch", "4", "--eval-tasks", "20", "--inner-steps", "3", "--out", str(out),
-           "--no-progress"]
+           "--no-progress", "--noise-fit-tasks", "30"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -22,6 +24,10 @@ def test_sine_example_compare_end_to_end(tmp_path):
         assert m["skipped_tasks"] == 0
         assert (out / method / "predictive_bands.png").stat().st_size > 0
         assert (out / method / "last.pt").stat().st_size > 0  # the final checkpoint is always written
+    fitted = metrics["methods"]["ibaml"]["noise_prior_fit"]       # its conjugate noise fitted to held-out tasks
+    assert fitted["tasks"] == 30
+    assert metrics["methods"]["ibaml"]["noise_prior"]["scale"] == pytest.approx(fitted["prior_noise"][1], rel=1e-5)
+    assert "noise_prior_fit" not in metrics["methods"]["imaml"]
     assert "| ibaml |" in (out / "report.md").read_text()
     assert "| ibaml |" in proc.stdout
     assert "non-finite tasks skipped in meta-training: maml 0, imaml 0, ibaml 0" in proc.stdout
@@ -31,3 +37,6 @@ def test_sine_example_rejects_unknown_method(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--method", "reptile", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "reptile" in proc.stderr
+    cmd = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--noise-fit-tasks", "-1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "--noise-fit-tasks" in proc.stderr

@@ -254,3 +254,67 @@ def test_conjugate_noise_prior_count_can_be_held_fixed_while_the_rest_is_learned
     assert not any("prior_count" in n for n, _ in lik.named_parameters())
     lik = presets.regression_likelihood("conjugate", *presets.noise_prior_count("abml"))
     assert any("prior_count" in n for n, _ in lik.named_parameters())
+
+
+def test_linear_noise_ratio_fit_recovers_the_generating_coefficients():
+    """Query errors drawn from N(0, (c₁ + c₂ D_t) v) give back (c₁, c₂), from any start."""
+    from ibaml.likelihoods import fit_linear_noise_ratio
+    g = torch.Generator().manual_seed(0)
+    D = torch.rand(2000, generator=g, dtype=DT) * 5
+    v = 0.5 + torch.rand(2000, 50, generator=g, dtype=DT)
+    e2 = ((0.3 + 0.7 * D)[:, None] * v) * torch.randn(2000, 50, generator=g, dtype=DT) ** 2
+    for start in ((1.0, 1.0), (1e-3, 10.0)):
+        c1, c2 = fit_linear_noise_ratio(D, e2, v, start)
+        assert c1 == pytest.approx(0.3, rel=0.1) and c2 == pytest.approx(0.7, rel=0.03)
+    with pytest.raises(ValueError, match="evidence must be"):
+        fit_linear_noise_ratio(D[:3], e2, v)
+    with pytest.raises(ValueError, match="positive"):
+        fit_linear_noise_ratio(D, e2, -v)
+
+
+def test_fit_prior_noise_sets_the_maximiser_of_the_held_out_likelihood():
+    """``fit_prior_noise`` keeps a₀ and the parameters' identity, inverts ``noise_ratio`` exactly,
+    and leaves the held-out NLL at a stationary point in (s₀, γ) no worse than before."""
+    lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=0.3, evidence_scale=0.5,
+                                                 learn_prior_count=False).to(DT)
+    D = torch.tensor([0.1, 1.0, 3.0, 8.0], dtype=DT)
+    ratio = lik.noise_ratio(D, torch.zeros((), dtype=DT), 10).detach()
+    assert torch.allclose(lik.evidence(ratio, 10), D)
+    g = torch.Generator().manual_seed(1)
+    unit = torch.ones(4, 50, dtype=DT)
+    e2 = ((0.01 + 0.2 * D)[:, None] * unit) * torch.randn(4, 50, generator=g, dtype=DT) ** 2
+    var = ratio[:, None] * unit
+
+    def held_out_nll(s0, gamma):
+        r = lik.noise_ratio(D, torch.zeros((), dtype=DT), 10) if s0 is None else \
+            (5.0 * s0 ** 2 + 0.5 * gamma * D) / 10.0
+        return float((0.5 * (e2 / (r[:, None] * unit) + torch.log(r[:, None] * unit))).mean().detach())
+
+    before = held_out_nll(None, None)
+    params = {n: p for n, p in lik.named_parameters()}
+    s0, gamma = lik.fit_prior_noise(ratio, e2, var, 10)
+    assert {n: p for n, p in lik.named_parameters()} == params and float(lik.prior_count) == 5.0
+    assert float(lik.prior_noise.detach()) == pytest.approx(s0) and float(lik.evidence_scale.detach()) == pytest.approx(gamma)
+    after = held_out_nll(s0, gamma)
+    assert after < before
+    for ds0, dg in ((1.05, 1.0), (0.95, 1.0), (1.0, 1.05), (1.0, 0.95)):   # a local minimum in (s₀, γ)
+        assert held_out_nll(s0 * ds0, gamma * dg) >= after - 1e-9
+
+
+def test_fit_noise_prior_on_held_out_tasks_keeps_the_means_and_fits_the_widths():
+    from ibaml import training
+    from ibaml.data.sine import SineTaskDistribution
+    torch.manual_seed(0)
+    lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0,
+                                                 learn_prior_count=False).to(DT)
+    learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1).to(DT), lik, inner_steps=3)
+    tasks = SineTaskDistribution(shots=5, query=10).sample(40, torch.Generator().manual_seed(0), dtype=DT)
+    before = learner.evaluate(tasks).metrics
+    fitted = training.fit_noise_prior(learner, tasks, chunk=16)
+    after = learner.evaluate(tasks).metrics
+    assert fitted["tasks"] == 40 and fitted["prior_noise"][0] == 1.0
+    assert after["mse"]["mean"] == pytest.approx(before["mse"]["mean"], rel=1e-9)   # the means do not move
+    assert after["nll"]["mean"] < before["nll"]["mean"]
+    with pytest.raises(TypeError, match="ConjugateNoiseGaussianLikelihood"):
+        training.fit_noise_prior(ibaml.build_learner("imaml", MLP(1, (8,), 1).to(DT),
+                                                     ibaml.GaussianLikelihood(1.0).to(DT)), tasks)
