@@ -12,7 +12,9 @@ support sizes ``K ∈ {1, 3, 10, 30}`` it adapts to ``--tasks`` fresh ``K``-shot
 * the weight-posterior variance relative to the prior's, ``mean_i s_i/σ_i²``, per network
   tensor the prior covers.
 
-The posterior responds to data when both fall with ``K``. At ``K = 10`` it also reports the
+With ``--noise conjugate`` the noise prior's scale and evidence weight are first fitted to
+``--noise-fit-tasks`` held-out 10-shot tasks, as the example does before it evaluates
+(:func:`ibaml.training.fit_noise_prior`, the same tasks). The posterior responds to data when both fall with ``K``. At ``K = 10`` it also reports the
 90% coverage, the root-mean-square error and the mean predictive standard deviation of the
 query points by the task's amplitude (``A ∈ [0.1, 1), [1, 2.5), [2.5, 5]``): the
 predictive variance of a linear-Gaussian head does not depend on the observed ``y``, so it
@@ -95,13 +97,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+")
     p.add_argument("--tasks", type=int, default=200)
+    p.add_argument("--noise-fit-tasks", type=int, default=500,
+                   help="conjugate noise: fit its prior to N held-out tasks first, as the example does (0: no fit)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     for folder in args.folders:
         method, learner, cfg = load_learner(Path(folder))
-        results[method] = dict(response(learner, args.tasks), config=cfg)
+        fitted = None
+        if args.noise_fit_tasks and hasattr(learner.likelihood, "fit_prior_noise"):
+            held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
+                args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))
+            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250)
+        results[method] = dict(response(learner, args.tasks), config=cfg, noise_prior_fit=fitted)
         r = results[method]
         print(f"\n{method} (σ² = {r['noise_variance']:.4f}); epistemic variance at 30 shots / at 1 shot = "
               f"{r['epistemic_30_over_1']:.3f}")

@@ -117,8 +117,10 @@ def _find(results, **key):
     return None
 
 
-def time_ratio(results, slow: str, fast: str):
-    """``slow-mode ms / fast-mode ms`` for every configuration that ran both modes."""
+def time_ratio(results, slow: str, fast: str, paired: bool = False):
+    """``slow-mode ms / fast-mode ms`` (their medians) for every configuration that ran both
+    modes; ``paired``: the median over the timed rounds of the two calls' ratio within a round
+    (the modes run back to back in each round, so a round's ratio cancels the machine's drift)."""
     out = {}
     for r in results:
         if r["mode"] != fast or r["status"] != "ok":
@@ -126,7 +128,9 @@ def time_ratio(results, slow: str, fast: str):
         twin = _find(results, mode=slow, workload=r["workload"], estimator=r["estimator"], K=r["K"],
                      meta_batch=r["meta_batch"])
         if twin:
-            out[f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"] = twin["ms"] / r["ms"]
+            key = f"{r['workload']}/{r['estimator']}/T={r['meta_batch']}/K={r['K']}"
+            out[key] = (H.median([a / b for a, b in zip(twin["ms_all"], r["ms_all"])]) if paired
+                        else twin["ms"] / r["ms"])
     return out
 
 
@@ -246,6 +250,7 @@ def main(argv=None):
     ratio = time_ratio(results, "loop", "vmap")
     compiled = time_ratio(results, "vmap", "compile")
     default_over_loop = time_ratio(results, "default", "loop")
+    default_over_loop_paired = time_ratio(results, "default", "loop", paired=True)
     mem_ratio = memory_ratios(results)
     summary = summarize(results, device, mem_ratio, ratio)
     fallbacks = sorted({m for r in results for m in r.get("vmap_fallbacks", [])})
@@ -254,6 +259,7 @@ def main(argv=None):
                "conv4": {"hidden": args.hidden, "image_size": args.image_size, "ways": 5, "shots": 1, "query": 15},
                "results": results, "loop_over_vmap_time_ratio": ratio, "vmap_over_compile_time_ratio": compiled,
                "default_over_loop_time_ratio": default_over_loop,
+               "default_over_loop_paired_time_ratio": default_over_loop_paired,
                "peak_memory_ratio_k100_over_k1": mem_ratio, "vmap_fallbacks": fallbacks, "summary": summary}
     out = Path(args.out)
     H.write_json(out, "scaling.json", payload)
@@ -269,6 +275,9 @@ def main(argv=None):
     print(H.markdown(["workload", "T", "estimator", "mode", "K", "ms / meta-iter", "tasks/s", "peak MiB",
                       "GB / task"], rows))
     print("\nloop / vmap time:", {k: round(v, 2) for k, v in ratio.items()})
+    if default_over_loop:
+        print("default / loop time (medians; paired rounds):", {k: (round(v, 3), round(default_over_loop_paired[k], 3))
+                                                                for k, v in default_over_loop.items()})
     if compiled:
         print("vmap / compile time:", {k: round(v, 2) for k, v in compiled.items()})
     print("peak memory K=100 / K=1:", {k: round(v, 2) for k, v in mem_ratio.items()})
