@@ -26,6 +26,8 @@ from torch import Tensor
 
 from priors.base import LocalPyroModule, check_positive
 
+from .calibration.recalibration import fit_linear_noise_ratio
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -33,45 +35,6 @@ def _gaussian_log_prob(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """``log N(y; mean, var)`` summed over the trailing dimensions, per point ``[N]``."""
     per_entry = -0.5 * ((y - mean) ** 2 / var + torch.log(var) + LOG_2PI)
     return per_entry.reshape(per_entry.shape[0], -1).sum(-1)
-
-
-def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
-                           start: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
-    """The coefficients ``(c₁, c₂) > 0`` of a per-task noise ratio ``r_t = c₁ + c₂ D_t`` that
-    maximise the held-out Gaussian log-likelihood
-
-        Σ_t Σ_n log N(e_tn; 0, r_t v_tn)
-
-    of the query errors ``e [T, N]`` under predictive variances ``r_t v [T, N]``, from each
-    task's support evidence ``D [T]`` (:meth:`ConjugateNoiseGaussianLikelihood.noise_ratio`'s
-    ``D``, with ``r = c₁ + c₂ D``). L-BFGS-B on ``log c`` in float64 from ``start``.
-
-    >>> D = torch.tensor([1.0, 4.0]); v = torch.ones(2, 3)
-    >>> e2 = (0.5 + 0.25 * D)[:, None] * v                    # errors of exactly that size
-    >>> [round(c, 3) for c in fit_linear_noise_ratio(D, e2, v)]
-    [0.5, 0.25]
-    """
-    from scipy.optimize import minimize
-
-    D, e2, v = (torch.as_tensor(t, dtype=torch.float64).detach().cpu() for t in (evidence, squared_error, unit_variance))
-    if D.dim() != 1 or e2.shape != v.shape or e2.shape[0] != D.shape[0]:
-        raise ValueError(f"evidence must be [T] and squared_error, unit_variance [T, N], got "
-                         f"{tuple(D.shape)}, {tuple(e2.shape)}, {tuple(v.shape)}")
-    if not (torch.isfinite(D).all() and torch.isfinite(e2).all() and (v > 0).all()):
-        raise ValueError("evidence and squared errors must be finite and the variances positive")
-    count = e2.shape[1]
-
-    def nll(log_c):
-        c = torch.tensor(log_c, dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            ratio = c[0].exp() + c[1].exp() * D.clamp(min=0)
-            value = 0.5 * (e2 / (ratio[:, None] * v) + torch.log(ratio[:, None] * v)).sum() / (D.shape[0] * count)
-            value.backward()
-        return float(value.detach()), c.grad.numpy()
-
-    x0 = [math.log(max(float(c), 1e-12)) for c in start]
-    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=[(-40.0, 20.0)] * 2)
-    return math.exp(result.x[0]), math.exp(result.x[1])
 
 
 def _positive_attribute(module: PyroModule, name: str, value: float, learn: bool, label: str) -> None:
@@ -178,7 +141,8 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     match either. ``evidence_scale`` ``γ`` weighs them, ``b_N/σ² = a₀ s₀²/σ² + ½ γ D``
     (``γ = 1``: the model above); meta-learned, it is the ratio of the query's squared deviations
     to the support's that the predictive uses, the one free scale of the predictive once
-    ``a₀`` is small (``r → γ D / N``).
+    ``a₀`` is small (``r → γ D / N``). :meth:`fit_prior_noise` refits ``s₀`` and ``γ`` to
+    held-out tasks after meta-training (:func:`ibaml.training.fit_noise_prior`).
 
     Args:
         noise: the reference ``σ > 0`` (fixed).

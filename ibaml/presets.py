@@ -79,10 +79,11 @@ from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
 from .inference import MAP, Variational
 from .learner import MetaLearner
 from .task_model import _head_only
-from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
-                          TaskNoiseGaussianLikelihood)
+from .likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
 from .linalg import CG
 from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
+from .noise_presets import (NOISE_MODELS, NOISE_PRIOR_COUNT, REGRESSION_NOISE,  # noqa: F401  (ibaml.presets.*)
+                            noise_prior_count, regression_likelihood)
 
 METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml", "lazy")
 # MetaLearner arguments that build_learner does not set itself
@@ -135,41 +136,10 @@ TASK_NOISE = {
 }
 
 
-#: the observation noise per method in regression (``examples/sine_regression.py``'s ``--noise``;
-#: a likelihood built by the caller): ``"shared"``, one learned noise scale for all tasks
-#: (:class:`ibaml.GaussianLikelihood` with ``learn_noise=True``), or ``"conjugate"``, a noise
-#: variance per task inferred in closed form under an inverse-gamma prior with the weights' prior
-#: scaling with it (:class:`ibaml.ConjugateNoiseGaussianLikelihood`, the Normal–inverse-gamma
-#: model with a meta-learned evidence scale; its inner problem, and so its posterior mean, is
-#: that of a fixed noise). One shared noise cannot follow the task: the predictive variance of a
-#: linear-Gaussian head does not depend on the observed values, so tasks whose errors differ
-#: five-fold (sine amplitudes 0.1–5) get one width. Measured on 10-shot sine (3000
-#: meta-iterations, 1000 evaluation tasks, README; the pseudo-count learned, see
-#: :data:`NOISE_PRIOR_COUNT`): iBaML's 90% coverage 0.919 with the conjugate
-#: noise against 0.947 with the shared one (MSE 0.015 and 0.012, NLL −1.22 and −0.79); ABML's
-#: 0.906 against 0.972 (MSE 0.33, NLL 0.20). iBaML's variances start at their fixed point
-#: (``variance_start="fixed_point"``): from the prior, its variance block was not solved by ten
-#: Newton steps once the features had grown, and the meta-training diverged.
-REGRESSION_NOISE = {"maml": "shared", "fomaml": "shared", "lazy": "shared", "imaml": "shared",
-                    "ibaml": "conjugate", "abml": "conjugate"}
-
-#: the conjugate noise's pseudo-count ``a₀`` per method, ``(value, learned)`` (default ``(1, True)``,
-#: :func:`noise_prior_count`). iBaML holds ``a₀ = 5`` fixed: learned, it fell from 1 to 0.10–0.12,
-#: each task's noise became its own, and the query likelihood weighed a task by the inverse of
-#: its noise, so the tasks with the largest errors (the largest amplitudes) counted least.
-#: Measured on 10-shot sine (``benchmarks/sine_curve.py``, 3000 meta-iterations, 500 validation
-#: tasks, seeds 0 / 1 / 2; ``docs/results/sine/curves``): learned MSE 0.035 / 0.012 / 0.056,
-#: fixed at 5 0.0023 / 0.0056 / 0.026 (iMAML 0.037 / 0.019 / 0.035 on the same tasks).
-NOISE_PRIOR_COUNT = {"ibaml": (5.0, False)}
-
 #: inner steps at evaluation over those of meta-training: MAML and FOMAML, whose few inner steps
 #: stop early by design, adapt for twice as long on new tasks; the other methods solve their
 #: inner problem and adapt as in meta-training.
 EVAL_STEPS_FACTOR = {"maml": 2, "fomaml": 2}
-
-#: the noise models of :func:`regression_likelihood`
-NOISE_MODELS = ("shared", "conjugate", "task", "task-scaled")
-
 
 def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[int] = None):
     """``(meta-training steps, evaluation steps)``: the ones given, else the method's
@@ -182,37 +152,6 @@ def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[i
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     steps = int(steps or PRESETS[method]["inner_steps"])
     return steps, int(eval_steps or EVAL_STEPS_FACTOR.get(method, 1) * steps)
-
-
-def noise_prior_count(method: str, count: Optional[float] = None, learn: Optional[bool] = None):
-    """``(a₀, learned)`` of the conjugate noise for ``method``: the ones given, else the method's
-    :data:`NOISE_PRIOR_COUNT`, else ``(1.0, True)``.
-
-    >>> noise_prior_count("ibaml"), noise_prior_count("abml"), noise_prior_count("ibaml", 2.0, True)
-    ((5.0, False), (1.0, True), (2.0, True))
-    """
-    default_count, default_learn = NOISE_PRIOR_COUNT.get(method, (1.0, True))
-    return (float(default_count if count is None else count), bool(default_learn if learn is None else learn))
-
-
-def regression_likelihood(noise: str, prior_count: float = 1.0, learn_prior_count: bool = True) -> Likelihood:
-    """The Gaussian likelihood of a noise model (:data:`REGRESSION_NOISE`), from noise 1:
-    ``"shared"`` one learned scale, ``"conjugate"`` a variance per task in closed form
-    (:class:`ibaml.ConjugateNoiseGaussianLikelihood` with pseudo-count ``prior_count``, learned
-    or held fixed: :func:`noise_prior_count`),
-    ``"task"`` / ``"task-scaled"`` a log noise per task in the network's head
-    (:class:`ibaml.TaskNoiseGaussianLikelihood`, the net needs ``noise_head=True``).
-
-    >>> type(regression_likelihood("conjugate")).__name__
-    'ConjugateNoiseGaussianLikelihood'
-    """
-    if noise == "shared":
-        return GaussianLikelihood(noise=1.0, learn_noise=True)
-    if noise == "conjugate":
-        return ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=prior_count, learn_prior_count=learn_prior_count)
-    if noise in ("task", "task-scaled"):
-        return TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=noise == "task-scaled")
-    raise ValueError(f"unknown noise model {noise!r}; expected one of {NOISE_MODELS}")
 
 
 def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: float):

@@ -258,7 +258,7 @@ def test_conjugate_noise_prior_count_can_be_held_fixed_while_the_rest_is_learned
 
 def test_linear_noise_ratio_fit_recovers_the_generating_coefficients():
     """Query errors drawn from N(0, (c₁ + c₂ D_t) v) give back (c₁, c₂), from any start."""
-    from ibaml.likelihoods import fit_linear_noise_ratio
+    from ibaml.calibration import fit_linear_noise_ratio
     g = torch.Generator().manual_seed(0)
     D = torch.rand(2000, generator=g, dtype=DT) * 5
     v = 0.5 + torch.rand(2000, 50, generator=g, dtype=DT)

@@ -1,12 +1,14 @@
 """Accuracy and calibration of predictive distributions, per task, with reports and figures.
 
 Modules: :mod:`.metrics` (the formulas below), :mod:`.report` (:class:`CalibrationReport`,
-:func:`compare_markdown`), :mod:`.plots` (predictive bands).
+:func:`compare_markdown`), :mod:`.plots` (predictive bands), :mod:`.recalibration` (scales
+fitted to held-out data).
 
 The formulas are in :mod:`ibaml.calibration.metrics`: per-task regression metrics (MSE,
 Gaussian NLL, interval coverage, calibration curve and error, CRPS) and classification
 metrics (accuracy, NLL, Brier, ECE, MCE, pooled ECE), each summarised as mean ± 95% CI over
-tasks, and :func:`fit_logit_scale` (temperature scaling).
+tasks; :func:`fit_logit_scale` (temperature scaling) and :func:`fit_linear_noise_ratio` are in
+:mod:`ibaml.calibration.recalibration`.
 
 Example
 -------
@@ -22,9 +24,10 @@ True
 
 from .metrics import (CLASSIFICATION_KEYS, DEFAULT_LEVELS, REGRESSION_KEYS, mse, gaussian_nll,
                       interval_coverage, calibration_curve, calibration_error, pooled_calibration_error,
-                      crps_gaussian, accuracy, nll, brier, ece, pooled_ece, fit_logit_scale, mce,
+                      crps_gaussian, accuracy, nll, brier, ece, pooled_ece, mce,
                       reliability_bins, mean_ci95)
+from .recalibration import fit_linear_noise_ratio, fit_logit_scale
 from .plots import plot_predictive_bands, plot_predictive_grid
 from .report import CalibrationReport, compare_markdown
 
-__all__ = ['CLASSIFICATION_KEYS', 'DEFAULT_LEVELS', 'REGRESSION_KEYS', 'mse', 'gaussian_nll', 'interval_coverage', 'calibration_curve', 'calibration_error', 'pooled_calibration_error', 'crps_gaussian', 'accuracy', 'nll', 'brier', 'ece', 'pooled_ece', 'fit_logit_scale', 'mce', 'reliability_bins', 'mean_ci95', 'plot_predictive_bands', 'plot_predictive_grid', 'CalibrationReport', 'compare_markdown']
+__all__ = ['CLASSIFICATION_KEYS', 'DEFAULT_LEVELS', 'REGRESSION_KEYS', 'mse', 'gaussian_nll', 'interval_coverage', 'calibration_curve', 'calibration_error', 'pooled_calibration_error', 'crps_gaussian', 'accuracy', 'nll', 'brier', 'ece', 'pooled_ece', 'fit_logit_scale', 'mce', 'reliability_bins', 'mean_ci95', 'fit_linear_noise_ratio', 'plot_predictive_bands', 'plot_predictive_grid', 'CalibrationReport', 'compare_markdown']

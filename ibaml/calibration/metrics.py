@@ -25,7 +25,8 @@ usual definition over a test set): the ECE of one task's few points is dominated
 binomial noise of its bins, so a perfectly calibrated predictive has a per-task ECE well
 above zero, and that floor falls as the accuracy rises (the bins fill near confidence 1).
 
-:func:`fit_logit_scale` fits a softmax's logit scale to held-out data (temperature scaling).
+Fits of a predictive's scale to held-out data (temperature scaling, the regression noise) are in
+:mod:`ibaml.calibration.recalibration`.
 
 Metrics are computed in float64 on the CPU, whatever the device and dtype of the inputs.
 
@@ -324,35 +325,6 @@ def pooled_ece(probs, labels, n_bins: int = 15, num_bootstrap: int = 1000, seed:
     boot = of(count[idx].sum(1), conf_sum[idx].sum(1), acc_sum[idx].sum(1))
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
     return {"mean": value, "ci95": (hi - lo) / 2}
-
-
-def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
-    """The logit scale that minimises the pooled NLL of held-out points (temperature scaling):
-    ``τ* = argmin_τ −Σ_{t,n} log (1/S) Σ_s softmax(τ f_{t,s,n})_{y_{t,n}}`` for network outputs
-    ``f [T, S, N, C]`` at ``S`` posterior draws (``S = 1`` for a point estimate) and labels
-    ``[T, N]``; a bounded scalar search on ``log τ`` (:func:`scipy.optimize.minimize_scalar`).
-
-    >>> f = torch.tensor([[[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]]])          # T = S = 1, N = 3
-    >>> round(fit_logit_scale(f, torch.tensor([[0, 1, 1]])), 3)             # 2 of 3 right: p = 2/3
-    0.347
-    """
-    from scipy.optimize import minimize_scalar
-
-    f = _as_float64("outputs", outputs)
-    y = torch.as_tensor(labels).long()
-    if f.dim() != 4 or y.shape != (f.shape[0], f.shape[2]):
-        raise ValueError(f"outputs must be [T, S, N, C] and labels [T, N], got {tuple(f.shape)} and {tuple(y.shape)}")
-    lo, hi = bounds
-    if not 0 < lo < hi:
-        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds!r}")
-    index = y[:, None, :, None].expand(-1, f.shape[1], -1, 1)
-
-    def nll(log_tau: float) -> float:
-        logp = torch.log_softmax(math.exp(log_tau) * f, -1).gather(-1, index).squeeze(-1)   # [T, S, N]
-        return float(-(torch.logsumexp(logp, 1) - math.log(f.shape[1])).sum())
-
-    result = minimize_scalar(nll, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-4})
-    return math.exp(result.x)
 
 
 def mce(probs, labels, n_bins: int = 15) -> Tensor:

@@ -1,0 +1,83 @@
+"""Recalibration: one or two scale parameters of a predictive fitted to held-out data by
+maximum likelihood, the model's means left where they are.
+
+* :func:`fit_logit_scale` — a softmax's logit scale (temperature scaling);
+* :func:`fit_linear_noise_ratio` — the two coefficients of a per-task Gaussian noise ratio
+  linear in each task's support evidence (the noise prior of
+  :class:`ibaml.ConjugateNoiseGaussianLikelihood`, through its ``fit_prior_noise``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from scipy.optimize import minimize, minimize_scalar
+from torch import Tensor
+
+from .metrics import _as_float64
+
+
+def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
+    """The logit scale that minimises the pooled NLL of held-out points (temperature scaling):
+    ``τ* = argmin_τ −Σ_{t,n} log (1/S) Σ_s softmax(τ f_{t,s,n})_{y_{t,n}}`` for network outputs
+    ``f [T, S, N, C]`` at ``S`` posterior draws (``S = 1`` for a point estimate) and labels
+    ``[T, N]``; a bounded scalar search on ``log τ`` (:func:`scipy.optimize.minimize_scalar`).
+
+    >>> f = torch.tensor([[[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]]])          # T = S = 1, N = 3
+    >>> round(fit_logit_scale(f, torch.tensor([[0, 1, 1]])), 3)             # 2 of 3 right: p = 2/3
+    0.347
+    """
+    f = _as_float64("outputs", outputs)
+    y = torch.as_tensor(labels).long()
+    if f.dim() != 4 or y.shape != (f.shape[0], f.shape[2]):
+        raise ValueError(f"outputs must be [T, S, N, C] and labels [T, N], got {tuple(f.shape)} and {tuple(y.shape)}")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds!r}")
+    index = y[:, None, :, None].expand(-1, f.shape[1], -1, 1)
+
+    def nll(log_tau: float) -> float:
+        logp = torch.log_softmax(math.exp(log_tau) * f, -1).gather(-1, index).squeeze(-1)   # [T, S, N]
+        return float(-(torch.logsumexp(logp, 1) - math.log(f.shape[1])).sum())
+
+    result = minimize_scalar(nll, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-4})
+    return math.exp(result.x)
+
+
+def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
+                           start: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
+    """The coefficients ``(c₁, c₂) > 0`` of a per-task noise ratio ``r_t = c₁ + c₂ D_t`` that
+    maximise the held-out Gaussian log-likelihood
+
+        Σ_t Σ_n log N(e_tn; 0, r_t v_tn)
+
+    of the query errors ``e [T, N]`` under predictive variances ``r_t v [T, N]``, from each
+    task's support evidence ``D [T]`` (:meth:`ConjugateNoiseGaussianLikelihood.noise_ratio`'s
+    ``D``, with ``r = c₁ + c₂ D``). L-BFGS-B on ``log c`` in float64 from ``start``.
+
+    >>> D = torch.tensor([1.0, 4.0]); v = torch.ones(2, 3)
+    >>> e2 = (0.5 + 0.25 * D)[:, None] * v                    # errors of exactly that size
+    >>> [round(c, 3) for c in fit_linear_noise_ratio(D, e2, v)]
+    [0.5, 0.25]
+    """
+    D, e2, v = (torch.as_tensor(t, dtype=torch.float64).detach().cpu() for t in (evidence, squared_error, unit_variance))
+    if D.dim() != 1 or e2.shape != v.shape or e2.shape[0] != D.shape[0]:
+        raise ValueError(f"evidence must be [T] and squared_error, unit_variance [T, N], got "
+                         f"{tuple(D.shape)}, {tuple(e2.shape)}, {tuple(v.shape)}")
+    if not (torch.isfinite(D).all() and torch.isfinite(e2).all() and (v > 0).all()):
+        raise ValueError("evidence and squared errors must be finite and the variances positive")
+    count = e2.shape[1]
+
+    def nll(log_c):
+        c = torch.tensor(log_c, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            ratio = c[0].exp() + c[1].exp() * D.clamp(min=0)
+            value = 0.5 * (e2 / (ratio[:, None] * v) + torch.log(ratio[:, None] * v)).sum() / (D.shape[0] * count)
+            value.backward()
+        return float(value.detach()), c.grad.numpy()
+
+    x0 = [math.log(max(float(c), 1e-12)) for c in start]
+    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=[(-40.0, 20.0)] * 2)
+    return math.exp(result.x[0]), math.exp(result.x[1])
