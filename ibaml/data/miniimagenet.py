@@ -27,7 +27,8 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .episodes import DatasetError, ImageClassDataset, read_images
+from .episodes import DatasetError, ImageClassDataset
+from .image_files import read_images
 
 IMAGE_SIZE = 84
 FORMATS = ("pickle", "csv", "folder")

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .episodes import DatasetError, ImageClassDataset, read_images
+from .episodes import DatasetError, ImageClassDataset
+from .image_files import read_images
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 SPLIT_FILE = "ibaml_split.json"
