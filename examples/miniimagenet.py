@@ -57,12 +57,14 @@ import torch
 
 import ibaml
 from ibaml import presets, training
+from ibaml.cli import check_ranges, given_options, merge_saved_options
 from ibaml.calibration import CalibrationReport, fit_logit_scale
 from ibaml.checkpoint import CheckpointError, load_checkpoint
 from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet_splits, load_omniglot,
                         write_miniimagenet_fixture, write_omniglot_fixture)
 from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.data.miniimagenet import detect_format
+from ibaml.data.omniglot import parse_split_sizes
 from ibaml.nets import Conv4
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
@@ -163,35 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_options(parser: argparse.ArgumentParser, argv) -> dict:
-    """The options given on the command line (not their defaults): argparse leaves alone an
-    attribute the namespace already has, so every option starts as a marker."""
-    marker = object()
-    namespace = argparse.Namespace(**{d: marker for d in vars(parser.parse_args([]))})
-    return {k: v for k, v in vars(parser.parse_args(argv, namespace=namespace)).items() if v is not marker}
-
-
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    positive = ("ways", "shots", "query", "channels", "cg_steps", "meta_batch", "meta_iters",
-                "val_tasks", "eval_tasks", "eval_chunk", "predictive_samples")
-    for name in positive:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("val_every", "checkpoint_every", "workers"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if args.ways < 2:
-        p.error(f"--ways must be at least 2, got {args.ways}")
-    for name in ("inner_steps", "eval_inner_steps", "chunk_size", "threads", "outer_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_ranges(p, args, minimum={
+        **dict.fromkeys(("shots", "query", "channels", "cg_steps", "meta_batch", "meta_iters", "val_tasks",
+                         "eval_tasks", "eval_chunk", "predictive_samples", "inner_steps", "eval_inner_steps",
+                         "chunk_size", "threads", "outer_samples"), 1),
+        **dict.fromkeys(("val_every", "checkpoint_every", "workers"), 0), "ways": 2},
+        positive=("inner_lr", "meta_lr", "precision", "init_scale", "kl_weight", "logit_scale_init",
+                  "logit_scale_meta_lr"))
     if args.image_size is not None and args.image_size < 16:
         p.error(f"--image-size must be at least 16 (four 2x2 poolings in Conv4), got {args.image_size}")
-    for name in ("inner_lr", "meta_lr", "precision", "init_scale", "kl_weight", "logit_scale_init",
-                 "logit_scale_meta_lr"):
-        value = getattr(args, name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.fixture_kind != "stripes" and args.dataset != "miniimagenet":
         p.error(f"--fixture-kind {args.fixture_kind} is a miniImageNet layout; it does not apply to --dataset {args.dataset}")
     if not args.fixture and args.data_root is None:
@@ -199,23 +182,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device} given but CUDA is not available on this machine")
     try:
-        split_sizes(args.split_sizes)
+        parse_split_sizes(args.split_sizes)
     except ValueError as exc:
         p.error(str(exc))
-
-
-def split_sizes(text: str) -> tuple:
-    """``"1100,100"`` → ``(1100, 100)``; ``"0.6,0.2"`` → ``(0.6, 0.2)``; anything else raises ``ValueError``."""
-    parts = [s.strip() for s in str(text).split(",")]
-    if len(parts) == 2 and all(s.isdigit() for s in parts):
-        return tuple(int(s) for s in parts)
-    try:
-        values = tuple(float(s) for s in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 2 or not all(0 < v < 1 for v in values):
-        raise ValueError(f"--split-sizes must be two counts (1100,100) or two fractions (0.6,0.2), got {text!r}")
-    return values
 
 
 def parse_args(argv=None):
@@ -223,18 +192,12 @@ def parse_args(argv=None):
     configuration saved there (a folder without one yet starts from scratch).
     Returns ``(args, checkpoint)`` where ``checkpoint`` is the loaded state or ``None``."""
     p = build_parser()
-    args = p.parse_args(argv)
-    given = explicit_options(p, argv)
-    checkpoint = None
+    args, checkpoint = p.parse_args(argv), None
     if args.resume is not None and (Path(args.resume) / training.LAST).is_file():
+        given = given_options(p, argv)
         fixed = {k: v for k, v in given.items() if k not in MAY_CHANGE}
         checkpoint = load_checkpoint(Path(args.resume) / training.LAST, config=fixed, map_location="cpu")
-        saved = checkpoint.get("config", {})
-        merged = vars(args)
-        for key, value in saved.items():
-            if key in merged and key not in given and key not in ("resume", "out", "overwrite"):
-                merged[key] = value
-        args = argparse.Namespace(**merged)
+        args = merge_saved_options(args, checkpoint.get("config", {}), given)
     if args.out is None:
         args.out = args.resume if args.resume is not None else "runs/fewshot"
     check_args(p, args)
@@ -269,7 +232,7 @@ def load_data(args, device) -> dict:
     with tempfile.TemporaryDirectory(prefix="ibaml-fixture-") as tmp:
         root = write_fixture(args, Path(tmp)) if args.fixture else Path(args.data_root)
         if args.dataset == "omniglot":
-            sizes = (0.5, 0.25) if args.fixture else split_sizes(args.split_sizes)
+            sizes = (0.5, 0.25) if args.fixture else parse_split_sizes(args.split_sizes)
             size = args.image_size or NATIVE_SIZE["omniglot"]
             splits = {s: load_omniglot(root, s, rotations=args.rotations, image_size=size, split_file=args.split_file,
                                        split_sizes=sizes, seed=args.seed, device=device, num_workers=args.workers)

@@ -38,6 +38,7 @@ from ibaml import distributed, presets, training
 from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid
 from ibaml.checkpoint import CheckpointError
+from ibaml.cli import check_ranges
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
@@ -92,13 +93,10 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
-    for name in ("shots", "query", "meta_iters", "meta_batch", "eval_tasks", "cg_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.noise_fit_tasks < 0:
-        p.error(f"--noise-fit-tasks must be 0 (no fit) or positive, got {args.noise_fit_tasks}")
-    if args.checkpoint_every < 0:
-        p.error(f"--checkpoint-every must be 0 (only at the end) or positive, got {args.checkpoint_every}")
+    check_ranges(p, args, minimum={**dict.fromkeys(("shots", "query", "meta_iters", "meta_batch", "eval_tasks",
+                                                    "cg_steps", "inner_steps", "eval_inner_steps", "threads"), 1),
+                                   "noise_fit_tasks": 0, "checkpoint_every": 0},
+                 positive=("inner_lr", "meta_lr", "noise_prior_count"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available on this machine")
     if args.distributed and not distributed.launched_with_torchrun():

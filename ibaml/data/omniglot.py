@@ -84,6 +84,27 @@ def _sizes(split_sizes: Sequence, total: int) -> Tuple[int, int]:
     return n_train, n_val
 
 
+def parse_split_sizes(text: str) -> Tuple:
+    """A command-line split ``"train,val"`` as :func:`load_omniglot` takes it: two counts or two
+    fractions in ``(0, 1)``; anything else raises ``ValueError``.
+
+    Example
+    -------
+    >>> parse_split_sizes("1100,100"), parse_split_sizes("0.6,0.2")
+    ((1100, 100), (0.6, 0.2))
+    """
+    parts = [s.strip() for s in str(text).split(",")]
+    if len(parts) == 2 and all(s.isdigit() for s in parts):
+        return tuple(int(s) for s in parts)
+    try:
+        values = tuple(float(s) for s in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(0 < v < 1 for v in values):
+        raise ValueError(f"--split-sizes must be two counts (1100,100) or two fractions (0.6,0.2), got {text!r}")
+    return values
+
+
 def make_split(characters: Sequence[str], split_sizes: Sequence = (1100, 100), seed: int = 0) -> Dict[str, List[str]]:
     """A seeded train / val / test partition of ``characters``: a ``torch.randperm`` with
     ``seed`` over the sorted names, cut at ``split_sizes`` (counts, or fractions of the total).
@@ -208,4 +229,4 @@ def load_omniglot(root: Union[str, Path], split: str = "train", rotations: bool 
     return ImageClassDataset(images, labels_t, names, name=f"Omniglot/{split}", device=device)
 
 
-__all__ = ["load_omniglot", "omniglot_split", "make_split", "list_characters", "SPLIT_FILE"]
+__all__ = ["load_omniglot", "omniglot_split", "make_split", "parse_split_sizes", "list_characters", "SPLIT_FILE"]
