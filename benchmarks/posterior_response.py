@@ -16,8 +16,11 @@ support sizes ``K ∈ {1, 3, 10, 30}`` it adapts to ``--tasks`` fresh ``K``-shot
 
 With ``--noise conjugate`` the noise prior's scale and evidence weight are first fitted to
 ``--noise-fit-tasks`` held-out 10-shot tasks, as the example does before it evaluates
-(:func:`ibaml.training.fit_noise_prior`, the same tasks). The posterior responds to data when both fall with ``K``. At ``K = 10`` it also reports the
-90% coverage, the root-mean-square error and the mean predictive standard deviation of the
+(:func:`ibaml.training.fit_noise_prior`, the same tasks), with a Student-t predictive whose
+degrees of freedom are fitted too unless ``--no-noise-fit-tails``; its "variance" ``v`` is then
+the squared scale and its 90% interval ``mean ± t_{ν,0.95} √v``. The posterior responds to
+data when both fall with ``K``. At ``K = 10`` it also reports the
+90% coverage, the root-mean-square error and the mean predictive scale (``√v``) of the
 query points by the task's amplitude (``A ∈ [0.1, 1), [1, 2.5), [2.5, 5]``): the
 predictive variance of a linear-Gaussian head does not depend on the observed ``y``, so it
 cannot follow the amplitude, which scales the errors; the coverage averaged over tasks
@@ -33,13 +36,19 @@ from pathlib import Path
 import torch
 
 import ibaml
+from ibaml.calibration import central_quantile
 from ibaml.checkpoint import load_checkpoint
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
 SHOTS = (1, 3, 10, 30)
 AMPLITUDE_BINS = ((0.1, 1.0), (1.0, 2.5), (2.5, 5.0))
-Z90 = 1.6448536269514722   # the standard normal's 95% quantile: the central 90% interval is mean ± Z90·std
+
+
+def z90(learner) -> float:
+    """The central 90% interval's half-width in scales: 1.645 for a Gaussian predictive, the
+    Student-t quantile where the likelihood's predictive has ``df`` degrees of freedom."""
+    return float(central_quantile(torch.tensor([0.9]), getattr(learner.likelihood, "df", None))[0])
 
 
 def load_learner(folder: Path):
@@ -75,7 +84,7 @@ def response(learner, tasks: int, seed: int = 0) -> dict:
         ratio = (posterior.variance() / prior_var).mean(0)
         error = (batch.query_y - mean).abs()
         rows[K] = {"epistemic_variance": float((var - task_noise_var).mean()),
-                   "mse": float(error.pow(2).mean()), "coverage_90": float((error <= Z90 * var.sqrt()).double().mean()),
+                   "mse": float(error.pow(2).mean()), "coverage_90": float((error <= z90(learner) * var.sqrt()).double().mean()),
                    "variance_ratio": {n: float(ratio[segment == i].mean()) for i, n in enumerate(prior.names)}}
     return {"noise_variance": noise_var, "shots": rows,
             "epistemic_30_over_1": rows[30]["epistemic_variance"] / rows[1]["epistemic_variance"],
@@ -92,7 +101,7 @@ def by_amplitude(learner, tasks: int, seed: int = 0, shots: int = 10) -> dict:
     for lo, hi in AMPLITUDE_BINS:
         inside = (amplitude >= lo) & (amplitude < hi) if hi < AMPLITUDE_BINS[-1][1] else (amplitude >= lo)
         e, sd = error[inside], std[inside]
-        rows[f"{lo}-{hi}"] = {"tasks": int(inside.sum()), "coverage_90": float((e <= Z90 * sd).double().mean()),
+        rows[f"{lo}-{hi}"] = {"tasks": int(inside.sum()), "coverage_90": float((e <= z90(learner) * sd).double().mean()),
                               "rmse": float(e.pow(2).mean().sqrt()), "mean_std": float(sd.mean())}
     return rows
 
@@ -103,6 +112,9 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--noise-fit-tasks", type=int, default=500,
                    help="conjugate noise: fit its prior to N held-out tasks first, as the example does (0: no fit)")
+    p.add_argument("--noise-fit-tails", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --noise-fit-tasks: a Student-t predictive with fitted degrees of freedom, as the "
+                        "example does (default), or the Gaussian")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -113,7 +125,7 @@ def main(argv=None):
         if args.noise_fit_tasks and hasattr(learner.likelihood, "fit_prior_noise"):
             held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
                 args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))
-            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250)
+            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250, tails=args.noise_fit_tails)
         results[method] = dict(response(learner, args.tasks), config=cfg, noise_prior_fit=fitted)
         r = results[method]
         print(f"\n{method} (σ² = {r['noise_variance']:.4f}); epistemic variance at 30 shots / at 1 shot = "

@@ -13,8 +13,9 @@ from .implicit_function import implicit_diff, implicit_vjp
 from .inference import MAP, Variational
 from .inner_loop import InnerLoop, TaskProblem
 from .learner import MetaLearner, NonFiniteError, Posterior
-from .likelihoods import (CategoricalLikelihood, ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood,
+from .likelihoods import (CategoricalLikelihood, GaussianLikelihood, Likelihood,
                           TaskNoiseGaussianLikelihood)
+from .conjugate_noise import ConjugateNoiseGaussianLikelihood
 from .task_model import TaskModel
 from .presets import METHODS, build_learner
 

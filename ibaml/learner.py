@@ -351,8 +351,10 @@ class MetaLearner(nn.Module):
         ``var = Var_s f(x; w_s) + σ²`` (times the task's ``posterior.noise_ratio`` where the noise is
         inferred per task, :class:`ibaml.ConjugateNoiseGaussianLikelihood`); for a variational
         posterior over a linear head with the linearised expectation the outputs are Gaussian and
-        the predictive is exact, ``var = φ(x)²ᵀ s + σ²``, with no draws (``num_samples`` unused). Classification: probabilities ``[T, N, C]``
-        averaged over posterior draws."""
+        the predictive is exact, ``var = φ(x)²ᵀ s + σ²``, with no draws (``num_samples`` unused).
+        Where the likelihood's predictive is a Student-t (``likelihood.df`` not ``None``, after
+        :func:`ibaml.training.fit_noise_prior` with ``tails=True``), ``var`` is its squared scale.
+        Classification: probabilities ``[T, N, C]`` averaged over posterior draws."""
         meta = self.meta_params()
         method = posterior.method
         extra = () if posterior.noise_ratio is None else (posterior.noise_ratio,)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .likelihoods import ConjugateNoiseGaussianLikelihood, GaussianLikelihood, Likelihood, TaskNoiseGaussianLikelihood
+from .conjugate_noise import ConjugateNoiseGaussianLikelihood
+from .likelihoods import GaussianLikelihood, Likelihood, TaskNoiseGaussianLikelihood
 
 #: the observation noise per method in regression (``examples/sine_regression.py``'s ``--noise``;
 #: a likelihood built by the caller): ``"shared"``, one learned noise scale for all tasks

@@ -142,3 +142,31 @@ def test_reports_round_trip_and_figures(tmp_path):
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_student_t_scores_against_scipy_and_their_gaussian_limits():
+    """NLL and CRPS of t_ν(μ, s²): the NLL is scipy's log-density, the CRPS its integral
+    ∫ (F(x) − 1[x ≥ y])² dx, both reach the Gaussian scores as ν → ∞; coverage uses t quantiles."""
+    from scipy import integrate, stats
+    g = torch.Generator().manual_seed(0)
+    mu, s2 = torch.randn(3, 4, generator=g, dtype=torch.float64), 0.2 + torch.rand(3, 4, generator=g, dtype=torch.float64)
+    y = mu + 2 * torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for nu in (1.5, 3.0, 12.0):
+        ref = -stats.t.logpdf(y.numpy(), nu, loc=mu.numpy(), scale=s2.sqrt().numpy()).mean(-1)
+        assert torch.allclose(cal.student_t_nll(mu, s2, y, nu), torch.from_numpy(ref), rtol=1e-12)
+        m, s, yy = float(mu[0, 0]), float(s2[0, 0].sqrt()), float(y[0, 0])
+        f = lambda x: (stats.t.cdf(x, nu, loc=m, scale=s) - (x >= yy)) ** 2
+        crps = integrate.quad(f, -math.inf, yy, limit=400)[0] + integrate.quad(f, yy, math.inf, limit=400)[0]
+        one = cal.crps_student_t(mu[:1, :1], s2[:1, :1], y[:1, :1], nu)
+        assert float(one) == pytest.approx(crps, rel=1e-6)
+    assert torch.allclose(cal.student_t_nll(mu, s2, y, 1e8), cal.gaussian_nll(mu, s2, y), rtol=1e-6)
+    assert torch.allclose(cal.crps_student_t(mu, s2, y, 1e8), cal.crps_gaussian(mu, s2, y), rtol=1e-5)
+    with pytest.raises(ValueError, match="df must be a number above 1"):
+        cal.crps_student_t(mu, s2, y, 1.0)
+    # coverage: exactly the points within the t quantile
+    z = float(stats.t.ppf(0.95, 3.0))
+    inside = ((y - mu).abs() <= z * s2.sqrt()).double().mean(-1)
+    assert torch.equal(cal.calibration_curve(mu, s2, y, [0.9], df=3.0)[:, 0], inside)
+    report = cal.CalibrationReport.regression(mu, s2, y, df=3.0)
+    assert report.extra["df"] == 3.0 and report.metrics["coverage_90"]["mean"] == pytest.approx(float(inside.mean()))
+    assert cal.CalibrationReport.regression(mu, s2, y, df=math.inf).metrics == cal.CalibrationReport.regression(mu, s2, y).metrics

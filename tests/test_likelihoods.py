@@ -318,3 +318,57 @@ def test_fit_noise_prior_on_held_out_tasks_keeps_the_means_and_fits_the_widths()
     with pytest.raises(TypeError, match="ConjugateNoiseGaussianLikelihood"):
         training.fit_noise_prior(ibaml.build_learner("imaml", MLP(1, (8,), 1).to(DT),
                                                      ibaml.GaussianLikelihood(1.0).to(DT)), tasks)
+
+
+def test_student_t_noise_ratio_fit_recovers_the_coefficients_and_the_tails():
+    """Errors drawn from t_ν(0, (c₁ + c₂ D_t) v) give back (c₁, c₂, ν); Gaussian errors give a large ν."""
+    from ibaml.calibration import fit_linear_noise_ratio_student_t
+    g = torch.Generator().manual_seed(0)
+    D = torch.rand(3000, generator=g, dtype=DT) * 5
+    v = 0.5 + torch.rand(3000, 20, generator=g, dtype=DT)
+    chi2 = torch.distributions.Chi2(torch.tensor(3.0, dtype=DT))
+    torch.manual_seed(0)
+    t3 = torch.randn(3000, 20, generator=g, dtype=DT) / (chi2.sample((3000, 20)) / 3).sqrt()
+    scale2 = (0.3 + 0.7 * D)[:, None] * v
+    c1, c2, nu = fit_linear_noise_ratio_student_t(D, scale2 * t3 ** 2, v)
+    assert c1 == pytest.approx(0.3, rel=0.15) and c2 == pytest.approx(0.7, rel=0.05) and nu == pytest.approx(3.0, rel=0.1)
+    gauss = scale2 * torch.randn(3000, 20, generator=g, dtype=DT) ** 2
+    assert fit_linear_noise_ratio_student_t(D, gauss, v)[2] > 50
+    with pytest.raises(ValueError, match="df_bounds"):
+        fit_linear_noise_ratio_student_t(D, gauss, v, df_bounds=(0.5, 10.0))
+
+
+def test_fit_noise_prior_with_tails_makes_the_predictive_a_student_t():
+    """With ``tails=True`` the held-out fit sets a finite ``predictive_df``, the reports score the
+    Student-t (its NLL, not the Gaussian's), the means do not move, ``predictive_df`` travels with
+    the state dict (a state dict saved without it loads as the Gaussian), and a plain refit resets it."""
+    from ibaml import training
+    from ibaml.calibration import student_t_nll
+    from ibaml.data.sine import SineTaskDistribution
+    torch.manual_seed(0)
+    lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0,
+                                                 learn_prior_count=False).to(DT)
+    learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1).to(DT), lik, inner_steps=3)
+    tasks = SineTaskDistribution(shots=5, query=10).sample(40, torch.Generator().manual_seed(0), dtype=DT)
+    before = learner.evaluate(tasks)
+    assert lik.df is None and "df" not in before.extra
+    fitted = training.fit_noise_prior(learner, tasks, chunk=16, tails=True)
+    nu = lik.df
+    assert fitted["predictive_df"] == (None, nu) and 1.05 <= nu <= 1000
+    after = learner.evaluate(tasks)
+    assert after.extra["df"] == nu and after.metrics["mse"]["mean"] == pytest.approx(before.metrics["mse"]["mean"], rel=1e-9)
+    post = learner.adapt(tasks.support_x, tasks.support_y)
+    mean, scale2 = learner.predict(post, tasks.query_x)
+    expected = student_t_nll(mean[..., 0], scale2[..., 0], tasks.query_y[..., 0], nu).mean()
+    assert after.metrics["nll"]["mean"] == pytest.approx(float(expected), rel=1e-12)
+    state = learner.state_dict()
+    assert float(state["model.likelihood.predictive_df"]) == nu
+    fresh = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0, learn_prior_count=False).to(DT)
+    own = {k[len("model.likelihood."):]: v for k, v in state.items() if k.startswith("model.likelihood.")}
+    fresh.load_state_dict(own)
+    assert fresh.df == pytest.approx(nu)
+    old = {k: v for k, v in own.items() if k != "predictive_df"}
+    fresh.load_state_dict(old)
+    assert fresh.df is None
+    training.fit_noise_prior(learner, tasks, chunk=16)
+    assert lik.df is None
