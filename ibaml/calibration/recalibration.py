@@ -49,6 +49,17 @@ def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
     return math.exp(result.x)
 
 
+def _held_out_errors(evidence, squared_error, unit_variance) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(D [T], e² [T, N], v [T, N])`` in float64 on the CPU, checked."""
+    D, e2, v = (torch.as_tensor(t, dtype=torch.float64).detach().cpu() for t in (evidence, squared_error, unit_variance))
+    if D.dim() != 1 or e2.shape != v.shape or e2.shape[0] != D.shape[0]:
+        raise ValueError(f"evidence must be [T] and squared_error, unit_variance [T, N], got "
+                         f"{tuple(D.shape)}, {tuple(e2.shape)}, {tuple(v.shape)}")
+    if not (torch.isfinite(D).all() and torch.isfinite(e2).all() and (v > 0).all()):
+        raise ValueError("evidence and squared errors must be finite and the variances positive")
+    return D, e2, v
+
+
 def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
                            start: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
     """The coefficients ``(c₁, c₂) > 0`` of a per-task noise ratio ``r_t = c₁ + c₂ D_t`` that
@@ -65,12 +76,7 @@ def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_varianc
     >>> [round(c, 3) for c in fit_linear_noise_ratio(D, e2, v)]
     [0.5, 0.25]
     """
-    D, e2, v = (torch.as_tensor(t, dtype=torch.float64).detach().cpu() for t in (evidence, squared_error, unit_variance))
-    if D.dim() != 1 or e2.shape != v.shape or e2.shape[0] != D.shape[0]:
-        raise ValueError(f"evidence must be [T] and squared_error, unit_variance [T, N], got "
-                         f"{tuple(D.shape)}, {tuple(e2.shape)}, {tuple(v.shape)}")
-    if not (torch.isfinite(D).all() and torch.isfinite(e2).all() and (v > 0).all()):
-        raise ValueError("evidence and squared errors must be finite and the variances positive")
+    D, e2, v = _held_out_errors(evidence, squared_error, unit_variance)
     count = e2.shape[1]
 
     def nll(log_c):
@@ -106,12 +112,7 @@ def fit_linear_noise_ratio_student_t(evidence: Tensor, squared_error: Tensor, un
     >>> 0.2 < c1 + c2 < 0.3, 2 < nu < 4.5                                    # r = 0.25, ν = 3
     (True, True)
     """
-    D, e2, v = (torch.as_tensor(t, dtype=torch.float64).detach().cpu() for t in (evidence, squared_error, unit_variance))
-    if D.dim() != 1 or e2.shape != v.shape or e2.shape[0] != D.shape[0]:
-        raise ValueError(f"evidence must be [T] and squared_error, unit_variance [T, N], got "
-                         f"{tuple(D.shape)}, {tuple(e2.shape)}, {tuple(v.shape)}")
-    if not (torch.isfinite(D).all() and torch.isfinite(e2).all() and (v > 0).all()):
-        raise ValueError("evidence and squared errors must be finite and the variances positive")
+    D, e2, v = _held_out_errors(evidence, squared_error, unit_variance)
     lo, hi = df_bounds
     if not 1.0 < lo < hi:
         raise ValueError(f"df_bounds must satisfy 1 < low < high, got {df_bounds!r}")
