@@ -136,7 +136,7 @@ def main(argv=None):
         for K, row in r["shots"].items():
             print(f"| {K} | {row['mse']:.3f} | {row['coverage_90']:.3f} | {row['epistemic_variance']:.4f} | "
                   + " | ".join(f"{row['variance_ratio'][n]:.3f}" for n in names) + " |")
-        print("\n| amplitude | tasks | 90% coverage | RMSE | mean predictive std |\n|---|---|---|---|---|")
+        print("\n| amplitude | tasks | 90% coverage | RMSE | mean predictive scale √v |\n|---|---|---|---|---|")
         for name, row in r["by_amplitude"].items():
             print(f"| {name} | {row['tasks']} | {row['coverage_90']:.3f} | {row['rmse']:.3f} | {row['mean_std']:.3f} |")
     if args.out:

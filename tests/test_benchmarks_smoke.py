@@ -132,6 +132,14 @@ def test_posterior_response_reads_a_run(tmp_path):
     assert list(bins) == ["0.1-1.0", "1.0-2.5", "2.5-5.0"] and sum(b["tasks"] for b in bins.values()) == 12
     for row in bins.values():
         assert row["tasks"] == 0 or (0 <= row["coverage_90"] <= 1 and row["mean_std"] > 0)
+    tails = load("noise_tails").main([str(tmp_path / "run"), "--fit-tasks", "30", "--eval-tasks", "20",
+                                      "--out", str(tmp_path / "tails.json")])
+    (row,) = tails.values()
+    assert json.loads((tmp_path / "tails.json").read_text()).keys() == tails.keys()
+    assert 1.05 <= row["student_t"]["df"] <= 1000
+    # the Student-t family holds the Gaussian (ν → ∞): its in-sample NLL is no worse
+    assert row["student_t"]["fit_tasks"]["nll"] <= row["gaussian"]["fit_tasks"]["nll"] + 1e-3
+    assert row["standardised_errors_gaussian_fit"]["kurtosis_pooled"] > 0
 
 
 def test_logit_scale_sweep_rescores_a_run(tmp_path):

@@ -132,4 +132,4 @@ def fit_linear_noise_ratio_student_t(evidence: Tensor, squared_error: Tensor, un
     x0 = [math.log(max(float(c), 1e-12)) for c in start] + [math.log(min(max(start_df, lo), hi) - 1)]
     bounds = [(-40.0, 20.0)] * 2 + [(math.log(lo - 1), math.log(hi - 1))]
     result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=bounds)
-    return math.exp(result.x[0]), math.exp(result.x[1]), 1 + math.exp(result.x[2])
+    return math.exp(result.x[0]), math.exp(result.x[1]), min(max(1 + math.exp(result.x[2]), lo), hi)
