@@ -139,6 +139,9 @@ def test_posterior_response_reads_a_run(tmp_path):
     assert 1.05 <= row["student_t"]["df"] <= 1000
     # the Student-t family holds the Gaussian (ν → ∞): its in-sample NLL is no worse
     assert row["student_t"]["fit_tasks"]["nll"] <= row["gaussian"]["fit_tasks"]["nll"] + 1e-3
+    # so does the log-normal scale mixture (τ → 0), whose coverage levels are fractions
+    assert row["lognormal_scale"]["fit_tasks"]["nll"] <= row["gaussian"]["fit_tasks"]["nll"] + 1e-3
+    assert all(0 <= row["lognormal_scale"]["eval_tasks"][k] <= 1 for k in ("coverage_50", "coverage_90", "coverage_95"))
     assert row["standardised_errors_gaussian_fit"]["kurtosis_pooled"] > 0
 
 
