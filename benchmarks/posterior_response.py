@@ -16,9 +16,9 @@ support sizes ``K ∈ {1, 3, 10, 30}`` it adapts to ``--tasks`` fresh ``K``-shot
 
 With ``--noise conjugate`` the noise prior's scale and evidence weight are first fitted to
 ``--noise-fit-tasks`` held-out 10-shot tasks, as the example does before it evaluates
-(:func:`ibaml.training.fit_noise_prior`, the same tasks), with a Student-t predictive whose
-degrees of freedom are fitted too unless ``--no-noise-fit-tails``; its "variance" ``v`` is then
-the squared scale and its 90% interval ``mean ± t_{ν,0.95} √v``. The posterior responds to
+(:func:`ibaml.training.fit_noise_prior`, the same tasks), with the heavy-tailed predictive of
+``--noise-fit-tails`` (default: a log-normal scale mixture); its "variance" ``v`` is then the
+squared scale and its 90% interval ``mean ± z √v`` with that family's quantile ``z``. The posterior responds to
 data when both fall with ``K``. At ``K = 10`` it also reports the
 90% coverage, the root-mean-square error and the mean predictive scale (``√v``) of the
 query points by the task's amplitude (``A ∈ [0.1, 1), [1, 2.5), [2.5, 5]``): the
@@ -47,8 +47,8 @@ AMPLITUDE_BINS = ((0.1, 1.0), (1.0, 2.5), (2.5, 5.0))
 
 def z90(learner) -> float:
     """The central 90% interval's half-width in scales: 1.645 for a Gaussian predictive, the
-    Student-t quantile where the likelihood's predictive has ``df`` degrees of freedom."""
-    return float(central_quantile(torch.tensor([0.9]), getattr(learner.likelihood, "df", None))[0])
+    heavy-tailed family's quantile where the likelihood has one (``likelihood.tails``)."""
+    return float(central_quantile(torch.tensor([0.9]), getattr(learner.likelihood, "tails", None))[0])
 
 
 def load_learner(folder: Path):
@@ -112,9 +112,8 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--noise-fit-tasks", type=int, default=500,
                    help="conjugate noise: fit its prior to N held-out tasks first, as the example does (0: no fit)")
-    p.add_argument("--noise-fit-tails", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --noise-fit-tasks: a Student-t predictive with fitted degrees of freedom, as the "
-                        "example does (default), or the Gaussian")
+    p.add_argument("--noise-fit-tails", default="lognormal", choices=("lognormal", "student_t", "none"),
+                   help="with --noise-fit-tasks: the predictive's family, as in the example (default: lognormal)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -125,7 +124,8 @@ def main(argv=None):
         if args.noise_fit_tasks and hasattr(learner.likelihood, "fit_prior_noise"):
             held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
                 args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))
-            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250, tails=args.noise_fit_tails)
+            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250,
+                                                    tails=None if args.noise_fit_tails == "none" else args.noise_fit_tails)
         results[method] = dict(response(learner, args.tasks), config=cfg, noise_prior_fit=fitted)
         r = results[method]
         print(f"\n{method} (σ² = {r['noise_variance']:.4f}); epistemic variance at 30 shots / at 1 shot = "

@@ -5,7 +5,7 @@
 
 Tasks are y = A sin(x − φ) (A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5]). Each method is
 meta-trained (:func:`ibaml.training.fit`; a conjugate task noise then has its prior's scale and
-evidence weight, and the degrees of freedom of a Student-t predictive, fitted to
+evidence weight, and the spread of a log-normal scale mixture as its predictive, fitted to
 ``--noise-fit-tasks`` held-out tasks, :func:`ibaml.training.fit_noise_prior`),
 adapted to ``--eval-tasks`` fresh tasks from their
 K-shot support sets and evaluated on their query sets in range (x in [−5, 5]) and out of range
@@ -68,9 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--noise-fit-tasks", type=int, default=500, metavar="N",
                    help="--noise conjugate: after meta-training, fit the noise prior's scale and evidence weight to "
                         "N held-out tasks (ibaml.training.fit_noise_prior; 0: keep the meta-trained ones)")
-    p.add_argument("--noise-fit-tails", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --noise-fit-tasks: a Student-t predictive whose degrees of freedom are fitted too "
-                        "(default), or the Gaussian (--no-noise-fit-tails)")
+    p.add_argument("--noise-fit-tails", default="lognormal", choices=("lognormal", "student_t", "none"),
+                   help="with --noise-fit-tasks: the predictive's family, its shape fitted too: a log-normal scale "
+                        "mixture (default), a Student-t, or the Gaussian (none)")
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--cg-damping", type=float, default=0.0)
     p.add_argument("--meta-iters", type=int, default=300)
@@ -174,7 +174,7 @@ def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> N
     for fig, name in ((plot_predictive_grid(sx[..., 0].cpu(), sy[..., 0].cpu(), x.cpu(), mean.cpu(), var.cpu(),
                                             x_true=x.cpu(), y_true=y_true.cpu(),
                                             title=f"{method}: 90% predictive bands",
-                                            df=getattr(getattr(model, "likelihood", None), "df", None)),
+                                            tails=getattr(getattr(model, "likelihood", None), "tails", None)),
                        "predictive_bands.png"),
                       (report_in.plot_calibration_curve(), "calibration_curve.png")):
         fig.savefig(folder / name, dpi=110, bbox_inches="tight")
@@ -199,7 +199,8 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
         held_out = tasks.sample(args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + args.seed), dtype=dtype)
         result["noise_prior_fit"] = training.fit_noise_prior(model, held_out.to(device), chunk=250,
-                                                             tails=args.noise_fit_tails)
+                                                             tails=None if args.noise_fit_tails == "none"
+                                                             else args.noise_fit_tails)
     in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + args.seed), dtype=dtype).to(device)
     out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(20_000 + args.seed),
                                             dtype=dtype).to(device)
@@ -214,7 +215,7 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
         result["noise_prior"] = {"count": float(likelihood.prior_count.detach()),
                                  "scale": float(likelihood.prior_noise.detach()),
                                  "evidence_scale": float(likelihood.evidence_scale.detach()),
-                                 "predictive_df": likelihood.df}
+                                 "tails": None if likelihood.tails is None else likelihood.tails.describe()}
     (folder / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 

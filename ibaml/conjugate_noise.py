@@ -10,10 +10,17 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .calibration.recalibration import fit_linear_noise_ratio, fit_linear_noise_ratio_student_t
+from .calibration.recalibration import (fit_linear_noise_ratio, fit_linear_noise_ratio_lognormal,
+                                        fit_linear_noise_ratio_student_t)
+from .calibration.tails import LogNormalScale, StudentT
 from .likelihoods import GaussianLikelihood, _gaussian_log_prob, _positive_attribute
 
-__all__ = ["ConjugateNoiseGaussianLikelihood"]
+__all__ = ["ConjugateNoiseGaussianLikelihood", "TAIL_FAMILIES"]
+
+#: the predictive families :meth:`ConjugateNoiseGaussianLikelihood.fit_prior_noise` fits
+TAIL_FAMILIES = (None, "lognormal", "student_t")
+#: the buffers that hold a fitted family's shape, at their Gaussian values
+TAIL_BUFFERS = {"predictive_df": math.inf, "predictive_scale_sd": 0.0}
 
 
 class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
@@ -54,12 +61,14 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     ``a₀`` is small (``r → γ D / N``). :meth:`fit_prior_noise` refits ``s₀`` and ``γ`` to
     held-out tasks after meta-training (:func:`ibaml.training.fit_noise_prior`).
 
-    The predictive is this Gaussian unless ``predictive_df`` (a buffer, ``inf`` by default) is
-    finite: then it is the Student-t ``t_ν(f(x; m), r (φᵀ S φ + σ²))`` with ``ν =
-    predictive_df``, which :meth:`fit_prior_noise` with ``tails=True`` fits to held-out tasks
-    together with ``s₀`` and ``γ``. The model's own Student-t has ``ν = 2 a_N``; a fitted ``ν``
-    is lower where the tasks' query errors vary in scale more than their evidence predicts
-    (measured on sine: ν ≈ 2, against 2 a_N = 20).
+    The predictive is this Gaussian unless a heavy-tailed family has been fitted to held-out
+    tasks (:meth:`fit_prior_noise` with ``tails``; :attr:`tails`), around the same location with
+    the same squared scale ``r (φᵀ S φ + σ²)``: a log-normal scale mixture (``"lognormal"``, its
+    spread ``τ`` in the buffer ``predictive_scale_sd``, 0 by default: each task's scale uncertain
+    by a factor ``e^{±τ}``) or a Student-t (``"student_t"``, ``ν`` in ``predictive_df``, ``inf``
+    by default). The model's own Student-t has ``ν = 2 a_N``; on sine the tasks' query errors
+    vary in scale far more than their evidence predicts (a fitted ν ≈ 2, against 2 a_N = 20;
+    τ ≈ 0.6–0.7), and the log-normal mixture fits their coverage closest.
 
     Args:
         noise: the reference ``σ > 0`` (fixed).
@@ -87,16 +96,21 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         for name, value, learn in (("prior_count", prior_count, learn_count), ("prior_noise", prior_noise, learn_prior),
                                    ("evidence_scale", evidence_scale, learn_prior)):
             _positive_attribute(self, name, value, learn, f"ConjugateNoiseGaussianLikelihood {name}")
-        self.register_buffer("predictive_df", torch.tensor(math.inf))
+        for name, value in TAIL_BUFFERS.items():
+            self.register_buffer(name, torch.tensor(value))
 
     @property
-    def df(self) -> Optional[float]:
-        """The predictive's degrees of freedom: ``None`` for the Gaussian (``predictive_df = inf``)."""
-        value = float(self.predictive_df)
-        return value if math.isfinite(value) else None
+    def tails(self):
+        """The predictive's heavy-tailed family (:mod:`ibaml.calibration.tails`), ``None`` for the Gaussian."""
+        if float(self.predictive_scale_sd) > 0:
+            return LogNormalScale(float(self.predictive_scale_sd))
+        if math.isfinite(float(self.predictive_df)):
+            return StudentT(float(self.predictive_df))
+        return None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "predictive_df", torch.tensor(math.inf))   # saved before it existed
+        for name, value in TAIL_BUFFERS.items():   # saved before they existed: the Gaussian
+            state_dict.setdefault(prefix + name, torch.tensor(value))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def squared_deviation(self, output: Tensor, y: Tensor) -> Tensor:
@@ -124,7 +138,7 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
 
     @torch.no_grad()
     def fit_prior_noise(self, noise_ratio: Tensor, squared_error: Tensor, variance: Tensor,
-                        num_entries: int, tails: bool = False) -> Tuple[float, float]:
+                        num_entries: int, tails: Optional[str] = None) -> Tuple[float, float]:
         """Set the prior noise ``s₀`` and the evidence scale ``γ`` (``a₀`` held) to the values
         that maximise the held-out predictive log-likelihood of query errors ``e [T, N]`` under
         the predictive variances ``variance [T, N]`` that the tasks' current ratios ``r [T]``
@@ -136,20 +150,27 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
             s₀ = σ √(c₁ a_N / a₀),   γ = 2 a_N c₂.
 
         Empirical Bayes for the predictive's noise on held-out tasks, the regression counterpart
-        of temperature scaling. With ``tails`` the predictive is a Student-t and its degrees of
-        freedom are fitted too (:func:`fit_linear_noise_ratio_student_t`, ``predictive_df``);
-        without, ``predictive_df`` is reset to ``inf`` (the Gaussian). Returns ``(s₀, γ)``."""
+        of temperature scaling. With ``tails="lognormal"`` or ``"student_t"`` the predictive
+        becomes that heavy-tailed family and its shape is fitted too
+        (:func:`fit_linear_noise_ratio_lognormal`, :func:`fit_linear_noise_ratio_student_t`;
+        :attr:`tails`); with ``None`` it is the Gaussian. Returns ``(s₀, γ)``."""
         a0, sigma, s0, gamma = (float(t.detach()) for t in (self.prior_count, self.noise, self.prior_noise,
                                                              self.evidence_scale))
         a_n = a0 + 0.5 * num_entries
         ratio = noise_ratio.detach()
         start = (a0 * (s0 / sigma) ** 2 / a_n, gamma / (2 * a_n))
         evidence, unit_variance = self.evidence(ratio, num_entries), variance / ratio[:, None]
-        if tails:
+        if tails not in TAIL_FAMILIES:
+            raise ValueError(f"tails must be one of {TAIL_FAMILIES}, got {tails!r}")
+        df, sd = TAIL_BUFFERS["predictive_df"], TAIL_BUFFERS["predictive_scale_sd"]
+        if tails == "student_t":
             c1, c2, df = fit_linear_noise_ratio_student_t(evidence, squared_error, unit_variance, start)
+        elif tails == "lognormal":
+            c1, c2, sd = fit_linear_noise_ratio_lognormal(evidence, squared_error, unit_variance, start)
         else:
-            (c1, c2), df = fit_linear_noise_ratio(evidence, squared_error, unit_variance, start), math.inf
+            c1, c2 = fit_linear_noise_ratio(evidence, squared_error, unit_variance, start)
         self.predictive_df.fill_(df)
+        self.predictive_scale_sd.fill_(sd)
         prior_noise, evidence_scale = sigma * math.sqrt(c1 * a_n / a0), 2 * a_n * c2
         device = self.noise.device
         self.prior_noise = torch.tensor(prior_noise, dtype=self.noise.dtype, device=device)

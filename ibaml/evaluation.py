@@ -87,9 +87,8 @@ def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional
              num_samples: Optional[int] = None, name: str = "", progress: bool = False) -> CalibrationReport:
     """Adapt on each task's support set, predict its query set, ``chunk`` tasks at a time, and
     return a :class:`ibaml.calibration.CalibrationReport` over all of them (regression: the
-    predictive mean and variance, or squared scale where the likelihood's predictive is a
-    Student-t with ``likelihood.df`` degrees of freedom; classification: the predictive class
-    probabilities).
+    predictive mean and variance, or squared scale where the likelihood's predictive is
+    heavy-tailed, ``likelihood.tails``; classification: the predictive class probabilities).
     ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :func:`task_outputs`."""
     results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, name or "evaluate",
                            lambda post, b: learner.predict(post, b["query_x"], num_samples), steps)
@@ -100,7 +99,7 @@ def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional
         y = torch.cat([t for _, t in results]).to(mean)
         return CalibrationReport.regression(mean.reshape(mean.shape[0], -1), var.reshape(var.shape[0], -1),
                                             y.reshape(y.shape[0], -1), name=name,
-                                            df=getattr(learner.likelihood, "df", None))
+                                            tails=getattr(learner.likelihood, "tails", None))
     probs = torch.cat([p for p, _ in results])
     labels = torch.cat([t.to(probs.device) for _, t in results])
     return CalibrationReport.classification(probs, labels, name=name)
@@ -108,16 +107,16 @@ def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional
 
 def fit_noise_prior(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
                     seed: Optional[int] = None, generators=(), steps: Optional[int] = None,
-                    progress: bool = False, tails: bool = False) -> dict:
+                    progress: bool = False, tails: Optional[str] = None) -> dict:
     """Fit the predictive's noise to held-out tasks: adapt to their support sets, predict their
     query sets, and set the prior noise ``s₀`` and evidence scale ``γ`` of the learner's
     :class:`ibaml.ConjugateNoiseGaussianLikelihood` to the maximisers of the query
     log-likelihood (:meth:`~ibaml.ConjugateNoiseGaussianLikelihood.fit_prior_noise`; the
     network, the prior and ``a₀`` unchanged, so the predictive means do not move); with
-    ``tails``, the predictive becomes a Student-t whose degrees of freedom are fitted too
-    (``likelihood.predictive_df``). Returns ``{"prior_noise": (before, after),
-    "evidence_scale": (before, after), "predictive_df": (before, after), "tasks": T}`` (a
-    degree of freedom ``None`` for the Gaussian).
+    ``tails="lognormal"`` or ``"student_t"`` the predictive becomes that heavy-tailed family,
+    its shape fitted too (``likelihood.tails``). Returns ``{"prior_noise": (before, after),
+    "evidence_scale": (before, after), "tails": (before, after), "tasks": T}`` (a family as
+    ``{"family", ...}``, ``None`` for the Gaussian).
     ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :func:`task_outputs`.
 
     Meta-training learns ``s₀`` and ``γ`` too, but slowly (their meta learning rate is that of
@@ -134,7 +133,10 @@ def fit_noise_prior(learner, tasks, num_tasks: Optional[int] = None, *, chunk: O
     var = torch.cat([v.reshape(v.shape[0], -1) for ((_, v), _, _), _ in results])
     ratio = torch.cat([r for (_, r, _), _ in results])
     y = torch.cat([t.reshape(t.shape[0], -1) for _, t in results]).to(mean)
-    before = float(likelihood.prior_noise.detach()), float(likelihood.evidence_scale.detach()), likelihood.df
+    def described(family):
+        return None if family is None else family.describe()
+
+    before = float(likelihood.prior_noise.detach()), float(likelihood.evidence_scale.detach()), likelihood.tails
     after = likelihood.fit_prior_noise(ratio, (y - mean) ** 2, var, results[0][0][2], tails=tails)
     return {"prior_noise": (before[0], after[0]), "evidence_scale": (before[1], after[1]),
-            "predictive_df": (before[2], likelihood.df), "tasks": int(ratio.shape[0])}
+            "tails": (described(before[2]), described(likelihood.tails)), "tasks": int(ratio.shape[0])}

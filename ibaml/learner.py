@@ -352,8 +352,8 @@ class MetaLearner(nn.Module):
         inferred per task, :class:`ibaml.ConjugateNoiseGaussianLikelihood`); for a variational
         posterior over a linear head with the linearised expectation the outputs are Gaussian and
         the predictive is exact, ``var = φ(x)²ᵀ s + σ²``, with no draws (``num_samples`` unused).
-        Where the likelihood's predictive is a Student-t (``likelihood.df`` not ``None``, after
-        :func:`ibaml.training.fit_noise_prior` with ``tails=True``), ``var`` is its squared scale.
+        Where the likelihood's predictive is heavy-tailed (``likelihood.tails`` not ``None``, after
+        :func:`ibaml.training.fit_noise_prior` with ``tails``), ``var`` is its squared scale.
         Classification: probabilities ``[T, N, C]`` averaged over posterior draws."""
         meta = self.meta_params()
         method = posterior.method

@@ -166,7 +166,35 @@ def test_student_t_scores_against_scipy_and_their_gaussian_limits():
     # coverage: exactly the points within the t quantile
     z = float(stats.t.ppf(0.95, 3.0))
     inside = ((y - mu).abs() <= z * s2.sqrt()).double().mean(-1)
-    assert torch.equal(cal.calibration_curve(mu, s2, y, [0.9], df=3.0)[:, 0], inside)
-    report = cal.CalibrationReport.regression(mu, s2, y, df=3.0)
-    assert report.extra["df"] == 3.0 and report.metrics["coverage_90"]["mean"] == pytest.approx(float(inside.mean()))
-    assert cal.CalibrationReport.regression(mu, s2, y, df=math.inf).metrics == cal.CalibrationReport.regression(mu, s2, y).metrics
+    assert torch.equal(cal.calibration_curve(mu, s2, y, [0.9], tails=cal.StudentT(3.0))[:, 0], inside)
+    report = cal.CalibrationReport.regression(mu, s2, y, tails=cal.StudentT(3.0))
+    assert report.extra["tails"] == {"family": "student_t", "df": 3.0} and report.metrics["coverage_90"]["mean"] == pytest.approx(float(inside.mean()))
+
+
+def test_lognormal_scale_mixture_scores_against_quadrature_and_the_gaussian_limit():
+    """The log-normal scale mixture E_u N(μ, v e^{2τu}): its NLL is minus the log of the density
+    integrated over u, its CRPS the integral ∫ (F(x) − 1[x ≥ y])² dx, its central intervals hold
+    their level of its own draws, and τ → 0 gives the Gaussian scores."""
+    from scipy import integrate, stats
+    tails = cal.LogNormalScale(0.7)
+    g = torch.Generator().manual_seed(1)
+    mu, v = torch.randn(2, 3, generator=g, dtype=torch.float64), 0.3 + torch.rand(2, 3, generator=g, dtype=torch.float64)
+    y = mu + 1.5 * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    m, s, yy = float(mu[0, 0]), float(v[0, 0].sqrt()), float(y[0, 0])
+    density = lambda x: integrate.quad(lambda u: stats.norm.pdf(u) * stats.norm.pdf(x, m, s * math.exp(0.7 * u)), -10, 10)[0]
+    assert float(tails.nll(mu[:1, :1], v[:1, :1], y[:1, :1])) == pytest.approx(-math.log(density(yy)), rel=1e-6)
+    cdf = lambda x: integrate.quad(lambda u: stats.norm.pdf(u) * stats.norm.cdf(x, m, s * math.exp(0.7 * u)), -10, 10)[0]
+    f = lambda x: (cdf(x) - (x >= yy)) ** 2
+    crps = integrate.quad(f, -60, yy, limit=400)[0] + integrate.quad(f, yy, 60, limit=400)[0]
+    assert float(tails.crps(mu[:1, :1], v[:1, :1], y[:1, :1])) == pytest.approx(crps, rel=1e-5)
+    draws = torch.randn(200_000, generator=g, dtype=torch.float64) * torch.exp(0.7 * torch.randn(200_000, generator=g, dtype=torch.float64))
+    q = tails.central_quantile(torch.tensor([0.5, 0.9]))
+    assert float((draws.abs() <= q[0]).double().mean()) == pytest.approx(0.5, abs=0.005)
+    assert float((draws.abs() <= q[1]).double().mean()) == pytest.approx(0.9, abs=0.005)
+    tiny = cal.LogNormalScale(1e-7)
+    assert torch.allclose(tiny.nll(mu, v, y), cal.gaussian_nll(mu, v, y), rtol=1e-9)
+    assert torch.allclose(tiny.crps(mu, v, y), cal.crps_gaussian(mu, v, y), rtol=1e-7)
+    report = cal.CalibrationReport.regression(mu, v, y, tails=tails)
+    assert report.extra["tails"] == {"family": "lognormal_scale", "sd": 0.7}
+    with pytest.raises(ValueError, match="sd must lie in"):
+        cal.LogNormalScale(-0.1)

@@ -338,12 +338,13 @@ def test_student_t_noise_ratio_fit_recovers_the_coefficients_and_the_tails():
         fit_linear_noise_ratio_student_t(D, gauss, v, df_bounds=(0.5, 10.0))
 
 
-def test_fit_noise_prior_with_tails_makes_the_predictive_a_student_t():
-    """With ``tails=True`` the held-out fit sets a finite ``predictive_df``, the reports score the
-    Student-t (its NLL, not the Gaussian's), the means do not move, ``predictive_df`` travels with
-    the state dict (a state dict saved without it loads as the Gaussian), and a plain refit resets it."""
+@pytest.mark.parametrize("family", ["lognormal", "student_t"])
+def test_fit_noise_prior_with_tails_makes_the_predictive_heavy_tailed(family):
+    """With ``tails`` the held-out fit sets the family's shape, the reports score that family (its
+    NLL, not the Gaussian's), the means do not move, the shape travels with the state dict (one
+    saved without it loads as the Gaussian), a plain refit resets it, and an unknown family is refused."""
     from ibaml import training
-    from ibaml.calibration import student_t_nll
+    from ibaml.calibration import LogNormalScale, StudentT
     from ibaml.data.sine import SineTaskDistribution
     torch.manual_seed(0)
     lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0,
@@ -351,24 +352,42 @@ def test_fit_noise_prior_with_tails_makes_the_predictive_a_student_t():
     learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1).to(DT), lik, inner_steps=3)
     tasks = SineTaskDistribution(shots=5, query=10).sample(40, torch.Generator().manual_seed(0), dtype=DT)
     before = learner.evaluate(tasks)
-    assert lik.df is None and "df" not in before.extra
-    fitted = training.fit_noise_prior(learner, tasks, chunk=16, tails=True)
-    nu = lik.df
-    assert fitted["predictive_df"] == (None, nu) and 1.05 <= nu <= 1000
+    assert lik.tails is None and "tails" not in before.extra
+    fitted = training.fit_noise_prior(learner, tasks, chunk=16, tails=family)
+    tails = lik.tails
+    assert isinstance(tails, {"lognormal": LogNormalScale, "student_t": StudentT}[family])
+    assert fitted["tails"] == (None, tails.describe())
     after = learner.evaluate(tasks)
-    assert after.extra["df"] == nu and after.metrics["mse"]["mean"] == pytest.approx(before.metrics["mse"]["mean"], rel=1e-9)
+    assert after.extra["tails"] == tails.describe()
+    assert after.metrics["mse"]["mean"] == pytest.approx(before.metrics["mse"]["mean"], rel=1e-9)
     post = learner.adapt(tasks.support_x, tasks.support_y)
     mean, scale2 = learner.predict(post, tasks.query_x)
-    expected = student_t_nll(mean[..., 0], scale2[..., 0], tasks.query_y[..., 0], nu).mean()
+    expected = tails.nll(mean[..., 0], scale2[..., 0], tasks.query_y[..., 0]).mean()
     assert after.metrics["nll"]["mean"] == pytest.approx(float(expected), rel=1e-12)
-    state = learner.state_dict()
-    assert float(state["model.likelihood.predictive_df"]) == nu
+    own = {k[len("model.likelihood."):]: v for k, v in learner.state_dict().items() if k.startswith("model.likelihood.")}
     fresh = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0, learn_prior_count=False).to(DT)
-    own = {k[len("model.likelihood."):]: v for k, v in state.items() if k.startswith("model.likelihood.")}
     fresh.load_state_dict(own)
-    assert fresh.df == pytest.approx(nu)
-    old = {k: v for k, v in own.items() if k != "predictive_df"}
-    fresh.load_state_dict(old)
-    assert fresh.df is None
+    assert fresh.tails == tails
+    fresh.load_state_dict({k: v for k, v in own.items() if k not in ("predictive_df", "predictive_scale_sd")})
+    assert fresh.tails is None
     training.fit_noise_prior(learner, tasks, chunk=16)
-    assert lik.df is None
+    assert lik.tails is None
+    with pytest.raises(ValueError, match="tails must be one of"):
+        training.fit_noise_prior(learner, tasks, chunk=16, tails="cauchy")
+
+
+def test_lognormal_noise_ratio_fit_recovers_the_coefficients_and_the_spread():
+    """Errors N(0, (c₁ + c₂ D_t) v e^{2τu}) with u ~ N(0, 1) per point give back (c₁, c₂, τ);
+    Gaussian errors give a τ near 0."""
+    from ibaml.calibration import fit_linear_noise_ratio_lognormal
+    g = torch.Generator().manual_seed(0)
+    D = torch.rand(3000, generator=g, dtype=DT) * 5
+    v = 0.5 + torch.rand(3000, 20, generator=g, dtype=DT)
+    scale2 = (0.3 + 0.7 * D)[:, None] * v
+    e = torch.randn(3000, 20, generator=g, dtype=DT) * torch.exp(0.6 * torch.randn(3000, 20, generator=g, dtype=DT))
+    c1, c2, tau = fit_linear_noise_ratio_lognormal(D, scale2 * e ** 2, v)
+    assert c1 == pytest.approx(0.3, rel=0.15) and c2 == pytest.approx(0.7, rel=0.05) and tau == pytest.approx(0.6, rel=0.05)
+    gauss = scale2 * torch.randn(3000, 20, generator=g, dtype=DT) ** 2
+    assert fit_linear_noise_ratio_lognormal(D, gauss, v)[2] < 0.1
+    with pytest.raises(ValueError, match="sd_bounds"):
+        fit_linear_noise_ratio_lognormal(D, gauss, v, sd_bounds=(0.5, 0.1))

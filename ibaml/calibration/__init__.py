@@ -1,7 +1,7 @@
 """Accuracy and calibration of predictive distributions, per task, with reports and figures.
 
 Modules: :mod:`.metrics` (the formulas below), :mod:`.student_t` (NLL and CRPS of a
-Student-t predictive), :mod:`.report` (:class:`CalibrationReport`, :func:`compare_markdown`),
+Student-t predictive), :mod:`.tails` (heavy-tailed predictive families for the reports), :mod:`.report` (:class:`CalibrationReport`, :func:`compare_markdown`),
 :mod:`.plots` (predictive bands), :mod:`.recalibration` (scales fitted to held-out data).
 
 The formulas are in :mod:`ibaml.calibration.metrics`: per-task regression metrics (MSE,
@@ -26,9 +26,11 @@ from .metrics import (CLASSIFICATION_KEYS, DEFAULT_LEVELS, REGRESSION_KEYS, mse,
                       interval_coverage, calibration_curve, calibration_error, pooled_calibration_error,
                       crps_gaussian, accuracy, nll, brier, ece, pooled_ece, mce,
                       reliability_bins, mean_ci95, central_quantile)
-from .recalibration import fit_linear_noise_ratio, fit_linear_noise_ratio_student_t, fit_logit_scale
+from .recalibration import (fit_linear_noise_ratio, fit_linear_noise_ratio_lognormal,
+                            fit_linear_noise_ratio_student_t, fit_logit_scale)
 from .student_t import crps_student_t, student_t_nll
+from .tails import LogNormalScale, StudentT
 from .plots import plot_predictive_bands, plot_predictive_grid
 from .report import CalibrationReport, compare_markdown
 
-__all__ = ['CLASSIFICATION_KEYS', 'DEFAULT_LEVELS', 'REGRESSION_KEYS', 'mse', 'gaussian_nll', 'interval_coverage', 'calibration_curve', 'calibration_error', 'pooled_calibration_error', 'crps_gaussian', 'accuracy', 'nll', 'brier', 'ece', 'pooled_ece', 'fit_logit_scale', 'mce', 'reliability_bins', 'mean_ci95', 'fit_linear_noise_ratio', 'fit_linear_noise_ratio_student_t', 'student_t_nll', 'crps_student_t', 'central_quantile', 'plot_predictive_bands', 'plot_predictive_grid', 'CalibrationReport', 'compare_markdown']
+__all__ = ['CLASSIFICATION_KEYS', 'DEFAULT_LEVELS', 'REGRESSION_KEYS', 'mse', 'gaussian_nll', 'interval_coverage', 'calibration_curve', 'calibration_error', 'pooled_calibration_error', 'crps_gaussian', 'accuracy', 'nll', 'brier', 'ece', 'pooled_ece', 'fit_logit_scale', 'mce', 'reliability_bins', 'mean_ci95', 'fit_linear_noise_ratio', 'fit_linear_noise_ratio_student_t', 'fit_linear_noise_ratio_lognormal', 'StudentT', 'LogNormalScale', 'student_t_nll', 'crps_student_t', 'central_quantile', 'plot_predictive_bands', 'plot_predictive_grid', 'CalibrationReport', 'compare_markdown']

@@ -8,8 +8,8 @@ Regression (Gaussian predictive ``N(μ, v)`` per point; inputs ``[T, Q]``, outpu
 * ``calibration_curve(levels)``: the coverage at each level ``[T, L]``;
   ``calibration_error = (1/L) Σ_l |cov(l) − l|``, levels 0.05, 0.10, …, 0.95
 * ``crps_gaussian = mean_q σ [z (2Φ(z) − 1) + 2φ(z) − 1/√π]``, ``z = (y − μ)/σ``
-* a Student-t predictive ``t_ν(μ, v)``: ``df=ν`` in the coverage functions; its NLL and
-  CRPS in :mod:`ibaml.calibration.student_t`
+* a heavy-tailed predictive around ``μ`` with squared scale ``v`` (Student-t, log-normal scale
+  mixture): ``tails=`` in the coverage functions; the families in :mod:`ibaml.calibration.tails`
 
 Classification (probabilities ``[T, Q, C]``, integer labels ``[T, Q]``, outputs ``[T]``):
 
@@ -42,7 +42,6 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-from scipy.special import stdtrit
 from torch import Tensor
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 REGRESSION_KEYS = ("mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps")
@@ -146,21 +145,21 @@ def gaussian_nll(mu, var, y) -> Tensor:
     return (0.5 * torch.log(2 * math.pi * var) + (y - mu) ** 2 / (2 * var)).mean(-1)
 
 
-def central_quantile(levels, df: Optional[float] = None) -> Tensor:
-    """``z_l`` with ``P(|Z| ≤ z_l) = l`` for ``Z`` standard normal, or standard Student-t with
-    ``df`` degrees of freedom (:func:`scipy.special.stdtrit`), float64.
+def central_quantile(levels, tails=None) -> Tensor:
+    """``z_l`` with ``P(|Z| ≤ z_l) = l`` for ``Z`` the standardised predictive: standard normal
+    (``tails=None``) or a heavy-tailed family of :mod:`ibaml.calibration.tails`, float64.
 
-    >>> [round(float(z), 3) for z in central_quantile(torch.tensor([0.9]))], round(float(central_quantile(torch.tensor([0.9]), 3.0)[0]), 3)
-    ([1.645], 2.353)
+    >>> from ibaml.calibration.tails import StudentT
+    >>> round(float(central_quantile(torch.tensor([0.9]))[0]), 3), round(float(central_quantile(torch.tensor([0.9]), StudentT(3.0))[0]), 3)
+    (1.645, 2.353)
     """
-    p = 0.5 + torch.as_tensor(levels, dtype=torch.float64) / 2
-    if df is None:
-        return _normal_quantile(p)
-    return torch.from_numpy(np.asarray(stdtrit(float(df), p.numpy()), dtype=np.float64))
+    if tails is None:
+        return _normal_quantile(0.5 + torch.as_tensor(levels, dtype=torch.float64) / 2)
+    return tails.central_quantile(levels)
 
 
-def _coverage(mu: Tensor, var: Tensor, y: Tensor, levels: Tensor, df: Optional[float] = None) -> Tensor:
-    half_width = central_quantile(levels, df) * var.sqrt().unsqueeze(-1)  # [T, Q, L]
+def _coverage(mu: Tensor, var: Tensor, y: Tensor, levels: Tensor, tails=None) -> Tensor:
+    half_width = central_quantile(levels, tails) * var.sqrt().unsqueeze(-1)  # [T, Q, L]
     return ((y - mu).abs().unsqueeze(-1) <= half_width).double().mean(-2)  # [T, L]
 
 
@@ -181,18 +180,19 @@ def interval_coverage(mu, var, y, level: float) -> Tensor:
     return _coverage(mu, var, y, torch.tensor([float(level)], dtype=torch.float64))[:, 0]
 
 
-def calibration_curve(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS, df: Optional[float] = None) -> Tensor:
+def calibration_curve(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS, tails=None) -> Tensor:
     """Per-task observed coverage at each nominal level, ``[T, L]``:
     ``cov_t(l) = interval_coverage(μ_t, v_t, y_t, l)``. A calibrated predictive has
-    ``E cov_t(l) = l`` (the diagonal). With ``df`` the predictive is the Student-t
-    ``t_df(μ, v)`` (``v`` its squared scale) and the intervals are ``μ ± t_{df,(1+l)/2} √v``.
+    ``E cov_t(l) = l`` (the diagonal). With ``tails`` (:mod:`ibaml.calibration.tails`) the
+    predictive is that heavy-tailed family around ``μ`` with squared scale ``v``, and the
+    intervals are ``μ ± z_l √v`` with its :func:`central_quantile`.
 
     >>> calibration_curve(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 2.0]]), [0.5, 0.99])
     tensor([[0., 1.]], dtype=torch.float64)
     """
     lv = _check_levels(levels)
     mu, var, y = _check_regression(mu, var, y)
-    return _coverage(mu, var, y, lv, df)
+    return _coverage(mu, var, y, lv, tails)
 
 
 def calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> Tensor:
@@ -211,8 +211,8 @@ def calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS) -> T
 
 
 def pooled_calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVELS,
-                             df: Optional[float] = None) -> Dict[str, float]:
-    """Coverage gap pooled over tasks, ``{"mean", "ci95"}`` (``df``: as in :func:`calibration_curve`):
+                             tails=None) -> Dict[str, float]:
+    """Coverage gap pooled over tasks, ``{"mean", "ci95"}`` (``tails``: as in :func:`calibration_curve`):
 
         CE = (1/L) Σ_l |ḡ_l|,   ḡ_l = (1/T) Σ_t (cov_t(l) − l),
         ci95 = (1/L) Σ_l 1.96 · std_t(cov_t(l)) / √T     (0 for one task)
@@ -221,7 +221,7 @@ def pooled_calibration_error(mu, var, y, levels: Sequence[float] = DEFAULT_LEVEL
     >>> pooled_calibration_error(mu, var, torch.tensor([[0.1, 3.0], [0.2, 3.0]]), [0.5])["mean"]
     0.0
     """
-    gaps = calibration_curve(mu, var, y, levels, df) - _check_levels(levels)  # [T, L]
+    gaps = calibration_curve(mu, var, y, levels, tails) - _check_levels(levels)  # [T, L]
     T = gaps.shape[0]
     spread = gaps.std(0, unbiased=True) if T > 1 else torch.zeros(gaps.shape[1], dtype=torch.float64)
     return {"mean": float(gaps.mean(0).abs().mean()), "ci95": float((1.96 * spread / math.sqrt(T)).mean())}

@@ -27,10 +27,10 @@ def _flat(name: str, t) -> np.ndarray:
 
 
 def plot_predictive_bands(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, ax=None,
-                          title=None, level: float = 0.9, df: Optional[float] = None):
+                          title=None, level: float = 0.9, tails=None):
     """One regression task: predictive mean over ``x_grid``, the central ``level`` band
-    ``mean ± z √var`` (``z = Φ⁻¹((1 + level)/2)``, 1.645 for the default 90%; with ``df`` the
-    Student-t quantile, ``var`` the squared scale), the support points and, if given, the true
+    ``mean ± z √var`` (``z = Φ⁻¹((1 + level)/2)``, 1.645 for the default 90%; with ``tails``
+    that family's quantile, ``var`` the squared scale), the support points and, if given, the true
     curve ``(x_true, y_true)``. Returns the axes.
 
     >>> x = torch.linspace(-5, 5, 50)
@@ -49,7 +49,7 @@ def plot_predictive_bands(x_support, y_support, x_grid, mean, var, x_true=None, 
     _, ax = _figure_and_axes(ax, (5, 3.5))
     order = np.argsort(x, kind="stable")
     x, m, s = x[order], m[order], np.sqrt(v[order])
-    z = float(central_quantile(torch.tensor([float(level)]), df)[0])
+    z = float(central_quantile(torch.tensor([float(level)]), tails)[0])
     if x_true is not None and y_true is not None:
         xt, yt = _flat("x_true", x_true), _flat("y_true", y_true)
         if len(xt) != len(yt):
@@ -66,8 +66,8 @@ def plot_predictive_bands(x_support, y_support, x_grid, mean, var, x_true=None, 
 
 def plot_predictive_grid(x_support, y_support, x_grid, mean, var, x_true=None, y_true=None, title=None,
                          cols: int = 3, level: float = 0.9, titles: Optional[Sequence[str]] = None,
-                         df: Optional[float] = None):
-    """Several tasks in a grid of :func:`plot_predictive_bands` panels (``level``, ``df`` as there); returns the Figure.
+                         tails=None):
+    """Several tasks in a grid of :func:`plot_predictive_bands` panels (``level``, ``tails`` as there); returns the Figure.
 
     Per-task arguments have a leading task dimension: ``x_support, y_support [T, S]``,
     ``mean, var [T, G]``, ``y_true [T, G']``. ``x_grid`` and ``x_true`` are shared ``[G]`` or
@@ -103,7 +103,7 @@ def plot_predictive_grid(x_support, y_support, x_grid, mean, var, x_true=None, y
             continue
         plot_predictive_bands(x_support[i], y_support[i], per_task(x_grid, i), mean_t[i], var[i],
                               x_true=per_task(x_true, i), y_true=None if y_true is None else y_true[i], ax=ax,
-                              title=None if titles is None else titles[i], level=level, df=df)
+                              title=None if titles is None else titles[i], level=level, tails=tails)
     axes.flat[0].legend(fontsize=7, loc="lower left")
     if title:
         fig.suptitle(title)

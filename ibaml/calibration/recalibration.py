@@ -7,7 +7,10 @@ maximum likelihood, the model's means left where they are.
   :class:`ibaml.ConjugateNoiseGaussianLikelihood`, through its ``fit_prior_noise``);
 * :func:`fit_linear_noise_ratio_student_t` — the same two coefficients with the degrees of
   freedom of a Student-t predictive, for errors whose scale varies between tasks more than
-  the evidence predicts (heavy tails once pooled).
+  the evidence predicts (heavy tails once pooled);
+* :func:`fit_linear_noise_ratio_lognormal` — the same with the spread of a log-normal scale
+  mixture instead (each task's scale uncertain by a log-normal factor), which fits such
+  errors closer to their nominal coverage at every level.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from scipy.optimize import minimize, minimize_scalar
 from torch import Tensor
 
 from .metrics import _as_float64
+from .tails import gauss_hermite_normal
 
 
 def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
@@ -133,3 +137,46 @@ def fit_linear_noise_ratio_student_t(evidence: Tensor, squared_error: Tensor, un
     bounds = [(-40.0, 20.0)] * 2 + [(math.log(lo - 1), math.log(hi - 1))]
     result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=bounds)
     return math.exp(result.x[0]), math.exp(result.x[1]), min(max(1 + math.exp(result.x[2]), lo), hi)
+
+
+def fit_linear_noise_ratio_lognormal(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
+                                     start: Tuple[float, float] = (1.0, 1.0), start_sd: float = 0.5,
+                                     sd_bounds: Tuple[float, float] = (1e-4, 3.0),
+                                     num_nodes: int = 40) -> Tuple[float, float, float]:
+    """The coefficients ``(c₁, c₂) > 0`` of the squared scale ``r_t v_tn`` (``r_t = c₁ + c₂ D_t``)
+    and the spread ``τ`` of a log-normal scale mixture (:class:`ibaml.calibration.LogNormalScale`:
+    each task's scale uncertain by a factor ``e^{τu}``, ``u ~ N(0, 1)``) that maximise
+
+        Σ_t Σ_n log E_u N(e_tn; 0, r_t v_tn e^{2τu})
+
+    (``num_nodes``-point Gauss–Hermite quadrature; arguments as in
+    :func:`fit_linear_noise_ratio`). ``τ`` within ``sd_bounds``; near its lower bound the
+    Gaussian fits. L-BFGS-B on ``(log c₁, log c₂, log τ)`` in float64.
+
+    >>> _ = torch.manual_seed(0)
+    >>> D, v = torch.ones(400), torch.ones(400, 5)
+    >>> e = torch.randn(400, 5) * 0.5 * torch.exp(0.6 * torch.randn(400, 5))   # τ = 0.6 around scale 0.5
+    >>> c1, c2, tau = fit_linear_noise_ratio_lognormal(D, e ** 2, v)
+    >>> 0.2 < c1 + c2 < 0.3, 0.5 < tau < 0.7
+    (True, True)
+    """
+    D, e2, v = _held_out_errors(evidence, squared_error, unit_variance)
+    lo, hi = sd_bounds
+    if not 0 < lo < hi <= 3:
+        raise ValueError(f"sd_bounds must satisfy 0 < low < high <= 3, got {sd_bounds!r}")
+    nodes, weights = gauss_hermite_normal(num_nodes)
+    log_w = weights.log()
+
+    def nll(x):
+        x = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            log_s2 = torch.log((x[0].exp() + x[1].exp() * D.clamp(min=0))[:, None] * v)[..., None] + 2 * x[2].exp() * nodes
+            log_n = -0.5 * (math.log(2 * math.pi) + log_s2 + e2[..., None] / log_s2.exp())
+            value = -torch.logsumexp(log_n + log_w, -1).mean()
+            value.backward()
+        return float(value.detach()), x.grad.numpy()
+
+    x0 = [math.log(max(float(c), 1e-12)) for c in start] + [math.log(min(max(start_sd, lo), hi))]
+    bounds = [(-40.0, 20.0)] * 2 + [(math.log(lo), math.log(hi))]
+    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=bounds)
+    return math.exp(result.x[0]), math.exp(result.x[1]), min(max(math.exp(result.x[2]), lo), hi)

@@ -17,7 +17,6 @@ from .metrics import (DEFAULT_LEVELS, _check_bins, _check_classification, _check
                       gaussian_nll, mce, mean_ci95, mse, nll, pooled_calibration_error, pooled_ece,
                       reliability_bins)
 from .plots import _figure_and_axes
-from .student_t import crps_student_t, student_t_nll
 
 
 def _jsonable(o):
@@ -67,26 +66,25 @@ class CalibrationReport:
 
     @classmethod
     def regression(cls, mu, var, y, name: str = "", levels: Sequence[float] = DEFAULT_LEVELS,
-                   extra: Optional[dict] = None, df: Optional[float] = None) -> "CalibrationReport":
+                   extra: Optional[dict] = None, tails=None) -> "CalibrationReport":
         """Report for Gaussian predictives ``N(mu, var)`` against targets ``y``, all ``[T, Q]``;
-        with ``df`` (``> 1``), for Student-t predictives ``t_df(mu, var)`` (``var`` the squared
-        scale: NLL, coverage and CRPS of :mod:`ibaml.calibration.student_t`; ``extra["df"]``)."""
+        with ``tails`` (a family of :mod:`ibaml.calibration.tails`, such as ``StudentT(df)`` or
+        ``LogNormalScale(sd)``), for that heavy-tailed predictive around ``mu`` with squared
+        scale ``var``: its NLL, coverage and CRPS (and ``extra["tails"]`` describing it)."""
         lv = _check_levels(levels)
         mu, var, y = _check_regression(mu, var, y)
-        if df is not None and not float(df) < math.inf:
-            df = None                       # ν = ∞: the Gaussian
-        cov = _coverage(mu, var, y, torch.tensor([0.5, 0.9, 0.95], dtype=torch.float64), df)
+        cov = _coverage(mu, var, y, torch.tensor([0.5, 0.9, 0.95], dtype=torch.float64), tails)
         metrics = {
             "mse": mean_ci95(mse(mu, y)),
-            "nll": mean_ci95(gaussian_nll(mu, var, y) if df is None else student_t_nll(mu, var, y, df)),
+            "nll": mean_ci95(gaussian_nll(mu, var, y) if tails is None else tails.nll(mu, var, y)),
             "coverage_50": mean_ci95(cov[:, 0]),
             "coverage_90": mean_ci95(cov[:, 1]),
             "coverage_95": mean_ci95(cov[:, 2]),
-            "calibration_error": pooled_calibration_error(mu, var, y, levels, df),
-            "crps": mean_ci95(crps_gaussian(mu, var, y) if df is None else crps_student_t(mu, var, y, df)),
+            "calibration_error": pooled_calibration_error(mu, var, y, levels, tails),
+            "crps": mean_ci95(crps_gaussian(mu, var, y) if tails is None else tails.crps(mu, var, y)),
         }
-        curve = _coverage(mu, var, y, lv, df).mean(0)
-        extra = dict(extra or {}, **({} if df is None else {"df": float(df)}))
+        curve = _coverage(mu, var, y, lv, tails).mean(0)
+        extra = dict(extra or {}, **({} if tails is None else {"tails": tails.describe()}))
         return cls("regression", metrics, name, curve={"levels": lv.tolist(), "observed": curve.tolist()},
                    extra=extra)
 
