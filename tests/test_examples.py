@@ -27,6 +27,8 @@ def test_sine_example_compare_end_to_end(tmp_path):
     fitted = metrics["methods"]["ibaml"]["noise_prior_fit"]       # its conjugate noise fitted to held-out tasks
     assert fitted["tasks"] == 30
     assert metrics["methods"]["ibaml"]["noise_prior"]["scale"] == pytest.approx(fitted["prior_noise"][1], rel=1e-5)
+    tails = metrics["methods"]["ibaml"]["noise_prior"]["tails"]      # the default heavy-tailed predictive
+    assert tails["family"] == "lognormal_scale" and fitted["tails"] == [None, tails]
     assert "noise_prior_fit" not in metrics["methods"]["imaml"]
     assert "| ibaml |" in (out / "report.md").read_text()
     assert "| ibaml |" in proc.stdout
@@ -40,3 +42,21 @@ def test_sine_example_rejects_unknown_method(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--noise-fit-tasks", "-1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--noise-fit-tasks" in proc.stderr
+
+
+def test_sine_example_fits_the_predictive_family_asked_for(tmp_path):
+    """``--noise-fit-tails student_t`` gives a Student-t predictive, ``none`` the Gaussian, and the
+    evaluation resumed from the same checkpoint gives the same means (the fit moves no mean)."""
+    base = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--method", "ibaml", "--meta-iters", "3",
+            "--meta-batch", "4", "--eval-tasks", "20", "--inner-steps", "3", "--no-progress", "--noise-fit-tasks", "30"]
+    results = {}
+    for family in ("student_t", "none"):
+        out = tmp_path / family
+        extra = ["--resume", str(tmp_path / "student_t")] if family == "none" else []
+        proc = subprocess.run(base + ["--noise-fit-tails", family, "--out", str(out)] + extra,
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[family] = json.loads((out / "metrics.json").read_text())
+    assert results["student_t"]["noise_prior"]["tails"]["family"] == "student_t"
+    assert results["none"]["noise_prior"]["tails"] is None
+    assert results["none"]["mse"] == results["student_t"]["mse"]
