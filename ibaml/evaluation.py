@@ -121,7 +121,20 @@ def fit_noise_prior(learner, tasks, num_tasks: Optional[int] = None, *, chunk: O
 
     Meta-training learns ``s₀`` and ``γ`` too, but slowly (their meta learning rate is that of
     the network) and under an objective in which they also weigh the tasks against each other;
-    this is the closed-loop step that makes the predictive's width match the held-out errors."""
+    this is the closed-loop step that makes the predictive's width match the held-out errors.
+
+    Example
+    -------
+    >>> import ibaml
+    >>> from ibaml.data.sine import SineTaskDistribution
+    >>> from ibaml.nets import MLP
+    >>> likelihood = ibaml.presets.regression_likelihood("conjugate", 5.0, False)
+    >>> learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1), likelihood, inner_steps=2)
+    >>> held_out = SineTaskDistribution(shots=10).sample(50, torch.Generator().manual_seed(0))
+    >>> fitted = fit_noise_prior(learner, held_out, tails="lognormal")
+    >>> fitted["tails"][1]["family"], learner.likelihood.tails.sd > 0
+    ('lognormal_scale', True)
+    """
     likelihood = learner.likelihood
     if not hasattr(likelihood, "fit_prior_noise"):
         raise TypeError(f"fit_noise_prior needs a ConjugateNoiseGaussianLikelihood, the learner has "
