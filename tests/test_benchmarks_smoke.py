@@ -125,8 +125,11 @@ def test_posterior_response_reads_a_run(tmp_path):
     spec.loader.exec_module(example)
     example.main(["--method", "ibaml", "--meta-iters", "2", "--meta-batch", "2", "--eval-tasks", "4",
                   "--checkpoint-every", "2", "--no-progress", "--out", str(tmp_path / "run")])
-    result = load("posterior_response").main([str(tmp_path / "run"), "--tasks", "12",
-                                              "--out", str(tmp_path / "response.json")])["ibaml"]
+    result = load("posterior_response").main([str(tmp_path / "run"), "--tasks", "12", "--noise-fit-tasks", "20",
+                                              "--refit-per-shots", "--out", str(tmp_path / "response.json")])["ibaml"]
+    refit = result["refit_per_shots"]
+    assert list(refit) == [1, 3, 10, 30] and all(0 <= r["coverage_90"] <= 1 for r in refit.values())
+    assert all(r["noise_prior_fit"]["tails"][1]["family"] == "lognormal_scale" for r in refit.values())
     assert set(result["shots"]) == {1, 3, 10, 30} and result["epistemic_30_over_1"] > 0
     bins = result["by_amplitude"]
     assert list(bins) == ["0.1-1.0", "1.0-2.5", "2.5-5.0"] and sum(b["tasks"] for b in bins.values()) == 12
