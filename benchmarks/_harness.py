@@ -386,11 +386,16 @@ def summary_table(summary: list) -> str:
     return "\n".join(lines)
 
 
-def write_json(out: Path, name: str, payload: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
+def write_json_file(path: Path, payload) -> Path:
+    """``payload`` as indented JSON at ``path``, its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def write_json(out: Path, name: str, payload: dict) -> Path:
+    return write_json_file(Path(out) / name, payload)
 
 
 def markdown(headers, rows) -> str:

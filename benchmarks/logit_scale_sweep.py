@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
+import sys
 from pathlib import Path
 
 import torch
 
 from ibaml import training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("accuracy", "ece", "ece_pooled", "confidence", "nll")
@@ -85,8 +88,7 @@ def main(argv=None):
         for tau, row in res["scales"].items():
             print(f"| {tau} | " + " | ".join(f"{row[k]:.4f}" for k in KEYS) + " |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        H.write_json_file(Path(args.out), results)
     return results
 
 

@@ -28,7 +28,6 @@ with the task's amplitude.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from ibaml.calibration import (CalibrationReport, LogNormalScale, StudentT, fit_
 from ibaml.data.sine import SineTaskDistribution
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 from posterior_response import load_learner  # noqa: E402
 
 LEVELS = ("coverage_50", "coverage_90", "coverage_95")
@@ -122,8 +122,7 @@ def main(argv=None) -> dict:
               f"per-task mean z² quantiles {', '.join(f'{k} {v:.3f}' for k, v in d['per_task_mean_z2_quantiles'].items())}; "
               f"correlation of its log with {', '.join(f'{k} {v:+.2f}' for k, v in d['corr_log_mean_z2_with'].items())}\n")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        H.write_json_file(Path(args.out), results)
     return results
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import sys
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ from ibaml.calibration import central_quantile
 from ibaml.checkpoint import load_checkpoint
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 
 SHOTS = (1, 3, 10, 30)
 AMPLITUDE_BINS = ((0.1, 1.0), (1.0, 2.5), (2.5, 5.0))
@@ -142,17 +145,14 @@ def main(argv=None):
     results = {}
     for folder in args.folders:
         method, learner, cfg = load_learner(Path(folder))
-        fitted = None
-        if args.noise_fit_tasks and hasattr(learner.likelihood, "fit_prior_noise"):
+        conjugate, fitted = hasattr(learner.likelihood, "fit_prior_noise"), None
+        tails = None if args.noise_fit_tails == "none" else args.noise_fit_tails
+        if args.noise_fit_tasks and conjugate:
             held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
                 args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))
-            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250,
-                                                    tails=None if args.noise_fit_tails == "none" else args.noise_fit_tails)
-        if args.refit_per_shots and hasattr(learner.likelihood, "fit_prior_noise"):
-            tails = None if args.noise_fit_tails == "none" else args.noise_fit_tails
-            refit = refit_per_shots(learner, args.tasks, args.noise_fit_tasks or 500, tails, cfg["query"])
-        else:
-            refit = None
+            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250, tails=tails)
+        refit = (refit_per_shots(learner, args.tasks, args.noise_fit_tasks or 500, tails, cfg["query"])
+                 if args.refit_per_shots and conjugate else None)
         results[method] = dict(response(learner, args.tasks), config=cfg, noise_prior_fit=fitted)
         if refit is not None:
             results[method]["refit_per_shots"] = refit
@@ -172,8 +172,7 @@ def main(argv=None):
         for name, row in r["by_amplitude"].items():
             print(f"| {name} | {row['tasks']} | {row['coverage_90']:.3f} | {row['rmse']:.3f} | {row['mean_std']:.3f} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        H.write_json_file(Path(args.out), results)
     return results
 
 

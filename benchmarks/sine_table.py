@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import ibaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 
 IN_RANGE = ("mse", "nll", "coverage_90", "calibration_error", "crps")
 OUT_RANGE = ("mse", "nll", "coverage_90")
@@ -84,9 +88,7 @@ def main(argv=None):
     table = markdown(rows)
     print(table)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({name: {"metrics": m, "config": c} for name, (m, c) in rows.items()},
-                                             indent=2))
+        H.write_json_file(Path(args.out), {name: {"metrics": m, "config": c} for name, (m, c) in rows.items()})
     return rows
 
 

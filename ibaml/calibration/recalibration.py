@@ -23,7 +23,8 @@ from scipy.optimize import minimize, minimize_scalar
 from torch import Tensor
 
 from .metrics import _as_float64
-from .tails import gauss_hermite_normal
+from .student_t import student_t_log_density
+from .tails import gauss_hermite_normal, scale_mixture_log_density
 
 
 def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
@@ -64,6 +65,28 @@ def _held_out_errors(evidence, squared_error, unit_variance) -> Tuple[Tensor, Te
     return D, e2, v
 
 
+def _minimize_by_autograd(objective, x0, bounds):
+    """The minimiser of ``objective(x) → scalar tensor`` over float64 ``x`` within ``bounds``:
+    L-BFGS-B (:func:`scipy.optimize.minimize`) with the gradient taken by autograd."""
+    def value_and_grad(values):
+        x = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            value = objective(x)
+            value.backward()
+        return float(value.detach()), x.grad.numpy()
+
+    return minimize(value_and_grad, x0, jac=True, method="L-BFGS-B", bounds=bounds).x
+
+
+def _linear_ratio(x: Tensor, D: Tensor) -> Tensor:
+    """``r_t = c₁ + c₂ D_t`` with ``(c₁, c₂) = exp(x[:2])`` (negative evidence read as 0)."""
+    return x[0].exp() + x[1].exp() * D.clamp(min=0)
+
+
+def _log_start(start) -> list:
+    return [math.log(max(float(c), 1e-12)) for c in start]
+
+
 def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
                            start: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
     """The coefficients ``(c₁, c₂) > 0`` of a per-task noise ratio ``r_t = c₁ + c₂ D_t`` that
@@ -81,19 +104,13 @@ def fit_linear_noise_ratio(evidence: Tensor, squared_error: Tensor, unit_varianc
     [0.5, 0.25]
     """
     D, e2, v = _held_out_errors(evidence, squared_error, unit_variance)
-    count = e2.shape[1]
 
-    def nll(log_c):
-        c = torch.tensor(log_c, dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            ratio = c[0].exp() + c[1].exp() * D.clamp(min=0)
-            value = 0.5 * (e2 / (ratio[:, None] * v) + torch.log(ratio[:, None] * v)).sum() / (D.shape[0] * count)
-            value.backward()
-        return float(value.detach()), c.grad.numpy()
+    def nll(x):
+        ratio = _linear_ratio(x, D)
+        return 0.5 * (e2 / (ratio[:, None] * v) + torch.log(ratio[:, None] * v)).sum() / e2.numel()
 
-    x0 = [math.log(max(float(c), 1e-12)) for c in start]
-    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=[(-40.0, 20.0)] * 2)
-    return math.exp(result.x[0]), math.exp(result.x[1])
+    x = _minimize_by_autograd(nll, _log_start(start), [(-40.0, 20.0)] * 2)
+    return math.exp(x[0]), math.exp(x[1])
 
 
 def fit_linear_noise_ratio_student_t(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
@@ -120,23 +137,13 @@ def fit_linear_noise_ratio_student_t(evidence: Tensor, squared_error: Tensor, un
     lo, hi = df_bounds
     if not 1.0 < lo < hi:
         raise ValueError(f"df_bounds must satisfy 1 < low < high, got {df_bounds!r}")
-    count = e2.numel()
 
     def nll(x):
-        x = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            nu = 1 + x[2].exp()
-            scale2 = (x[0].exp() + x[1].exp() * D.clamp(min=0))[:, None] * v
-            log_t = (torch.lgamma((nu + 1) / 2) - torch.lgamma(nu / 2) - 0.5 * torch.log(nu * math.pi)
-                     - 0.5 * torch.log(scale2) - (nu + 1) / 2 * torch.log1p(e2 / (nu * scale2)))
-            value = -log_t.sum() / count
-            value.backward()
-        return float(value.detach()), x.grad.numpy()
+        return -student_t_log_density(e2, _linear_ratio(x, D)[:, None] * v, 1 + x[2].exp()).sum() / e2.numel()
 
-    x0 = [math.log(max(float(c), 1e-12)) for c in start] + [math.log(min(max(start_df, lo), hi) - 1)]
-    bounds = [(-40.0, 20.0)] * 2 + [(math.log(lo - 1), math.log(hi - 1))]
-    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=bounds)
-    return math.exp(result.x[0]), math.exp(result.x[1]), min(max(1 + math.exp(result.x[2]), lo), hi)
+    x0 = _log_start(start) + [math.log(min(max(start_df, lo), hi) - 1)]
+    x = _minimize_by_autograd(nll, x0, [(-40.0, 20.0)] * 2 + [(math.log(lo - 1), math.log(hi - 1))])
+    return math.exp(x[0]), math.exp(x[1]), min(max(1 + math.exp(x[2]), lo), hi)
 
 
 def fit_linear_noise_ratio_lognormal(evidence: Tensor, squared_error: Tensor, unit_variance: Tensor,
@@ -165,18 +172,11 @@ def fit_linear_noise_ratio_lognormal(evidence: Tensor, squared_error: Tensor, un
     if not 0 < lo < hi <= 3:
         raise ValueError(f"sd_bounds must satisfy 0 < low < high <= 3, got {sd_bounds!r}")
     nodes, weights = gauss_hermite_normal(num_nodes)
-    log_w = weights.log()
 
     def nll(x):
-        x = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            log_s2 = torch.log((x[0].exp() + x[1].exp() * D.clamp(min=0))[:, None] * v)[..., None] + 2 * x[2].exp() * nodes
-            log_n = -0.5 * (math.log(2 * math.pi) + log_s2 + e2[..., None] / log_s2.exp())
-            value = -torch.logsumexp(log_n + log_w, -1).mean()
-            value.backward()
-        return float(value.detach()), x.grad.numpy()
+        log_scale2 = torch.log(_linear_ratio(x, D)[:, None] * v)[..., None] + 2 * x[2].exp() * nodes
+        return -scale_mixture_log_density(e2, log_scale2, weights).mean()
 
-    x0 = [math.log(max(float(c), 1e-12)) for c in start] + [math.log(min(max(start_sd, lo), hi))]
-    bounds = [(-40.0, 20.0)] * 2 + [(math.log(lo), math.log(hi))]
-    result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=bounds)
-    return math.exp(result.x[0]), math.exp(result.x[1]), min(max(math.exp(result.x[2]), lo), hi)
+    x0 = _log_start(start) + [math.log(min(max(start_sd, lo), hi))]
+    x = _minimize_by_autograd(nll, x0, [(-40.0, 20.0)] * 2 + [(math.log(lo), math.log(hi))])
+    return math.exp(x[0]), math.exp(x[1]), min(max(math.exp(x[2]), lo), hi)

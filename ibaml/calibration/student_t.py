@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .metrics import _check_regression
 
-__all__ = ["student_t_nll", "crps_student_t"]
+__all__ = ["student_t_nll", "crps_student_t", "student_t_log_density"]
 
 
 def _check_df(df, low: float = 0.0) -> float:
@@ -47,6 +47,14 @@ def _check_df(df, low: float = 0.0) -> float:
     return value
 
 
+def student_t_log_density(squared_error: Tensor, scale2: Tensor, df) -> Tensor:
+    """``log t_ν(e; 0, s²)`` elementwise from ``e²`` and ``s²`` (the module docstring's density);
+    ``df`` a number or a tensor, so that it can be differentiated (the fit of ``ν``)."""
+    nu = torch.as_tensor(df, dtype=scale2.dtype)
+    return (torch.lgamma((nu + 1) / 2) - torch.lgamma(nu / 2) - 0.5 * torch.log(nu * math.pi)
+            - 0.5 * torch.log(scale2) - (nu + 1) / 2 * torch.log1p(squared_error / (nu * scale2)))
+
+
 def student_t_nll(mu, var, y, df: float) -> Tensor:
     """Per-task mean negative log-likelihood ``[T]`` of ``y`` under ``t_df(μ, var)`` (``var`` the
     squared scale; the module docstring gives the density).
@@ -56,9 +64,7 @@ def student_t_nll(mu, var, y, df: float) -> Tensor:
     """
     nu = _check_df(df)
     mu, var, y = _check_regression(mu, var, y)
-    z2 = (y - mu) ** 2 / var
-    log_norm = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
-    return (-log_norm + 0.5 * torch.log(var) + (nu + 1) / 2 * torch.log1p(z2 / nu)).mean(-1)
+    return -student_t_log_density((y - mu) ** 2, var, nu).mean(-1)
 
 
 def crps_student_t(mu, var, y, df: float) -> Tensor:
@@ -71,10 +77,10 @@ def crps_student_t(mu, var, y, df: float) -> Tensor:
     nu = _check_df(df, 1.0)
     mu, var, y = _check_regression(mu, var, y)
     s = var.sqrt()
-    z = ((y - mu) / s).numpy()
+    z_t = (y - mu) / s
+    z = z_t.numpy()
     cdf = stdtr(nu, z)
-    log_pdf = (math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
-               - (nu + 1) / 2 * np.log1p(z ** 2 / nu))
+    log_pdf = student_t_log_density(z_t ** 2, torch.ones_like(z_t), nu).numpy()
     constant = 2 * math.sqrt(nu) * math.exp(betaln(0.5, nu - 0.5) - 2 * betaln(0.5, nu / 2)) / (nu - 1)
     score = z * (2 * cdf - 1) + 2 * np.exp(log_pdf) * (nu + z ** 2) / (nu - 1) - constant
     return (s * torch.from_numpy(score)).mean(-1)

@@ -39,7 +39,7 @@ from torch import Tensor
 from .metrics import _check_regression, _normal_cdf, _normal_quantile
 from .student_t import _check_df, crps_student_t, student_t_nll
 
-__all__ = ["StudentT", "LogNormalScale", "gauss_hermite_normal"]
+__all__ = ["StudentT", "LogNormalScale", "gauss_hermite_normal", "scale_mixture_log_density"]
 
 
 def gauss_hermite_normal(num_nodes: int = 40):
@@ -47,6 +47,13 @@ def gauss_hermite_normal(num_nodes: int = 40):
     ``E f(u) ≈ Σ_k w_k f(u_k)`` for ``u ~ N(0, 1)``."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(int(num_nodes))
     return torch.from_numpy(nodes), torch.from_numpy(weights / weights.sum())
+
+
+def scale_mixture_log_density(squared_error: Tensor, log_scale2: Tensor, weights: Tensor) -> Tensor:
+    """``log Σ_k w_k N(e; 0, s_k²)`` from ``e² [...]`` and the components' ``log s_k² [..., K]``
+    (weights ``[K]`` summing to 1): the log-density of a Gaussian scale mixture, elementwise."""
+    log_n = -0.5 * (math.log(2 * math.pi) + log_scale2 + squared_error[..., None] / log_scale2.exp())
+    return torch.logsumexp(log_n + weights.log(), -1)
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,7 @@ class LogNormalScale:
     def nll(self, mu, var, y) -> Tensor:
         mu, var, y = _check_regression(mu, var, y)
         log_f, w = self._log_scales()
-        comp_var = var[..., None] * torch.exp(2 * log_f)         # [T, Q, K]
-        log_n = -0.5 * (math.log(2 * math.pi) + torch.log(comp_var) + (y - mu)[..., None] ** 2 / comp_var)
-        return -torch.logsumexp(log_n + torch.log(w), -1).mean(-1)
+        return -scale_mixture_log_density((y - mu) ** 2, torch.log(var)[..., None] + 2 * log_f, w).mean(-1)
 
     def crps(self, mu, var, y) -> Tensor:
         mu, var, y = _check_regression(mu, var, y)
