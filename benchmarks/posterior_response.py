@@ -39,6 +39,7 @@ import torch
 import ibaml
 from ibaml.calibration import central_quantile
 from ibaml.checkpoint import load_checkpoint
+from ibaml.cli import TAIL_CHOICES, tail_family
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
@@ -134,7 +135,7 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--noise-fit-tasks", type=int, default=500,
                    help="conjugate noise: fit its prior to N held-out tasks first, as the example does (0: no fit)")
-    p.add_argument("--noise-fit-tails", default="lognormal", choices=("lognormal", "student_t", "none"),
+    p.add_argument("--noise-fit-tails", default="lognormal", choices=TAIL_CHOICES,
                    help="with --noise-fit-tasks: the predictive's family, as in the example (default: lognormal)")
     p.add_argument("--refit-per-shots", action="store_true",
                    help="also refit the noise prior at each support size K on K-shot held-out tasks and report "
@@ -145,8 +146,7 @@ def main(argv=None):
     results = {}
     for folder in args.folders:
         method, learner, cfg = load_learner(Path(folder))
-        conjugate, fitted = hasattr(learner.likelihood, "fit_prior_noise"), None
-        tails = None if args.noise_fit_tails == "none" else args.noise_fit_tails
+        conjugate, fitted, tails = hasattr(learner.likelihood, "fit_prior_noise"), None, tail_family(args.noise_fit_tails)
         if args.noise_fit_tasks and conjugate:
             held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
                 args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))

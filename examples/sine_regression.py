@@ -39,7 +39,8 @@ from ibaml import distributed, presets, training
 from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid
 from ibaml.checkpoint import CheckpointError
-from ibaml.cli import check_ranges
+from ibaml.calibration.tails import describe
+from ibaml.cli import TAIL_CHOICES, check_ranges, tail_family
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--noise-fit-tasks", type=int, default=500, metavar="N",
                    help="--noise conjugate: after meta-training, fit the noise prior's scale and evidence weight to "
                         "N held-out tasks (ibaml.training.fit_noise_prior; 0: keep the meta-trained ones)")
-    p.add_argument("--noise-fit-tails", default="lognormal", choices=("lognormal", "student_t", "none"),
+    p.add_argument("--noise-fit-tails", default="lognormal", choices=TAIL_CHOICES,
                    help="with --noise-fit-tasks: the predictive's family, its shape fitted too: a log-normal scale "
                         "mixture (default), a Student-t, or the Gaussian (none)")
     p.add_argument("--cg-steps", type=int, default=5)
@@ -199,8 +200,7 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
         held_out = tasks.sample(args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + args.seed), dtype=dtype)
         result["noise_prior_fit"] = training.fit_noise_prior(model, held_out.to(device), chunk=250,
-                                                             tails=None if args.noise_fit_tails == "none"
-                                                             else args.noise_fit_tails)
+                                                             tails=tail_family(args.noise_fit_tails))
     in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + args.seed), dtype=dtype).to(device)
     out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(20_000 + args.seed),
                                             dtype=dtype).to(device)
@@ -215,7 +215,7 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
         result["noise_prior"] = {"count": float(likelihood.prior_count.detach()),
                                  "scale": float(likelihood.prior_noise.detach()),
                                  "evidence_scale": float(likelihood.evidence_scale.detach()),
-                                 "tails": None if likelihood.tails is None else likelihood.tails.describe()}
+                                 "tails": describe(likelihood.tails)}
     (folder / "metrics.json").write_text(json.dumps(result, indent=2))
     return result, report_in, report_out
 

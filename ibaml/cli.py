@@ -28,9 +28,18 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
-__all__ = ["given_options", "merge_saved_options", "check_ranges"]
+__all__ = ["given_options", "merge_saved_options", "check_ranges", "TAIL_CHOICES", "tail_family"]
+
+#: the command-line names of the predictive families of ``fit_noise_prior(..., tails=...)``
+TAIL_CHOICES = ("lognormal", "student_t", "none")
+
+
+def tail_family(choice: str) -> Optional[str]:
+    """A :data:`TAIL_CHOICES` name as ``fit_noise_prior`` takes it: ``"none"`` (the Gaussian) →
+    ``None``, the others unchanged."""
+    return None if choice == "none" else choice
 
 
 def option_name(attribute: str) -> str:

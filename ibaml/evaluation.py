@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .calibration import CalibrationReport
+from .calibration.tails import describe
 from .data.tasks import as_task_dict
 from .progress import progress_bar
 
@@ -146,10 +147,7 @@ def fit_noise_prior(learner, tasks, num_tasks: Optional[int] = None, *, chunk: O
     var = torch.cat([v.reshape(v.shape[0], -1) for ((_, v), _, _), _ in results])
     ratio = torch.cat([r for (_, r, _), _ in results])
     y = torch.cat([t.reshape(t.shape[0], -1) for _, t in results]).to(mean)
-    def described(family):
-        return None if family is None else family.describe()
-
     before = float(likelihood.prior_noise.detach()), float(likelihood.evidence_scale.detach()), likelihood.tails
     after = likelihood.fit_prior_noise(ratio, (y - mean) ** 2, var, results[0][0][2], tails=tails)
     return {"prior_noise": (before[0], after[0]), "evidence_scale": (before[1], after[1]),
-            "tails": (described(before[2]), described(likelihood.tails)), "tasks": int(ratio.shape[0])}
+            "tails": (describe(before[2]), describe(likelihood.tails)), "tasks": int(ratio.shape[0])}

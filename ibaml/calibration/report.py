@@ -17,6 +17,7 @@ from .metrics import (DEFAULT_LEVELS, _check_bins, _check_classification, _check
                       gaussian_nll, mce, mean_ci95, mse, nll, pooled_calibration_error, pooled_ece,
                       reliability_bins)
 from .plots import _figure_and_axes
+from .tails import describe
 
 
 def _jsonable(o):
@@ -84,7 +85,7 @@ class CalibrationReport:
             "crps": mean_ci95(crps_gaussian(mu, var, y) if tails is None else tails.crps(mu, var, y)),
         }
         curve = _coverage(mu, var, y, lv, tails).mean(0)
-        extra = dict(extra or {}, **({} if tails is None else {"tails": tails.describe()}))
+        extra = dict(extra or {}, **({} if tails is None else {"tails": describe(tails)}))
         return cls("regression", metrics, name, curve={"levels": lv.tolist(), "observed": curve.tolist()},
                    extra=extra)
 

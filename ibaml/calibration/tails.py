@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +40,12 @@ from torch import Tensor
 from .metrics import _check_regression, _normal_cdf, _normal_quantile
 from .student_t import _check_df, crps_student_t, student_t_nll
 
-__all__ = ["StudentT", "LogNormalScale", "gauss_hermite_normal", "scale_mixture_log_density"]
+__all__ = ["StudentT", "LogNormalScale", "gauss_hermite_normal", "scale_mixture_log_density", "describe"]
+
+
+def describe(tails) -> Optional[dict]:
+    """``tails.describe()`` (``{"family", ...}``), or ``None`` for the Gaussian (``tails=None``)."""
+    return None if tails is None else tails.describe()
 
 
 def gauss_hermite_normal(num_nodes: int = 40):
