@@ -201,7 +201,8 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = args.resume if args.resume is not None else "runs/fewshot"
     check_args(p, args)
-    if args.resume is None and not args.overwrite and training.holds_run(args.out):
+    continues = args.resume is not None and Path(args.resume).resolve() == Path(args.out).resolve()
+    if not (continues or args.overwrite) and training.holds_run(args.out):
         p.error(f"{args.out} already holds a run: continue it with --resume {args.out} or replace it with --overwrite")
     return args, checkpoint
 

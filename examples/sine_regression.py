@@ -112,8 +112,9 @@ def parse_args(argv=None):
     if args.distributed and args.meta_batch < int(os.environ["WORLD_SIZE"]):
         p.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
     args.out = args.out or args.resume or "runs/sine"
+    continues = args.resume is not None and Path(args.resume).resolve() == Path(args.out).resolve()
     held = [m for m in args.methods if training.holds_run(Path(args.out) / m)]
-    if held and not (args.resume or args.overwrite):
+    if held and not (continues or args.overwrite):
         p.error(f"{args.out} already holds a run of {', '.join(held)}: continue it with --resume {args.out} "
                 f"or replace it with --overwrite")
     return args

@@ -162,9 +162,13 @@ class MetaLearner(nn.Module):
 
     Example
     -------
-    >>> learner = MetaLearner(net, IsotropicGaussian.from_module(net, precision=100.0),
-    ...                       GaussianLikelihood(1.0), nonfinite="skip")          # doctest: +SKIP
-    >>> learner.meta_step(batch)["skipped"], learner.skipped_tasks              # doctest: +SKIP
+    >>> import ibaml, priors
+    >>> from ibaml.data import SineTaskDistribution
+    >>> net = ibaml.nets.MLP(1, (8,), 1)
+    >>> learner = MetaLearner(net, priors.IsotropicGaussian.from_module(net, precision=100.0),
+    ...                       ibaml.GaussianLikelihood(1.0), nonfinite="skip")
+    >>> batch = SineTaskDistribution(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
+    >>> int(learner.meta_step(batch)["skipped"]), learner.skipped_tasks
     (0, 0)
     """
 

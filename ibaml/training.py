@@ -264,7 +264,8 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         resume: ``True``: continue from ``folder/last.pt``; a folder path: continue from
             that folder's ``last.pt`` (and ``best.pt``), writing to ``folder``. Where there is
             no checkpoint yet (a run killed before its first one), start from scratch with a
-            one-line notice, so the command that started a run also restarts it.
+            one-line notice, so the command that started a run also restarts it. Resuming
+            from another folder into a ``folder`` that holds a run of its own needs ``overwrite``.
         overwrite: replace the run that ``folder`` holds. Without ``resume`` or ``overwrite``
             a folder that holds a run raises :class:`RunExistsError`.
         validate: ``validate(step) → dict`` of metrics, called every ``validate_every``
@@ -293,6 +294,13 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         if is_main:
             folder.mkdir(parents=True, exist_ok=True)
             clean_folder(folder)
+        continues_here = bool(resume) and source.resolve() == folder.resolve()
+        if holds_run(folder) and not overwrite and not continues_here:
+            # only the run being continued, or an explicit overwrite, may replace what folder holds
+            raise RunExistsError(f"{folder} already holds a run ({LAST} or {BEST}): resume it or overwrite it")
+        if is_main and (overwrite or resume) and not (continues_here and (folder / LAST).is_file()):
+            for name in (LAST, BEST):   # a fresh run: no checkpoint of an earlier run may be mistaken for this one's
+                (folder / name).unlink(missing_ok=True)
         if resume and (source / LAST).is_file():
             keys = list(config) if must_match is None else list(must_match)
             state = load_checkpoint(source / LAST, config=config, keys=keys, map_location="cpu")
@@ -307,19 +315,13 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
             restore_rng_state(state["rng"], **rng)
             start = resumed_from = int(state["step"])
             seconds, history, best = float(state["train_seconds"]), list(state["validation"]), state["best"]
-            if is_main and best is not None and source.resolve() != folder.resolve():
+            if is_main and best is not None and not continues_here:
                 shutil.copy2(source / BEST, folder / BEST)
             if is_main:
                 done = "finished, not retrained" if start == steps else "resuming"
                 print(f"{desc}: checkpoint at step {start} of {steps} ({done})", flush=True)
-        elif resume:
-            if is_main:
-                print(f"{desc}: no checkpoint in {source} yet, starting from scratch", flush=True)
-        elif holds_run(folder) and not overwrite:
-            raise RunExistsError(f"{folder} already holds a run ({LAST} or {BEST}): resume it or overwrite it")
-        if is_main and not resumed_from and (overwrite or resume):
-            for name in (LAST, BEST):   # a fresh run: no checkpoint of an earlier run may be mistaken for this one's
-                (folder / name).unlink(missing_ok=True)
+        elif resume and is_main:
+            print(f"{desc}: no checkpoint in {source} yet, starting from scratch", flush=True)
 
     def save(done: int) -> None:
         if folder is not None and is_main:

@@ -296,6 +296,10 @@ CASES = [
      lambda t: cli(RUN + ["--out", str(example_checkpoint(t))]),
      CLIError, "{tmp}/run already holds a run of imaml: continue it with --resume {tmp}/run or replace it with "
                "--overwrite"),
+    ("resuming another run into a folder that holds one (example CLI)",
+     lambda t: cli(RUN + ["--resume", str(t / "empty"), "--out", str(example_checkpoint(t))]),
+     CLIError, "{tmp}/run already holds a run of imaml: continue it with --resume {tmp}/run or replace it with "
+               "--overwrite"),
     # --- dataset files
     ("missing dataset file", lambda t: load_miniimagenet(t, "test", format="pickle"),
      DatasetError, "miniImageNet: {tmp}/mini-imagenet-cache-test.pkl: file missing"),

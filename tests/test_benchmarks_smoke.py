@@ -190,3 +190,12 @@ def test_sine_curve_quick(tmp_path):
     assert sum(b["tasks"] for b in payload["mse_by_amplitude"].values()) == 20
     mses = [t["mse"] for t in payload["worst_tasks"]]
     assert mses == sorted(mses, reverse=True) and len(mses) == 10
+
+
+def test_method_cost_quick(tmp_path):
+    payload = load("method_cost").main(["--quick", "--methods", "imaml,ibaml", "--steps", "preset,2",
+                                        "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "method_cost.json").read_text())
+    assert [(r["method"], r["inner_steps"]) for r in saved["rows"]] == [("imaml", 2), ("ibaml", 10), ("imaml", 2),
+                                                                         ("ibaml", 2)]
+    assert all(r["ms"] > 0 for r in payload["rows"]) and saved["summary"][0]["measured"] == payload["rows"][3]["ratio_to_imaml"]

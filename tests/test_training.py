@@ -58,6 +58,21 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, capsys):
     assert "no checkpoint in" in capsys.readouterr().out
 
 
+def test_resuming_from_another_folder_does_not_replace_a_run_held_here(tmp_path, capsys):
+    sample, gen = sampler()
+    training.fit(make_learner(), sample, 2, folder=tmp_path / "held", rng={"tasks": gen}, progress=False)
+    kept = (tmp_path / "held" / "last.pt").read_bytes()
+    training.fit(make_learner(), sample, 1, folder=tmp_path / "source", rng={"tasks": gen}, progress=False)
+    for source in (tmp_path / "empty", tmp_path / "source"):      # without and with a checkpoint to continue
+        with pytest.raises(training.RunExistsError, match="already holds a run"):
+            training.fit(make_learner(), sample, 3, folder=tmp_path / "held", resume=source, rng={"tasks": gen},
+                         progress=False)
+        assert (tmp_path / "held" / "last.pt").read_bytes() == kept
+    result = training.fit(make_learner(), sample, 3, folder=tmp_path / "held", resume=tmp_path / "source",
+                          overwrite=True, rng={"tasks": gen}, progress=False)
+    assert result.resumed_from == 1 and load_checkpoint(tmp_path / "held" / "last.pt")["step"] == 3
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     sample, gen = sampler()
     training.fit(make_learner(), sample, 2, folder=tmp_path, config={"seed": 0}, rng={"tasks": gen}, progress=False)
