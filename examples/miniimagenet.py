@@ -70,7 +70,7 @@ from ibaml.nets import Conv4
 METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
 NATIVE_SIZE = {"miniimagenet": 84, "omniglot": 28}
 #: options that may differ between a run and its resumption (everything else must agree)
-MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk",
+MAY_CHANGE = ("data_root", "format", "workers", "split_file", "meta_iters", "eval_tasks", "eval_chunk", "read_every",
               "val_every", "val_tasks", "checkpoint_every", "out", "resume", "no_progress", "threads",
               "calibrate_scale", "overwrite")
 METRICS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-chunk", type=int, default=25, help="tasks sampled and evaluated at a time")
     train.add_argument("--checkpoint-every", type=int, default=500,
                        help="write DIR/last.pt every N meta-iterations (0: only at the end, where it is always written)")
+    train.add_argument("--read-every", type=int, default=0, metavar="N",
+                       help="read the training statistics on the host every N meta-iterations (default: 1 on the "
+                            "CPU, ibaml.training.GPU_READ_EVERY on a GPU, which then never waits between reads)")
     train.add_argument("--resume", default=None, metavar="DIR",
                        help="continue the run saved in DIR/last.pt (a folder without one yet: start from scratch)")
     train.add_argument("--overwrite", action="store_true", help="replace the run that DIR already holds")
@@ -170,7 +173,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         **dict.fromkeys(("shots", "query", "channels", "cg_steps", "meta_batch", "meta_iters", "val_tasks",
                          "eval_tasks", "eval_chunk", "predictive_samples", "inner_steps", "eval_inner_steps",
                          "chunk_size", "threads", "outer_samples"), 1),
-        **dict.fromkeys(("val_every", "checkpoint_every", "workers"), 0), "ways": 2},
+        **dict.fromkeys(("val_every", "checkpoint_every", "workers", "read_every"), 0), "ways": 2},
         positive=("inner_lr", "meta_lr", "precision", "init_scale", "kl_weight", "logit_scale_init",
                   "logit_scale_meta_lr"))
     if args.image_size is not None and args.image_size < 16:
@@ -350,6 +353,7 @@ def main(argv=None) -> dict:
                        checkpoint_every=args.checkpoint_every, resume=args.resume or False, overwrite=args.overwrite,
                        validate=validate, validate_every=args.val_every, select_best=lambda e: e["accuracy"]["mean"],
                        on_step=on_step, rng={"sampler": samplers["train"]}, progress=progress,
+                       read_every=training.default_read_every(learner, device, args.read_every),
                        desc=f"{args.method} {args.dataset}")
     outputs, labels = outputs_of("test", args.eval_tasks, 20_000 + args.seed)
     report = report_at(outputs, labels, learned_scale(learner), name=f"{args.method}, test")

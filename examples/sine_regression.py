@@ -89,6 +89,9 @@ def parse_args(argv=None):
                         "(default), or stop with an error")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also write OUT/<method>/last.pt every N meta-iterations (it is always written at the end)")
+    p.add_argument("--read-every", type=int, default=0, metavar="N",
+                   help="read the training statistics on the host every N meta-iterations (default: 1 on the CPU, "
+                        "ibaml.training.GPU_READ_EVERY on a GPU, which then never waits between reads)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue each method from DIR/<method>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the runs that OUT already holds")
     p.add_argument("--train-only", action="store_true", help="meta-train and write checkpoints; skip the evaluation")
@@ -100,7 +103,7 @@ def parse_args(argv=None):
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     check_ranges(p, args, minimum={**dict.fromkeys(("shots", "query", "meta_iters", "meta_batch", "eval_tasks",
                                                     "cg_steps", "inner_steps", "eval_inner_steps", "threads"), 1),
-                                   "noise_fit_tasks": 0, "checkpoint_every": 0},
+                                   "noise_fit_tasks": 0, "checkpoint_every": 0, "read_every": 0},
                  positive=("inner_lr", "meta_lr", "noise_prior_count"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available on this machine")
@@ -192,6 +195,7 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
                        folder=folder, config=cfg, checkpoint_every=args.checkpoint_every,
                        resume=Path(args.resume) / method if args.resume else False, overwrite=args.overwrite,
                        rng={"tasks": gen}, progress=not args.no_progress, desc=method,
+                       read_every=training.default_read_every(model, device, args.read_every),
                        is_main=ctx is None or ctx.is_main)
     result = {"train_seconds": fit.seconds, "ms_per_meta_iter": 1000 * fit.seconds / args.meta_iters}
     if method != "dkt":

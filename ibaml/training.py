@@ -224,6 +224,23 @@ class FitResult:
     resumed_from: Optional[int] = None
 
 
+#: :func:`fit`'s ``read_every`` on a GPU where none is given (:func:`default_read_every`)
+GPU_READ_EVERY = 20
+
+
+def default_read_every(learner, device, given: Optional[int] = None) -> int:
+    """``given``, else :data:`GPU_READ_EVERY` for an :class:`ibaml.MetaLearner` on a CUDA
+    device (where a host read waits for the GPU) and ``1`` elsewhere (on the CPU it costs nothing).
+
+    >>> default_read_every(None, torch.device("cpu")), default_read_every(None, "cuda", 5)
+    (1, 5)
+    """
+    if given:
+        return int(given)
+    defers = callable(getattr(learner, "task_gradients", None))   # a MetaLearner: steps that read nothing
+    return GPU_READ_EVERY if torch.device(device).type == "cuda" and defers else 1
+
+
 def holds_run(folder: Union[str, Path]) -> bool:
     """Whether ``folder`` holds the checkpoints of a run (``last.pt`` or ``best.pt``)."""
     return any((Path(folder) / name).is_file() for name in (LAST, BEST))
@@ -246,7 +263,7 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         validate: Optional[Callable[[int], Dict[str, Any]]] = None, validate_every: int = 0,
         select_best: Optional[Callable[[Dict[str, Any]], float]] = None, restore_best: bool = True,
         on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None, rng: Optional[Mapping[str, Any]] = None,
-        progress: bool = True, desc: str = "meta-train", is_main: bool = True) -> FitResult:
+        progress: bool = True, desc: str = "meta-train", is_main: bool = True, read_every: int = 1) -> FitResult:
     """Meta-train ``learner`` for ``steps`` meta-steps on batches ``sample_tasks()``.
 
     Args:
@@ -273,7 +290,16 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         select_best: ``entry → score`` (higher is better): the parameters of the best
             validation go to ``folder/best.pt`` and, with ``restore_best``, back into the
             learner at the end.
-        on_step: ``on_step(step, stats)`` after each meta-step.
+        on_step: ``on_step(step, stats)`` after each meta-step (``stats`` read on the host:
+            numbers, at the steps where they are read, see ``read_every``; 0-d tensors between).
+        read_every: read the statistics on the host every ``N`` meta-steps (and at every
+            checkpoint, validation and the last step). ``1`` (the default): every step checks its
+            batch and applies the non-finite policy at once. ``N > 1``: the steps between reads
+            are :func:`meta_step` with ``validate=False, check=False``, which read nothing on the
+            host, so that a GPU is never waited for; the tasks that fail are masked out at once
+            and counted, and the policy (``"raise"`` or ``"skip"``) is applied to them at the
+            next read, up to ``N − 1`` steps late. Only the first batch is validated
+            (:func:`ibaml.data.tasks.validate_tasks`); the trajectory is the same as with ``1``.
         rng: ``{name: source}`` (``torch.Generator``, an :class:`ibaml.data.EpisodeSampler`)
             checkpointed with torch's global generators.
         progress: a tqdm bar (redrawn once a minute when the output is not a terminal).
@@ -283,6 +309,8 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if checkpoint_every < 0 or validate_every < 0:
         raise ValueError("checkpoint_every and validate_every must be 0 or positive")
+    if int(read_every) != read_every or read_every < 1:
+        raise ValueError(f"read_every must be a positive integer, got {read_every!r}")
     if folder is None and (resume or checkpoint_every or select_best is not None):
         raise ValueError("resume, checkpoint_every and select_best need a folder for the checkpoints")
     rng = dict(rng or {})
@@ -329,19 +357,38 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
                                             "rng": rng_state(**rng), "validation": history, "best": best,
                                             "train_seconds": seconds})
 
+    def validates(done: int) -> bool:
+        return validate is not None and bool(validate_every) and (done % validate_every == 0 or done == steps)
+
+    def reads(done: int) -> bool:
+        return (read_every == 1 or done % read_every == 0 or done == steps or validates(done)
+                or bool(checkpoint_every and done % checkpoint_every == 0))
+
     stats: Dict[str, Any] = {}
+    pending: List[Dict[str, Any]] = []   # statistics of the steps not yet read on the host (read_every > 1)
     bar = progress_bar(range(start, steps), progress and is_main, initial=start, total=steps, desc=desc)
     clock = run_seconds = 0.0
     for i in bar:
         clock = time.perf_counter()
-        stats = _as_stats(learner.meta_step(sample_tasks()))
+        if read_every == 1:
+            stats = _as_stats(learner.meta_step(sample_tasks()))
+        else:
+            stats = learner.meta_step(sample_tasks(), validate=i == start, check=False)
+        done = i + 1
+        if read_every > 1:
+            pending.append(stats)
+            if reads(done):
+                for raw in pending:   # the policy applied in step order: the first failing step raises
+                    stats = read_stats(learner, raw)
+                pending = []
         elapsed = time.perf_counter() - clock
         seconds, run_seconds = seconds + elapsed, run_seconds + elapsed
-        done = i + 1
         if on_step is not None:
             on_step(done, stats)
+        if not reads(done):
+            continue
         postfix = {"loss": f"{stats['loss']:.3f}"}
-        if validate is not None and validate_every and (done % validate_every == 0 or done == steps):
+        if validates(done):
             entry = {"step": done, **validate(done)}
             history.append(entry)
             if select_best is not None:

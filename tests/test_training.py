@@ -250,3 +250,43 @@ def test_task_batching_auto_loops_for_convolutions_on_the_cpu_and_both_agree():
     assert stacked["n"] == 2 and torch.equal(stacked["sum"], torch.ones(4, 2) + torch.arange(4.0)[:, None])
     with pytest.raises(ValueError, match="task_batching must be one of"):
         conv_learner("threads")
+
+
+@pytest.mark.parametrize("method", ["ibaml", "maml"])
+def test_fit_reading_every_n_steps_reads_nothing_between_reads_and_follows_the_same_trajectory(tmp_path, method):
+    every_step, deferred = sync_learner(method), sync_learner(method)
+    sample, gen = sampler()
+    training.fit(every_step, sample, 7, progress=False)
+    sample, gen = sampler()
+    seen = []
+    with HostReads() as reads:
+        result = training.fit(deferred, sample, 7, folder=tmp_path, checkpoint_every=5, read_every=3, progress=False,
+                              on_step=lambda step, stats: seen.append((reads.count, torch.is_tensor(stats["loss"]))))
+    counts, unread = zip(*seen)
+    # read at steps 3, 5 (a checkpoint), 6 and 7; steps 2 and 4 read nothing (step 1 validates its batch)
+    assert counts[1] == counts[0] and counts[3] == counts[2] and counts[2] > counts[1] and counts[4] > counts[3]
+    assert unread == (True, True, False, True, False, False, False)
+    assert isinstance(result.stats["loss"], float) and load_checkpoint(tmp_path / "last.pt")["step"] == 7
+    for k, v in every_step.state_dict().items():
+        assert torch.equal(deferred.state_dict()[k], v), k
+
+
+def test_fit_reading_every_n_steps_applies_the_nonfinite_policy_at_the_next_read():
+    def sample_with_failures():
+        batch = sine_tasks(4, gen)
+        calls.append(1)
+        return overflowing(batch, [1]) if len(calls) == 2 else batch
+
+    for policy in ("skip", "raise"):
+        gen, calls = torch.Generator().manual_seed(0), []
+        learner = sync_learner("imaml", policy)
+        if policy == "skip":
+            training.fit(learner, sample_with_failures, 4, read_every=4, progress=False)
+            assert learner.skipped_tasks == 1
+        else:
+            seen = []
+            with pytest.raises(training.NonFiniteError, match="1 of 4 tasks"):
+                training.fit(learner, sample_with_failures, 6, read_every=3, progress=False,
+                             on_step=lambda step, stats: seen.append(step))
+            assert seen == [1, 2]          # raised at the read of step 3, which reported step 2's failure
+            assert all(torch.isfinite(p).all() for p in learner.meta_params().values())
