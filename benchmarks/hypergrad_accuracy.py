@@ -23,15 +23,21 @@ q = N(m, diag s), s = softplus(ρ), ``G = E_q NLL(S) + β KL(q ‖ p)`` with fix
     python benchmarks/hypergrad_accuracy.py --out runs/hypergrad_accuracy
     python benchmarks/hypergrad_accuracy.py --parts variational --out docs/results/hypergrad_accuracy
     python benchmarks/hypergrad_accuracy.py --quick
+    python benchmarks/hypergrad_accuracy.py --plot-only docs/results/hypergrad_accuracy/hypergrad_accuracy.json
 
-Writes ``DIR/hypergrad_accuracy.json`` and prints markdown tables (median relative error
-over tasks).
+Writes ``DIR/hypergrad_accuracy.json`` and ``DIR/hypergrad_accuracy.png`` (:func:`plot`: the
+median relative error versus K per part, versus CG iterations for the MAP parts, and the
+median ‖∇G‖ at the K-th iterate) and prints markdown tables (median relative error over
+tasks). ``--plot-only PATH`` redraws the figure from an existing JSON (a file, or the folder
+holding ``hypergrad_accuracy.json``) without recomputing, beside it with the suffix ``.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +52,9 @@ from ibaml.linalg import CG, Dense
 from ibaml.nets import MLP
 from ibaml.optim import SGD, Adam
 from ibaml.tree import FlatSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from claims import pyplot  # noqa: E402
 
 DT = torch.float64
 PARTS = ("isotropic", "diagonal", "variational")
@@ -165,9 +174,105 @@ def median(values):
     return float(torch.tensor(values, dtype=DT).median())
 
 
+#: the line of each estimator, the same in every panel (the CG lines thinner as CG grows, so
+#: that coinciding lines stay visible)
+STYLES = {"implicit CG5": dict(color="tab:green", ls="-", marker="o", ms=9, lw=3.5),
+          "implicit CG10": dict(color="tab:orange", ls="-", marker="s", ms=6, lw=2.2),
+          "implicit CG20": dict(color="tab:blue", ls="-", marker="^", ms=4, lw=1.2),
+          "explicit": dict(color="tab:red", ls="--", marker="D", ms=5, lw=1.5)}
+
+
+def by_int_key(table):
+    """``[(int(k), v)]`` sorted by ``k``: the tables' keys are ints in memory, strings in the JSON."""
+    return sorted((int(k), v) for k, v in table.items())
+
+
+def median_grad_norm(rows):
+    """``[(K, median over tasks of ‖∇G‖ at the K-th iterate)]`` from k_rows (one value per task and K)."""
+    per_task = {}
+    for r in rows:
+        if "inner_grad_norm" in r:
+            per_task.setdefault(int(r["K"]), {})[r["task"]] = r["inner_grad_norm"]
+    return [(K, median(list(v.values()))) for K, v in sorted(per_task.items())]
+
+
+def plot(payload, path):
+    """The figure of a payload (as returned by :func:`main` or read from its JSON), written to ``path``.
+
+    One panel per part present: median relative error versus inner steps K, a line per estimator;
+    for the MAP parts, one panel of the error versus CG iterations at the converged solution; one
+    panel of the median ‖∇G‖ at the K-th iterate, a line per part. Log-log throughout.
+    """
+    cfg = payload["config"]
+    parts = dict(payload.get("priors", {}))
+    if "variational" in payload:
+        parts["variational"] = payload["variational"]
+    panels = [(name, "K") for name in parts]
+    if any("median_by_cg_iters" in part for part in parts.values()):
+        panels.append((None, "cg"))
+    grad_norms = {name: median_grad_norm(part.get("k_rows", [])) for name, part in parts.items()}
+    grad_norms = {name: points for name, points in grad_norms.items() if points}
+    if grad_norms:
+        panels.append((None, "grad"))
+    cols = len(panels) if len(panels) <= 3 else math.ceil(len(panels) / 2)
+    rows = math.ceil(len(panels) / cols)
+    plt = pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, kind) in zip(axes, panels):
+        if kind == "K":
+            table = by_int_key(parts[name]["median_by_steps"])
+            for est in table[0][1]:
+                ax.plot([K for K, _ in table], [v[est] for _, v in table], label=est,
+                        **STYLES.get(est, dict(marker="o")))
+            if name == "variational":
+                vcfg = parts[name]["config"]
+                detail = f"{vcfg['prior']}, {vcfg['inner_optimizer']}\n{vcfg['inference']}"
+            else:
+                detail = f"MAP, prior precision {cfg['precision']:g}, SGD(lr={cfg['lr']:g})"
+            ax.set(xlabel="inner steps K", ylabel="relative error ‖g − g*‖ / ‖g*‖",
+                   title=f"{name}: error vs inner steps K\n({detail})")
+        elif kind == "cg":
+            linestyles = iter(("-", ":", "--", "-."))
+            for prior, part in parts.items():
+                if "median_by_cg_iters" in part:
+                    table = by_int_key(part["median_by_cg_iters"])
+                    ax.plot(*zip(*table), next(linestyles), marker="o", label=f"{prior} prior")
+            ax.set(xlabel="CG iterations", ylabel="relative error ‖g − g*‖ / ‖g*‖",
+                   title="MAP parts: error vs CG iterations\n(at the converged inner solution)")
+        else:
+            for part_name, points in grad_norms.items():
+                ax.plot(*zip(*points), ":" if part_name == "diagonal" else "-", marker="s", label=part_name)
+            ax.set(xlabel="inner steps K", ylabel=r"median $\|\nabla_v G(v_K)\|$ (inner objective)",
+                   title="inner stationarity at the K-th iterate $v_K$ vs K")
+        ax.set(xscale="log", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"meta-gradient accuracy against the dense implicit-function-theorem reference g* "
+                 f"(median over {cfg['tasks']} tasks, MLP 1-{cfg['width']}-{cfg['width']}-1 tanh, float64)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_only(path):
+    """Redraw the figure of an existing JSON (or the folder holding it); returns its payload."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "hypergrad_accuracy.json"
+    payload = json.loads(path.read_text())
+    print(f"wrote {plot(payload, path.with_suffix('.png'))}")
+    return payload
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/hypergrad_accuracy")
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the figure from an existing hypergrad_accuracy.json "
+                   "(or its folder), beside it, without recomputing; the other options are ignored")
     p.add_argument("--tasks", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=40, help="hidden width of the 1-w-w-1 tanh MLP (every part)")
@@ -187,6 +292,8 @@ def main(argv=None):
                    help="inner steps before the Newton polish of the reference solution")
     p.add_argument("--quick", action="store_true", help="smoke run (width 10, 2 tasks, short sweeps)")
     args = p.parse_args(argv)
+    if args.plot_only:
+        return plot_only(args.plot_only)
     args.cg_iters = [1, 2, 5, 10, 20, 50]
     args.steps = [1, 2, 5, 10, 20, 50, 100, 200]
     args.variational_steps = [1, 2, 5, 10, 20, 50, 100, 200]
@@ -231,8 +338,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "hypergrad_accuracy.json").write_text(json.dumps(payload, indent=2))
+    plot(payload, out / "hypergrad_accuracy.png")
     print("\n".join(lines))
-    print(f"\nwrote {out / 'hypergrad_accuracy.json'} ({payload['seconds']:.0f} s)")
+    print(f"\nwrote {out / 'hypergrad_accuracy.json'} and {out / 'hypergrad_accuracy.png'} "
+          f"({payload['seconds']:.0f} s)")
     return payload
 
 

@@ -15,6 +15,11 @@ def load(name):
 def test_hypergrad_accuracy_quick(tmp_path):
     payload = load("hypergrad_accuracy").main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "hypergrad_accuracy.json").exists()
+    png = tmp_path / "hypergrad_accuracy.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+    png.unlink()  # --plot-only redraws it from the JSON alone
+    assert load("hypergrad_accuracy").main(["--plot-only", str(tmp_path / "hypergrad_accuracy.json")])["priors"]
+    assert png.read_bytes().startswith(b"\x89PNG")
     for name in ("isotropic", "diagonal"):
         by_cg = payload["priors"][name]["median_by_cg_iters"]
         assert by_cg[1] > by_cg[5] > by_cg[20] and by_cg[20] < 1e-8

@@ -9,6 +9,7 @@ def test_variational_part_quick(tmp_path):
     payload = load("hypergrad_accuracy").main(["--quick", "--parts", "variational", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "hypergrad_accuracy.json").read_text())
     assert set(saved) >= {"config", "variational"} and not saved["priors"]
+    assert (tmp_path / "hypergrad_accuracy.png").read_bytes().startswith(b"\x89PNG")
     part = payload["variational"]
     for ref in part["reference"]:
         assert ref["grad_norm"] < 1e-10 and ref["min_hessian_eigenvalue"] > 0, ref
