@@ -12,6 +12,17 @@ a run). The rows go from the earlier presets (a prior over every weight, Adam, �
 λ = 100) through the directions that were tried to the present presets (a prior over the
 linear head solved by Newton steps; for the variational methods the linearised expectation).
 ``--rows`` selects rows by name. Writes ``study.json`` and ``study.png``, prints a table.
+
+``--problem image`` sweeps the same directions on the procedural letter-image benchmark
+(:func:`ibaml.data.fixtures.write_stroke_fixture`, 84×84 files in the miniImageNet pickle
+layout resized to 32×32, Conv4-32, 5-way ``--shots``-shot, 15 queries, meta-batch 4): each
+row is one run of ``examples/miniimagenet.py`` with the options in :data:`IMAGE_ROWS` (the
+prior's scale σ and KL weight β, iMAML's λ, the inner solve, the outer objective, the logit
+scale fixed at 1 or meta-learned on the predictions), in ``OUT/image/<row>/seed<s>``; the rows'
+``metrics.json`` are gathered into ``image_study.json`` and ``image_study.png`` and printed as
+the table of ``benchmarks/image_table.py``::
+
+    python benchmarks/variational_study.py --problem image --iters 300 --eval-tasks 200 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import torch
 import ibaml
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
+
+HERE = Path(__file__).resolve().parent
 
 ROWS = {
     # the earlier presets: a prior over all weights, Adam, 20 steps
@@ -62,6 +75,74 @@ ROWS = {
 }
 
 
+FIXED = ["--logit-scale", "fixed"]
+#: the image rows: ``examples/miniimagenet.py`` options on top of :data:`IMAGE_BASE` (σ = init
+#: scale, β = KL weight, λ = β/σ² the pull on the posterior mean; "τ fixed": the logit scale held at 1)
+IMAGE_ROWS = {
+    "ibaml σ=1 β=1, τ fixed": ["--method", "ibaml", "--init-scale", "1", "--kl-weight", "1"] + FIXED,
+    "ibaml σ=0.1 β=1, τ fixed": ["--method", "ibaml", "--init-scale", "0.1", "--kl-weight", "1"] + FIXED,
+    "ibaml σ=0.01 β=3e-3 (λ=30), τ fixed": ["--method", "ibaml", "--init-scale", "0.01", "--kl-weight", "0.003"] + FIXED,
+    "ibaml σ=0.01 β=1e-3 (λ=10), τ fixed": ["--method", "ibaml", "--init-scale", "0.01", "--kl-weight", "0.001"] + FIXED,
+    "ibaml σ=0.01 β=3e-4 (λ=3), τ fixed": ["--method", "ibaml", "--init-scale", "0.01", "--kl-weight", "0.0003"] + FIXED,
+    "ibaml σ=0.01 β=3e-4 (λ=3), 20 Newton steps, CG 10, τ fixed":
+        ["--method", "ibaml", "--init-scale", "0.01", "--kl-weight", "0.0003", "--inner-steps", "20",
+         "--cg-steps", "10"] + FIXED,
+    "abml σ=0.01 β=3e-3 (λ=30), τ fixed": ["--method", "abml", "--init-scale", "0.01", "--kl-weight", "0.003"] + FIXED,
+    "imaml λ=1, τ fixed": ["--method", "imaml", "--precision", "1"] + FIXED,
+    "imaml λ=30, τ fixed": ["--method", "imaml", "--precision", "30"] + FIXED,
+    "imaml λ=100, τ fixed": ["--method", "imaml", "--precision", "100"] + FIXED,
+    "maml, τ fixed": ["--method", "maml"] + FIXED,
+    "ibaml preset, ABML's outer objective": ["--method", "ibaml", "--outer", "elbo"],
+    "ibaml preset": ["--method", "ibaml"],
+    "imaml preset": ["--method", "imaml"],
+    "abml preset": ["--method", "abml"],
+    "maml preset": ["--method", "maml"],
+}
+IMAGE_BASE = ["--fixture", "--fixture-kind", "strokes", "--format", "pickle", "--ways", "5", "--query", "15",
+              "--channels", "32", "--image-size", "32", "--meta-batch", "4", "--val-every", "0", "--no-progress",
+              "--overwrite"]
+
+
+def load_script(name: str):
+    """A script of ``benchmarks/`` or ``examples/`` as a module."""
+    import importlib.util
+    path = next(p for p in (HERE / f"{name}.py", HERE.parent / "examples" / f"{name}.py") if p.is_file())
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def image_study(names, seeds, args, out: Path) -> dict:
+    """Run the image rows ``names`` at ``seeds``; returns ``{"<row>, seed <s>": metrics}``."""
+    example, table = load_script("miniimagenet"), load_script("image_table")
+    runs = {}
+    for name in names:
+        for seed in seeds:
+            folder = out / "image" / name.replace(" ", "_").replace("/", "-") / f"seed{seed}"
+            argv = IMAGE_BASE + IMAGE_ROWS[name] + ["--shots", str(args.shots), "--meta-iters", str(args.iters),
+                                                   "--eval-tasks", str(args.eval_tasks), "--seed", str(seed),
+                                                   "--threads", str(args.threads), "--out", str(folder)]
+            metrics = example.cli(argv)
+            runs[f"{name}, seed {seed}"] = metrics
+            print(f"{name:52s} seed {seed}: accuracy {metrics['accuracy']['mean']:.3f}  "
+                  f"NLL {metrics['nll']['mean']:.3f}  ECE {metrics['ece']['mean']:.3f}", flush=True)
+            (out / "image_study.json").write_text(json.dumps(dict(iters=args.iters, shots=args.shots, rows=runs),
+                                                             indent=2))
+    print("\n" + table.markdown(runs))
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(runs) + 1))
+    ax.barh(list(runs), [m["accuracy"]["mean"] for m in runs.values()],
+            xerr=[m["accuracy"]["ci95"] for m in runs.values()], color="tab:green")
+    ax.axvline(1 / 5, color="gray", linestyle=":", label="chance")
+    ax.set_xlabel(f"5-way {args.shots}-shot test accuracy after {args.iters} meta-iterations")
+    ax.legend(fontsize=8)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "image_study.png", dpi=110)
+    plt.close(fig)
+    return runs
+
+
 def run_row(name, method, options, args, seed):
     torch.manual_seed(seed)
     net = MLP(1, (40, 40), 1)
@@ -92,21 +173,32 @@ def run_row(name, method, options, args, seed):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--problem", choices=("sine", "image"), default="sine")
+    p.add_argument("--shots", type=int, default=1, help="image: shots per class")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--eval-tasks", type=int, default=500)
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    p.add_argument("--rows", default=None,
+                   help="row names separated by ';' (or by ',' where no name holds one; default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/variational_study")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = list(ROWS) if args.rows is None else [r.strip() for r in args.rows.split(",")]
-    unknown = [n for n in names if n not in ROWS]
+    rows = IMAGE_ROWS if args.problem == "image" else ROWS
+    if args.rows is None:
+        names = list(rows)
+    elif args.rows in rows:
+        names = [args.rows]
+    else:
+        names = [r.strip() for r in args.rows.split(";" if ";" in args.rows else ",")]
+    unknown = [n for n in names if n not in rows]
     if unknown:
-        p.error(f"unknown row(s) {unknown}; rows are {list(ROWS)}")
+        p.error(f"unknown row(s) {unknown}; rows are {list(rows)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.problem == "image":
+        return image_study(names, seeds, args, out)
     results = []
     for name in names:
         method, options = ROWS[name]

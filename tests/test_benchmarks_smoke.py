@@ -204,3 +204,14 @@ def test_method_cost_quick(tmp_path):
     assert [(r["method"], r["inner_steps"]) for r in saved["rows"]] == [("imaml", 2), ("ibaml", 10), ("imaml", 2),
                                                                          ("ibaml", 2)]
     assert all(r["ms"] > 0 for r in payload["rows"]) and saved["summary"][0]["measured"] == payload["rows"][3]["ratio_to_imaml"]
+
+
+def test_variational_study_image_rows_run_the_example(tmp_path):
+    study = load("variational_study")
+    runs = study.main(["--problem", "image", "--rows", "imaml λ=30, τ fixed", "--iters", "1", "--eval-tasks", "2",
+                       "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "image_study.json").read_text())
+    assert list(saved["rows"]) == ["imaml λ=30, τ fixed, seed 0"] == list(runs)
+    config = saved["rows"]["imaml λ=30, τ fixed, seed 0"]["config"]
+    assert config["precision"] == 30.0 and config["logit_scale"] == "fixed" and config["fixture_kind"] == "strokes"
+    assert (tmp_path / "image_study.png").exists()
