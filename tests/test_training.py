@@ -199,10 +199,12 @@ def test_meta_step_without_checks_masks_failed_tasks_and_read_stats_applies_the_
         training.read_stats(every, stats)
 
 
-def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager(backend):
     """``torch.compile(fullgraph=True)`` fails on any graph break, and so on any host read or
     data-dependent Python branch: the per-task gradients (vmapped inner solve, implicit
-    gradient by CG), their masked mean and an SGD update compile as one graph (float32)."""
+    gradient by CG), their masked mean and an SGD update compile as one graph (float32),
+    traced only (``aot_eager``) and compiled to kernels by Inductor (a minute or two on the CPU)."""
     learner = sync_learner("ibaml", dtype=torch.float32)
     task = learner.prepare(sine_tasks(4, torch.Generator().manual_seed(0), dtype=torch.float32), validate=False)
     meta = {k: v.detach() for k, v in learner.meta_params().items()}
@@ -212,7 +214,7 @@ def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager():
         return reduced.loss, {k: meta[k] - 0.01 * reduced.grads[k] for k in meta}
 
     torch._dynamo.reset()
-    loss, updated = torch.compile(step, fullgraph=True, backend="aot_eager")(meta, task)
+    loss, updated = torch.compile(step, fullgraph=True, backend=backend)(meta, task)
     eager_loss, eager_updated = step(meta, task)
     torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-6)
     for k in meta:
