@@ -14,8 +14,9 @@ A **meta-iteration** is what a training step does once the batch is on the devic
 mean meta-gradient over the ``T`` tasks of the batch, either ``torch.func.vmap`` over the
 tasks (``"vmap"``: ``MetaLearner.meta_step`` itself, without host reads), the same vmapped
 function under ``torch.compile`` (``"compile"``), a Python loop that calls the estimator once
-per task (``"loop"``), or ``meta_step`` with the learner's own per-device choice between
-the two (``"default"``, ``task_batching="auto"``: a loop for convolutions on the CPU),
+per task (``"loop"``: ``MetaLearner.task_gradients`` with ``task_batching="loop"``), or
+``meta_step`` with the learner's own per-device choice between the two (``"default"``,
+``task_batching="auto"``: a loop for convolutions on the CPU),
 followed by the meta-optimiser's update. The batch is validated and moved to the device once, before
 timing, so the timed region holds no host synchronisation: on CUDA the only one is the
 ``torch.cuda.synchronize()`` that closes the measurement.
@@ -151,34 +152,37 @@ def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, 
 
 # ---------------------------------------------------------------------------- one meta-iteration
 def batched_meta_gradient(learner: ibaml.MetaLearner):
-    """``(meta, task) -> mean over tasks of the estimator's meta-gradient``, vmapped over tasks."""
+    """``(meta, task) -> mean over tasks of the estimator's meta-gradient``,
+    ``MetaLearner.task_gradients`` with the tasks batched as ``learner.task_batching`` says
+    (``"vmap"`` as :func:`build_learner` makes it: vmapped over tasks)."""
     def fn(meta, task):
         return {k: g.mean(0) for k, g in learner.task_gradients(task, meta).grads.items()}
 
     return fn
 
 
-def looped_meta_gradient(learner: ibaml.MetaLearner):
-    """``(meta, task) -> mean meta-gradient``, one estimator call per task in a Python loop."""
+def meta_gradient_fn(learner: ibaml.MetaLearner, mode: str, compile_mode: str = "default"):
+    """``(meta, task) -> mean meta-gradient`` in ``mode``: :func:`batched_meta_gradient` with
+    ``task_batching="vmap"`` (``"vmap"``), the same under ``torch.compile`` (``"compile"``), or
+    with ``task_batching="loop"``, one estimator call per task in a Python loop (``"loop"``).
+    The batching is set for each call, outside the compiled function, and restored after it:
+    the learner may be shared with the other modes (``meta_iteration``'s ``"default"`` sets
+    ``"auto"``)."""
+    if mode not in ("vmap", "compile", "loop"):
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    grad_fn = batched_meta_gradient(learner)
+    if mode == "compile":
+        grad_fn = torch.compile(grad_fn, mode=compile_mode)
+    batching = "loop" if mode == "loop" else "vmap"
+
     def fn(meta, task):
-        T = task["support_x"].shape[0]
-        total = None
-        for t in range(T):
-            grads = learner.estimator.task_gradient(learner.problem, meta, {k: v[t] for k, v in task.items()}).grads
-            total = grads if total is None else {k: total[k] + grads[k] for k in total}
-        return {k: v / T for k, v in total.items()}
+        previous, learner.task_batching = learner.task_batching, batching
+        try:
+            return grad_fn(meta, task)
+        finally:
+            learner.task_batching = previous
 
     return fn
-
-
-def meta_gradient_fn(learner: ibaml.MetaLearner, mode: str, compile_mode: str = "default"):
-    if mode == "vmap":
-        return batched_meta_gradient(learner)
-    if mode == "compile":
-        return torch.compile(batched_meta_gradient(learner), mode=compile_mode)
-    if mode == "loop":
-        return looped_meta_gradient(learner)
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
 def meta_iteration(learner: ibaml.MetaLearner, task, mode: str = "vmap", compile_mode: str = "default") -> Callable:

@@ -182,8 +182,7 @@ def check_implicit(learner, batch, K: int, cg: int, damping: float, workload: st
     """ibaml's and TorchOpt's implicit meta-gradients (on the system damped by ``damping``,
     0 for the timed configuration), side by side."""
     task = H.prepare(learner, batch)
-    meta = learner.meta_params()
-    out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t))(task)
+    out = learner.task_gradients(task)
     ours = out.grads[_loc_key(learner)].mean(0)
     theirs = TorchOptImplicit(learner, task, 1e-3, K, cg, ridge=damping, workload=workload).meta_gradient()
     iterations = out.diagnostics["solver_iterations"]
@@ -222,7 +221,7 @@ def run_one(args, K: int, device, dtype, batch) -> tuple:
                                                                  workload=workload).iteration
             if estimator == "explicit" and higher is not None:
                 impl = HigherExplicit(learner, task, args.meta_lr, K, workload)
-                ours = H.batched_meta_gradient(learner)(learner.meta_params(), task)[_loc_key(learner)]
+                ours = H.meta_gradient_fn(learner, "vmap")(learner.meta_params(), task)[_loc_key(learner)]
                 checks["higher vs ibaml explicit"] = agreement(ours, impl.meta_gradient())
                 fns["higher explicit loop"] = impl.iteration
 

@@ -44,12 +44,10 @@ PRECISIONS = ("float32", "bfloat16", "float16", "float64")
 def meta_gradient(learner, task, autocast_dtype=None):
     """``(flat mean meta-gradient, CG iterations per task or None)`` in one vmapped call
     (tensors: no host synchronisation, so that it can be timed)."""
-    meta = learner.meta_params()
     device_type = task["support_x"].device.type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        out = torch.func.vmap(lambda t: learner.estimator.task_gradient(learner.problem, meta, t),
-                              chunk_size=learner.chunk_size)(task)
+        out = learner.task_gradients(task)
     flat = torch.cat([out.grads[k].mean(0).reshape(-1).float() for k in sorted(out.grads)])
     return flat, out.diagnostics.get("solver_iterations")
 
