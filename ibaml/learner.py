@@ -10,10 +10,10 @@ the default only for convolutional networks on the CPU, where ``vmap`` turns eac
 into a slower grouped one.)
 
 :meth:`MetaLearner.task_gradients` returns them per task, as tensors, with no host
-synchronisation; the policy around them (input checks, non-finite tasks, distributed
-reduction, the meta-optimiser's step, the training loop, checkpoints and evaluation) is in
-:mod:`ibaml.training`. :meth:`MetaLearner.adapt` and :meth:`MetaLearner.predict` infer and
-predict new tasks.
+synchronisation. The policy around them (input checks, non-finite tasks, distributed
+reduction, the meta-optimiser's step) is in :mod:`ibaml.meta_update`, the training run
+(loop, checkpoints, evaluation) in :mod:`ibaml.training`. :meth:`MetaLearner.adapt` and
+:meth:`MetaLearner.predict` infer and predict new tasks.
 
 Example
 -------
@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from priors.base import Prior
 
-from . import distributed, training
+from . import distributed, evaluation, meta_update
 from .data.tasks import as_task_dict, validate_labels, validate_tasks
 from .hypergrad import HypergradEstimator, Implicit, TaskGradient
 from .inference import MAP, Variational, task_noise_ratio
@@ -287,7 +287,7 @@ class MetaLearner(nn.Module):
             (F_t, g_t, diagnostics_t) = estimator.task_gradient(problem, θ, task_t)
 
         ``batch`` is a :class:`ibaml.data.TaskBatch` or a dict; it is not validated here (see
-        :meth:`prepare`, :func:`ibaml.training.meta_gradient`), and a dict from :meth:`prepare`
+        :meth:`prepare`, :func:`ibaml.meta_update.meta_gradient`), and a dict from :meth:`prepare`
         keeps its noise draws, so the same call is a pure function of ``(meta, batch)``."""
         task = self.prepare(batch, validate=False)
         meta = self.meta_params() if meta is None else meta
@@ -307,14 +307,14 @@ class MetaLearner(nn.Module):
             return loop_over_tasks(fn, *args)
         return torch.func.vmap(fn, chunk_size=self.chunk_size)(*args)
 
-    def meta_gradient(self, batch, *, validate: bool = True, check: bool = True) -> training.MetaGradient:
-        """The mean meta-gradient over the finite tasks, :func:`ibaml.training.meta_gradient`."""
-        return training.meta_gradient(self, batch, validate=validate, check=check)
+    def meta_gradient(self, batch, *, validate: bool = True, check: bool = True) -> meta_update.MetaGradient:
+        """The mean meta-gradient over the finite tasks, :func:`ibaml.meta_update.meta_gradient`."""
+        return meta_update.meta_gradient(self, batch, validate=validate, check=check)
 
     def meta_step(self, batch, *, validate: bool = True, check: bool = True) -> Dict[str, Any]:
-        """One meta-update, :func:`ibaml.training.meta_step` (its statistics are returned);
-        ``validate=False, check=False`` reads nothing on the host (:func:`ibaml.training.read_stats`)."""
-        return training.meta_step(self, batch, validate=validate, check=check)
+        """One meta-update, :func:`ibaml.meta_update.meta_step` (its statistics are returned);
+        ``validate=False, check=False`` reads nothing on the host (:func:`ibaml.meta_update.read_stats`)."""
+        return meta_update.meta_step(self, batch, validate=validate, check=check)
 
     # ------------------------------------------------------------------ adaptation and prediction
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Posterior:
@@ -381,7 +381,7 @@ class MetaLearner(nn.Module):
                  chunk: Optional[int] = None):
         """Adapt on each task's support set, predict its query set, and return a
         :class:`ibaml.calibration.CalibrationReport` (:func:`ibaml.training.evaluate`)."""
-        return training.evaluate(self, batch, chunk=chunk, steps=steps, num_samples=num_samples, name=name)
+        return evaluation.evaluate(self, batch, chunk=chunk, steps=steps, num_samples=num_samples, name=name)
 
     # ------------------------------------------------------------------ state
     def training_state(self) -> Dict[str, Any]:

@@ -2,16 +2,10 @@
 with checkpoints and exact resume (:func:`fit`); chunked evaluation is :mod:`ibaml.evaluation`
 (its :func:`evaluate` and :func:`task_outputs` are importable from here too).
 
-One meta-step on a batch of ``T`` tasks (:func:`meta_gradient`, :func:`meta_step`)::
+One meta-step on a batch of ``T`` tasks (:func:`meta_gradient`, :func:`meta_step`,
+:func:`read_stats`, defined in :mod:`ibaml.meta_update` and importable from here)::
 
-    (F_t, g_t) = learner.task_gradients(batch)                    vmapped, no host synchronisation
-    g = (1/N) Σ_{t finite} g_t,   N = #{t : F_t, g_t, v_t* finite}  the non-finite policy
-    g ← g − hyper_weight · ∇_θ log p_hyper(θ)
-    θ ← meta_optimizer.step(θ, g)
-
-With a ``process_group`` each process computes ``g_t`` for its shard of the batch and the
-sums over tasks are all-reduced (:mod:`ibaml.distributed`): every process gets the
-one-process meta-gradient.
+    g = (1/N) Σ_{t finite} g_t,   θ ← meta_optimizer.step(θ, g − hyper_weight · ∇_θ log p_hyper(θ))
 
 :func:`fit` runs ``steps`` meta-steps on batches from ``sample_tasks()``. With a ``folder`` it
 writes ``folder/last.pt`` atomically every ``checkpoint_every`` steps and at the end (the
@@ -43,18 +37,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
-from torch import Tensor
 
-from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state, rng_state, \
     save_checkpoint
 from .evaluation import evaluate, fit_noise_prior, task_outputs  # noqa: F401  (ibaml.training.evaluate)
-from .nonfinite import (NONFINITE_POLICIES, NonFiniteError, nonfinite_cause_counts, nonfinite_causes,  # noqa: F401
-                        nonfinite_message)
+from .meta_update import MetaGradient, meta_gradient, meta_step, read_stats, reduce_task_gradients  # noqa: F401
+from .nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401
 from .progress import progress_bar
+
+__all__ = ["fit", "FitResult", "RunExistsError", "default_read_every", "GPU_READ_EVERY", "holds_run", "clean_folder",
+           # re-exported: the meta-step (ibaml.meta_update) and evaluation (ibaml.evaluation)
+           "MetaGradient", "reduce_task_gradients", "meta_gradient", "meta_step", "read_stats", "evaluate",
+           "task_outputs", "fit_noise_prior", "NONFINITE_POLICIES", "NonFiniteError"]
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -63,148 +60,6 @@ class RunExistsError(CheckpointError):
     """A new run was started in a folder that already holds one (neither resumed nor overwritten)."""
 
 
-class MetaGradient(NamedTuple):
-    """The reduced meta-gradient of a batch: ``loss`` and ``grads`` are means over the finite
-    tasks; ``diagnostics`` (each ``[T]``, the estimator's and ``query_loss``, ``F_t``) and
-    ``finite`` (``[T]`` bool) are per task."""
-
-    loss: Tensor
-    grads: Dict[str, Tensor]
-    diagnostics: Dict[str, Tensor]
-    finite: Tensor
-
-
-def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
-    """``Σ_t keep_t · values_t`` over the leading (task) dimension, NaN in dropped tasks ignored."""
-    mask = keep.view(-1, *([1] * (values.dim() - 1)))
-    return torch.where(mask, values, torch.zeros_like(values)).sum(0)
-
-
-def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
-    """``Σ_t keep_t · values_t / max(1, Σ_t keep_t)`` (:func:`_masked_sum` over the kept tasks' count)."""
-    return _masked_sum(values, keep) / keep.to(values.dtype).sum().clamp(min=1)
-
-
-def reduce_task_gradients(out) -> MetaGradient:
-    """The mean over the finite tasks of :meth:`ibaml.MetaLearner.task_gradients`' output, by
-    masks alone (no host read; it compiles with ``torch.compile(fullgraph=True)``)::
-
-        finite_t = finite(v_t*) ∧ finite(F_t),   N = max(1, Σ_t finite_t)
-        loss = (1/N) Σ_t finite_t F_t,   g = (1/N) Σ_t finite_t g_t
-
-    >>> learner = ibaml.build_learner("imaml", MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), inner_steps=2)
-    >>> reduced = reduce_task_gradients(learner.task_gradients(tasks.sample(4, generator)))
-    >>> reduced.finite.tolist(), sorted(reduced.grads) == sorted(learner.meta_params())
-    ([True, True, True, True], True)
-    """
-    finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
-    grads = {k: _masked_mean(g, finite) for k, g in out.grads.items()}
-    return MetaGradient(_masked_mean(out.loss, finite), grads, dict(out.diagnostics, query_loss=out.loss), finite)
-
-
-def meta_gradient(learner, batch, *, validate: bool = True, check: bool = True) -> MetaGradient:
-    """Mean meta-gradient over the finite tasks of ``batch`` (no update)::
-
-        g = (1/N) Σ_{t finite} g_t,    loss = (1/N) Σ_{t finite} F_t
-
-    With ``validate`` the batch is checked first (:func:`ibaml.data.tasks.validate_tasks`).
-    With ``check`` non-finite tasks are handled by ``learner.nonfinite`` (``"raise"``:
-    :class:`NonFiniteError` naming the stage that failed; ``"skip"``: dropped, unless every
-    task failed), which reads one count on the host. ``validate=False, check=False`` reads
-    nothing on the host: the non-finite tasks are only masked out (``finite`` says which)."""
-    task = learner.prepare(batch, validate=validate)
-    num_tasks = task["support_x"].shape[0]
-    group = learner.process_group
-    if group is not None:
-        rank, world = distributed.dist.get_rank(group), distributed.dist.get_world_size(group)
-        task = distributed.shard_tasks(task, rank, world)
-    out = learner.task_gradients(task)
-    if group is None:
-        reduced = reduce_task_gradients(out)
-        per_task, losses, finite = reduced.diagnostics, out.loss, reduced.finite
-    else:
-        local_finite = out.diagnostics["finite"] & torch.isfinite(out.loss)
-        per_task = distributed.all_gather_tasks(dict(out.diagnostics, query_loss=out.loss, _finite=local_finite),
-                                                num_tasks, group)
-        losses, finite = per_task["query_loss"], per_task.pop("_finite")
-    if check:
-        n_bad = int((~finite).sum())
-        if n_bad and (learner.nonfinite == "raise" or n_bad == finite.numel()):
-            raise NonFiniteError(nonfinite_message(nonfinite_causes(per_task, losses, finite), n_bad, finite.numel()))
-    if group is None:
-        return reduced
-    sums = distributed.all_reduce_sum({k: _masked_sum(g, local_finite) for k, g in out.grads.items()}, group)
-    n_keep = finite.to(losses.dtype).sum().clamp(min=1)
-    return MetaGradient(_masked_sum(losses, finite) / n_keep, {k: v / n_keep for k, v in sums.items()}, per_task, finite)
-
-
-def meta_step(learner, batch, *, validate: bool = True, check: bool = True) -> Dict[str, Any]:
-    """One meta-update of ``learner`` on a batch of tasks; returns summary statistics: ``loss``
-    (mean query loss of the finite tasks), ``skipped`` (non-finite tasks dropped), the means of
-    ``inner_grad_norm`` and ``residual_norm`` over the finite tasks, ``hyper``, and the
-    stationarity of each block of the inner solution, ``inner_grad_norm.<block>``
-    (``||∇_b G(v*, θ)||`` averaged over the finite tasks: ``w`` for MAP, ``mean`` and ``rho``
-    for a variational posterior): the meta-gradient is exact only where these are small.
-
-    With ``check`` (the default) the non-finite policy is applied at once (one host read) and
-    ``loss``, ``skipped``, ``inner_grad_norm``, ``residual_norm`` and ``hyper`` are numbers;
-    the per-block norms stay 0-d tensors. With ``validate=False, check=False`` the step reads
-    nothing on the host: every statistic is a 0-d tensor, the non-finite tasks are masked out
-    (with none left the parameters are kept; the optimiser's moments see a zero gradient),
-    ``nonfinite.<stage>`` counts them, and :func:`read_stats` applies the policy when the
-    caller reads the statistics (``learner.skipped_tasks`` is updated there)."""
-    loss, grads, diagnostics, finite = meta_gradient(learner, batch, validate=validate, check=check)
-    optimizer = learner.meta_optimizer
-    optimizer.zero_grad(set_to_none=True)
-    params = learner.model.meta_parameters()
-    hyper = None
-    if learner.hyper_weight:
-        hyper = -learner.hyper_weight * learner.model.prior_call(params, "hyper_log_prob")
-        if hyper.requires_grad:
-            hyper.backward()
-    for k, p in params.items():
-        p.grad = grads[k].to(p.dtype) if p.grad is None else p.grad + grads[k].to(p.dtype)
-    before = None if check else {k: p.detach().clone() for k, p in params.items()}
-    optimizer.step()
-    if before is not None:   # no host read: with no finite task left the parameters are kept
-        any_finite = finite.any()
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(torch.where(any_finite, p, before[k]))
-    learner.step_count += 1
-    stats: Dict[str, Any] = {"loss": loss.detach(), "skipped": (~finite).sum()}
-    for key in diagnostics:
-        if key in ("inner_grad_norm", "residual_norm") or key.startswith("inner_grad_norm."):
-            stats[key] = _masked_mean(diagnostics[key].detach(), finite)
-    if hyper is not None:
-        stats["hyper"] = hyper.detach()
-    if not check:
-        causes = nonfinite_cause_counts(diagnostics, diagnostics["query_loss"], finite)
-        stats.update({f"nonfinite.{k}": v for k, v in causes.items()})
-        stats["tasks"] = finite.numel()
-        return stats
-    learner.skipped_tasks += int(stats["skipped"])
-    return {k: (v if k.startswith("inner_grad_norm.") else float(v)) for k, v in stats.items()}
-
-
-def read_stats(learner, stats: Mapping[str, Any]) -> Dict[str, Any]:
-    """The statistics of a ``meta_step(..., check=False)`` read on the host (numbers), with the
-    learner's non-finite policy applied: the skipped tasks are added to
-    ``learner.skipped_tasks``, and :class:`NonFiniteError` is raised if any task failed under
-    ``"raise"`` or every task failed under ``"skip"`` (the parameters were not moved by them)."""
-    values = {k: (v if k.startswith("inner_grad_norm.") else float(v) if torch.is_tensor(v) else v)
-              for k, v in stats.items()}
-    causes = {k.split(".", 1)[1]: int(values.pop(k)) for k in list(values) if k.startswith("nonfinite.")}
-    n_tasks = int(values.pop("tasks", 0))
-    n_bad = int(values["skipped"])
-    values["skipped"] = n_bad
-    learner.skipped_tasks += n_bad
-    if n_bad and causes and (learner.nonfinite == "raise" or n_bad == n_tasks):
-        raise NonFiniteError(nonfinite_message(causes, n_bad, n_tasks))
-    return values
-
-
-# ---------------------------------------------------------------------------------- the loop
 @dataclass
 class FitResult:
     """What :func:`fit` did: ``step`` meta-steps done in all (resumed runs included), of which

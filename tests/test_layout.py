@@ -1,0 +1,54 @@
+"""The package layout stays readable: no library file over 400 lines, and the benchmarks and
+examples reach the library through its public names only."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 400
+
+
+def _files(*folders):
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _files("ibaml", "priors"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_library_file_is_short(path):
+    lines = path.read_text().count("\n")
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES}): split it by concept"
+
+
+def _private_uses(path):
+    """``(line, name)`` of every underscore name imported from, or read as an attribute of, ``ibaml``/``priors``."""
+    tree = ast.parse(path.read_text())
+    library = ("ibaml", "priors")
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in library:
+            parts = node.module.split(".")
+            found += [(node.lineno, node.module) for part in parts if part.startswith("_")]
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names
+                      if a.name.split(".")[0] in library and any(p.startswith("_") for p in a.name.split("."))]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in library:
+                found.append((node.lineno, node.attr))
+    return found
+
+
+@pytest.mark.parametrize("path", _files("benchmarks", "examples"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_scripts_use_public_names(path):
+    assert _private_uses(path) == [], f"{path.relative_to(ROOT)} uses private library names"
+
+
+def test_private_use_detector_finds_them(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import ibaml\nfrom ibaml.learner import _x\nfrom ibaml._hidden import y\nibaml.training._masked\n"
+                      "from ibaml import training\nimport priors\nprint(priors.base)\n")
+    assert [name for _, name in _private_uses(script)] == ["_x", "ibaml._hidden", "_masked"]
