@@ -77,6 +77,18 @@ def targets(runs, ways):
     return checks
 
 
+def markdown(payload) -> str:
+    """The summary table (each seed's value, then the mean) and the targets table of a payload."""
+    lines = ["| method | shots | seeds | accuracy | ECE per task | ECE pooled | NLL |", "|---|---|---|---|---|---|---|"]
+    for e in sorted(payload["summary"], key=lambda e: (e["shots"], e["method"])):
+        cells = [" / ".join(f"{v:.3f}" for v in e[m]["per_seed"]) + f" (mean {e[m]['mean']:.3f})" for m in METRICS]
+        lines.append(f"| {e['method']} | {e['shots']} | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+    lines += ["", "| shots | over | target | met |", "|---|---|---|---|"]
+    lines += [f"| {c['shots']} | {c['over']} | {c['target']} | {'yes' if c['met'] else 'no'} |"
+              for c in payload["targets"]]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (or their metrics.json)")
@@ -85,19 +97,10 @@ def main(argv=None):
     runs, ways = collect(args.runs)
     summary = summarize(runs)
     checks = targets(runs, ways)
-    print("| method | shots | seeds | accuracy | ECE per task | ECE pooled | NLL |")
-    print("|---|---|---|---|---|---|---|")
-    for (method, shots), e in sorted(summary.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        cells = [" / ".join(f"{v:.3f}" for v in e[m]["per_seed"]) + f" (mean {e[m]['mean']:.3f})" for m in METRICS]
-        print(f"| {method} | {shots} | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
-    print()
-    print("| shots | over | target | met |")
-    print("|---|---|---|---|")
-    for c in checks:
-        print(f"| {c['shots']} | {c['over']} | {c['target']} | {'yes' if c['met'] else 'no'} |")
     payload = {"ways": ways, "summary": [{"method": k[0], "shots": k[1], **v} for k, v in sorted(summary.items())],
                "targets": checks, "runs": {f"{k[0]}_{k[1]}shot": {str(s): r for s, r in v.items()}
                                            for k, v in sorted(runs.items())}}
+    print(markdown(payload))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")

@@ -52,3 +52,11 @@ def test_private_use_detector_finds_them(tmp_path):
     script.write_text("import ibaml\nfrom ibaml.learner import _x\nfrom ibaml._hidden import y\nibaml.training._masked\n"
                       "from ibaml import training\nimport priors\nprint(priors.base)\n")
     assert [name for _, name in _private_uses(script)] == ["_x", "ibaml._hidden", "_masked"]
+
+
+def test_import_ibaml_exposes_its_run_modules():
+    """``import ibaml`` alone gives ``ibaml.training.fit`` (the notebooks' and README's spelling)."""
+    import subprocess
+    import sys
+    code = "import ibaml; ibaml.training.fit; ibaml.meta_update.meta_step; ibaml.evaluation.evaluate; ibaml.nets.MLP"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

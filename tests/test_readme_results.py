@@ -47,6 +47,11 @@ def test_image_table_is_its_json():
     assert_in_readme(load("image_table").markdown(rows))
 
 
+def test_image_seeds_table_is_its_json():
+    payload = json.loads((ROOT / "docs/results/image_benchmark/seeds.json").read_text())
+    assert_in_readme(load("image_seeds").markdown(payload))
+
+
 @pytest.mark.parametrize("claim", ["horizon"])
 def test_claim_tables_are_their_json(claim):
     payload = json.loads((ROOT / "docs/results/claims" / f"{claim}.json").read_text())
