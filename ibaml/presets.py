@@ -199,8 +199,8 @@ CLASSIFICATION = {
 #: 10⁻² from τ = 2 the scale was still rising at the end (iBaML 5-shot τ 3.1 against a
 #: validation-fitted 4.4, under-confident, pooled ECE 0.035 against MAML's 0.028); at 3·10⁻²
 #: (``presets_table``) every method's scale settles, and iBaML is the best calibrated at 1 shot
-#: (per-task / pooled ECE 0.130 / 0.034; MAML 0.162 / 0.100, iMAML 0.137 / 0.070) and at 5
-#: (0.075 / 0.006; MAML 0.082 / 0.025, iMAML 0.080 / 0.041), with accuracy 0.726 and 0.894.
+#: (per-task / pooled ECE 0.135 / 0.044; MAML 0.167 / 0.109, iMAML 0.142 / 0.076) and at 5
+#: (0.075 / 0.007; MAML 0.086 / 0.027, iMAML 0.086 / 0.052), with accuracy 0.711 and 0.896.
 #: From τ = 1 at 3·10⁻² or 10⁻¹ the scale collapsed early (τ 0.2 and 0.04, iBaML 1-shot accuracy
 #: 0.53 and 0.46); τ in the inner problem too ran to 126 at 10⁻² (the inner problem unsolved).
 LOGIT_SCALE = {method: dict(mode="predictive", init=2.0, meta_lr=3e-2) for method in METHODS}
