@@ -77,16 +77,20 @@ def targets(runs, ways):
     return checks
 
 
-def markdown(payload) -> str:
-    """The summary table (each seed's value, then the mean) and the targets table of a payload."""
+def summary_markdown(payload) -> str:
+    """The summary table of a payload: per method and shots, each seed's value, then the mean."""
     lines = ["| method | shots | seeds | accuracy | ECE per task | ECE pooled | NLL |", "|---|---|---|---|---|---|---|"]
     for e in sorted(payload["summary"], key=lambda e: (e["shots"], e["method"])):
         cells = [" / ".join(f"{v:.3f}" for v in e[m]["per_seed"]) + f" (mean {e[m]['mean']:.3f})" for m in METRICS]
         lines.append(f"| {e['method']} | {e['shots']} | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
-    lines += ["", "| shots | over | target | met |", "|---|---|---|---|"]
-    lines += [f"| {c['shots']} | {c['over']} | {c['target']} | {'yes' if c['met'] else 'no'} |"
-              for c in payload["targets"]]
     return "\n".join(lines)
+
+
+def targets_markdown(payload) -> str:
+    """The targets table of a payload: each check and whether it was met."""
+    return "\n".join(["| shots | over | target | met |", "|---|---|---|---|"]
+                     + [f"| {c['shots']} | {c['over']} | {c['target']} | {'yes' if c['met'] else 'no'} |"
+                        for c in payload["targets"]])
 
 
 def main(argv=None):
@@ -100,7 +104,7 @@ def main(argv=None):
     payload = {"ways": ways, "summary": [{"method": k[0], "shots": k[1], **v} for k, v in sorted(summary.items())],
                "targets": checks, "runs": {f"{k[0]}_{k[1]}shot": {str(s): r for s, r in v.items()}
                                            for k, v in sorted(runs.items())}}
-    print(markdown(payload))
+    print(summary_markdown(payload) + "\n\n" + targets_markdown(payload))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")

@@ -7,7 +7,7 @@ meta-gradients through the posterior mode by the implicit function theorem
 first-order estimators behind the same interface.
 """
 
-from . import linalg, nets, optim
+from . import evaluation, linalg, meta_update, nets, optim, training
 from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
 from .implicit_function import implicit_diff, implicit_vjp
 from .inference import MAP, Variational
@@ -18,12 +18,12 @@ from .likelihoods import (CategoricalLikelihood, GaussianLikelihood, Likelihood,
 from .conjugate_noise import ConjugateNoiseGaussianLikelihood
 from .task_model import TaskModel
 from .presets import METHODS, build_learner
-from . import evaluation, meta_update, training  # noqa: E402  (ibaml.training.fit without a second import)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "linalg", "nets", "optim", "training", "meta_update", "evaluation", "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem",
+    "linalg", "nets", "optim", "training", "meta_update", "evaluation",
+    "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem",
     "HypergradEstimator", "Implicit", "Explicit", "FirstOrder", "MetaLearner", "NonFiniteError", "Posterior",
     "GaussianLikelihood", "ConjugateNoiseGaussianLikelihood", "TaskNoiseGaussianLikelihood", "CategoricalLikelihood", "Likelihood", "TaskModel", "build_learner", "METHODS",
 ]

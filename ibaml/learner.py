@@ -380,7 +380,7 @@ class MetaLearner(nn.Module):
     def evaluate(self, batch, steps: Optional[int] = None, num_samples: Optional[int] = None, name: str = "",
                  chunk: Optional[int] = None):
         """Adapt on each task's support set, predict its query set, and return a
-        :class:`ibaml.calibration.CalibrationReport` (:func:`ibaml.training.evaluate`)."""
+        :class:`ibaml.calibration.CalibrationReport` (:func:`ibaml.evaluation.evaluate`)."""
         return evaluation.evaluate(self, batch, chunk=chunk, steps=steps, num_samples=num_samples, name=name)
 
     # ------------------------------------------------------------------ state
