@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 from ibaml import training
+from ibaml.calibration import CalibrationReport
+from ibaml.cli import load_image_data
+from ibaml.data import EpisodeSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
@@ -45,22 +48,22 @@ def test_outputs(example, folder: Path):
     config = checkpoint["config"]
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
-    splits = example.load_data(args, device)
+    splits = load_image_data(args, device)
     mean, std = splits["train"].channel_stats()
-    sampler = example.EpisodeSampler(splits["test"], args.ways, args.shots, args.query, seed=args.seed, mean=mean,
+    sampler = EpisodeSampler(splits["test"], args.ways, args.shots, args.query, seed=args.seed, mean=mean,
                                      std=std, dtype=dtype)
     learner = example.make_learner(args, splits["train"].image_shape, device, dtype)
     learner.load_training_state(checkpoint["training"])
     outputs, labels = training.task_outputs(learner, sampler.sample, args.eval_tasks, chunk=args.eval_chunk,
                                             seed=20_000 + args.seed, generators=(sampler.generator,))
-    return outputs, labels, example.learned_scale(learner), config
+    return outputs, labels, float(learner.likelihood.scale.detach()), config
 
 
 def sweep(example, folder: Path, scales) -> dict:
     outputs, labels, learned, config = test_outputs(example, folder)
     rows = {}
     for tau in sorted(set(scales) | {learned}):
-        report = example.report_at(outputs, labels, tau)
+        report = CalibrationReport.from_logits(outputs, labels, tau)
         rows[f"{tau:.4g}"] = {k: report.metrics[k]["mean"] for k in KEYS}
     return {"method": config["method"], "shots": config["shots"], "learned_scale": learned, "scales": rows}
 

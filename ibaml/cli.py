@@ -1,6 +1,8 @@
-"""Command-line plumbing shared by the example scripts: which options were given explicitly,
-a resumed run's saved options merged under them, and range checks reported as one argparse
-error each.
+"""Command-line plumbing shared by the example scripts: the options of a meta-training run
+(:func:`add_run_options`, checked by :func:`check_run_options`) and of an image dataset
+(:func:`add_image_data_options`, read by :func:`load_image_data`), which options were given
+explicitly, a resumed run's saved options merged under them (:func:`parse_resumable`), and
+range checks reported as one argparse error each.
 
 Resuming a run from the command that started it works in three steps:
 
@@ -27,10 +29,31 @@ Example
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import sys
+import tempfile
+from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-__all__ = ["given_options", "merge_saved_options", "check_ranges", "TAIL_CHOICES", "tail_family"]
+import torch
+
+from .checkpoint import load_checkpoint
+from .data.omniglot import parse_split_sizes
+from .data.splits import DATASETS, FIXTURE_KINDS, load_splits, write_fixture
+from .distributed import launched_with_torchrun
+from .training import LAST, NONFINITE_POLICIES, holds_run
+
+__all__ = ["add_run_options", "check_run_options", "RUN_MAY_CHANGE", "add_image_data_options",
+           "check_image_data_options", "load_image_data", "IMAGE_DATA_MAY_CHANGE", "parse_resumable", "given_options",
+           "merge_saved_options", "check_ranges", "exit_on", "TAIL_CHOICES", "tail_family"]
+
+#: run options that may differ between a run and its resumption: they do not shape the trajectory
+RUN_MAY_CHANGE = ("meta_iters", "checkpoint_every", "read_every", "out", "resume", "overwrite", "no_progress",
+                  "threads")
+#: the smallest value of each run option that has one
+_RUN_MINIMUM = {"meta_iters": 1, "meta_batch": 1, "cg_steps": 1, "threads": 1, "checkpoint_every": 0, "read_every": 0}
 
 #: the command-line names of the predictive families of ``fit_noise_prior(..., tails=...)``
 TAIL_CHOICES = ("lognormal", "student_t", "none")
@@ -40,6 +63,156 @@ def tail_family(choice: str) -> Optional[str]:
     """A :data:`TAIL_CHOICES` name as ``fit_noise_prior`` takes it: ``"none"`` (the Gaussian) →
     ``None``, the others unchanged."""
     return None if choice == "none" else choice
+
+
+def add_run_options(parser, *, meta_iters: int, meta_batch: int, checkpoint_every: int = 0,
+                    nonfinite: bool = False, distributed: bool = False) -> None:
+    """Add the options of a meta-training run to ``parser`` (an ``ArgumentParser`` or one of its
+    groups), with the script's defaults for the loop length, the meta-batch and the checkpoint
+    interval: ``--meta-iters --meta-batch --meta-lr --cg-steps --cg-damping --checkpoint-every
+    --read-every --resume --overwrite --device --dtype --seed --threads --out --no-progress``,
+    ``--nonfinite`` with ``nonfinite=True`` and ``--distributed`` (data-parallel under
+    ``torchrun``) with ``distributed=True``. They go to :func:`ibaml.training.fit` and
+    :func:`ibaml.build_learner`; :func:`check_run_options` checks them."""
+    add = parser.add_argument
+    add("--meta-iters", type=int, default=meta_iters, help="meta-iterations")
+    add("--meta-batch", type=int, default=meta_batch, help="tasks per meta-iteration")
+    add("--meta-lr", type=float, default=1e-3, help="meta learning rate")
+    add("--cg-steps", type=int, default=5, help="conjugate-gradient iterations of the implicit gradient")
+    add("--cg-damping", type=float, default=0.0, help="damping added to the Hessian in the conjugate gradient")
+    add("--checkpoint-every", type=int, default=checkpoint_every, metavar="N",
+        help="also write last.pt every N meta-iterations (0: only at the end, where it is always written)")
+    add("--read-every", type=int, default=0, metavar="N",
+        help="read the training statistics on the host every N meta-iterations (default: 1 on the CPU, "
+             "ibaml.training.GPU_READ_EVERY on a GPU, which then never waits between reads)")
+    add("--resume", default=None, metavar="DIR",
+        help="continue the run saved in DIR (a run killed before its first checkpoint starts from scratch)")
+    add("--overwrite", action="store_true", help="replace the run that the output folder already holds")
+    add("--device", default="cpu")
+    add("--dtype", default="float32", choices=("float32", "float64"))
+    add("--seed", type=int, default=0)
+    add("--threads", type=int, default=None, help="torch CPU threads")
+    add("--out", default=None, metavar="DIR", help="output folder (default: the --resume folder, else runs/<script>)")
+    add("--no-progress", action="store_true", help="no progress bars")
+    if nonfinite:
+        add("--nonfinite", default="skip", choices=NONFINITE_POLICIES,
+            help="a task with a non-finite inner solution, CG residual or meta-gradient: skip it and count it "
+                 "(default), or stop with an error")
+    if distributed:
+        add("--distributed", action="store_true", help="data-parallel meta-training under torchrun")
+
+
+def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace, default_out: str,
+                      runs: Sequence[str] = ("",)) -> None:
+    """Check the options of :func:`add_run_options` and settle ``args.out`` (the ``--resume``
+    folder, else ``default_out``). Stops with ``parser.error`` when an option is out of range,
+    ``--device cuda`` has no CUDA, ``--distributed`` runs outside ``torchrun`` or with fewer
+    tasks than processes, or the output folder already holds one of ``runs`` (its
+    subfolders, ``""`` for the folder itself) while neither ``--resume`` into it nor
+    ``--overwrite`` was given: a new run never replaces an earlier one silently."""
+    check_ranges(parser, args, minimum=_RUN_MINIMUM, positive=("meta_lr",))
+    if args.cg_damping < 0:
+        parser.error(f"--cg-damping must be 0 or more, got {args.cg_damping}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} given but CUDA is not available on this machine")
+    if getattr(args, "distributed", False) and not launched_with_torchrun():
+        parser.error(f"--distributed needs the torchrun environment: torchrun --nproc_per_node N {parser.prog} ...")
+    if hasattr(args, "distributed"):
+        args.distributed = launched_with_torchrun()
+    if getattr(args, "distributed", False) and args.meta_batch < int(os.environ["WORLD_SIZE"]):
+        parser.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
+    args.out = args.out or args.resume or default_out
+    continues = args.resume is not None and Path(args.resume).resolve() == Path(args.out).resolve()
+    held = [run for run in runs if holds_run(Path(args.out) / run)]
+    if held and not (continues or args.overwrite):
+        which = f" of {', '.join(held)}" if any(held) else ""
+        parser.error(f"{args.out} already holds a run{which}: continue it with --resume {args.out} "
+                     f"or replace it with --overwrite")
+
+
+#: image-data options that may differ between a run and its resumption (where the files are, how they are read)
+IMAGE_DATA_MAY_CHANGE = ("data_root", "format", "workers", "split_file")
+
+
+def add_image_data_options(parser) -> None:
+    """Add the options of :func:`load_image_data` to ``parser`` (or a group): ``--dataset
+    --data-root --format --fixture --fixture-kind --image-size --rotations --split-sizes
+    --split-file --workers``; :func:`check_image_data_options` checks them."""
+    add = parser.add_argument
+    add("--dataset", default="miniimagenet", choices=DATASETS)
+    add("--data-root", default=None, help="dataset folder (not needed with --fixture)")
+    add("--format", default="auto", choices=("auto", "pickle", "csv", "folder"),
+        help="miniImageNet file layout (default: detected)")
+    add("--fixture", action="store_true",
+        help="write a synthetic dataset (in --format, pickle for auto) to a temporary folder and use it")
+    add("--fixture-kind", default="stripes", choices=FIXTURE_KINDS,
+        help="miniImageNet --fixture: tiny stripes (a smoke test) or the stroke-character benchmark")
+    add("--image-size", type=int, default=None,
+        help="resize images to this side once after loading (default: 84 miniImageNet, 28 Omniglot)")
+    add("--rotations", action=argparse.BooleanOptionalAction, default=True,
+        help="Omniglot: characters rotated by 90/180/270 degrees are new classes")
+    add("--split-sizes", default="1100,100",
+        help="Omniglot train,val characters (counts, or fractions such as 0.6,0.2); test is the rest")
+    add("--split-file", default=None, help="Omniglot class split file (default DATA_ROOT/ibaml_split.json)")
+    add("--workers", type=int, default=4, help="threads decoding image files")
+
+
+def check_image_data_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with ``parser.error`` on image-data options that cannot work together."""
+    check_ranges(parser, args, minimum={"image_size": 1, "workers": 0})
+    if args.fixture_kind != "stripes" and args.dataset != "miniimagenet":
+        parser.error(f"--fixture-kind {args.fixture_kind} is a miniImageNet layout; it does not apply to "
+                     f"--dataset {args.dataset}")
+    if not args.fixture and args.data_root is None:
+        parser.error("--data-root DIR is required (or --fixture for a synthetic smoke run)")
+    try:
+        parse_split_sizes(args.split_sizes)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def load_image_data(args: argparse.Namespace, device=None) -> dict:
+    """``{"train", "val", "test"}`` → :class:`ibaml.data.ImageClassDataset` (``uint8`` on
+    ``device``) as the options of :func:`add_image_data_options` (and ``ways``, ``shots``,
+    ``query``, ``seed``) ask: :func:`ibaml.data.load_splits` of ``--data-root``, or of a fixture
+    (:func:`ibaml.data.write_fixture`, Omniglot characters split half / quarter / quarter)
+    written to a temporary folder that is gone when this returns."""
+    with tempfile.TemporaryDirectory(prefix="ibaml-fixture-") as tmp:
+        fixture_format = "pickle" if args.format == "auto" else args.format
+        root = write_fixture(tmp, args.dataset, ways=args.ways, shots=args.shots, query=args.query,
+                             format=fixture_format, kind=args.fixture_kind, rotations=args.rotations,
+                             seed=args.seed) if args.fixture else Path(args.data_root)
+        return load_splits(root, args.dataset, format=args.format, image_size=args.image_size,
+                           rotations=args.rotations, split_file=args.split_file, seed=args.seed, device=device,
+                           split_sizes=(0.5, 0.25) if args.fixture else parse_split_sizes(args.split_sizes),
+                           num_workers=args.workers)
+
+
+def parse_resumable(parser: argparse.ArgumentParser, argv: Sequence[str] | None, may_change: Iterable[str]):
+    """``(args, checkpoint)``: ``argv`` parsed; with ``--resume DIR`` where ``DIR/last.pt``
+    exists, that checkpoint is read (``checkpoint``, else ``None``), the options given that are
+    not in ``may_change`` must equal its saved configuration
+    (:class:`ibaml.checkpoint.CheckpointError` otherwise), and the options not given take their
+    saved values (:func:`merge_saved_options`)."""
+    args = parser.parse_args(argv)
+    if args.resume is None or not (Path(args.resume) / LAST).is_file():
+        return args, None
+    given, may_change = given_options(parser, argv), set(may_change)
+    checkpoint = load_checkpoint(Path(args.resume) / LAST, config={k: v for k, v in given.items() if k not in may_change},
+                                 map_location="cpu")
+    return merge_saved_options(args, checkpoint.get("config", {}), given), checkpoint
+
+
+@contextlib.contextmanager
+def exit_on(*errors: type):
+    """Within the block, an exception of one of the ``errors`` types (a bad dataset file, a
+    checkpoint of another run, ...) ends the program with its message as one line on stderr,
+    ``error: ...``, and exit status 2, as argparse reports a bad option; others propagate."""
+    try:
+        yield
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def option_name(attribute: str) -> str:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .calibration.recalibration import (fit_linear_noise_ratio, fit_linear_noise_ratio_lognormal,
                                         fit_linear_noise_ratio_student_t)
-from .calibration.tails import LogNormalScale, StudentT
+from .calibration.tails import LogNormalScale, StudentT, describe
 from .likelihoods import GaussianLikelihood, _gaussian_log_prob, _positive_attribute
 
 __all__ = ["ConjugateNoiseGaussianLikelihood", "TAIL_FAMILIES"]
@@ -107,6 +107,12 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         if math.isfinite(float(self.predictive_df)):
             return StudentT(float(self.predictive_df))
         return None
+
+    def summary(self) -> dict:
+        """The noise prior: ``{"noise_prior": {"count": a₀, "scale": s₀, "evidence_scale": γ, "tails": ...}}``
+        (``tails`` as :func:`ibaml.calibration.tails.describe` gives it)."""
+        return {"noise_prior": {"count": float(self.prior_count.detach()), "scale": float(self.prior_noise.detach()),
+                                "evidence_scale": float(self.evidence_scale.detach()), "tails": describe(self.tails)}}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name, value in TAIL_BUFFERS.items():   # saved before they existed: the Gaussian

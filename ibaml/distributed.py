@@ -31,10 +31,11 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,28 @@ def init_from_env(device: Any = "cpu", backend: Optional[str] = None) -> Distrib
     group = dist.group.WORLD
     return DistributedContext(dist.get_rank(group), dist.get_world_size(group), local_rank,
                               dist.get_backend(group), device, group)
+
+
+@contextlib.contextmanager
+def data_parallel(device: Any = "cpu", enabled: bool = True,
+                  backend: Optional[str] = None) -> Iterator[Optional[DistributedContext]]:
+    """The process group of :func:`init_from_env` for the length of a ``with`` block, left
+    cleanly at its end (a barrier, so that no process quits while another still reduces, then
+    the group destroyed), also when the block raises. ``enabled=False`` (a one-process run)
+    yields ``None`` and joins nothing, so one code path serves both::
+
+        with data_parallel(device, enabled=launched_with_torchrun()) as ctx:
+            learner = build_learner(..., process_group=ctx.group if ctx else None)
+    """
+    if not enabled:
+        yield None
+        return
+    ctx = init_from_env(device, backend)
+    try:
+        yield ctx
+    finally:
+        dist.barrier(ctx.group)
+        dist.destroy_process_group()
 
 
 def shard_bounds(num_tasks: int, rank: int, world_size: int) -> Tuple[int, int]:

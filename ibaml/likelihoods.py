@@ -66,6 +66,10 @@ class Likelihood(LocalPyroModule):
         predictions only (:class:`CategoricalLikelihood` with ``scale_inner=False``)."""
         return self.log_prob_points(output, y)
 
+    def summary(self) -> dict:
+        """The learned noise parameters as plain numbers, for a run's metrics (none here)."""
+        return {}
+
 
 class GaussianLikelihood(Likelihood):
     """``y ~ N(f(x; w), σ²)`` per output dimension, summed over the trailing dimensions:
@@ -80,6 +84,10 @@ class GaussianLikelihood(Likelihood):
     def __init__(self, noise: float = 0.1, learn_noise: bool = False):
         super().__init__()
         _positive_attribute(self, "noise", noise, learn_noise, "GaussianLikelihood noise")
+
+    def summary(self) -> dict:
+        """``{"noise_std": σ}``."""
+        return {"noise_std": float(self.noise.detach())}
 
     def log_prob_points(self, output: Tensor, y: Tensor) -> Tensor:
         return _gaussian_log_prob(y, output, self.noise.to(output.dtype) ** 2)

@@ -47,9 +47,9 @@ abml        10           PriorPreconditioned (proximal step 0.002 on the means, 
 
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 30 and ABML's and
 iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (ABML) and ``3·10⁻³`` (iBaML) (:data:`CLASSIFICATION`);
-every method gets a meta-learned logit scale on its predictions (:data:`LOGIT_SCALE`,
-:func:`logit_scale`, :func:`categorical_likelihood`) and, with SGD, MAML's inner step
-(:func:`image_inner_lr`).
+every method gets a meta-learned logit scale on its predictions and, with SGD, MAML's inner
+step (:mod:`ibaml.image_presets`, whose :func:`~ibaml.image_presets.image_learner` builds an
+image learner with all of them).
 
 ``β = 1`` with σ = 1 on the head is the exact (untempered) posterior of the model. The
 linearised expectation (:class:`Variational`, ``expectation="linearized"``) removes the
@@ -176,7 +176,7 @@ def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: fl
 #: with ``λ = β/σ²``: iBaML 0.687 at ``β = 0.003`` (λ = 30), 0.682 at ``β = 0.001`` (λ = 10),
 #: 0.425 at ``λ = 3``, where σ = 0.1 with ``β = 1`` (``λ = 100`` with a posterior variance as
 #: large as a Conv4 weight) reached 0.286 and σ = 1 stayed at chance. With the predictive
-#: logit scale (:data:`LOGIT_SCALE`) iBaML's ``β = 0.003`` and ``0.001`` tie at 1 shot
+#: logit scale (:data:`ibaml.image_presets.LOGIT_SCALE`) iBaML's ``β = 0.003`` and ``0.001`` tie at 1 shot
 #: (0.721 / 0.734, ECE 0.127 both) and ``0.003`` wins at 5 (0.883 against 0.825, ECE 0.089
 #: against 0.128); ABML keeps ``β = 0.001``.
 CLASSIFICATION = {
@@ -184,80 +184,6 @@ CLASSIFICATION = {
     "ibaml": dict(init_scale=0.01, kl_weight=3e-3),
     "abml": dict(init_scale=0.01, kl_weight=1e-3),
 }
-
-
-#: the softmax's logit scale per method (``examples/miniimagenet.py``'s ``--logit-scale``; a
-#: :class:`CategoricalLikelihood` built by the caller): ``mode`` ``"fixed"`` (τ = 1),
-#: ``"learned"`` (τ a meta-parameter of inner and outer objectives) or ``"predictive"`` (a
-#: meta-parameter of the predictions only: ``CategoricalLikelihood(scale=init,
-#: learn_scale=True, scale_inner=False)``), ``init`` and the meta learning rate ``meta_lr``.
-#: Every method gets the same, as every method gets a learned noise in regression. A prior
-#: strong enough to make the inner problem of a softmax head well posed shrinks its logits
-#: (iBaML at ``λ = β/σ² = 10`` with τ = 1: mean confidence 0.50 at accuracy 0.68), and a
-#: predictive scale undoes that without touching the inner problem. Measured on the stroke
-#: benchmark (5-way, 300 meta-iterations; ``docs/results/image_benchmark``): at ``meta_lr``
-#: 10⁻² from τ = 2 the scale was still rising at the end (iBaML 5-shot τ 3.1 against a
-#: validation-fitted 4.4, under-confident, pooled ECE 0.035 against MAML's 0.028); at 3·10⁻²
-#: (``presets_table``) every method's scale settles, and iBaML is the best calibrated at 1 shot
-#: (per-task / pooled ECE 0.135 / 0.044; MAML 0.167 / 0.109, iMAML 0.142 / 0.076) and at 5
-#: (0.075 / 0.007; MAML 0.086 / 0.027, iMAML 0.086 / 0.052), with accuracy 0.711 and 0.896.
-#: From τ = 1 at 3·10⁻² or 10⁻¹ the scale collapsed early (τ 0.2 and 0.04, iBaML 1-shot accuracy
-#: 0.53 and 0.46); τ in the inner problem too ran to 126 at 10⁻² (the inner problem unsolved).
-LOGIT_SCALE = {method: dict(mode="predictive", init=2.0, meta_lr=3e-2) for method in METHODS}
-
-#: MAML's inner step on the mean cross-entropy of the support set per image dataset (Finn et
-#: al. 2017); :func:`image_inner_lr` turns it into the step on the summed NLL
-MAML_IMAGE_STEP = {"miniimagenet": 0.01, "omniglot": 0.4}
-
-
-def logit_scale(method: str, mode: Optional[str] = None, init: Optional[float] = None,
-                meta_lr: Optional[float] = None) -> dict:
-    """``{"mode", "init", "meta_lr"}`` of a softmax's logit scale τ: the values given, else
-    the method's :data:`LOGIT_SCALE`, else a fixed τ = 1.
-
-    >>> logit_scale("ibaml", init=4.0)
-    {'mode': 'predictive', 'init': 4.0, 'meta_lr': 0.03}
-    """
-    preset = {"mode": "fixed", "init": 1.0, "meta_lr": 1e-2, **LOGIT_SCALE.get(method, {})}
-    given = {"mode": mode, "init": init, "meta_lr": meta_lr}
-    return {k: (v if v is not None else preset[k]) for k, v in given.items()}
-
-
-def categorical_likelihood(scale: dict) -> CategoricalLikelihood:
-    """The softmax ``p(y | f) = softmax(τ f)`` of a :func:`logit_scale` setting: τ fixed
-    (``"fixed"``), a meta-parameter of inner and outer objectives (``"learned"``) or of the
-    predictions only (``"predictive"``). Its meta learning rate goes to ``build_learner``
-    through :func:`logit_scale_overrides`.
-
-    >>> categorical_likelihood(logit_scale("maml")).scale_inner
-    False
-    """
-    return CategoricalLikelihood(scale=scale["init"], learn_scale=scale["mode"] != "fixed",
-                                 scale_inner=scale["mode"] != "predictive")
-
-
-def logit_scale_overrides(scale: dict) -> dict:
-    """``meta_lr_overrides`` entry of a learned logit scale (none for a fixed one).
-
-    >>> logit_scale_overrides(logit_scale("imaml"))
-    {'likelihood\\\\.scale': 0.03}
-    """
-    return {} if scale["mode"] == "fixed" else {r"likelihood\.scale": scale["meta_lr"]}
-
-
-def image_inner_lr(method: str, dataset: str, ways: int, shots: int, inner_optimizer=None) -> Optional[float]:
-    """The inner step size of an image run with ``inner_optimizer`` (default the method's): for
-    SGD, MAML's step on the mean support cross-entropy, ``MAML_IMAGE_STEP[dataset] / (ways·shots)``
-    on the summed NLL that the inner objective uses; 0.01 for Adam; ``None`` (the preset's)
-    otherwise.
-
-    >>> image_inner_lr("maml", "miniimagenet", 5, 1), image_inner_lr("imaml", "miniimagenet", 5, 1)
-    (0.002, None)
-    """
-    optimizer = inner_optimizer or PRESETS[method]["inner_optimizer"]
-    if optimizer == "sgd":
-        return MAML_IMAGE_STEP[dataset] / (ways * shots)
-    return 0.01 if optimizer == "adam" else None
 
 
 def _included(net: nn.Module, include):

@@ -48,7 +48,7 @@ from .meta_update import MetaGradient, meta_gradient, meta_step, read_stats, red
 from .nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401
 from .progress import progress_bar
 
-__all__ = ["fit", "FitResult", "RunExistsError", "default_read_every", "GPU_READ_EVERY", "holds_run", "clean_folder",
+__all__ = ["fit", "FitResult", "TailMeans", "RunExistsError", "default_read_every", "GPU_READ_EVERY", "holds_run", "clean_folder",
            # re-exported: the meta-step (ibaml.meta_update) and evaluation (ibaml.evaluation)
            "MetaGradient", "reduce_task_gradients", "meta_gradient", "meta_step", "read_stats", "evaluate",
            "task_outputs", "fit_noise_prior", "NONFINITE_POLICIES", "NonFiniteError"]
@@ -77,6 +77,35 @@ class FitResult:
     best: Optional[Dict[str, Any]] = None
     evaluated: Dict[str, Any] = field(default_factory=dict)
     resumed_from: Optional[int] = None
+
+
+class TailMeans:
+    """An ``on_step`` callback of :func:`fit`: the mean of each statistic named ``prefix + key``
+    over the meta-steps after ``after`` (run in this call), ``{key: (1/n) Σ_{step > after} stats[prefix + key]}``
+    from :meth:`means`; for example the stationarity ``||∇_b G||`` of the inner solutions per
+    block over the last tenth of a run.
+
+    >>> tail = TailMeans("inner_grad_norm.", after=8)
+    >>> for step in range(1, 11):
+    ...     tail(step, {"loss": 1.0, "inner_grad_norm.mean": float(step)})
+    >>> tail.means()
+    {'mean': 9.5}
+    """
+
+    def __init__(self, prefix: str, after: int = 0):
+        self.prefix, self.after, self.count, self.totals = prefix, int(after), 0, {}
+
+    def __call__(self, step: int, stats: Mapping[str, Any]) -> None:
+        if step <= self.after:
+            return
+        self.count += 1
+        for key, value in stats.items():
+            if key.startswith(self.prefix):
+                name = key[len(self.prefix):]
+                self.totals[name] = self.totals.get(name, 0.0) + value
+
+    def means(self) -> Dict[str, float]:
+        return {name: float(total) / self.count for name, total in self.totals.items()}
 
 
 #: :func:`fit`'s ``read_every`` on a GPU where none is given (:func:`default_read_every`)

@@ -1,4 +1,5 @@
-"""The package layout stays readable: no library file over 400 lines, and the benchmarks and
+"""The package layout stays readable: no library file over 400 lines, examples that stay thin
+(options, data, a ``fit`` call and the report, at most 200 lines), and the benchmarks and
 examples reach the library through its public names only."""
 
 import ast
@@ -8,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 400
+MAX_EXAMPLE_LINES = 200
 
 
 def _files(*folders):
@@ -18,6 +20,13 @@ def _files(*folders):
 def test_library_file_is_short(path):
     lines = path.read_text().count("\n")
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES}): split it by concept"
+
+
+@pytest.mark.parametrize("path", _files("examples"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_example_is_thin(path):
+    lines = path.read_text().count("\n")
+    assert lines <= MAX_EXAMPLE_LINES, (f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_EXAMPLE_LINES}): "
+                                        f"what a user's own script would need too belongs in the library")
 
 
 def _private_uses(path):

@@ -6,7 +6,7 @@ problem, and against the dense implicit solve.
 * image classification (``examples/miniimagenet.py``): a variational head prior at the
   classification settings (σ = 0.01, β = 3·10⁻³), Newton inner steps from the fixed-point
   variances, the linearised expectation, and a softmax whose logit scale is a meta-parameter of
-  the predictions only (:data:`ibaml.presets.LOGIT_SCALE`);
+  the predictions only (:data:`ibaml.image_presets.LOGIT_SCALE`);
 * sine regression (``examples/sine_regression.py``): the same inference with the conjugate task
   noise, its pseudo-count held at 5 (:data:`ibaml.presets.NOISE_PRIOR_COUNT`).
 
@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 import ibaml
-from ibaml import presets, training
+from ibaml import image_presets, presets, training
 from ibaml.inner_loop import newton_polish
 from ibaml.linalg import Dense
 from ibaml.nets import MLP, Conv4
@@ -36,11 +36,10 @@ WAYS = 3
 
 
 def image_learner(net):
-    scale = presets.logit_scale("ibaml")
-    likelihood = presets.categorical_likelihood(scale).to(DT)
-    assert not likelihood.scale_inner                   # τ enters the predictions only
-    return ibaml.build_learner("ibaml", net, likelihood, cg_steps=40, num_classes=WAYS,
-                               meta_lr_overrides=presets.logit_scale_overrides(scale))
+    learner = image_presets.image_learner("ibaml", net, dataset="miniimagenet", ways=WAYS, shots=1, cg_steps=40)
+    assert not learner.likelihood.scale_inner           # τ enters the predictions only
+    assert learner.likelihood.scale.dtype == DT
+    return learner
 
 
 def sine_learner():

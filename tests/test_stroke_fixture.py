@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ibaml.cli import load_image_data
 from ibaml.data import load_miniimagenet, load_miniimagenet_splits
 from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.data.miniimagenet import detect_format
@@ -113,7 +114,7 @@ def test_example_fixture_kind_strokes(capsys):
     example = _example()
     args, _ = example.parse_args(["--fixture", "--fixture-kind", "strokes", "--image-size", "16", "--shots", "1",
                                   "--query", "3", "--workers", "0"])
-    splits = example.load_data(args, torch.device("cpu"))
+    splits = load_image_data(args, torch.device("cpu"))
     assert {s: d.num_classes for s, d in splits.items()} == {"train": 64, "val": 16, "test": 20}
     assert splits["train"].image_shape == (3, 16, 16) and splits["test"].class_counts.tolist() == [30] * 20
     assert all(name.startswith("n8") for name in splits["val"].class_names)

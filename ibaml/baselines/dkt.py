@@ -31,6 +31,7 @@ import gpytorch
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationReport
 from ..nets import MLP
 
 
@@ -102,3 +103,9 @@ class DeepKernelGP(nn.Module):
         V = torch.linalg.solve_triangular(L, K_qs.transpose(-1, -2), upper=False)
         var = (k_qq - (V ** 2).sum(-2)).clamp(min=1e-10) + noise
         return mean, var
+
+    def evaluate(self, batch, name: str = "") -> CalibrationReport:
+        """The regression report of the predictive (:meth:`predict`) at ``batch``'s query points, as
+        :meth:`ibaml.MetaLearner.evaluate` gives it for a meta-learner."""
+        mean, var = self.predict(batch.support_x, batch.support_y, batch.query_x)
+        return CalibrationReport.regression(mean, var, batch.query_y.reshape(mean.shape), name=name)

@@ -90,6 +90,14 @@ class CalibrationReport:
                    extra=extra)
 
     @classmethod
+    def from_logits(cls, outputs, labels, scale: float = 1.0, name: str = "") -> "CalibrationReport":
+        """The classification report of network outputs ``f [T, S, N, C]`` at ``S`` posterior
+        draws under the logit scale ``τ``: class probabilities ``(1/S) Σ_s softmax(τ f_s)``, as
+        :meth:`ibaml.MetaLearner.predict` forms them, against ``labels [T, N]``. With the ``τ``
+        of :func:`ibaml.calibration.fit_logit_scale` this is the temperature-scaled report."""
+        return cls.classification(torch.softmax(scale * torch.as_tensor(outputs), dim=-1).mean(1), labels, name=name)
+
+    @classmethod
     def classification(cls, probs, labels, n_bins: int = 15, name: str = "",
                        extra: Optional[dict] = None) -> "CalibrationReport":
         """Report for class probabilities ``probs [T, Q, C]`` against ``labels [T, Q]``."""

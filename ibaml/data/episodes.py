@@ -22,7 +22,7 @@ Example
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -233,6 +233,16 @@ class EpisodeSampler:
     >>> batch.support_y[0].tolist(), batch.query_x.shape
     ([0, 1, 2, 3, 4], torch.Size([4, 15, 3, 8, 8]))
     """
+
+    @classmethod
+    def for_splits(cls, splits: Dict[str, "ImageClassDataset"], ways: int, shots: int, query: int, *,
+                   seed: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Dict[str, "EpisodeSampler"]:
+        """``{split: sampler}`` for every split of ``splits`` (``"train"`` among them), each with
+        a generator of its own from ``seed``, all normalised with the training split's channel
+        statistics (:meth:`ImageClassDataset.channel_stats`)."""
+        mean, std = splits["train"].channel_stats()
+        return {name: cls(data, ways, shots, query, seed=seed, mean=mean, std=std, dtype=dtype)
+                for name, data in splits.items()}
 
     def __init__(self, dataset: ImageClassDataset, ways: int, shots: int, query: int,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,

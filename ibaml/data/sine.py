@@ -121,3 +121,9 @@ class SineTaskDistribution:
         standard extrapolation test: ``SineTaskDistribution().out_of_range()`` has support
         ``x ∈ [−5, 5]`` and query ``x ∈ [5, 10]``."""
         return dataclasses.replace(self, query_x_range=(low, high))
+
+    @staticmethod
+    def curve(info: dict, x: torch.Tensor) -> torch.Tensor:
+        """The noiseless curves ``A_t sin(x − φ_t)`` ``[T, X]`` of the tasks that ``info`` (a
+        sampled batch's ``info``) describes, at the inputs ``x [X]``."""
+        return info["amplitude"].reshape(-1, 1) * torch.sin(x.reshape(1, -1) - info["phase"].reshape(-1, 1))
