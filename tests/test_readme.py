@@ -59,7 +59,7 @@ def test_api_example_and_training_fit(tmp_path, monkeypatch):
     mean, var = namespace["mean"], namespace["var"]
     assert mean.shape == var.shape == namespace["test"].query_y.shape and bool((var > 0).all())
 
-    fit = shortened(block_with("training.fit(learner"),
+    fit = shortened(block_with("validate_every=200"),
                     {"1000, folder=": "4, folder=", "checkpoint_every=100": "checkpoint_every=2",
                      "validate_every=200": "validate_every=2"})
     run(fit, namespace)
@@ -75,3 +75,19 @@ def test_custom_prior_example():
     printed = run(code, {}).splitlines()
     expected = re.search(r"print\(sorted\(learner\.meta_params\(\)\)\)\s+# (\[.*\])", code).group(1)
     assert printed[0] == expected
+
+
+def test_image_script_example(tmp_path, monkeypatch):
+    from ibaml.data import write_fixture
+
+    monkeypatch.chdir(tmp_path)
+    root = write_fixture(tmp_path / "data", "miniimagenet", ways=5, shots=1, query=15)
+    code = shortened(block_with("image_learner("),
+                     {'"/data/miniimagenet"': repr(str(root)), "hidden=32": "hidden=4",
+                      "sample(4), 1000, folder=": "sample(2), 2, folder=", "checkpoint_every=100": "checkpoint_every=1",
+                      "sample, 200, chunk=25": "sample, 4, chunk=2"})
+    namespace: dict = {}
+    run(code, namespace)
+    report = namespace["report"]
+    assert 0 <= report.metrics["accuracy"]["mean"] <= 1 and "ece" in report.metrics
+    assert (tmp_path / "runs" / "mine" / "last.pt").is_file()
