@@ -92,7 +92,7 @@ def add_run_options(parser, *, meta_iters: int, meta_batch: int, checkpoint_ever
     add("--dtype", default="float32", choices=("float32", "float64"))
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=None, help="torch CPU threads")
-    add("--out", default=None, metavar="DIR", help="output folder (default: the --resume folder, else runs/<script>)")
+    add("--out", default=None, metavar="DIR", help="output folder (default: the --resume folder, else one under runs/)")
     add("--no-progress", action="store_true", help="no progress bars")
     if nonfinite:
         add("--nonfinite", default="skip", choices=NONFINITE_POLICIES,
