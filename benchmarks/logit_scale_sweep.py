@@ -49,9 +49,7 @@ def test_outputs(example, folder: Path):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
     splits = load_image_data(args, device)
-    mean, std = splits["train"].channel_stats()
-    sampler = EpisodeSampler(splits["test"], args.ways, args.shots, args.query, seed=args.seed, mean=mean,
-                                     std=std, dtype=dtype)
+    sampler = EpisodeSampler.for_splits(splits, args.ways, args.shots, args.query, seed=args.seed, dtype=dtype)["test"]
     learner = example.make_learner(args, splits["train"].image_shape, device, dtype)
     learner.load_training_state(checkpoint["training"])
     outputs, labels = training.task_outputs(learner, sampler.sample, args.eval_tasks, chunk=args.eval_chunk,

@@ -115,12 +115,12 @@ def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(f"--cg-damping must be 0 or more, got {args.cg_damping}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} given but CUDA is not available on this machine")
-    if getattr(args, "distributed", False) and not launched_with_torchrun():
-        parser.error(f"--distributed needs the torchrun environment: torchrun --nproc_per_node N {parser.prog} ...")
-    if hasattr(args, "distributed"):
+    if hasattr(args, "distributed"):   # under torchrun a run is data-parallel, with or without the flag
+        if args.distributed and not launched_with_torchrun():
+            parser.error(f"--distributed needs the torchrun environment: torchrun --nproc_per_node N {parser.prog} ...")
         args.distributed = launched_with_torchrun()
-    if getattr(args, "distributed", False) and args.meta_batch < int(os.environ["WORLD_SIZE"]):
-        parser.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
+        if args.distributed and args.meta_batch < int(os.environ["WORLD_SIZE"]):
+            parser.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
     args.out = args.out or args.resume or default_out
     continues = args.resume is not None and Path(args.resume).resolve() == Path(args.out).resolve()
     held = [run for run in runs if holds_run(Path(args.out) / run)]

@@ -15,7 +15,7 @@ from ibaml.calibration import CalibrationReport
 from ibaml.checkpoint import CheckpointError
 from ibaml.conjugate_noise import ConjugateNoiseGaussianLikelihood
 from ibaml.data import EpisodeSampler, SineTaskDistribution, load_splits, write_fixture
-from ibaml.nets import MLP, Conv4
+from ibaml.nets import Conv4
 
 
 def run_parser(**defaults):
