@@ -1,10 +1,23 @@
 """Names shared by the docstring examples of ``ibaml`` and ``priors`` (run by the test command
 with ``--doctest-modules``): a small sine MLP ``net``, a task family ``tasks`` with its
 ``generator``, a test batch ``test``, a ``model`` with its meta-parameters ``meta`` and one
-``task``, and a small ridge problem ``A``, ``b``, ``lam``, ``I``."""
+``task``, and a small ridge problem ``A``, ``b``, ``lam``, ``I``; for the examples of
+``ibaml.data``, small synthetic datasets on disk in the real file layouts: ``miniimagenet_root``
+(the folder layout, 6 / 3 / 3 classes of 5 images) and ``omniglot_root`` (two alphabets, 12
+characters), written once per test process."""
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session")
+def _doctest_datasets(tmp_path_factory):
+    from ibaml.data import write_fixture
+
+    root = tmp_path_factory.mktemp("doctest_data")
+    return dict(miniimagenet_root=write_fixture(root / "miniimagenet", "miniimagenet", ways=3, shots=1, query=2,
+                                                format="folder"),
+                omniglot_root=write_fixture(root / "omniglot", "omniglot", ways=3, shots=1, query=2))
 
 
 @pytest.fixture(autouse=True)
@@ -29,4 +42,6 @@ def _doctest_names(request):
         names[name] = getattr(ibaml, name)
     names.update(SGD=ibaml.optim.SGD, Adam=ibaml.optim.Adam, DiagonalGaussian=priors.DiagonalGaussian,
                  IsotropicGaussian=priors.IsotropicGaussian)
+    if request.node.name.startswith("ibaml.data."):
+        names.update(request.getfixturevalue("_doctest_datasets"))
     request.getfixturevalue("doctest_namespace").update(names)

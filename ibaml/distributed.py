@@ -23,8 +23,13 @@ Launch with ``torchrun`` (gloo on the CPU, NCCL on CUDA)::
 
 Example
 -------
->>> ctx = init_from_env("cpu")                            # doctest: +SKIP
->>> learner = build_learner("imaml", net, lik, process_group=ctx.group)   # doctest: +SKIP
+In a process that ``torchrun`` started::
+
+    ctx = init_from_env("cpu")
+    learner = build_learner("imaml", net, lik, process_group=ctx.group)
+
+Each rank's share of a batch of 10 tasks:
+
 >>> shard_bounds(10, rank=1, world_size=4)
 (3, 6)
 """

@@ -40,7 +40,10 @@ class DatasetError(ValueError):
 
     Example
     -------
-    >>> raise DatasetError("miniImageNet: /data/train.csv: missing")  # doctest: +SKIP
+    >>> raise DatasetError("miniImageNet: /data/train.csv: missing")
+    Traceback (most recent call last):
+        ...
+    ibaml.data.episodes.DatasetError: miniImageNet: /data/train.csv: missing
     """
 
 

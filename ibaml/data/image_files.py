@@ -24,8 +24,11 @@ def read_image(path, mode: str, size: Optional[Tuple[int, int]] = None,
 
     Example
     -------
-    >>> read_image("/data/images/n01532829_0001.jpg", "RGB", size=(84, 84)).shape  # doctest: +SKIP
+    >>> path = miniimagenet_root / "train" / "n90000000" / "n90000000_0001.png"
+    >>> read_image(path, "RGB", size=(84, 84)).shape
     torch.Size([3, 84, 84])
+    >>> read_image(path, "L", resize=(28, 28)).shape
+    torch.Size([1, 28, 28])
     """
     import numpy as np
 

@@ -12,9 +12,13 @@ Classes are whatever the files hold (sorted by name); nothing is downloaded.
 
 Example
 -------
->>> train = load_miniimagenet("/data/miniimagenet", "train")  # doctest: +SKIP
->>> train.images.shape, train.num_classes  # doctest: +SKIP
-(torch.Size([38400, 3, 84, 84]), 64)
+``miniimagenet_root`` is a folder in any of the three layouts; on the full set the training
+split holds ``torch.Size([38400, 3, 84, 84])``, 64 classes (here a small synthetic copy,
+:func:`ibaml.data.write_fixture`, of 6 / 3 / 3 classes with 5 images each):
+
+>>> train = load_miniimagenet(miniimagenet_root, "train")
+>>> train.images.shape, train.images.dtype, train.num_classes
+(torch.Size([30, 3, 84, 84]), torch.uint8, 6)
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ def detect_format(root: Union[str, Path]) -> str:
 
     Example
     -------
-    >>> detect_format("/data/miniimagenet")  # doctest: +SKIP
-    'pickle'
+    >>> detect_format(miniimagenet_root)
+    'folder'
     """
     root = Path(root)
     if not root.is_dir():
@@ -281,9 +285,9 @@ def load_miniimagenet_splits(root: Union[str, Path], format: str = "auto",
 
     Example
     -------
-    >>> splits = load_miniimagenet_splits("/data/miniimagenet")  # doctest: +SKIP
-    >>> [splits[s].num_classes for s in ("train", "val", "test")]  # doctest: +SKIP
-    [64, 16, 20]
+    >>> splits = load_miniimagenet_splits(miniimagenet_root)   # the full set: [64, 16, 20]
+    >>> [splits[s].num_classes for s in ("train", "val", "test")]
+    [6, 3, 3]
     """
     if format == "auto":
         format = detect_format(root)

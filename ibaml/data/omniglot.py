@@ -46,8 +46,8 @@ def list_characters(root: Union[str, Path]) -> Dict[str, List[Path]]:
 
     Example
     -------
-    >>> list(list_characters("/data/omniglot"))[:1]  # doctest: +SKIP
-    ['images_background/Alphabet_of_the_Magi/character01']
+    >>> list(list_characters(omniglot_root))[:1]   # on the full set: 'images_background/Alphabet_of_the_Magi/character01'
+    ['images_background/Alphabet_01/character01']
     """
     root = Path(root)
     folders = [root / f for f in (BACKGROUND, EVALUATION) if (root / f).is_dir()]
@@ -146,8 +146,12 @@ def omniglot_split(root: Union[str, Path], split_file: Optional[Union[str, Path]
 
     Example
     -------
-    >>> omniglot_split("/data/omniglot")["val"][:1]  # doctest: +SKIP
-    ['images_background/Bengali/character07']
+    On the full set the default ``split_sizes=(1100, 100)`` gives 1100 / 100 / 423 characters;
+    ``omniglot_root`` is a small synthetic copy of 12 characters, split by fractions:
+
+    >>> split = omniglot_split(omniglot_root, split_sizes=(0.5, 0.25))
+    >>> {s: len(chars) for s, chars in split.items()}
+    {'train': 6, 'val': 3, 'test': 3}
     """
     root = Path(root)
     path = Path(split_file) if split_file is not None else root / SPLIT_FILE
@@ -197,9 +201,12 @@ def load_omniglot(root: Union[str, Path], split: str = "train", rotations: bool 
 
     Example
     -------
-    >>> train = load_omniglot("/data/omniglot", "train", rotations=True)  # doctest: +SKIP
-    >>> train.num_classes  # doctest: +SKIP
-    4400
+    On the full set (``split_sizes=(1100, 100)``) the training split has 1100 characters, 4400
+    classes with rotations; on the small synthetic copy ``omniglot_root``:
+
+    >>> train = load_omniglot(omniglot_root, "train", rotations=True, split_sizes=(0.5, 0.25))
+    >>> train.num_classes, train.images.shape
+    (24, torch.Size([120, 1, 28, 28]))
     """
     key = str(split).lower()
     if key not in _SPLITS:
