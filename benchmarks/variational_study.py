@@ -152,21 +152,19 @@ def run_row(name, method, options, args, seed):
                                   eval_inner_steps=eval_steps, **options)
     tasks = SineTaskDistribution(shots=10, query=10)
     gen = torch.Generator().manual_seed(seed)
-    tail = max(1, args.iters // 10)
-    stationarity, losses = {}, []
+    # the stationarity of the inner solutions, ||∇_b G|| per block, over the last tenth of the run
+    stationarity = ibaml.training.TailMeans("inner_grad_norm.", after=args.iters - max(1, args.iters // 10))
+    losses = []
     start = time.perf_counter()
     for it in range(args.iters):
         stats = learner.meta_step(tasks.sample(25, gen))
         losses.append(stats["loss"])
-        if it >= args.iters - tail:
-            for key, value in stats.items():
-                if key.startswith("inner_grad_norm."):
-                    stationarity.setdefault(key.split(".", 1)[1], []).append(float(value))
+        stationarity(it + 1, {k: float(v) for k, v in stats.items()})
     ms = 1000 * (time.perf_counter() - start) / args.iters
     report = learner.evaluate(tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + seed)))
     metrics = {k: report.metrics[k] for k in ("mse", "nll", "coverage_50", "coverage_90", "coverage_95")}
     return dict(method=method, options=options, seed=seed, ms_per_meta_iter=ms, metrics=metrics,
-                stationarity={b: sum(v) / len(v) for b, v in stationarity.items()},
+                stationarity=stationarity.means(),
                 noise=float(learner.likelihood.noise.detach()), skipped=int(learner.skipped_tasks),
                 loss_curve=losses[:: max(1, args.iters // 50)])
 
