@@ -1,6 +1,6 @@
-"""The README's result tables are the committed JSON under ``docs/results/``, rendered by the
-scripts that the README names: a rerun whose JSON changes without the README, or a README edit
-that drifts from its JSON, fails here."""
+"""The result tables of ``docs/results/*.md`` (and the README's headline tables) are the
+committed JSON under ``docs/results/``, rendered by the scripts that the pages name: a rerun
+whose JSON changes without the page, or a page edit that drifts from its JSON, fails here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+SINE = ROOT / "docs/results/sine.md"
+IMAGES = ROOT / "docs/results/images.md"
+CLAIMS = ROOT / "docs/results/claims.md"
 
 
 def load(name):
@@ -21,19 +24,55 @@ def load(name):
     return module
 
 
-def assert_in_readme(table: str) -> None:
-    missing = [line for line in table.splitlines() if line not in README.splitlines()]
-    assert not missing, "README lines that differ from the committed JSON:\n" + "\n".join(missing)
+def assert_on_page(table: str, page: Path) -> None:
+    lines = page.read_text().splitlines()
+    missing = [line for line in table.splitlines() if line not in lines]
+    assert not missing, f"{page.name} lines that differ from the committed JSON:\n" + "\n".join(missing)
+
+
+def readme_table_after(marker: str) -> list:
+    """The lines of the README's first table after the paragraph holding ``marker``."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    table = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    assert len(table) >= 3, f"no table after {marker!r} in the README"
+    return table
+
+
+def assert_readme_headline(marker: str, table: str) -> None:
+    """Every line of the README's headline table is a line of the table rendered from the JSON
+    (a subset of its rows, header included)."""
+    rendered = table.splitlines()
+    headline = readme_table_after(marker)
+    assert headline[:2] == rendered[:2]
+    missing = [line for line in headline if line not in rendered]
+    assert not missing, "README headline lines that differ from the committed JSON:\n" + "\n".join(missing)
+
+
+def sine_table() -> str:
+    rows = json.loads((ROOT / "docs/results/sine/table.json").read_text())
+    return load("sine_table").markdown({name: (r["metrics"], r["config"]) for name, r in rows.items()})
+
+
+def image_seeds_payload() -> dict:
+    return json.loads((ROOT / "docs/results/image_benchmark/seeds.json").read_text())
 
 
 def test_sine_table_is_its_json():
-    rows = json.loads((ROOT / "docs/results/sine/table.json").read_text())
-    table = load("sine_table").markdown({name: (r["metrics"], r["config"]) for name, r in rows.items()})
-    assert_in_readme(table)
+    assert_on_page(sine_table(), SINE)
+
+
+def test_readme_sine_headline_is_its_json():
+    assert_readme_headline("**Sine regression, 10-shot**", sine_table())
 
 
 def test_sine_table_json_is_the_runs_metrics():
-    """``table.json`` holds each run's ``metrics.json`` unchanged (the README's command)."""
+    """``table.json`` holds each run's ``metrics.json`` unchanged (the page's command)."""
     rows = json.loads((ROOT / "docs/results/sine/table.json").read_text())
     for name, path in [("ibaml", "3000/ibaml.json"), ("imaml", "3000/imaml.json"), ("maml", "3000/maml.json"),
                        ("abml", "3000/abml.json"), ("ibaml, 5000 iterations", "5000/ibaml.json")]:
@@ -44,17 +83,21 @@ def test_sine_table_json_is_the_runs_metrics():
 
 def test_image_table_is_its_json():
     rows = json.loads((ROOT / "docs/results/image_benchmark/table.json").read_text())
-    assert_in_readme(load("image_table").markdown(rows))
+    assert_on_page(load("image_table").markdown(rows), IMAGES)
 
 
 def test_image_seeds_table_is_its_json():
-    payload = json.loads((ROOT / "docs/results/image_benchmark/seeds.json").read_text())
-    assert_in_readme(load("image_seeds").summary_markdown(payload))
-    # the README says that every image target holds at every seed and on the means
+    payload = image_seeds_payload()
+    assert_on_page(load("image_seeds").summary_markdown(payload), IMAGES)
+    # the page says that every image target holds at every seed and on the means
     assert payload["targets"] and all(check["met"] for check in payload["targets"])
+
+
+def test_readme_images_headline_is_its_json():
+    assert_readme_headline("**Few-shot images, 5-way**", load("image_seeds").summary_markdown(image_seeds_payload()))
 
 
 @pytest.mark.parametrize("claim", ["horizon"])
 def test_claim_tables_are_their_json(claim):
     payload = json.loads((ROOT / "docs/results/claims" / f"{claim}.json").read_text())
-    assert_in_readme(payload["table"])
+    assert_on_page(payload["table"], CLAIMS)
