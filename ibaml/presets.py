@@ -11,19 +11,20 @@ ibaml       diagonal N(μ, σ²), the head         variational     implicit (CG)
 lazy        flat (learned init), all weights    MAP             lazy teacher–student
 ==========  ==================================  ==============  =========================
 
-**Why the head.** The implicit gradient is exact only at a solution of the inner problem.
-With a prior over all weights that solution is out of reach at a usable cost: a prior weak
-enough to let a task move the weights leaves a non-convex, badly scaled few-shot problem
-that a few gradient steps do not solve (measured: 20 Adam steps stop with ``||∇G||`` of
-5–30 on sine), and a prior strong enough to make it convex keeps the network at the prior
-(iMAML λ = 100: sine MSE 0.65 after 3000 meta-iterations; iBaML σ = 0.1: 1.21). The
-presets of the prior-based methods therefore put the prior on the network's last layer
+**Why the head.** The implicit gradient is exact only at a solution of the inner problem
+(and, there, as accurate as its conjugate-gradient solve). With a prior over all weights that
+solution is out of reach at a usable cost: a prior weak enough to let a task move the weights
+leaves a non-convex, badly scaled few-shot problem that a few gradient steps do not solve, and
+a prior strong enough to make it convex keeps the network at the prior (measured in
+``docs/results/sine.md``, "The studies behind the presets"; the reasoning in
+``docs/design.md``). The presets of the prior-based methods therefore put the prior on the
+network's last layer
 (:func:`priors.last_layer`) and meta-learn the rest as shared weights (``net.*``
 meta-parameters, reached through ``B = ∇²_vθ G`` of the implicit gradient). For a Gaussian
 likelihood the inner problem is then a ridge regression on learned features (a Bayesian
 linear regression for the variational methods) and :class:`ibaml.optim.NewtonCG` solves it
-to ``||∇G|| < 10⁻³`` in two (MAP) or six (variational) steps; for a softmax head it is
-convex. ``include="all"`` gives the prior over every weight of the papers.
+to ``||∇G|| < 10⁻³`` in a few steps; for a softmax head it is convex. ``include="all"``
+gives the prior over every weight of the papers.
 
 Per-method defaults (each can be overridden by the matching argument):
 
@@ -42,7 +43,7 @@ ibaml       10           NewtonCG (10 CG iterations, |Δρ| ≤ 3) from the fixe
 abml        10           PriorPreconditioned (proximal step 0.002 on the means, half a
                          Newton step on ρ bounded by 0.5), differentiated through; the
                          model of ibaml (differentiating through Newton-CG iterations
-                         was not stable over long runs: sine MSE 2.50 after 3000)
+                         was not stable over long runs: ``docs/results/sine.md``)
 ==========  ===========  ==============================================================
 
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 30 and ABML's and
@@ -54,10 +55,9 @@ image learner with all of them).
 ``β = 1`` with σ = 1 on the head is the exact (untempered) posterior of the model. The
 linearised expectation (:class:`Variational`, ``expectation="linearized"``) removes the
 Monte Carlo noise from the inner problem: with fixed draws, the variance block of the
-inner objective is not convex in ``ρ`` and Newton steps stalled on some tasks (measured:
-``||∇_ρ G||`` of 10–500 after 6–8 steps as the learned noise fell), and independent draws
-shift the posterior mean by ``√s ⊙ mean_j ε_j`` (with 4 draws this raised the adapted MSE
-from 2.6 to 3.9 at the start of meta-training). A prior over more than the head falls back
+inner objective is not convex in ``ρ`` and Newton steps stalled on some tasks as the learned
+noise fell, and independent draws shift the posterior mean by ``√s ⊙ mean_j ε_j`` (the
+measurements are in ``docs/results/sine.md``). A prior over more than the head falls back
 to ``"sampled"`` (1 draw unless ``num_samples`` is given).
 
 Example
@@ -128,7 +128,7 @@ PRESETS = {
 #: the log noise is indefinite wherever a residual is non-zero), and an unbounded Newton step
 #: from the prior can overshoot to a non-finite iterate; each weight's step is bounded by 1 and
 #: damped in the prior's metric, and the log noise's prior starts at σ = 0.1, close to one
-#: noise shared by all tasks. On sine this does not yet learn (README, "A noise scale per task").
+#: noise shared by all tasks. On sine this does not yet learn (``docs/design.md``, "The noise models").
 TASK_NOISE = {
     "imaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0),
     "ibaml": dict(newton_max_mean_step=1.0, newton_prior_damping=1.0, noise_prior_scale=0.1),
@@ -167,18 +167,11 @@ def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: fl
 
 #: defaults that differ for classification (a :class:`CategoricalLikelihood`): the exact MAP of
 #: a softmax head under a weak prior is over-confident (its logits grow until the prior stops
-#: them) and a strong one keeps the head at the prior. Measured on the stroke benchmark (5-way
-#: 1-shot, Conv4-32 at 32×32, 300 meta-iterations; ``benchmarks/image_table.py`` over the runs
-#: in ``docs/results/image_benchmark``), with a logit scale of 1: iMAML with λ = 1 stays at
-#: chance (0.207), λ = 30 reaches 0.673, λ = 100 0.595, λ = 300 0.286. The variational methods
-#: follow the published recipes: a prior scale far below the weights' (σ = 0.01) with the KL
-#: down-weighted against the summed NLL, so that the pull on the posterior mean is iMAML's
-#: with ``λ = β/σ²``: iBaML 0.687 at ``β = 0.003`` (λ = 30), 0.682 at ``β = 0.001`` (λ = 10),
-#: 0.425 at ``λ = 3``, where σ = 0.1 with ``β = 1`` (``λ = 100`` with a posterior variance as
-#: large as a Conv4 weight) reached 0.286 and σ = 1 stayed at chance. With the predictive
-#: logit scale (:data:`ibaml.image_presets.LOGIT_SCALE`) iBaML's ``β = 0.003`` and ``0.001`` tie at 1 shot
-#: (0.721 / 0.734, ECE 0.127 both) and ``0.003`` wins at 5 (0.883 against 0.825, ECE 0.089
-#: against 0.128); ABML keeps ``β = 0.001``.
+#: them) and a strong one keeps the head at the prior, so iMAML's λ sits between the two. The
+#: variational methods follow the published recipes: a prior scale far below the weights'
+#: (σ = 0.01) with the KL down-weighted against the summed NLL, so that the pull on the
+#: posterior mean is iMAML's with ``λ = β/σ²``; ABML keeps ``β = 0.001``. The study that chose
+#: these values, on the stroke benchmark, is in ``docs/results/images.md``.
 CLASSIFICATION = {
     "imaml": dict(precision=30.0),
     "ibaml": dict(init_scale=0.01, kl_weight=3e-3),
