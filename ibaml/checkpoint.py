@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 FORMAT_VERSION = 1
 _UMASK = os.umask(0o022)
@@ -129,6 +130,39 @@ def load_checkpoint(path: Union[str, Path], config: Optional[Mapping[str, Any]] 
             what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in bad.items())
             raise CheckpointError(f"{path}: checkpoint from an incompatible configuration ({what})")
     return state
+
+
+def load_on_main(path: Union[str, Path], group=None, *, missing_ok: bool = False, src: int = 0,
+                 **options) -> Optional[Dict[str, Any]]:
+    """:func:`load_checkpoint` read by rank ``src`` alone and broadcast to every rank of the
+    ``torch.distributed`` ``group`` (``None``: this process reads it itself), so that ranks
+    without the folder (no shared file system) get the same state. Every rank ends the same
+    way: the state; ``None`` where there is no file and ``missing_ok``; or the same
+    :class:`CheckpointError`. ``options`` go to :func:`load_checkpoint`.
+
+    >>> import tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> load_on_main(os.path.join(folder, "last.pt"), missing_ok=True) is None
+    True
+    """
+    def read():
+        if missing_ok and not Path(path).is_file():
+            return None
+        return load_checkpoint(path, **options)
+
+    if group is None:
+        return read()
+    outcome: list = [None]
+    if dist.get_rank() == src:
+        try:
+            outcome = [("state", read())]
+        except CheckpointError as e:
+            outcome = [("error", str(e))]
+    dist.broadcast_object_list(outcome, src=src, group=group)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def _temporary_pattern(path: Path) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data.omniglot import parse_split_sizes
 from .data.splits import DATASETS, FIXTURE_KINDS, load_splits, write_fixture
-from .distributed import launched_with_torchrun
+from .distributed import launch_world_size, launched_in_parallel
 from .training import LAST, NONFINITE_POLICIES, holds_run
 
 __all__ = ["add_run_options", "check_run_options", "RUN_MAY_CHANGE", "add_image_data_options",
@@ -116,11 +115,11 @@ def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} given but CUDA is not available on this machine")
     if hasattr(args, "distributed"):   # under torchrun a run is data-parallel, with or without the flag
-        if args.distributed and not launched_with_torchrun():
+        if args.distributed and not launched_in_parallel():
             parser.error(f"--distributed needs the torchrun environment: torchrun --nproc_per_node N {parser.prog} ...")
-        args.distributed = launched_with_torchrun()
-        if args.distributed and args.meta_batch < int(os.environ["WORLD_SIZE"]):
-            parser.error(f"--meta-batch {args.meta_batch} is smaller than the {os.environ['WORLD_SIZE']} processes")
+        args.distributed = launched_in_parallel()   # torchrun, or srun with several tasks
+        if args.distributed and args.meta_batch < launch_world_size():
+            parser.error(f"--meta-batch {args.meta_batch} is smaller than the {launch_world_size()} processes")
     args.out = args.out or args.resume or default_out
     continues = args.resume is not None and Path(args.resume).resolve() == Path(args.out).resolve()
     held = [run for run in runs if holds_run(Path(args.out) / run)]

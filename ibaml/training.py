@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state, rng_state, \
+from .checkpoint import CheckpointError, load_on_main, remove_stale_temporaries, restore_rng_state, rng_state, \
     save_checkpoint
 from .evaluation import evaluate, fit_noise_prior, task_outputs  # noqa: F401  (ibaml.training.evaluate)
 from .meta_update import MetaGradient, meta_gradient, meta_step, read_stats, reduce_task_gradients  # noqa: F401
@@ -146,7 +146,9 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         resume: Union[bool, str, Path] = False, overwrite: bool = False,
         validate: Optional[Callable[[int], Dict[str, Any]]] = None, validate_every: int = 0,
         select_best: Optional[Callable[[Dict[str, Any]], float]] = None, restore_best: bool = True,
-        on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None, rng: Optional[Mapping[str, Any]] = None,
+        on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+        on_checkpoint: Optional[Callable[[int, Optional[Path], Dict[str, Any]], None]] = None,
+        rng: Optional[Mapping[str, Any]] = None,
         progress: bool = True, desc: str = "meta-train", is_main: bool = True, read_every: int = 1) -> FitResult:
     """Meta-train ``learner`` for ``steps`` meta-steps on batches ``sample_tasks()``.
 
@@ -176,6 +178,21 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
             learner at the end.
         on_step: ``on_step(step, stats)`` after each meta-step (``stats`` read on the host:
             numbers, at the steps where they are read, see ``read_every``; 0-d tensors between).
+        on_checkpoint: ``on_checkpoint(step, path, metrics)`` after each write of ``last.pt``
+            (every ``checkpoint_every`` steps and at the end), on every process: ``path`` is the
+            file written (``None`` on the processes that write nothing, distributed ranks other
+            than 0) and ``metrics`` the step's statistics with ``"step"`` and, once there is one,
+            the latest validation entry under ``"validation"``. A reporter for Ray Train, or any
+            logger; for example, one that records where each checkpoint went::
+
+                written = []
+                fit(learner, sample, 100, folder="runs/a", checkpoint_every=10,
+                    on_checkpoint=lambda step, path, metrics: written.append((step, path, metrics["loss"])))
+
+            Under Ray Train every worker reports and rank 0 attaches the checkpoint::
+
+                def report(step, path, metrics):
+                    ray.train.report(metrics, checkpoint=path and Checkpoint.from_directory(path.parent))
         read_every: read the statistics on the host every ``N`` meta-steps (and at every
             checkpoint, validation and the last step). ``1`` (the default): every step checks its
             batch and applies the non-finite policy at once. ``N > 1``: the steps between reads
@@ -199,6 +216,7 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         raise ValueError("resume, checkpoint_every and select_best need a folder for the checkpoints")
     rng = dict(rng or {})
     config = dict(config or {})
+    group = getattr(learner, "process_group", None)   # a data-parallel MetaLearner's; other learners have none
     folder = None if folder is None else Path(folder)
     start, seconds, history, best, resumed_from = 0, 0.0, [], None, None
     if folder is not None:
@@ -213,9 +231,10 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         if is_main and (overwrite or resume) and not (continues_here and (folder / LAST).is_file()):
             for name in (LAST, BEST):   # a fresh run: no checkpoint of an earlier run may be mistaken for this one's
                 (folder / name).unlink(missing_ok=True)
-        if resume and (source / LAST).is_file():
-            keys = list(config) if must_match is None else list(must_match)
-            state = load_checkpoint(source / LAST, config=config, keys=keys, map_location="cpu")
+        keys = list(config) if must_match is None else list(must_match)
+        state = load_on_main(source / LAST, group, missing_ok=True, config=config, keys=keys,
+                             map_location="cpu") if resume else None   # rank 0 reads, every rank gets it
+        if state is not None:
             if not 0 <= int(state.get("step", -1)) <= steps:
                 raise CheckpointError(f"{source / LAST}: checkpoint at step {state.get('step')!r}, "
                                       f"beyond the {steps} steps of this run")
@@ -235,11 +254,14 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         elif resume and is_main:
             print(f"{desc}: no checkpoint in {source} yet, starting from scratch", flush=True)
 
-    def save(done: int) -> None:
+    def save(done: int, stats: Dict[str, Any]) -> None:
         if folder is not None and is_main:
             save_checkpoint(folder / LAST, {"config": config, "step": done, "training": learner.training_state(),
                                             "rng": rng_state(**rng), "validation": history, "best": best,
                                             "train_seconds": seconds})
+        if folder is not None and on_checkpoint is not None:
+            latest = {"validation": history[-1]} if history else {}
+            on_checkpoint(done, folder / LAST if is_main else None, {"step": done, **stats, **latest})
 
     def validates(done: int) -> bool:
         return validate is not None and bool(validate_every) and (done % validate_every == 0 or done == steps)
@@ -284,12 +306,12 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
                         save_checkpoint(folder / BEST, {"config": config, "step": done,
                                                         "learner": learner.state_dict(), "validation": entry})
         if done == steps or (checkpoint_every and done % checkpoint_every == 0):
-            save(done)
+            save(done, stats)
         bar.set_postfix(postfix)
     bar.close()
     evaluated = {"checkpoint": "last", "step": steps}
     if best is not None and restore_best:
-        learner.load_state_dict(load_checkpoint(folder / BEST, map_location="cpu")["learner"])
+        learner.load_state_dict(load_on_main(folder / BEST, group, map_location="cpu")["learner"])
         evaluated = {"checkpoint": "best", "step": int(best["step"])}
     return FitResult(step=steps, steps_run=steps - start, seconds=seconds, run_seconds=run_seconds, stats=stats,
                      history=history, best=best, evaluated=evaluated, resumed_from=resumed_from)
