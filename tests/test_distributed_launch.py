@@ -154,7 +154,10 @@ with distributed.data_parallel("cpu") as ctx:
     results.update(resumed_from=fit.resumed_from, steps_run=fit.steps_run, resumed=model.meta_params())
     # the same 4 steps uninterrupted
     model, (sample, gen) = learner(ctx.group), sampler()
-    training.fit(model, sample, 4, rng={"tasks": gen}, progress=False, is_main=ctx.is_main)
+    calls = []
+    training.fit(model, sample, 4, folder=own / "whole", checkpoint_every=2, rng={"tasks": gen}, progress=False,
+                 is_main=ctx.is_main, on_checkpoint=lambda step, path, metrics: calls.append((step, path)))
+    results["on_checkpoint"] = calls
     results["uninterrupted"] = model.meta_params()
     # the best validation is at step 2 of 4; rank 0 alone writes best.pt
     model, (sample, gen) = learner(ctx.group), sampler()
@@ -183,6 +186,12 @@ def test_resume_reads_rank_0s_checkpoint_on_every_rank(resumed):
     for k, v in r0["resumed"].items():
         assert torch.equal(v, r1["resumed"][k]), k
         assert torch.equal(v, r0["uninterrupted"][k]), k   # and continues the uninterrupted trajectory
+
+
+def test_on_checkpoint_runs_on_every_rank_with_the_file_on_rank_0(resumed):
+    tmp, (r0, r1) = resumed
+    assert r0["on_checkpoint"] == [(2, tmp / "rank0" / "whole" / "last.pt"), (4, tmp / "rank0" / "whole" / "last.pt")]
+    assert r1["on_checkpoint"] == [(2, None), (4, None)]
 
 
 def test_select_best_restores_identical_parameters_on_every_rank(resumed):
