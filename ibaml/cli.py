@@ -136,7 +136,7 @@ IMAGE_DATA_MAY_CHANGE = ("data_root", "format", "workers", "split_file")
 def add_image_data_options(parser) -> None:
     """Add the options of :func:`load_image_data` to ``parser`` (or a group): ``--dataset
     --data-root --format --fixture --fixture-kind --image-size --rotations --split-sizes
-    --split-file --workers``; :func:`check_image_data_options` checks them."""
+    --split-file --data-seed --workers``; :func:`check_image_data_options` checks them."""
     add = parser.add_argument
     add("--dataset", default="miniimagenet", choices=DATASETS)
     add("--data-root", default=None, help="dataset folder (not needed with --fixture)")
@@ -153,6 +153,8 @@ def add_image_data_options(parser) -> None:
     add("--split-sizes", default="1100,100",
         help="Omniglot train,val characters (counts, or fractions such as 0.6,0.2); test is the rest")
     add("--split-file", default=None, help="Omniglot class split file (default DATA_ROOT/ibaml_split.json)")
+    add("--data-seed", type=int, default=0,
+        help="seed of the generated fixture and of a random class split, apart from --seed (the training's)")
     add("--workers", type=int, default=4, help="threads decoding image files")
 
 
@@ -173,16 +175,16 @@ def check_image_data_options(parser: argparse.ArgumentParser, args: argparse.Nam
 def load_image_data(args: argparse.Namespace, device=None) -> dict:
     """``{"train", "val", "test"}`` → :class:`ibaml.data.ImageClassDataset` (``uint8`` on
     ``device``) as the options of :func:`add_image_data_options` (and ``ways``, ``shots``,
-    ``query``, ``seed``) ask: :func:`ibaml.data.load_splits` of ``--data-root``, or of a fixture
+    ``query``) ask, from ``--data-seed``: :func:`ibaml.data.load_splits` of ``--data-root``, or of a fixture
     (:func:`ibaml.data.write_fixture`, Omniglot characters split half / quarter / quarter)
     written to a temporary folder that is gone when this returns."""
     with tempfile.TemporaryDirectory(prefix="ibaml-fixture-") as tmp:
         fixture_format = "pickle" if args.format == "auto" else args.format
         root = write_fixture(tmp, args.dataset, ways=args.ways, shots=args.shots, query=args.query,
                              format=fixture_format, kind=args.fixture_kind, rotations=args.rotations,
-                             seed=args.seed) if args.fixture else Path(args.data_root)
+                             seed=args.data_seed) if args.fixture else Path(args.data_root)
         return load_splits(root, args.dataset, format=args.format, image_size=args.image_size,
-                           rotations=args.rotations, split_file=args.split_file, seed=args.seed, device=device,
+                           rotations=args.rotations, split_file=args.split_file, seed=args.data_seed, device=device,
                            split_sizes=(0.5, 0.25) if args.fixture else parse_split_sizes(args.split_sizes),
                            num_workers=args.workers)
 

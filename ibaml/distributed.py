@@ -17,6 +17,7 @@ non-finite policy identically, and reports the same statistics.
 samples the same full batch (same seed), the learner draws its per-task noise for the whole
 batch and then keeps its shard.
 
+Launching on one or several nodes, SLURM, Ray Train and failures: ``docs/guide/distributed.md``.
 Launch with ``torchrun`` (gloo on the CPU, NCCL on CUDA)::
 
     torchrun --nproc_per_node 2 examples/sine_regression.py --method imaml --out runs/sine_ddp

@@ -4,6 +4,7 @@
 method      prior (default ``include``)         inference       meta-gradient
 ==========  ==================================  ==============  =========================
 maml        flat (learned init), all weights    MAP             explicit unrolled
+anil        flat (learned init), the head       MAP             explicit unrolled
 fomaml      flat (learned init), all weights    MAP             first-order
 imaml       isotropic N(μ, λ⁻¹I), the head      MAP             implicit (CG)
 abml        diagonal N(μ, σ²), the head         variational     explicit unrolled
@@ -85,7 +86,7 @@ from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
 from .noise_presets import (NOISE_MODELS, NOISE_PRIOR_COUNT, REGRESSION_NOISE,  # noqa: F401  (ibaml.presets.*)
                             noise_prior_count, regression_likelihood)
 
-METHODS = ("maml", "fomaml", "imaml", "abml", "ibaml", "lazy")
+METHODS = ("maml", "anil", "fomaml", "imaml", "abml", "ibaml", "lazy")
 # MetaLearner arguments that build_learner does not set itself
 _PASSED_ON = frozenset(inspect.signature(MetaLearner).parameters) - {
     "net", "prior", "likelihood", "method", "estimator", "inner_optimizer", "inner_steps"}
@@ -112,6 +113,7 @@ def newton_cg(lr=None, cg_iters: int = 10, prior_damping: float = 0.0, max_rho_s
 #: per-method defaults of :func:`build_learner` (see the module docstring)
 PRESETS = {
     "maml": dict(inner_steps=5, inner_optimizer="sgd", include="all"),
+    "anil": dict(inner_steps=5, inner_optimizer="sgd", include="head"),
     "fomaml": dict(inner_steps=5, inner_optimizer="sgd", include="all"),
     "lazy": dict(inner_steps=10, inner_optimizer="sgd", include="all"),
     "imaml": dict(inner_steps=2, inner_optimizer="newton", include="head", precision=1.0),
@@ -139,7 +141,7 @@ TASK_NOISE = {
 #: inner steps at evaluation over those of meta-training: MAML and FOMAML, whose few inner steps
 #: stop early by design, adapt for twice as long on new tasks; the other methods solve their
 #: inner problem and adapt as in meta-training.
-EVAL_STEPS_FACTOR = {"maml": 2, "fomaml": 2}
+EVAL_STEPS_FACTOR = {"maml": 2, "anil": 2, "fomaml": 2}
 
 def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[int] = None):
     """``(meta-training steps, evaluation steps)``: the ones given, else the method's
@@ -200,7 +202,8 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     at ``None`` takes the method's default from :data:`PRESETS`.
 
     Args:
-        method: one of ``maml``, ``fomaml``, ``imaml``, ``abml``, ``ibaml``, ``lazy``.
+        method: one of ``maml``, ``anil`` (MAML's inner loop on the head only), ``fomaml``,
+            ``imaml``, ``abml``, ``ibaml``, ``lazy``.
         inner_steps: inner steps (Newton steps for ``"newton"``) during meta-training.
         inner_lr: inner learning rate for ``"sgd"`` and ``"prior"`` (default 0.002 — on the
             summed Gaussian NLL with unit noise over 10 points this is the usual MAML step of
@@ -266,7 +269,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
 
     if prior is not None and not isinstance(prior, Prior):
         raise TypeError(f"prior must be a priors.Prior, got {type(prior).__name__}")
-    if method in ("maml", "fomaml", "lazy"):
+    if method in ("maml", "anil", "fomaml", "lazy"):
         default_prior = lambda: priors.Flat.from_module(net, include=include)
         inference = MAP()
     elif method == "imaml":
@@ -291,7 +294,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     if prior is None:
         prior = default_prior()
 
-    if method in ("maml", "abml"):
+    if method in ("maml", "anil", "abml"):
         estimator = Explicit()
     elif method == "fomaml":
         estimator = FirstOrder()

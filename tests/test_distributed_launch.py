@@ -270,3 +270,17 @@ def test_a_one_process_run_refuses_several_srun_tasks(monkeypatch):
     with pytest.raises(distributed.LaunchError, match="2 processes were launched but this run is not data-parallel"):
         with distributed.data_parallel("cpu", enabled=False):
             pass
+
+
+def test_torchrun_on_two_nodes_is_one_job(tmp_path):
+    """Two torchrun agents, one per "node" (both on this machine), rendezvous at node 0's address."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    port = str(free_port())
+    args = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+            str(ROOT / "examples" / "sine_regression.py")] + EXAMPLE_ARGS + ["--out", str(tmp_path / "run")]
+    procs = [subprocess.Popen([torchrun, "--node_rank", str(node)] + args, env=clean_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in range(2)]
+    for node, p in enumerate(procs):
+        out, err = p.communicate(timeout=150)
+        assert p.returncode == 0, (node, err[-3000:])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
