@@ -7,8 +7,11 @@ accuracy and calibration.
 
 A Conv4 network is meta-trained on N-way K-shot tasks (ibaml.training.fit), validated every
 --val-every meta-iterations (best parameters in DIR/best.pt, training state in DIR/last.pt) and
-tested: DIR/metrics.json, DIR/report.md, DIR/reliability.png. The README's "Few-shot image
-classification" section describes the data layouts, the fixtures, the outputs and resuming.
+tested: DIR/metrics.json, DIR/report.md, DIR/reliability.png. docs/guide/data.md describes the
+data layouts and the fixtures (--data-seed draws a fixture apart from the training's --seed),
+docs/guide/runs.md the outputs and resuming. Settings are chosen with --eval-split val (tasks of
+the validation classes), never on the test classes; metrics.json records which split each
+number comes from.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ibaml.data import DatasetError, EpisodeSampler
 from ibaml.image_presets import image_learner
 from ibaml.nets import Conv4
 
-METHODS = ("ibaml", "imaml", "abml", "maml", "fomaml")
+METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("eval_tasks", "eval_chunk", "val_every", "val_tasks", "calibrate_scale") + IMAGE_DATA_MAY_CHANGE + RUN_MAY_CHANGE
 METRICS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, default=500, help="validate every N meta-iterations (0: never)")
     train.add_argument("--val-tasks", type=int, default=100)
     train.add_argument("--eval-tasks", type=int, default=1000, help="test tasks")
+    train.add_argument("--eval-split", choices=("test", "val"), default="test",
+                       help="evaluate on the test classes, or on the validation classes (to choose settings)")
     train.add_argument("--eval-chunk", type=int, default=25, help="tasks sampled and evaluated at a time")
     add_run_options(train, meta_iters=40000, meta_batch=2, checkpoint_every=500)
     return p
@@ -168,8 +173,9 @@ def main(argv=None) -> dict:
                        on_step=stationarity, rng={"sampler": samplers["train"]}, progress=progress,
                        read_every=training.default_read_every(learner, device, args.read_every),
                        desc=f"{args.method} {args.dataset}")
-    outputs, labels = outputs_of("test", args.eval_tasks, 20_000 + args.seed)
-    report = CalibrationReport.from_logits(outputs, labels, learned_scale(), name=f"{args.method}, test")
+    evaluated = ("test", 20_000) if args.eval_split == "test" else ("val", 30_000)   # selection: other val tasks
+    outputs, labels = outputs_of(evaluated[0], args.eval_tasks, evaluated[1] + args.seed)
+    report = CalibrationReport.from_logits(outputs, labels, learned_scale(), name=f"{args.method}, {args.eval_split}")
     result = {k: report.metrics[k] for k in METRICS}
     if args.calibrate_scale:   # temperature scaling: the scale that fits the validation tasks best
         fitted = fit_logit_scale(*outputs_of("val", args.val_tasks, 10_000 + args.seed))
@@ -177,6 +183,9 @@ def main(argv=None) -> dict:
         result["calibrated"] = {"logit_scale": fitted, **{k: calibrated.metrics[k] for k in METRICS}}
     result.update({
         "evaluated": run.evaluated, "validation": run.history, "num_test_tasks": args.eval_tasks,
+        "splits": {"meta_training": "train classes", "validation": f"val classes, task seed {10_000 + args.seed} "
+                   f"({args.val_tasks} tasks: model selection, temperature scaling)", "evaluated": f"{evaluated[0]} "
+                   f"classes, task seed {evaluated[1] + args.seed} ({args.eval_tasks} tasks)"},
         "train_seconds": run.seconds,
         "ms_per_meta_iter": 1000 * run.run_seconds / run.steps_run if run.steps_run else None,
         "skipped_tasks": int(learner.skipped_tasks), "last_loss": run.stats.get("loss"),

@@ -6,9 +6,14 @@
 Tasks are y = A sin(x − φ) (ibaml.data.SineTaskDistribution). Each method is meta-trained by
 ibaml.training.fit (checkpoints in DIR/<method>/last.pt; --resume DIR continues the same
 trajectory), adapted to --eval-tasks fresh tasks and evaluated in range (x in [−5, 5]) and out
-of range (x in [5, 10]): DIR/metrics.json, DIR/report.md, figures, a table. The README
-describes the outputs ("Results: sine regression"), resuming ("Checkpoints and resuming")
-and data-parallel runs under torchrun ("Distributed meta-training").
+of range (x in [5, 10]): DIR/metrics.json, DIR/report.md, figures, a table.
+
+Splits: meta-training, validation and test tasks come from separate random streams (seeds
+S, 30000 + S and 10000 + S / 20000 + S for --seed S). Every method is reported raw and
+"recalibrated": one factor on its predictive variance fitted to --recalibration-tasks
+validation tasks (ibaml.calibration.fit_variance_scale), the same post-hoc step for all.
+--eval-split val evaluates on further validation streams (40000 + S / 50000 + S) instead
+of the test ones, for choosing settings; metrics.json records which split each number is from.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import ibaml
 from ibaml import distributed, presets, training
 from ibaml.baselines.dkt import DeepKernelGP
-from ibaml.calibration import compare_markdown, plot_predictive_grid
+from ibaml.calibration import CalibrationReport, compare_markdown, fit_variance_scale, plot_predictive_grid
 from ibaml.checkpoint import CheckpointError
 from ibaml.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
 from ibaml.data.sine import SineTaskDistribution
@@ -41,14 +46,19 @@ def parse_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: the preset's)")
     p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     p.add_argument("--noise", default=None, choices=presets.NOISE_MODELS,
                    help="observation noise (default: the method's, ibaml.presets.regression_likelihood)")
     p.add_argument("--noise-prior-count", type=float, default=None,
                    help="--noise conjugate: the inverse-gamma prior's pseudo-count a0 (default: the method's)")
     p.add_argument("--learn-noise-prior-count", choices=("yes", "no"), default=None,
                    help="--noise conjugate: meta-learn a0 from its initial value (default: the method's)")
-    p.add_argument("--noise-fit-tasks", type=int, default=500, metavar="N",
-                   help="--noise conjugate: fit the noise prior to N held-out tasks after meta-training (0: don't)")
+    p.add_argument("--noise-fit-tasks", type=int, default=0, metavar="N",
+                   help="--noise conjugate: fit the noise prior to N validation tasks after meta-training (0: don't)")
+    p.add_argument("--recalibration-tasks", type=int, default=500, metavar="N",
+                   help="validation tasks to which the variance factor of the recalibrated metrics is fitted")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="evaluate on the test streams, or on validation streams (to choose settings)")
     p.add_argument("--noise-fit-tails", default="lognormal", choices=TAIL_CHOICES,
                    help="the predictive's family fitted with --noise-fit-tasks (none: the Gaussian)")
     p.add_argument("--eval-tasks", type=int, default=1000)
@@ -60,8 +70,9 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     check_ranges(p, args, minimum={**dict.fromkeys(("shots", "query", "eval_tasks", "inner_steps",
-                                                    "eval_inner_steps"), 1), "noise_fit_tasks": 0},
-                 positive=("inner_lr", "noise_prior_count"))
+                                                    "eval_inner_steps", "recalibration_tasks"), 1),
+                                                 "noise_fit_tasks": 0},
+                 positive=("inner_lr", "noise_prior_count", "precision"))
     check_run_options(p, args, "runs/sine", runs=args.methods)
     if args.distributed and "dkt" in args.methods:
         p.error("--distributed supports the meta-learners, not dkt")
@@ -82,8 +93,8 @@ def run_config(method: str, args) -> dict:
         common["noise_prior_count"], common["learn_noise_prior_count"] = presets.noise_prior_count(
             method, args.noise_prior_count, learn)
     return dict(common, network=network, noise=noise, inner_steps=steps, eval_inner_steps=eval_steps,
-                inner_lr=args.inner_lr, cg_steps=args.cg_steps, cg_damping=args.cg_damping,
-                meta_lr=args.meta_lr, nonfinite=args.nonfinite)
+                inner_lr=args.inner_lr, precision=args.precision, cg_steps=args.cg_steps,
+                cg_damping=args.cg_damping, meta_lr=args.meta_lr, nonfinite=args.nonfinite)
 
 
 def make_model(method: str, cfg: dict, args, device, dtype, group=None):
@@ -95,7 +106,8 @@ def make_model(method: str, cfg: dict, args, device, dtype, group=None):
                                                cfg.get("learn_noise_prior_count", True)).to(device=device, dtype=dtype)
     net = MLP(1, HIDDEN, 1, noise_head=cfg["noise"].startswith("task")).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
-                               eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr, cg_steps=args.cg_steps,
+                               eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr,
+                               precision=cfg.get("precision"), cg_steps=args.cg_steps,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,
                                nonfinite=args.nonfinite, process_group=group)
 
@@ -106,6 +118,21 @@ def predictive(method, model, support_x, support_y, query_x):
         return model.predict(support_x, support_y, query_x)
     mean, var = model.predict(model.adapt(support_x, support_y), query_x)
     return mean[..., 0], var[..., 0]
+
+
+def outputs(method, model, batch):
+    """Predictive mean, variance and targets ``[T, N]`` at ``batch``'s query points."""
+    mean, var = predictive(method, model, batch.support_x, batch.support_y, batch.query_x)
+    return mean, var, batch.query_y.reshape(mean.shape)
+
+
+def splits(args) -> dict:
+    """Which random stream of tasks each number comes from."""
+    first = 10_000 if args.eval_split == "test" else 40_000
+    return {"meta_training": f"stream seed {args.seed}", "validation": f"stream seed {30_000 + args.seed}: "
+            f"{args.recalibration_tasks} tasks for the variance factor, {args.noise_fit_tasks} for the noise prior",
+            "evaluated": f"{args.eval_split}: stream seeds {first + args.seed} (in range), {first + 10_000 + args.seed} "
+            "(out of range)"}
 
 
 def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> None:
@@ -135,17 +162,24 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
         result["skipped_tasks"] = int(model.skipped_tasks)
     if args.train_only or not (ctx is None or ctx.is_main):
         return result, None, None
+    val = tasks.sample(max(args.noise_fit_tasks, args.recalibration_tasks), torch.Generator().manual_seed(
+        30_000 + args.seed), dtype=dtype).to(device)
     if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
-        held_out = tasks.sample(args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + args.seed), dtype=dtype)
-        result["noise_prior_fit"] = training.fit_noise_prior(model, held_out.to(device), chunk=250,
+        result["noise_prior_fit"] = training.fit_noise_prior(model, val, args.noise_fit_tasks, chunk=250,
                                                              tails=tail_family(args.noise_fit_tails))
-    in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(10_000 + args.seed), dtype=dtype).to(device)
-    out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(20_000 + args.seed),
+    first = 10_000 if args.eval_split == "test" else 40_000
+    in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(first + args.seed), dtype=dtype).to(device)
+    out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(first + 10_000 + args.seed),
                                             dtype=dtype).to(device)
-    report_in = model.evaluate(in_range, name=f"{method} (x in [-5, 5])")
-    report_out = model.evaluate(out_range, name=f"{method} (x in [5, 10])")
+    tails = getattr(getattr(model, "likelihood", None), "tails", None)
+    scale = fit_variance_scale(*outputs(method, model, val[:args.recalibration_tasks]), tails=tails)
+    (report_in, recal_in), (report_out, recal_out) = (
+        [CalibrationReport.regression(mu, c * var, y, name=f"{method} ({where})", tails=tails) for c in (1.0, scale)]
+        for where, mu, var, y in (("x in [-5, 5]", *outputs(method, model, in_range)),
+                                  ("x in [5, 10]", *outputs(method, model, out_range))))
     save_figures(method, model, in_range, report_in, folder)
-    result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result)
+    result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result, recalibrated=dict(
+        recal_in.metrics, out_of_range=dict(recal_out.metrics), variance_scale=scale), splits=splits(args))
     if method != "dkt":   # the learned noise: a shared σ, or the conjugate task noise's prior
         result.update(model.likelihood.summary())
     (folder / "metrics.json").write_text(json.dumps(result, indent=2))

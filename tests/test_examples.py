@@ -24,6 +24,9 @@ def test_sine_example_compare_end_to_end(tmp_path):
         assert m["skipped_tasks"] == 0
         assert (out / method / "predictive_bands.png").stat().st_size > 0
         assert (out / method / "last.pt").stat().st_size > 0  # the final checkpoint is always written
+        recal = m["recalibrated"]        # every method: one variance factor fitted to validation tasks
+        assert recal["mse"] == m["mse"] and recal["variance_scale"] > 0
+        assert m["splits"]["evaluated"].startswith("test: stream seeds 10000")
     fitted = metrics["methods"]["ibaml"]["noise_prior_fit"]       # its conjugate noise fitted to held-out tasks
     assert fitted["tasks"] == 30
     assert metrics["methods"]["ibaml"]["noise_prior"]["scale"] == pytest.approx(fitted["prior_noise"][1], rel=1e-5)
@@ -60,3 +63,22 @@ def test_sine_example_fits_the_predictive_family_asked_for(tmp_path):
     assert results["student_t"]["noise_prior"]["tails"]["family"] == "student_t"
     assert results["none"]["noise_prior"]["tails"] is None
     assert results["none"]["mse"] == results["student_t"]["mse"]
+
+
+def test_sine_example_chooses_on_validation_streams_and_runs_anil(tmp_path):
+    """``--eval-split val`` evaluates on validation streams, not the test ones: other numbers,
+    the same model; ANIL (MAML on the head) runs beside the deep-kernel GP."""
+    base = [sys.executable, str(ROOT / "examples" / "sine_regression.py"), "--compare", "anil,dkt", "--meta-iters", "3",
+            "--meta-batch", "4", "--eval-tasks", "20", "--recalibration-tasks", "20", "--no-progress"]
+    results = {}
+    for split in ("test", "val"):
+        extra = ["--resume", str(tmp_path / "test")] if split == "val" else []
+        proc = subprocess.run(base + ["--eval-split", split, "--out", str(tmp_path / split)] + extra,
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[split] = json.loads((tmp_path / split / "metrics.json").read_text())["methods"]
+    for method in ("anil", "dkt"):
+        test, val = results["test"][method], results["val"][method]
+        assert val["splits"]["evaluated"].startswith("val: stream seeds 40000")
+        assert val["mse"] != test["mse"]
+        assert val["recalibrated"]["variance_scale"] == pytest.approx(test["recalibrated"]["variance_scale"])

@@ -2,6 +2,8 @@
 maximum likelihood, the model's means left where they are.
 
 * :func:`fit_logit_scale` — a softmax's logit scale (temperature scaling);
+* :func:`fit_variance_scale` — one factor on a regression predictive's variance (its analogue
+  for regression: every method's predictive, whatever its noise model, can take it);
 * :func:`fit_linear_noise_ratio` — the two coefficients of a per-task Gaussian noise ratio
   linear in each task's support evidence (the noise prior of
   :class:`ibaml.ConjugateNoiseGaussianLikelihood`, through its ``fit_prior_noise``);
@@ -51,6 +53,31 @@ def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
         return float(-(torch.logsumexp(logp, 1) - math.log(f.shape[1])).sum())
 
     result = minimize_scalar(nll, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-4})
+    return math.exp(result.x)
+
+
+def fit_variance_scale(mu, var, y, tails=None) -> float:
+    """The factor ``c`` on the predictive variance (or squared scale) that minimises the pooled
+    NLL of held-out points: for a Gaussian predictive ``N(μ, c v)`` in closed form,
+
+        c* = argmin_c Σ_{t,n} [log(c v_tn) + (y_tn − μ_tn)² / (c v_tn)] / 2 = mean_{t,n} (y_tn − μ_tn)² / v_tn,
+
+    and for a heavy-tailed ``tails`` family (:mod:`ibaml.calibration.tails`) by a bounded search on
+    ``log c`` over ``[10⁻⁴, 10⁴]``. ``mu``, ``var``, ``y`` are ``[T, N]``; the means do not move.
+
+    >>> mu, var = torch.zeros(2, 3), torch.ones(2, 3)
+    >>> fit_variance_scale(mu, var, torch.full((2, 3), 2.0))     # errors of 2 under unit variance
+    4.0
+    """
+    mu, var, y = (_as_float64(n, t) for n, t in (("mu", mu), ("var", var), ("y", y)))
+    if not (mu.shape == var.shape == y.shape):
+        raise ValueError(f"mu, var and y must have one shape, got {tuple(mu.shape)}, {tuple(var.shape)}, {tuple(y.shape)}")
+    if bool((var <= 0).any()):
+        raise ValueError("var must be positive")
+    if tails is None:
+        return float(((y - mu) ** 2 / var).mean())
+    result = minimize_scalar(lambda log_c: float(tails.nll(mu, math.exp(log_c) * var, y).mean()),
+                             bounds=(math.log(1e-4), math.log(1e4)), method="bounded", options={"xatol": 1e-5})
     return math.exp(result.x)
 
 

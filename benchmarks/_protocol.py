@@ -1,0 +1,84 @@
+"""Shared pieces of the protocol benchmarks (``sine_protocol``, ``image_protocol``): an example
+run as a subprocess into a folder of its own (skipped when its metrics exist, so an interrupted
+stage resumes), several at a time, and statistics over training seeds.
+
+Each finished run leaves ``FOLDER/metrics.json``: the example's metrics with the command that
+produced them (``"command"``); the example's other outputs (checkpoints, figures) are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(example: str, folder: Path, options: Sequence[str]) -> dict:
+    """``python examples/<example> --out <tmp> --threads 1 --no-progress --overwrite <options>``
+    unless ``folder/metrics.json`` exists; returns that file's content."""
+    metrics = folder / "metrics.json"
+    if not metrics.is_file():
+        scratch = folder.parent / f"{folder.name}.run"
+        cmd = [sys.executable, str(ROOT / "examples" / example), "--out", str(scratch), "--threads", "1",
+               "--no-progress", "--overwrite", *map(str, options)]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        data = json.loads((scratch / "metrics.json").read_text())
+        data["command"] = " ".join(["python", f"examples/{example}", *map(str, options)])
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps(data, indent=2))
+        shutil.rmtree(scratch)
+    return json.loads(metrics.read_text())
+
+
+def run_all(example: str, jobs: Sequence[tuple], workers: int) -> list:
+    """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: run_example(example, *job), jobs))
+
+
+def seed_stats(values: Sequence[float]) -> dict:
+    """``{"per_seed", "mean", "std"}`` (sample standard deviation; 0 for one seed)."""
+    values = list(values)
+    return {"per_seed": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def write_json(path: Path, payload) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def write_table(out: Path, protocol: str, summary: dict, text: str) -> dict:
+    """``out/table.json`` (``{"protocol", "tables": summary}``) and ``out/table.md`` (``text``),
+    printed; returns the JSON payload."""
+    payload = {"protocol": protocol, "tables": summary}
+    write_json(out / "table.json", payload)
+    (out / "table.md").write_text(text)
+    print(text)
+    return payload
+
+
+def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentParser":
+    """The options every protocol benchmark shares: the stage, ``--out``, ``--seeds``, ``--jobs``
+    and the defaults given (``meta_iters``, ``eval_tasks``, ``val_tasks``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("stage", choices=("select", "final", "table"))
+    p.add_argument("--out", default=out)
+    p.add_argument("--meta-iters", type=int, default=defaults["meta_iters"])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--eval-tasks", type=int, default=defaults["eval_tasks"], help="test tasks per run")
+    p.add_argument("--val-tasks", type=int, default=defaults["val_tasks"],
+                   help="validation tasks of the post-hoc recalibration")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    return p

@@ -1,0 +1,145 @@
+"""The stroke benchmark under the results protocol: settings chosen on validation classes only,
+every method with the same logit-scale recipe and the same temperature scaling, several
+training seeds on one dataset (``--data-seed``), at least 600 test tasks, the test classes
+evaluated once per final configuration.
+
+    python -m benchmarks.image_protocol select --shots 1 --out docs/results/image_benchmark/protocol
+    python -m benchmarks.image_protocol final --shots 1 --out docs/results/image_benchmark/protocol
+    python -m benchmarks.image_protocol table --out docs/results/image_benchmark/protocol
+
+``select`` runs ``examples/miniimagenet.py`` (stroke fixture, Conv4-32 at 32×32, 5-way) with
+``--eval-split val`` (tasks of the validation classes, apart from those of temperature
+scaling) for every value of each method's grid (:data:`GRID`) at seed 0, and keeps the value
+with the highest validation accuracy: ``DIR/selection_<K>shot.json``. ``final`` runs every
+method of :data:`METHODS` at each seed with the selected values on the test classes:
+``DIR/runs/<K>shot/seed<S>/<method>``. ``table`` gathers them: per shots and method, the mean
+and standard deviation over seeds of accuracy, NLL, per-task and pooled ECE, raw (the learned
+logit scale) and temperature-scaled (the scale fitted to validation tasks), with the test set's
+size: ``DIR/table.json`` and ``DIR/table.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import _protocol as P
+
+METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
+#: per method, the option chosen on validation and the values tried; ANIL's step as multiples
+#: of MAML's (``ibaml.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
+GRID = {
+    "anil": ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)]),
+    "imaml": ("--precision", lambda ways, shots: [10.0, 30.0, 100.0]),
+    "ibaml": ("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2]),
+}
+DESCRIBE = {
+    "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
+    "anil": "the head, 10 SGD steps (5 in meta-training), explicit",
+    "imaml": "the head (softmax, isotropic prior), Newton steps, implicit",
+    "ibaml": "the head (softmax, mean-field, diagonal prior), Newton steps, implicit",
+    "abml": "the head (mean-field), proximal steps, explicit",
+}
+METRICS = ("accuracy", "nll", "ece", "ece_pooled")
+
+
+def data_options(args, shots: int) -> list:
+    return ["--fixture", "--fixture-kind", "strokes", "--image-size", "32", "--channels", "32", "--ways", args.ways,
+            "--shots", shots, "--meta-iters", args.meta_iters, "--meta-batch", 4, "--val-every", 0,
+            "--val-tasks", args.val_tasks, "--data-seed", args.data_seed]
+
+
+def select(args) -> dict:
+    out = Path(args.out)
+    jobs, keys = [], []
+    for method, (option, values) in GRID.items():
+        for value in values(args.ways, args.shots):
+            jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{option.strip('-')}_{value:g}",
+                         ["--method", method, option, value, "--eval-split", "val", "--eval-tasks", args.val_eval_tasks,
+                          "--seed", 0, *data_options(args, args.shots)]))
+            keys.append((method, option, value))
+    tried = {}
+    for (method, option, value), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
+        tried.setdefault(method, []).append({option: value, "split": "validation classes",
+                                             "accuracy": m["accuracy"]["mean"], "nll": m["nll"]["mean"],
+                                             "ece_pooled": m["ece_pooled"]["mean"]})
+    chosen = {m: max(rows, key=lambda r: r["accuracy"]) for m, rows in tried.items()}
+    payload = {"criterion": f"highest accuracy on {args.val_eval_tasks} tasks of the validation classes, seed 0, "
+                            f"data seed {args.data_seed}, {args.meta_iters} meta-iterations",
+               "shots": args.shots, "tried": tried,
+               "chosen": {m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}
+    P.write_json(out / f"selection_{args.shots}shot.json", payload)
+    for method, rows in tried.items():
+        opt = GRID[method][0]
+        print(f"{method}: " + ", ".join(f"{opt} {r[opt]:g}: acc {r['accuracy']:.3f}" for r in rows)
+              + f" -> {payload['chosen'][method]}")
+    return payload
+
+
+def final(args) -> dict:
+    out = Path(args.out)
+    chosen = json.loads((out / f"selection_{args.shots}shot.json").read_text())["chosen"]
+    jobs = [(out / "runs" / f"{args.shots}shot" / f"seed{seed}" / method,
+             ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
+              "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
+            for seed in args.seeds for method in METHODS]
+    P.run_all("miniimagenet.py", jobs, args.jobs)
+    return table(args)
+
+
+def summarize(out: Path) -> dict:
+    summary = {}
+    for shots_dir in sorted((out / "runs").glob("*shot")):
+        for method in METHODS:
+            runs = sorted(shots_dir.glob(f"seed*/{method}/metrics.json"))
+            if not runs:
+                continue
+            data = [json.loads(r.read_text()) for r in runs]
+            entry = {"adapts": DESCRIBE[method], "seeds": [d["config"]["seed"] for d in data],
+                     "test_tasks": data[0]["num_test_tasks"], "test_classes": data[0]["classes"]["test"],
+                     "config": {k: data[0]["config"].get(k) for k in ("inner_lr", "precision", "kl_weight",
+                                                                      "cg_steps", "meta_iters", "data_seed")},
+                     "inner_grad_norm": [d["inner_grad_norm"] for d in data]}
+            for kind in ("raw", "calibrated"):
+                entry[kind] = {k: dict(P.seed_stats([(d if kind == "raw" else d["calibrated"])[k]["mean"]
+                                                     for d in data]),
+                                       ci95_over_tasks=max((d if kind == "raw" else d["calibrated"])[k]["ci95"]
+                                                           for d in data)) for k in METRICS}
+            summary.setdefault(shots_dir.name, {})[method] = entry
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for shots, rows in summary.items():
+        lines += [f"### 5-way {shots}", "", "| method | adapts | " + " | ".join(
+            f"{k} raw | {k} T-scaled" for k in METRICS) + " |", "|" + "---|" * (2 + 2 * len(METRICS))]
+        for method, e in rows.items():
+            cells = [f"{e[kind][k]['mean']:.3f} ± {e[kind][k]['std']:.3f}" for k in METRICS
+                     for kind in ("raw", "calibrated")]
+            lines.append(f"| {method} | {e['adapts']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def table(args) -> dict:
+    out = Path(args.out)
+    summary = summarize(out)
+    return P.write_table(out, "settings from selection_<K>shot.json (validation classes only); test classes "
+                              "evaluated once per configuration; mean ± std over training seeds on one generated "
+                              "dataset", summary, markdown(summary))
+
+
+def main(argv=None):
+    p = P.stage_parser(__doc__.split("\n\n")[0], "docs/results/image_benchmark/protocol", meta_iters=300,
+                       eval_tasks=600, val_tasks=100)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--val-eval-tasks", type=int, default=300, help="validation tasks that choose a setting")
+    args = p.parse_args(argv)
+    return {"select": select, "final": final, "table": table}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Sine regression under the results protocol: settings chosen on validation tasks only, every
+method of a table with the same noise model and the same post-hoc recalibration, several
+training seeds, the test streams evaluated once per final configuration.
+
+    python -m benchmarks.sine_protocol select --out docs/results/sine/protocol
+    python -m benchmarks.sine_protocol final --out docs/results/sine/protocol
+    python -m benchmarks.sine_protocol table --out docs/results/sine/protocol
+
+``select`` runs ``examples/sine_regression.py`` with ``--eval-split val`` (validation streams,
+never the test ones) for every value of each method's grid (:data:`GRID`) at seed 0 and
+``--select-iters`` meta-iterations, and keeps the value with the lowest recalibrated
+validation NLL in range: ``DIR/selection.json``. ``final`` runs every method of both tables
+(:data:`TABLES`: one learned noise shared by all tasks for every method, and a per-task
+conjugate noise for every method that can take one) at each seed with the selected values and
+``--meta-iters`` meta-iterations, on the test streams: ``DIR/runs/<table>/seed<S>/<method>``.
+``table`` gathers them: per table and method, the mean and standard deviation over the seeds
+of each metric, raw and recalibrated (one factor on the predictive variance fitted to
+validation tasks, :func:`ibaml.calibration.fit_variance_scale`, the same step for every
+method), beside the widest 95 % interval over tasks of one run: ``DIR/table.json`` and ``DIR/table.md``.
+
+Runs are subprocesses of the example (``--jobs`` at a time, one thread each); a run whose
+``metrics.json`` exists is not run again, so an interrupted stage resumes where it stopped
+(``benchmarks/_protocol.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import _protocol as P
+
+#: per method, the option chosen on validation and the values tried
+GRID = {
+    "maml": ("--inner-lr", (0.001, 0.002, 0.004)),
+    "anil": ("--inner-lr", (0.002, 0.005, 0.01, 0.02)),
+    "imaml": ("--precision", (0.3, 1.0, 3.0)),
+    "ibaml": ("--noise-prior-count", (1.0, 5.0, 20.0)),
+}
+#: the noise model each value is chosen under (the table the method's headline row is in)
+SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate"}
+#: the comparison tables: one noise model for every method of a table
+TABLES = {
+    "shared": ("maml", "anil", "imaml", "ibaml", "abml", "dkt"),
+    "conjugate": ("maml", "anil", "imaml", "ibaml", "abml"),
+}
+#: in words, what each method adapts and how (the rows of the table)
+DESCRIBE = {
+    "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
+    "anil": "the head, 10 SGD steps (5 in meta-training), explicit",
+    "imaml": "the head (ridge), 2 Newton steps, implicit",
+    "ibaml": "the head (mean-field Bayesian linear regression), 10 Newton steps, implicit",
+    "abml": "the head (mean-field), 10 proximal steps, explicit",
+    "dkt": "a GP on learned features (deep kernel), exact inference",
+}
+METRICS = ("mse", "nll", "coverage_90", "calibration_error")
+
+
+def run_all(jobs: list, args) -> list:
+    """``[(method, folder, options)]`` through the example, ``--jobs`` at a time, with the
+    evaluation sizes of ``args``; their metrics in order."""
+    sizes = ["--eval-tasks", args.eval_tasks, "--recalibration-tasks", args.val_tasks]
+    return P.run_all("sine_regression.py", [(folder, ["--method", method, *sizes, *options])
+                                            for method, folder, options in jobs], args.jobs)
+
+
+def noise_options(method: str, noise: str) -> list:
+    return [] if method == "dkt" else ["--noise", noise]
+
+
+def select(args) -> dict:
+    out = Path(args.out)
+    jobs, keys = [], []
+    for method, (option, values) in GRID.items():
+        for value in values:
+            folder = out / "select" / f"{method}_{option.strip('-')}_{value:g}"
+            jobs.append((method, folder, noise_options(method, SELECT_NOISE[method]) + [
+                option, str(value), "--eval-split", "val", "--meta-iters", str(args.select_iters), "--seed", "0"]))
+            keys.append((method, option, value))
+    results = run_all(jobs, args)
+    tried = {}
+    for (method, option, value), m in zip(keys, results):
+        tried.setdefault(method, []).append({option: value, "split": "validation",
+                                             "nll_recalibrated": m["recalibrated"]["nll"]["mean"],
+                                             "mse": m["mse"]["mean"], "nll_raw": m["nll"]["mean"]})
+    chosen = {method: min(rows, key=lambda r: r["nll_recalibrated"]) for method, rows in tried.items()}
+    payload = {"criterion": "lowest recalibrated NLL in range on validation tasks (stream seeds 40000 + S), "
+                            f"seed 0, {args.select_iters} meta-iterations",
+               "noise": SELECT_NOISE, "tried": tried,
+               "chosen": {m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}
+    P.write_json(out / "selection.json", payload)
+    for method, rows in tried.items():
+        print(f"{method}: " + ", ".join(f"{GRID[method][0]} {r[GRID[method][0]]:g}: NLL {r['nll_recalibrated']:.3f}"
+                                         for r in rows) + f" -> {payload['chosen'][method]}")
+    return payload
+
+
+def final(args) -> None:
+    out = Path(args.out)
+    chosen = json.loads((out / "selection.json").read_text())["chosen"]
+    jobs = []
+    for noise, methods in TABLES.items():
+        for seed in args.seeds:
+            for method in methods:
+                options = [str(x) for option_value in chosen.get(method, {}).items() for x in option_value]
+                jobs.append((method, out / "runs" / noise / f"seed{seed}" / method,
+                             noise_options(method, noise) + options + [
+                                 "--meta-iters", str(args.meta_iters), "--seed", str(seed)]))
+    run_all(jobs, args)
+    table(args)
+
+
+def summarize(out: Path) -> dict:
+    """``{table: {method: {"raw"|"recalibrated": {where: {metric: stats}}}}}`` over the seeds found."""
+    summary = {}
+    for table, methods in TABLES.items():
+        for method in methods:
+            runs = sorted((out / "runs" / table).glob(f"seed*/{method}/metrics.json"))
+            if not runs:
+                continue
+            data = [json.loads(r.read_text()) for r in runs]
+            entry = {"adapts": DESCRIBE[method], "seeds": [int(r.parent.parent.name[4:]) for r in runs],
+                     "config": {k: data[0]["config"].get(k) for k in ("meta_iters", "inner_lr", "precision",
+                                                                      "noise_prior_count", "noise", "cg_steps")}}
+            for kind in ("raw", "recalibrated"):
+                entry[kind] = {}
+                for where in ("in_range", "out_of_range"):
+                    def pick(d):
+                        d = d if kind == "raw" else d["recalibrated"]
+                        return d if where == "in_range" else d["out_of_range"]
+                    entry[kind][where] = {k: dict(P.seed_stats([pick(d)[k]["mean"] for d in data]),
+                                                  ci95_over_tasks=max(pick(d)[k]["ci95"] for d in data))
+                                          for k in METRICS}
+            entry["recalibrated"]["variance_scale"] = [d["recalibrated"]["variance_scale"] for d in data]
+            summary.setdefault(table, {})[method] = entry
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for table, rows in summary.items():
+        lines += [f"### Noise model: {table}", "",
+                  "| method | adapts | " + " | ".join(f"{k} raw | {k} recal." for k in METRICS)
+                  + " | out of range: nll recal. | coverage_90 recal. |",
+                  "|" + "---|" * (2 + 2 * len(METRICS) + 2)]
+        for method, e in rows.items():
+            cells = []
+            for k in METRICS:
+                for kind in ("raw", "recalibrated"):
+                    s = e[kind]["in_range"][k]
+                    cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
+            o = e["recalibrated"]["out_of_range"]
+            cells += [f"{o['nll']['mean']:.2f} ± {o['nll']['std']:.2f}",
+                      f"{o['coverage_90']['mean']:.3f} ± {o['coverage_90']['std']:.3f}"]
+            lines.append(f"| {method} | {e['adapts']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def table(args) -> dict:
+    out = Path(args.out)
+    summary = summarize(out)
+    return P.write_table(out, "settings from selection.json (validation only); test streams evaluated once per "
+                              "configuration; mean ± std over training seeds (ci95_over_tasks: the widest 95% interval "
+                              "over evaluation tasks of one run)", summary, markdown(summary))
+
+
+def main(argv=None):
+    p = P.stage_parser(__doc__.split("\n\n")[0], "docs/results/sine/protocol", meta_iters=3000, eval_tasks=1000,
+                       val_tasks=500)
+    p.add_argument("--select-iters", type=int, default=1000)
+    args = p.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return {"select": select, "final": final, "table": table}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
