@@ -193,3 +193,66 @@ def test_indefinite_hessian_gives_finite_result_with_damping(make_problem):
     undamped = ibaml.Implicit(solver=CG(max_iter=200, tol=1e-12)).task_gradient(problem, meta, task)
     assert all(torch.isfinite(g).all() for g in undamped.grads.values())
     assert undamped.diagnostics["residual_norm"] > 0  # reported, not hidden
+
+
+# ---------------------------------------------------------------------------------- a meta-learned body
+def body_problem(method, family=priors.DiagonalGaussian, **prior_kw):
+    """The tiny network with its prior over the output layer only (``net.2.*``): the body
+    ``net.0.*`` is a shared meta-parameter, and its meta-gradient runs through
+    ``B = ∇²_vθ G`` (the support features, and so ``∇_v G``, depend on it)."""
+    from conftest import tiny_net, tiny_task
+
+    net = tiny_net()
+    prior = family.from_module(net, include=priors.last_layer(net), **prior_kw)
+    model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5, learn_noise=True).double())
+    inference = ibaml.MAP() if method == "map" else ibaml.Variational(num_samples=2, num_outer_samples=3)
+    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.Adam(lr=0.01), 150))
+    meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+    assert {"net.0.weight", "net.0.bias"} <= set(meta) and not any(k.startswith("net.2") for k in meta)
+    return problem, meta, tiny_task(dim=prior.dim if method != "map" else None)
+
+
+def dense_formula_gradient(problem, meta, task, v):
+    """``dF/dθ = ∂_θF − Bᵀ H⁻¹ ∂_vF`` with ``H = ∇²_vv G`` and ``B = ∇²_vθ G`` formed as dense
+    matrices (``torch.func.hessian`` and ``jacrev``) and a dense solve."""
+    from ibaml.tree import FlatSpec
+
+    vs, ms = FlatSpec.from_dict(v), FlatSpec.from_dict(meta)
+    G = lambda vf, mf: problem.inner(vs.unflatten(vf), ms.unflatten(mf), task)  # noqa: E731
+    F = lambda vf, mf: problem.outer(vs.unflatten(vf), ms.unflatten(mf), task)  # noqa: E731
+    vf, mf = vs.flatten(v), ms.flatten(meta)
+    H = torch.func.hessian(G, argnums=0)(vf, mf)
+    B = torch.func.jacrev(torch.func.grad(G, argnums=0), argnums=1)(vf, mf)       # [dim v, dim θ]
+    dv, dm = torch.func.grad(F, argnums=(0, 1))(vf, mf)
+    return ms.unflatten(dm - B.T @ torch.linalg.solve(H, dv))
+
+
+@pytest.mark.parametrize("method", ["map", "variational"])
+def test_body_meta_gradient_through_B_matches_finite_differences_and_the_dense_solve(method):
+    problem, meta, task = body_problem(method, init_scale=0.5)
+    v = polished_solution(problem, meta, task)
+    grads, _ = ift_gradient(problem, meta, task, v, solver=CG(max_iter=400, tol=1e-14))
+    dense = dense_formula_gradient(problem, meta, task, v)
+    assert rel_err(grads, dense) <= 1e-8
+    # the body's meta-gradient is not only its direct term ∂_θF: the part through B matters
+    body = ("net.0.weight", "net.0.bias")
+    direct = torch.func.grad(lambda m: problem.outer(v, m, task))(meta)
+    assert rel_err({k: direct[k] for k in body}, {k: grads[k] for k in body}) > 0.1
+
+    def outer_at(m):
+        return problem.outer(polished_solution(problem, m, task), m, task)
+
+    assert_matches_central_differences(grads, outer_at, meta)                  # an entry of every tensor
+    # every entry of the body at once: the derivative along a random direction of net.0.*
+    gen = torch.Generator().manual_seed(0)
+    u = {k: torch.randn(meta[k].shape, generator=gen, dtype=meta[k].dtype) for k in body}
+    h = 1e-5
+    shifted = lambda s: {k: t + s * h * u[k] if k in body else t for k, t in meta.items()}  # noqa: E731
+    fd = (outer_at(shifted(1)) - outer_at(shifted(-1))) / (2 * h)
+    along = sum(float((grads[k] * u[k]).sum()) for k in body)
+    assert along == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
+    # the estimator class at its own solution (CG to tolerance) against the dense formula there
+    est = ibaml.Implicit(solver=CG(max_iter=400, tol=1e-14)).task_gradient(problem, meta, task)
+    v_own, _ = problem.solve(meta, task)
+    assert est.diagnostics["residual_norm"] < 1e-9
+    assert rel_err(est.grads, dense_formula_gradient(problem, meta, task, v_own)) <= 1e-8
