@@ -1,0 +1,74 @@
+"""The protocol benchmarks choose on validation runs only, pass the choice to the test runs,
+and summarise over seeds (the example runs replaced by recorded metrics)."""
+
+import json
+
+import pytest
+
+from benchmarks import _protocol as P
+from benchmarks import image_protocol, sine_protocol
+
+
+def _metric(v):
+    return {"mean": v, "ci95": 0.01}
+
+
+def _sine_metrics(mse, nll, cov=0.9, seed=0):
+    block = {"mse": _metric(mse), "nll": _metric(nll), "coverage_90": _metric(cov), "calibration_error": _metric(0.1)}
+    return dict(block, out_of_range=dict(block), recalibrated=dict(block, out_of_range=dict(block), variance_scale=1.5),
+                config={"seed": seed})
+
+
+def test_sine_selection_uses_validation_runs_and_the_test_runs_take_the_choice(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_all(example, jobs, workers):
+        calls.append(jobs)
+        out = []
+        for folder, options in jobs:
+            option = sine_protocol.GRID.get(options[1], ("--none",))[0]
+            value = float(options[options.index(option) + 1]) if option in options else 1.0
+            out.append(_sine_metrics(1.0, abs(value - 0.005)))        # the grid value nearest 0.005 wins
+        return out
+
+    monkeypatch.setattr(P, "run_all", fake_run_all)
+    chosen = sine_protocol.main(["select", "--out", str(tmp_path), "--select-iters", "7"])["chosen"]
+    assert all("--eval-split" in o and o[o.index("--eval-split") + 1] == "val" for _, o in calls[0])
+    assert chosen["anil"] == {"--inner-lr": 0.005} and chosen["maml"] == {"--inner-lr": 0.004}
+    calls.clear()
+    sine_protocol.main(["final", "--out", str(tmp_path), "--seeds", "0,1"])
+    runs = calls[0]
+    assert not any("--eval-split" in o for _, o in runs)          # the test streams
+    anil = [o for f, o in runs if f.name == "anil"]
+    assert len(anil) == 2 * len(sine_protocol.TABLES) and all(o[o.index("--inner-lr") + 1] == "0.005" for o in anil)
+    assert {o[o.index("--noise") + 1] for f, o in runs if f.name == "ibaml"} == set(sine_protocol.TABLES)
+
+
+def test_sine_table_is_the_mean_and_std_over_seeds(tmp_path):
+    for seed, mse in ((0, 1.0), (1, 3.0)):
+        P.write_json(tmp_path / "runs" / "shared" / f"seed{seed}" / "anil" / "metrics.json",
+                     _sine_metrics(mse, 0.5, seed=seed))
+    summary = sine_protocol.summarize(tmp_path)
+    entry = summary["shared"]["anil"]
+    assert entry["seeds"] == [0, 1]
+    assert entry["raw"]["in_range"]["mse"]["mean"] == pytest.approx(2.0)
+    assert entry["raw"]["in_range"]["mse"]["std"] == pytest.approx(2 ** 0.5)
+    assert "| anil | the head" in sine_protocol.markdown(summary)
+
+
+def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatch):
+    def fake_run_all(example, jobs, workers):
+        assert example == "miniimagenet.py"
+        out = []
+        for folder, options in jobs:
+            assert options[options.index("--eval-split") + 1] == "val"
+            value = float(options[3])
+            acc = {10.0: 0.5, 30.0: 0.7, 100.0: 0.6}.get(value, 1 - value)
+            out.append({k: _metric(acc) for k in ("accuracy", "nll", "ece_pooled")})
+        return out
+
+    monkeypatch.setattr(P, "run_all", fake_run_all)
+    payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1"])
+    assert payload["chosen"]["imaml"] == {"--precision": 30.0}
+    assert payload["chosen"]["ibaml"] == {"--kl-weight": 1e-3}
+    assert json.loads((tmp_path / "selection_1shot.json").read_text())["shots"] == 1
