@@ -33,8 +33,8 @@ from . import _protocol as P
 #: per method, the option chosen on validation and the values tried
 GRID = {
     "maml": ("--inner-lr", (0.001, 0.002, 0.004)),
-    "anil": ("--inner-lr", (0.002, 0.005, 0.01, 0.02)),
-    "imaml": ("--precision", (0.3, 1.0, 3.0)),
+    "anil": ("--inner-lr", (0.002, 0.005, 0.01, 0.02, 0.05)),
+    "imaml": ("--precision", (0.1, 0.3, 1.0, 3.0)),
     "ibaml": ("--noise-prior-count", (1.0, 5.0, 20.0)),
 }
 #: the noise model each value is chosen under (the table the method's headline row is in)
