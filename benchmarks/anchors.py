@@ -29,6 +29,13 @@ meta-iterations are timed in turn (``benchmarks/_harness.py``), and the ratio of
 library's time and peak memory to ibaml's is reported. A library that cannot be imported
 is skipped with the reason; ibaml alone is then timed.
 
+The JSON's ``table`` (printed too) puts, for each estimator and ``K``, ibaml looped (one
+task at a time, as the other libraries run) and ibaml vmapped (all ``T`` tasks at once),
+each with its time and peak memory, beside TorchOpt or higher, with the other library's
+time and memory over each of ibaml's: the vmapped ibaml is faster on small networks because
+it batches the tasks, and it holds every task's intermediates at once, so its peak is the
+larger. Peak memory is the median of ``--memory-repeats`` calls.
+
     pip install torchopt==0.7.3 higher==0.2.1           # optional; torchopt needs optree, graphviz
     python benchmarks/anchors.py --device cuda --out runs/anchors
     python benchmarks/anchors.py --device cpu --workload sine --meta-batch 25 --inner-steps 5,10,20 --out runs/anchors_sine
@@ -230,7 +237,7 @@ def run_one(args, K: int, device, dtype, batch) -> tuple:
         for fn in fns.values():
             for _ in range(args.warmup):
                 fn()
-        peaks = {name: H.peak_memory(fn, device) for name, fn in fns.items()}
+        peaks = {name: _median_peak(fn, device, args.memory_repeats) for name, fn in fns.items()}
         times = H.time_interleaved(fns, device, args.repeats, warmup=0)
     for name, ts in times.items():
         ms = 1000 * H.median(ts)
@@ -251,6 +258,59 @@ def run_one(args, K: int, device, dtype, batch) -> tuple:
     return rows, ratios, {f"{k}, K={K}": v for k, v in checks.items()}
 
 
+def _median_peak(fn, device, repeats: int):
+    peaks = [H.peak_memory(fn, device) for _ in range(max(1, repeats))]
+    return None if any(p is None for p in peaks) else int(H.median(peaks))
+
+
+LIBRARY_ROWS = {"implicit": "torchopt implicit loop", "explicit": "higher explicit loop"}
+
+
+def comparison_table(rows) -> list:
+    """One entry per estimator and ``K``: ibaml looped and vmapped, each with its time and
+    peak memory, beside the other library (TorchOpt for implicit, higher for explicit) and
+    the other library's time and memory over each of ibaml's."""
+    by_name = {(r["implementation"], r["inner_steps"]): r for r in rows}
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+    table = []
+    for K in sorted({r["inner_steps"] for r in rows}):
+        for estimator, library in LIBRARY_ROWS.items():
+            loop, vmap = by_name.get((f"ibaml {estimator} loop", K)), by_name.get((f"ibaml {estimator} vmap", K))
+            other = by_name.get((library, K))
+            if loop is None or vmap is None:
+                continue
+            entry = {"estimator": estimator, "inner_steps": K,
+                     "ibaml_loop": {"ms": loop["ms"], "peak_bytes": loop["peak_bytes"]},
+                     "ibaml_vmap": {"ms": vmap["ms"], "peak_bytes": vmap["peak_bytes"]},
+                     "other": None}
+            if other is not None:
+                entry["other"] = {"implementation": library, "ms": other["ms"], "peak_bytes": other["peak_bytes"],
+                                  "time_over_ibaml_loop": ratio(other["ms"], loop["ms"]),
+                                  "time_over_ibaml_vmap": ratio(other["ms"], vmap["ms"]),
+                                  "memory_over_ibaml_loop": ratio(other["peak_bytes"], loop["peak_bytes"]),
+                                  "memory_over_ibaml_vmap": ratio(other["peak_bytes"], vmap["peak_bytes"])}
+            table.append(entry)
+    return table
+
+
+def table_markdown(table) -> str:
+    mib = lambda b: "—" if b is None else f"{b / 2 ** 20:.2f}"  # noqa: E731
+    num = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    lines = []
+    for e in table:
+        o = e["other"] or {}
+        lines.append([e["estimator"], e["inner_steps"], f"{e['ibaml_loop']['ms']:.1f}",
+                      mib(e["ibaml_loop"]["peak_bytes"]), f"{e['ibaml_vmap']['ms']:.1f}",
+                      mib(e["ibaml_vmap"]["peak_bytes"]), o.get("implementation", "—"), num(o.get("ms"), ".1f"),
+                      mib(o.get("peak_bytes")),
+                      f"{num(o.get('time_over_ibaml_loop'), '.2f')} / {num(o.get('time_over_ibaml_vmap'), '.2f')}",
+                      f"{num(o.get('memory_over_ibaml_loop'), '.3f')} / "
+                      f"{num(o.get('memory_over_ibaml_vmap'), '.3f')}"])
+    return H.markdown(["estimator", "K", "ibaml loop ms", "ibaml loop peak MiB", "ibaml vmap ms",
+                       "ibaml vmap peak MiB", "other library", "its ms", "its peak MiB",
+                       "its time / ibaml loop / vmap", "its memory / ibaml loop / vmap"], lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     H.add_common_args(p, "runs/anchors")
@@ -263,6 +323,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--meta-lr", type=float, default=1e-3)
+    p.add_argument("--memory-repeats", type=int, default=3, help="peak-memory calls per implementation (their "
+                   "median is reported)")
     p.add_argument("--check-damping", type=float, default=0.0,
                    help="CG damping added to both solves of the implicit agreement check only (default 0: the timed "
                         "configuration)")
@@ -292,7 +354,8 @@ def main(argv=None):
                "workload": {"name": args.workload, "network": network, **shape, "meta_batch": args.meta_batch,
                             "inner_steps": steps, "cg_steps": args.cg_steps, "precision": PRECISION,
                             "inner_lr": INNER_LR, "check_damping": args.check_damping},
-               "libraries": libraries, "gradient_agreement": checks, "results": rows, "ratios": ratios}
+               "libraries": libraries, "gradient_agreement": checks, "results": rows, "ratios": ratios,
+               "table": comparison_table(rows)}
     H.write_json(Path(args.out), "anchors.json", payload)
     fmt = lambda v: "—" if v is None else f"{v / 2 ** 20:.1f}"  # noqa: E731
     print(H.markdown(["implementation", "K", "ms / meta-iter", "tasks/s", "peak MiB"],
@@ -303,6 +366,8 @@ def main(argv=None):
         print(H.markdown(["slower / faster", "time ratio", "memory ratio"],
                          [[k, f"{v['time']:.2f}", f"{v['peak_memory']:.2f}" if "peak_memory" in v else "—"]
                           for k, v in ratios.items()]))
+    print()
+    print(table_markdown(payload["table"]))
     for k, v in checks.items():
         extra = f", damping {v['damping']:g}, ibaml CG ran all iterations: {v['all_cg_iterations_ran']}" \
             if "damping" in v else ""

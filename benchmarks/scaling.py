@@ -10,11 +10,21 @@ are measured). Workloads: the sine MLP 1-40-40-1 (meta-batches 4, 25, 32) and Co
 5-way 1-shot episodes with 15 query images per class at 84×84 (meta-batches 4 and 32).
 
 Reported per configuration: median ms per meta-iteration, tasks per second (``T`` / time),
-peak memory and, for the batched modes, GB per task (peak / ``T``, GB = 10⁹ bytes; the
-loop holds one task at a time, so it has none). An out-of-memory configuration is
-recorded as ``"oom"`` and the run goes on. Also: the loop/vmap time ratio, the peak memory
-ratio K=100 / K=1 of each estimator, and any operation that ``vmap`` could not batch (it
-falls back to a loop over tasks: a silent slowdown).
+peak memory (the median of ``--memory-repeats`` calls), the number of tasks the
+meta-iteration holds in memory at once (``tasks_in_flight``: ``T`` for the batched modes,
+1 for the loop, which frees each task's graph before the next) and GB per task, the peak
+divided by the tasks in flight, given only where those are all ``T`` tasks (GB = 10⁹
+bytes; a loop's peak is one task's, so it has none: dividing it by ``T`` would measure the
+batch size, not memory). An out-of-memory configuration is recorded as ``"oom"`` and the
+run goes on. Also: the loop/vmap time ratio, the peak memory ratio K=100 / K=1 of each
+estimator, and any operation that ``vmap`` could not batch (it falls back to a loop over
+tasks: a silent slowdown).
+
+``per_task_memory`` in the JSON collects, for each batched mode, workload, estimator and
+``K``, the peak at every meta-batch ``T`` run (``T`` tasks in flight), the peak / ``T``, the
+growth per added task ``(peak(T) − peak(1)) / (T − 1)``, and beside them the
+one-task-in-flight peaks: the same mode at ``T = 1`` and the loop at the same ``T``. Run it
+with several meta-batches, e.g. ``--sine-meta-batches 1,2,4,8,16 --modes vmap,loop``.
 
 The JSON's ``summary`` holds each target of the specification with the measured value
 and whether it is met; a GPU target is evaluated only in a CUDA run:
@@ -29,6 +39,8 @@ and whether it is met; a GPU target is evaluated only in a CUDA run:
     python benchmarks/scaling.py --device cuda --out runs/scaling           # the full grid
     python benchmarks/scaling.py --device cuda --modes vmap,compile,loop --compile-mode reduce-overhead
     nice -n 5 python benchmarks/scaling.py --workloads sine --sine-meta-batches 25 --steps 10 --estimators implicit
+    python benchmarks/scaling.py --workloads sine --sine-meta-batches 1,2,4,8,16 --steps 10 --modes vmap,loop \
+        --memory-repeats 3 --out runs/scaling_sine_per_task                 # per-task memory against T
     python benchmarks/scaling.py --quick                                    # a smoke run
 
 Writes ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints tables.
@@ -60,6 +72,30 @@ def _enable_vmap_fallback_warnings():
         fn(True)
 
 
+def tasks_in_flight(learner, mode: str, T: int) -> int:
+    """How many tasks one meta-iteration in ``mode`` holds at once: all ``T`` when vmapped
+    (``"vmap"``, ``"compile"``, and ``"default"`` where the learner chooses vmap), one when
+    looped (``"loop"``, and ``"default"`` where the learner chooses the loop)."""
+    if mode == "loop":
+        return 1
+    if mode == "default":
+        previous, learner.task_batching = learner.task_batching, "auto"
+        try:
+            return 1 if learner.batching() == "loop" else T
+        finally:
+            learner.task_batching = previous
+    return T
+
+
+def median_peak(fn, device, repeats: int):
+    """``(median, all)`` of the peak bytes of ``repeats`` calls of ``fn`` (``H.peak_memory``);
+    ``(None, None)`` where peak memory is not measurable."""
+    peaks = [H.peak_memory(fn, device) for _ in range(max(1, repeats))]
+    if any(p is None for p in peaks):
+        return None, None
+    return int(H.median(peaks)), peaks
+
+
 def run_config(workload, T, estimator, K, modes, args, device, dtype):
     """Rows (one per mode) for one (workload, T, estimator, K)."""
     learner = H.build_learner(workload, estimator, K, args.cg_steps, device, dtype, hidden=args.hidden,
@@ -68,7 +104,8 @@ def run_config(workload, T, estimator, K, modes, args, device, dtype):
     base = {"workload": workload, "estimator": estimator, "K": K, "meta_batch": T, "cg_steps": args.cg_steps}
     rows, fns = {}, {}
     for mode in modes:
-        row = dict(base, mode=mode, status="ok", ms=None, tasks_per_s=None, peak_bytes=None, gb_per_task=None)
+        row = dict(base, mode=mode, status="ok", ms=None, tasks_per_s=None, peak_bytes=None,
+                   tasks_in_flight=tasks_in_flight(learner, mode, T), gb_per_task=None)
         fn = H.meta_iteration(learner, task, mode, args.compile_mode)
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -80,7 +117,7 @@ def run_config(workload, T, estimator, K, modes, args, device, dtype):
                 row["warmup_s"] = time.perf_counter() - t0
             row["vmap_fallbacks"] = sorted({str(w.message).split("\n")[0] for w in caught
                                             if "performance drop" in str(w.message)})
-            row["peak_bytes"] = H.peak_memory(fn, device)
+            row["peak_bytes"], row["peak_bytes_all"] = median_peak(fn, device, args.memory_repeats)
             fns[mode] = fn
         except (RuntimeError, H.OutOfMemoryError) as err:
             if not H.is_oom(err):
@@ -103,7 +140,7 @@ def run_config(workload, T, estimator, K, modes, args, device, dtype):
         row["ms"] = 1000 * H.median(ts)
         row["ms_all"] = [1000 * t for t in ts]
         row["tasks_per_s"] = T / H.median(ts)
-        if row["peak_bytes"] is not None and mode not in ("loop", "default"):
+        if row["peak_bytes"] is not None and row["tasks_in_flight"] == T:   # all T tasks held at once
             row["gb_per_task"] = row["peak_bytes"] / T / H.GB
     del learner, task, fns
     H.release(device)
@@ -143,6 +180,33 @@ def memory_ratios(results, hi=100, lo=1):
         b = _find(results, workload=workload, meta_batch=T, mode=mode, estimator=est, K=lo)
         if a and b and a["peak_bytes"] and b["peak_bytes"]:
             out[f"{workload}/T={T}/{mode}/{est}"] = a["peak_bytes"] / b["peak_bytes"]
+    return out
+
+
+def per_task_memory(results):
+    """For each batched mode (all ``T`` tasks in flight), workload, estimator and ``K``: the
+    peak at every meta-batch ``T``, the peak / ``T`` and the growth per added task, beside
+    the one-task-in-flight peaks (the same mode at ``T = 1``, the loop at the same ``T``)."""
+    out = {}
+    keys = sorted({(r["workload"], r["estimator"], r["K"], r["mode"]) for r in results
+                   if r["status"] == "ok" and r["peak_bytes"] is not None and r["tasks_in_flight"] == r["meta_batch"]
+                   and r["mode"] != "loop"})
+    for workload, estimator, K, mode in keys:
+        same = dict(workload=workload, estimator=estimator, K=K)
+        one = _find(results, mode=mode, meta_batch=1, **same)
+        one_peak = one and one["peak_bytes"]
+        rows = []
+        for r in sorted((r for r in results if r["status"] == "ok" and r["peak_bytes"] is not None and r["mode"] == mode
+                         and all(r[k] == v for k, v in same.items())), key=lambda r: r["meta_batch"]):
+            T = r["meta_batch"]
+            loop = _find(results, mode="loop", meta_batch=T, **same)
+            rows.append({"meta_batch": T, "tasks_in_flight": r["tasks_in_flight"], "peak_bytes": r["peak_bytes"],
+                         "bytes_per_task": r["peak_bytes"] / T, "gb_per_task": r["peak_bytes"] / T / H.GB,
+                         "bytes_per_added_task": ((r["peak_bytes"] - one_peak) / (T - 1)
+                                                  if one_peak is not None and T > 1 else None),
+                         "one_task_in_flight_peak_bytes": {"same_mode_T1": one_peak,
+                                                           "loop_same_T": loop and loop["peak_bytes"]}})
+        out[f"{workload}/{estimator}/K={K}/{mode}"] = rows
     return out
 
 
@@ -222,6 +286,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=84)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-repeats", type=int, default=1, help="peak-memory calls per configuration (their median "
+                   "is reported)")
     p.add_argument("--budget-s", type=float, default=60.0, help="stop the timed rounds of a configuration after "
                    "this many seconds (at least one round); 0: no limit")
     args = p.parse_args(argv)
@@ -252,6 +318,7 @@ def main(argv=None):
     default_over_loop = time_ratio(results, "default", "loop")
     default_over_loop_paired = time_ratio(results, "default", "loop", paired=True)
     mem_ratio = memory_ratios(results)
+    per_task = per_task_memory(results)
     summary = summarize(results, device, mem_ratio, ratio)
     fallbacks = sorted({m for r in results for m in r.get("vmap_fallbacks", [])})
     payload = {**H.environment(device), "memory_method": H.memory_method(device), "dtype": args.dtype,
@@ -260,7 +327,8 @@ def main(argv=None):
                "results": results, "loop_over_vmap_time_ratio": ratio, "vmap_over_compile_time_ratio": compiled,
                "default_over_loop_time_ratio": default_over_loop,
                "default_over_loop_paired_time_ratio": default_over_loop_paired,
-               "peak_memory_ratio_k100_over_k1": mem_ratio, "vmap_fallbacks": fallbacks, "summary": summary}
+               "peak_memory_ratio_k100_over_k1": mem_ratio, "per_task_memory": per_task, "vmap_fallbacks": fallbacks,
+               "summary": summary}
     out = Path(args.out)
     H.write_json(out, "scaling.json", payload)
     if results:
@@ -270,10 +338,20 @@ def main(argv=None):
         fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
         rows.append([r["workload"], r["meta_batch"], r["estimator"], r["mode"], r["K"],
                      "oom" if r["status"] == "oom" else fmt(r["ms"], ".1f"), fmt(r["tasks_per_s"], ".1f"),
-                     fmt(r["peak_bytes"] and r["peak_bytes"] / 2 ** 20, ".1f"), fmt(r["gb_per_task"], ".4f")])
+                     fmt(r["peak_bytes"] and r["peak_bytes"] / 2 ** 20, ".1f"), r["tasks_in_flight"],
+                     fmt(r["gb_per_task"], ".4f")])
     print()
     print(H.markdown(["workload", "T", "estimator", "mode", "K", "ms / meta-iter", "tasks/s", "peak MiB",
-                      "GB / task"], rows))
+                      "tasks in flight", "GB / task"], rows))
+    if any(len(v) > 1 for v in per_task.values()):
+        mib = lambda b: "—" if b is None else f"{b / 2 ** 20:.2f}"  # noqa: E731
+        print("\nper-task memory of the batched modes (T tasks in flight), beside one task in flight:")
+        print(H.markdown(["configuration", "T", "peak MiB", "peak / T MiB", "growth per added task MiB",
+                          "one task: same mode T=1 MiB", "one task: loop at T MiB"],
+                         [[key, e["meta_batch"], mib(e["peak_bytes"]), mib(e["bytes_per_task"]),
+                           mib(e["bytes_per_added_task"]), mib(e["one_task_in_flight_peak_bytes"]["same_mode_T1"]),
+                           mib(e["one_task_in_flight_peak_bytes"]["loop_same_T"])]
+                          for key, entries in per_task.items() for e in entries]))
     print("\nloop / vmap time:", {k: round(v, 2) for k, v in ratio.items()})
     if default_over_loop:
         print("default / loop time (medians; paired rounds):", {k: (round(v, 3), round(default_over_loop_paired[k], 3))
