@@ -16,17 +16,18 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(example: str, folder: Path, options: Sequence[str]) -> dict:
-    """``python examples/<example> --out <tmp> --threads 1 --no-progress --overwrite <options>``
-    unless ``folder/metrics.json`` exists; returns that file's content."""
+def run_example(example: str, folder: Path, options: Sequence[str], keep: Optional[Path] = None) -> dict:
+    """``python examples/<example> --out <run> --threads 1 --no-progress --overwrite <options>``
+    unless ``folder/metrics.json`` exists; returns that file's content. The run's own folder
+    (checkpoints, figures) is ``keep`` when given and kept, else a scratch folder removed after."""
     metrics = folder / "metrics.json"
     if not metrics.is_file():
-        scratch = folder.parent / f"{folder.name}.run"
+        scratch = keep or folder.parent / f"{folder.name}.run"
         cmd = [sys.executable, str(ROOT / "examples" / example), "--out", str(scratch), "--threads", "1",
                "--no-progress", "--overwrite", *map(str, options)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -36,14 +37,21 @@ def run_example(example: str, folder: Path, options: Sequence[str]) -> dict:
         data["command"] = " ".join(["python", f"examples/{example}", *map(str, options)])
         folder.mkdir(parents=True, exist_ok=True)
         metrics.write_text(json.dumps(data, indent=2))
-        shutil.rmtree(scratch)
+        if keep is None:
+            shutil.rmtree(scratch)
     return json.loads(metrics.read_text())
 
 
-def run_all(example: str, jobs: Sequence[tuple], workers: int) -> list:
-    """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given."""
+def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Optional[Path] = None,
+            out: Optional[Path] = None) -> list:
+    """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given. With
+    ``keep_root``, each run's own folder is kept at ``keep_root / folder.relative_to(out)``."""
+    def one(job):
+        folder, options = job
+        return run_example(example, folder, options, None if keep_root is None else
+                           Path(keep_root) / Path(folder).relative_to(out))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda job: run_example(example, *job), jobs))
+        return list(pool.map(one, jobs))
 
 
 def seed_stats(values: Sequence[float]) -> dict:
@@ -81,4 +89,6 @@ def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentPa
     p.add_argument("--val-tasks", type=int, default=defaults["val_tasks"],
                    help="validation tasks of the post-hoc recalibration")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--keep-runs", default=None, metavar="DIR",
+                   help="keep the final runs' folders (checkpoints, figures) under DIR instead of removing them")
     return p

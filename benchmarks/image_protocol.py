@@ -83,7 +83,7 @@ def final(args) -> dict:
              ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
               "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
             for seed in args.seeds for method in METHODS]
-    P.run_all("miniimagenet.py", jobs, args.jobs)
+    P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out)
     return table(args)
 
 

@@ -56,12 +56,14 @@ DESCRIBE = {
 METRICS = ("mse", "nll", "coverage_90", "calibration_error")
 
 
-def run_all(jobs: list, args) -> list:
+def run_all(jobs: list, args, keep: bool = False) -> list:
     """``[(method, folder, options)]`` through the example, ``--jobs`` at a time, with the
-    evaluation sizes of ``args``; their metrics in order."""
+    evaluation sizes of ``args``; their metrics in order (``keep``: the runs' folders kept under
+    ``--keep-runs``)."""
     sizes = ["--eval-tasks", args.eval_tasks, "--recalibration-tasks", args.val_tasks]
     return P.run_all("sine_regression.py", [(folder, ["--method", method, *sizes, *options])
-                                            for method, folder, options in jobs], args.jobs)
+                                            for method, folder, options in jobs], args.jobs,
+                     keep_root=args.keep_runs if keep else None, out=Path(args.out))
 
 
 def noise_options(method: str, noise: str) -> list:
@@ -95,7 +97,7 @@ def select(args) -> dict:
     return payload
 
 
-def final(args) -> None:
+def final(args) -> dict:
     out = Path(args.out)
     chosen = json.loads((out / "selection.json").read_text())["chosen"]
     jobs = []
@@ -106,8 +108,8 @@ def final(args) -> None:
                 jobs.append((method, out / "runs" / noise / f"seed{seed}" / method,
                              noise_options(method, noise) + options + [
                                  "--meta-iters", str(args.meta_iters), "--seed", str(seed)]))
-    run_all(jobs, args)
-    table(args)
+    run_all(jobs, args, keep=True)
+    return table(args)
 
 
 def summarize(out: Path) -> dict:

@@ -22,7 +22,7 @@ def _sine_metrics(mse, nll, cov=0.9, seed=0):
 def test_sine_selection_uses_validation_runs_and_the_test_runs_take_the_choice(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run_all(example, jobs, workers):
+    def fake_run_all(example, jobs, workers, **kwargs):
         calls.append(jobs)
         out = []
         for folder, options in jobs:
@@ -57,7 +57,7 @@ def test_sine_table_is_the_mean_and_std_over_seeds(tmp_path):
 
 
 def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatch):
-    def fake_run_all(example, jobs, workers):
+    def fake_run_all(example, jobs, workers, **kwargs):
         assert example == "miniimagenet.py"
         out = []
         for folder, options in jobs:
