@@ -210,6 +210,23 @@ def per_task_memory(results):
     return out
 
 
+def per_task_markdown(per_task) -> str:
+    """``per_task_memory`` as a markdown table: for each batched configuration and ``T``, the
+    peak of a meta-iteration holding ``T`` tasks in flight, that peak ÷ ``T`` (the memory per
+    task), and the one-task-in-flight peaks beside it (the same mode at ``T = 1``, the loop at
+    the same ``T``), which are never divided by the meta-batch. MiB = 2²⁰ bytes."""
+    mib = lambda b: "—" if b is None else f"{b / 2 ** 20:.2f}"  # noqa: E731
+    rows = []
+    for key, entries in per_task.items():
+        workload, estimator, K, mode = key.split("/")
+        for e in entries:
+            one = e["one_task_in_flight_peak_bytes"]
+            rows.append([f"{workload} / {estimator}, {K}, {mode}", e["meta_batch"], mib(e["peak_bytes"]),
+                         mib(e["bytes_per_task"]), mib(one["same_mode_T1"]), mib(one["loop_same_T"])])
+    return H.markdown(["workload / estimator", "T", "peak MiB (T tasks in flight)", "peak ÷ T MiB",
+                       "one task in flight: same mode at T=1, MiB", "one task in flight: loop at T, MiB"], rows)
+
+
 def summarize(results, device, mem_ratio, ratio):
     """The specification's targets against this run's measurements."""
     summary = []
@@ -343,15 +360,6 @@ def main(argv=None):
     print()
     print(H.markdown(["workload", "T", "estimator", "mode", "K", "ms / meta-iter", "tasks/s", "peak MiB",
                       "tasks in flight", "GB / task"], rows))
-    if any(len(v) > 1 for v in per_task.values()):
-        mib = lambda b: "—" if b is None else f"{b / 2 ** 20:.2f}"  # noqa: E731
-        print("\nper-task memory of the batched modes (T tasks in flight), beside one task in flight:")
-        print(H.markdown(["configuration", "T", "peak MiB", "peak / T MiB", "growth per added task MiB",
-                          "one task: same mode T=1 MiB", "one task: loop at T MiB"],
-                         [[key, e["meta_batch"], mib(e["peak_bytes"]), mib(e["bytes_per_task"]),
-                           mib(e["bytes_per_added_task"]), mib(e["one_task_in_flight_peak_bytes"]["same_mode_T1"]),
-                           mib(e["one_task_in_flight_peak_bytes"]["loop_same_T"])]
-                          for key, entries in per_task.items() for e in entries]))
     print("\nloop / vmap time:", {k: round(v, 2) for k, v in ratio.items()})
     if default_over_loop:
         print("default / loop time (medians; paired rounds):", {k: (round(v, 3), round(default_over_loop_paired[k], 3))
@@ -363,6 +371,10 @@ def main(argv=None):
         print("vmap fell back to a loop for:", fallbacks)
     print()
     print(H.summary_table(summary))
+    if any(len(v) > 1 for v in per_task.values()):
+        print("\nmemory per task: the peak of a meta-iteration holding T tasks in flight ÷ T, beside the "
+              "one-task-in-flight peaks (not divided):")
+        print(per_task_markdown(per_task))
     return payload
 
 

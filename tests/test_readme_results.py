@@ -101,3 +101,26 @@ def test_readme_images_headline_is_its_json():
 def test_claim_tables_are_their_json(claim):
     payload = json.loads((ROOT / "docs/results/claims" / f"{claim}.json").read_text())
     assert_on_page(payload["table"], CLAIMS)
+
+
+SPEED = ROOT / "docs/results/speed_memory.md"
+
+
+def test_anchors_table_is_its_json():
+    """The TorchOpt / higher comparison on the speed page is the committed run's ``table``,
+    rendered by ``anchors.table_markdown``, and that table is the run's rows."""
+    payload = json.loads((ROOT / "docs/results/cpu/anchors_sine/anchors.json").read_text())
+    anchors = load("anchors")
+    assert anchors.comparison_table(payload["results"]) == payload["table"]
+    assert_on_page(anchors.table_markdown(payload["table"]), SPEED)
+
+
+@pytest.mark.parametrize("run", ["scaling_sine_per_task", "scaling_conv4_32_per_task"])
+def test_per_task_memory_tables_are_their_json(run):
+    """The speed page's memory-per-task tables are the committed runs' ``per_task_memory``,
+    rendered by ``scaling.per_task_markdown``: the peak with T tasks in flight over T, beside
+    the one-task-in-flight peaks, which are not divided."""
+    payload = json.loads((ROOT / "docs/results/cpu" / run / "scaling.json").read_text())
+    per_task = payload["per_task_memory"]
+    assert per_task and all(e["tasks_in_flight"] == e["meta_batch"] for v in per_task.values() for e in v)
+    assert_on_page(load("scaling").per_task_markdown(per_task), SPEED)
