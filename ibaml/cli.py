@@ -77,7 +77,7 @@ def add_run_options(parser, *, meta_iters: int, meta_batch: int, checkpoint_ever
     add("--meta-iters", type=int, default=meta_iters, help="meta-iterations")
     add("--meta-batch", type=int, default=meta_batch, help="tasks per meta-iteration")
     add("--meta-lr", type=float, default=1e-3, help="meta learning rate")
-    add("--cg-steps", type=int, default=5, help="conjugate-gradient iterations of the implicit gradient")
+    add("--cg-steps", type=int, default=20, help="conjugate-gradient iterations of the implicit gradient")
     add("--cg-damping", type=float, default=0.0, help="damping added to the Hessian in the conjugate gradient")
     add("--checkpoint-every", type=int, default=checkpoint_every, metavar="N",
         help="also write last.pt every N meta-iterations (0: only at the end, where it is always written)")

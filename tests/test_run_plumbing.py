@@ -35,7 +35,7 @@ def error_of(capsys, fn):
 def test_run_options_defaults_and_out(tmp_path):
     p = run_parser(meta_iters=7)
     args = p.parse_args([])
-    assert (args.meta_iters, args.meta_batch, args.cg_steps, args.nonfinite, args.distributed) == (7, 4, 5, "skip", False)
+    assert (args.meta_iters, args.meta_batch, args.cg_steps, args.nonfinite, args.distributed) == (7, 4, 20, "skip", False)
     cli.check_run_options(p, args, str(tmp_path / "default"))
     assert args.out == str(tmp_path / "default")
     args = p.parse_args(["--resume", str(tmp_path / "r")])
