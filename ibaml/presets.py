@@ -55,8 +55,8 @@ has a fast-falling spectrum). Against the dense implicit solve (``benchmarks/cg_
 float64, worst of 25 sine tasks), 5 iterations were off by 1–3 % after 300 sine meta-iterations
 (9 % on one task) and 10 by 8 % on one task after 3000, where 20 stay below 2·10⁻⁹; on the stroke
 images at 5 shots 10 iterations were off by 4·10⁻⁴ and 20 by 4·10⁻⁹. 20 iterations cost a sine
-meta-iteration 1.1–1.3× what 5 did, a 1-shot image one 1.03–1.12×. A task with many more
-support points than 20 needs more (``cg_steps``, ``--cg-steps``).
+meta-iteration 1.1–1.3× what 5 did, a 1-shot image one 1.0–1.3× (on a shared CPU). A task with
+many more support points than 20 needs more (``cg_steps``, ``--cg-steps``).
 
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 30 and ABML's and
 iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (ABML) and ``3·10⁻³`` (iBaML) (:data:`CLASSIFICATION`);

@@ -215,3 +215,16 @@ def test_variational_study_image_rows_run_the_example(tmp_path):
     config = saved["rows"]["imaml λ=30, τ fixed, seed 0"]["config"]
     assert config["precision"] == 30.0 and config["logit_scale"] == "fixed" and config["fixture_kind"] == "strokes"
     assert (tmp_path / "image_study.png").exists()
+
+
+def test_cg_accuracy_quick(tmp_path):
+    payload = load("cg_accuracy").main(["--quick", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "cg_accuracy.json").read_text()) == payload
+    assert (tmp_path / "cg_accuracy.png").read_bytes().startswith(b"\x89PNG")
+    assert [r["preset"] for r in payload["results"]] == ["sine/imaml", "sine/ibaml", "image/imaml-1shot"]
+    for result in payload["results"]:
+        assert result["default_cg_iters"] == 20 and [p["step"] for p in result["points"]] == [0, 1]
+        for point in result["points"]:   # more iterations, closer to the dense solve
+            assert point["cg"]["20"]["max_task_rel_error"] < min(1e-8, point["cg"]["5"]["max_task_rel_error"])
+            assert point["cg"]["20"]["mean_rel_error"] <= point["cg"]["20"]["max_task_rel_error"] * (1 + 1e-9)
+    assert all(entry["holds"] for entry in payload["summary"])
