@@ -138,23 +138,34 @@ def summarize(out: Path) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
+#: the columns of the full table: (header, kind, where, metric, decimals)
+COLUMNS = (("MSE", "raw", "in_range", "mse", 3), ("NLL raw", "raw", "in_range", "nll", 3),
+           ("NLL recal.", "recalibrated", "in_range", "nll", 3),
+           ("90% cov. raw", "raw", "in_range", "coverage_90", 3),
+           ("90% cov. recal.", "recalibrated", "in_range", "coverage_90", 3),
+           ("cal. error raw", "raw", "in_range", "calibration_error", 3),
+           ("cal. error recal.", "recalibrated", "in_range", "calibration_error", 3),
+           ("MSE, x∈[5,10]", "raw", "out_of_range", "mse", 2),
+           ("NLL recal., x∈[5,10]", "recalibrated", "out_of_range", "nll", 2),
+           ("90% cov. recal., x∈[5,10]", "recalibrated", "out_of_range", "coverage_90", 3))
+#: the README's headline columns
+HEADLINE = ("MSE", "NLL raw", "NLL recal.", "90% cov. raw", "90% cov. recal.", "90% cov. recal., x∈[5,10]")
+
+
+def markdown(summary: dict, columns=None, describe: bool = True) -> str:
+    """One table per noise model: mean ± std over the seeds of each column (default: all of
+    :data:`COLUMNS`; the README's :data:`HEADLINE` with ``describe=False``)."""
+    cols = [c for c in COLUMNS if columns is None or c[0] in columns]
     lines = []
-    for table, rows in summary.items():
-        lines += [f"### Noise model: {table}", "",
-                  "| method | adapts | " + " | ".join(f"{k} raw | {k} recal." for k in METRICS)
-                  + " | out of range: nll recal. | coverage_90 recal. |",
-                  "|" + "---|" * (2 + 2 * len(METRICS) + 2)]
+    for noise, rows in summary.items():
+        head = ["method"] + (["adapts"] if describe else []) + [c[0] for c in cols]
+        lines += [f"Noise model: **{noise}**" + (" (one learned noise for all tasks)" if noise == "shared" else
+                                                 " (a noise per task, Normal–inverse-gamma)"), "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, e in rows.items():
-            cells = []
-            for k in METRICS:
-                for kind in ("raw", "recalibrated"):
-                    s = e[kind]["in_range"][k]
-                    cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
-            o = e["recalibrated"]["out_of_range"]
-            cells += [f"{o['nll']['mean']:.2f} ± {o['nll']['std']:.2f}",
-                      f"{o['coverage_90']['mean']:.3f} ± {o['coverage_90']['std']:.3f}"]
-            lines.append(f"| {method} | {e['adapts']} | " + " | ".join(cells) + " |")
+            cells = [f"{e[kind][where][k]['mean']:.{d}f} ± {e[kind][where][k]['std']:.{d}f}"
+                     for _, kind, where, k, d in cols]
+            lines.append("| " + " | ".join([method] + ([e["adapts"]] if describe else []) + cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

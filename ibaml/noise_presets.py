@@ -7,7 +7,7 @@ Example
 -------
 >>> lik = regression_likelihood(REGRESSION_NOISE["ibaml"], *noise_prior_count("ibaml"))
 >>> type(lik).__name__, float(lik.prior_count)
-('ConjugateNoiseGaussianLikelihood', 5.0)
+('ConjugateNoiseGaussianLikelihood', 1.0)
 """
 
 from __future__ import annotations
@@ -36,17 +36,12 @@ REGRESSION_NOISE = {"maml": "shared", "fomaml": "shared", "lazy": "shared", "ima
                     "ibaml": "conjugate", "abml": "conjugate"}
 
 #: the conjugate noise's pseudo-count ``a₀`` per method, ``(value, learned)`` (default ``(1, True)``,
-#: :func:`noise_prior_count`). iBaML holds ``a₀ = 5`` fixed: learned, it fell from 1 to 0.10–0.12,
+#: :func:`noise_prior_count`). iBaML holds ``a₀`` fixed: learned, it fell from 1 to 0.10–0.12,
 #: each task's noise became its own, and the query likelihood weighed a task by the inverse of
-#: its noise, so the tasks with the largest errors (the largest amplitudes) counted least.
-#: Measured on 10-shot sine (``benchmarks/sine_curve.py``, 3000 meta-iterations, 500 validation
-#: tasks, seeds 0 / 1 / 2; ``docs/results/sine/curves``): learned MSE 0.035 / 0.012 / 0.056,
-#: fixed at 5 0.0023 / 0.0056 / 0.026 (iMAML 0.037 / 0.019 / 0.035 on the same tasks). With
-#: ``a₀`` held, the predictive is too wide (90% coverage 0.93–0.96 in the example) until the
-#: prior's ``s₀`` and ``γ`` are refitted to held-out tasks after meta-training
-#: (:func:`ibaml.training.fit_noise_prior`, the sine example's default, a log-normal scale mixture):
-#: 0.901 / 0.884 / 0.886 at seeds 0 / 1 / 2 (``docs/results/sine/seeds``).
-NOISE_PRIOR_COUNT = {"ibaml": (5.0, False)}
+#: its noise, so the tasks with the largest errors (the largest amplitudes) counted least. The
+#: value held, 1, is the one of 1, 5 and 20 with the lowest recalibrated NLL on validation tasks
+#: (``benchmarks/sine_protocol.py``; ``docs/results/sine/protocol/selection.json``).
+NOISE_PRIOR_COUNT = {"ibaml": (1.0, False)}
 
 #: the noise models of :func:`regression_likelihood`
 NOISE_MODELS = ("shared", "conjugate", "task", "task-scaled")
@@ -57,7 +52,7 @@ def noise_prior_count(method: str, count: Optional[float] = None, learn: Optiona
     :data:`NOISE_PRIOR_COUNT`, else ``(1.0, True)``.
 
     >>> noise_prior_count("ibaml"), noise_prior_count("abml"), noise_prior_count("ibaml", 2.0, True)
-    ((5.0, False), (1.0, True), (2.0, True))
+    ((1.0, False), (1.0, True), (2.0, True))
     """
     default_count, default_learn = NOISE_PRIOR_COUNT.get(method, (1.0, True))
     return (float(default_count if count is None else count), bool(default_learn if learn is None else learn))

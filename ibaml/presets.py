@@ -33,19 +33,25 @@ Per-method defaults (each can be overridden by the matching argument):
 method      inner steps  inner optimiser, prior, inference
 ==========  ===========  ==============================================================
 maml        5            SGD 0.002 (MAML's 0.01 on the mean squared error of 10 points)
+anil        5            SGD 0.02 on the head
 fomaml      5            SGD 0.002
 lazy        10           SGD 0.002
-imaml       2            NewtonCG (10 CG iterations); λ = 1
+imaml       2            NewtonCG (10 CG iterations); λ = 0.1
 ibaml       10           NewtonCG (10 CG iterations, |Δρ| ≤ 3) from the fixed-point
                          variances (``variance_start="fixed_point"``); σ = 1, β = 1, the
                          linearised expectation (exact for a linear-Gaussian head); in
                          regression a noise per task with its prior's pseudo-count held
-                         at 5 (:data:`NOISE_PRIOR_COUNT`)
+                         at 1 (:data:`NOISE_PRIOR_COUNT`)
 abml        10           PriorPreconditioned (proximal step 0.002 on the means, half a
                          Newton step on ρ bounded by 0.5), differentiated through; the
                          model of ibaml (differentiating through Newton-CG iterations
                          was not stable over long runs: ``docs/results/sine.md``)
 ==========  ===========  ==============================================================
+
+MAML's and ANIL's inner step, iMAML's ``λ`` and iBaML's ``a₀`` in regression are the values
+with the lowest recalibrated NLL on validation tasks among those tried
+(``benchmarks/sine_protocol.py``, ``docs/results/sine/protocol/selection.json``); the tables
+of ``docs/results/sine.md`` say which results were run with which.
 
 **CG iterations of the implicit gradient** (``cg_steps``, default 20): with a prior on a
 linear head the Hessian of the inner problem is the prior precision plus a data term of rank at
@@ -124,10 +130,10 @@ def newton_cg(lr=None, cg_iters: int = 10, prior_damping: float = 0.0, max_rho_s
 #: per-method defaults of :func:`build_learner` (see the module docstring)
 PRESETS = {
     "maml": dict(inner_steps=5, inner_optimizer="sgd", include="all"),
-    "anil": dict(inner_steps=5, inner_optimizer="sgd", include="head"),
+    "anil": dict(inner_steps=5, inner_optimizer="sgd", include="head", inner_lr=0.02),
     "fomaml": dict(inner_steps=5, inner_optimizer="sgd", include="all"),
     "lazy": dict(inner_steps=10, inner_optimizer="sgd", include="all"),
-    "imaml": dict(inner_steps=2, inner_optimizer="newton", include="head", precision=1.0),
+    "imaml": dict(inner_steps=2, inner_optimizer="newton", include="head", precision=0.1),
     "ibaml": dict(inner_steps=10, inner_optimizer="newton", include="head", init_scale=1.0, kl_weight=1.0,
                   expectation="linearized", newton_max_rho_step=3.0, variance_start="fixed_point"),
     "abml": dict(inner_steps=10, inner_optimizer="prior", include="head", init_scale=1.0, kl_weight=1.0,
@@ -223,7 +229,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
             ``"newton"`` (:class:`ibaml.optim.NewtonCG`), or an optimiser object.
         cg_steps, cg_damping: conjugate-gradient iterations and damping of the implicit
             meta-gradient (iMAML, iBaML; see the module docstring for the default 20).
-        precision, learn_precision: iMAML's ``λ`` (default 1 on the head) and whether it is
+        precision, learn_precision: iMAML's ``λ`` (default 0.1 on the head, 30 in classification) and whether it is
             meta-learned.
         init_scale: initial prior standard deviation (ABML, iBaML; default 1 on the head): a
             number or ``{tensor name: σ}``; ``relative_scale`` instead sets it per tensor to a
@@ -266,7 +272,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     include = _included(net, opts["include"])
     inner_optimizer = opts["inner_optimizer"]
     if inner_lr is None:
-        inner_lr = 0.01 if inner_optimizer == "adam" else 0.002
+        inner_lr = preset.get("inner_lr", 0.01 if inner_optimizer == "adam" else 0.002)
     table = {"sgd": SGD, "adam": Adam, "prior": prior_preconditioned,
              "newton": lambda lr: newton_cg(lr, prior_damping=opts["newton_prior_damping"],
                                             max_rho_step=preset.get("newton_max_rho_step", 1.0),
