@@ -31,6 +31,7 @@ from ibaml.calibration import CalibrationReport, compare_markdown, fit_variance_
 from ibaml.checkpoint import CheckpointError
 from ibaml.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
 from ibaml.data.sine import SineTaskDistribution
+from ibaml.nonfinite import check_finite_predictions
 from ibaml.nets import MLP
 
 ALL_METHODS = ibaml.METHODS + ("dkt",)
@@ -123,6 +124,7 @@ def predictive(method, model, support_x, support_y, query_x):
 def outputs(method, model, batch):
     """Predictive mean, variance and targets ``[T, N]`` at ``batch``'s query points."""
     mean, var = predictive(method, model, batch.support_x, batch.support_y, batch.query_x)
+    check_finite_predictions(f"{method}, {batch.support_x.shape[1]}-shot tasks", mean, var)
     return mean, var, batch.query_y.reshape(mean.shape)
 
 

@@ -21,6 +21,7 @@ import torch
 from .calibration import CalibrationReport
 from .calibration.tails import describe
 from .data.tasks import as_task_dict
+from .nonfinite import check_finite_predictions
 from .progress import progress_bar
 
 
@@ -90,6 +91,7 @@ def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional
     return a :class:`ibaml.calibration.CalibrationReport` over all of them (regression: the
     predictive mean and variance, or squared scale where the likelihood's predictive is
     heavy-tailed, ``likelihood.tails``; classification: the predictive class probabilities).
+    Tasks whose predictions are not finite raise :class:`ibaml.NonFiniteError` naming them.
     ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :func:`task_outputs`."""
     results = _over_chunks(learner, tasks, num_tasks, chunk, seed, generators, progress, name or "evaluate",
                            lambda post, b: learner.predict(post, b["query_x"], num_samples), steps)
@@ -98,11 +100,13 @@ def evaluate(learner, tasks, num_tasks: Optional[int] = None, *, chunk: Optional
         mean = torch.cat([m for (m, _), _ in results])
         var = torch.cat([v for (_, v), _ in results])
         y = torch.cat([t for _, t in results]).to(mean)
+        check_finite_predictions(name or "evaluate", mean, var)
         return CalibrationReport.regression(mean.reshape(mean.shape[0], -1), var.reshape(var.shape[0], -1),
                                             y.reshape(y.shape[0], -1), name=name,
                                             tails=getattr(learner.likelihood, "tails", None))
     probs = torch.cat([p for p, _ in results])
     labels = torch.cat([t.to(probs.device) for _, t in results])
+    check_finite_predictions(name or "evaluate", probs)
     return CalibrationReport.classification(probs, labels, name=name)
 
 

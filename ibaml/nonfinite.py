@@ -57,3 +57,28 @@ def nonfinite_message(causes: Mapping[str, int], n_bad: int, n_tasks: int) -> st
             f"{causes['query']}, CG residual: {causes['solver']}, meta-gradient: {causes['gradient']}); lower the "
             f"inner learning rate, add CG damping, or use nonfinite='skip'"
             + (" (every task failed, so nothing is left to learn from)" if n_bad == n_tasks else ""))
+
+
+def check_finite_predictions(where: str, *predictions: Tensor) -> None:
+    """Raise :class:`NonFiniteError` if any task's predictions ``[T, ...]`` (means, variances,
+    probabilities) are NaN or Inf, naming how many tasks of how many, the first few indices,
+    ``where`` (the tasks' condition), and what to change: a diverged adaptation is reported as
+    such, not as an error of the metrics computed from it.
+
+    >>> check_finite_predictions("10-shot tasks", torch.zeros(3, 4))
+    >>> check_finite_predictions("30-shot tasks", torch.tensor([[0.0], [float("nan")]]))
+    Traceback (most recent call last):
+        ...
+    ibaml.nonfinite.NonFiniteError: 30-shot tasks: 1 of 2 tasks have non-finite predictions (tasks [1]); ...
+    """
+    num_tasks = predictions[0].shape[0]
+    bad = torch.zeros(num_tasks, dtype=torch.bool, device=predictions[0].device)
+    for p in predictions:
+        bad = bad | ~torch.isfinite(p.detach().reshape(num_tasks, -1)).all(1)
+    if bool(bad.any()):
+        index = bad.nonzero().flatten().tolist()
+        shown = f"{index[:5]}" + (" ..." if len(index) > 5 else "")
+        raise NonFiniteError(
+            f"{where}: {len(index)} of {num_tasks} tasks have non-finite predictions (tasks {shown}); the adaptation to "
+            "their support sets diverged: lower the inner step (inner_lr) or the inner steps for this support size, "
+            "or adapt with a step-size-free inner optimiser (inner_optimizer='newton')")

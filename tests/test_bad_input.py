@@ -436,3 +436,18 @@ if __name__ == "__main__":
             error = run_case(action, case_dir)
             shown = "no error" if error is None else f"{type(error).__name__}: {str(error).replace(str(case_dir), '<tmp>')}"
             print(f"- {name}\n    {shown}")
+
+
+def test_a_diverged_adaptation_is_reported_as_such_not_as_a_metric_error():
+    """MAML with a step far too large for 30-shot tasks (its inner step is on the summed support
+    loss) predicts NaN; evaluation names the tasks and what to change instead of failing inside
+    the calibration metrics."""
+    from ibaml.data.sine import SineTaskDistribution
+    from ibaml.nets import MLP
+
+    torch.manual_seed(0)
+    learner = ibaml.build_learner("maml", MLP(1, (16,), 1), ibaml.GaussianLikelihood(1.0), inner_lr=5.0, inner_steps=5)
+    tasks = SineTaskDistribution(shots=30).sample(6, torch.Generator().manual_seed(0))
+    with pytest.raises(ibaml.NonFiniteError, match=r"30-shot: \d of 6 tasks have non-finite predictions \(tasks \["
+                                                   r".*lower the inner step"):
+        learner.evaluate(tasks, name="30-shot")
