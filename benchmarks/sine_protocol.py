@@ -158,16 +158,47 @@ def markdown(summary: dict, columns=None, describe: bool = True) -> str:
     cols = [c for c in COLUMNS if columns is None or c[0] in columns]
     lines = []
     for noise, rows in summary.items():
-        head = ["method"] + (["adapts"] if describe else []) + [c[0] for c in cols]
+        head = ["method"] + (["adapts"] if describe else []) + ["seeds"] + [c[0] for c in cols]
         lines += [f"Noise model: **{noise}**" + (" (one learned noise for all tasks)" if noise == "shared" else
                                                  " (a noise per task, Normal–inverse-gamma)"), "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, e in rows.items():
             cells = [f"{e[kind][where][k]['mean']:.{d}f} ± {e[kind][where][k]['std']:.{d}f}"
                      for _, kind, where, k, d in cols]
-            lines.append("| " + " | ".join([method] + ([e["adapts"]] if describe else []) + cells) + " |")
+            lines.append("| " + " | ".join([method] + ([e["adapts"]] if describe else []) + [str(len(e["seeds"]))]
+                                           + cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _mean(entry: dict, kind: str, where: str, metric: str) -> float:
+    return entry[kind][where][metric]["mean"]
+
+
+def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str:
+    """The comparative sentences the docs make about ``method`` in the ``noise`` table, each with
+    its margin, written from the numbers; a sentence that the numbers do not support raises
+    ``AssertionError`` instead of being written (so a rerun that changes an ordering fails the
+    docs test rather than leaving a false sentence)."""
+    rows = summary[noise]
+    me, others = rows[method], {m: e for m, e in rows.items() if m != method}
+    out = []
+    for label, kind, metric in (("MSE", "raw", "mse"), ("raw NLL", "raw", "nll"), ("recalibrated NLL", "recalibrated", "nll")):
+        best_other = min(others, key=lambda m: _mean(others[m], kind, "in_range", metric))
+        mine, theirs = _mean(me, kind, "in_range", metric), _mean(others[best_other], kind, "in_range", metric)
+        assert mine < theirs, f"{method}'s {label} is not the lowest"
+        out.append(f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.3f} against the next, "
+                   f"{best_other}, at {theirs:.3f} (a margin of {theirs - mine:.3f}).")
+    raw, recal = _mean(me, "raw", "in_range", "coverage_90"), _mean(me, "recalibrated", "in_range", "coverage_90")
+    inside = [0.88 <= c <= 0.92 for c in (raw, recal)]
+    out.append(f"{method}'s 90% coverage is {raw:.3f} raw and {recal:.3f} recalibrated: "
+               + ("both within" if all(inside) else "within" if any(inside) else "neither within")
+               + " the 0.88–0.92 band" + ("" if all(inside) else " (that target is not met)") + ".")
+    oor = {m: _mean(e, "recalibrated", "out_of_range", "coverage_90") for m, e in rows.items()}
+    top = max(oor, key=oor.get)
+    out.append(f"Out of range (x in [5, 10]) no row's recalibrated 90% interval covers more than {oor[top]:.3f} of the "
+               f"queries (the highest, {top}); {method}'s covers {oor[method]:.3f}.")
+    return "\n".join(f"- {line}" for line in out)
 
 
 def table(args) -> dict:

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import sine_protocol
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SINE = ROOT / "docs/results/sine.md"
 IMAGES = ROOT / "docs/results/images.md"
 CLAIMS = ROOT / "docs/results/claims.md"
+PROTOCOL = ROOT / "docs/results/sine/protocol"
 
 
 def load(name):
@@ -67,8 +70,37 @@ def test_sine_table_is_its_json():
     assert_on_page(sine_table(), SINE)
 
 
+def protocol_summary() -> dict:
+    return json.loads((PROTOCOL / "table.json").read_text())["tables"]
+
+
+def test_sine_protocol_table_json_is_its_runs():
+    """``table.json`` is the summary of the committed runs' ``metrics.json`` (the page's command)."""
+    assert json.loads(json.dumps(sine_protocol.summarize(PROTOCOL))) == protocol_summary()
+
+
+def test_sine_protocol_tables_are_their_json():
+    assert_on_page(sine_protocol.markdown(protocol_summary()), SINE)
+
+
 def test_readme_sine_headline_is_its_json():
-    assert_readme_headline("**Sine regression, 10-shot**", sine_table())
+    """The README's sine headline is the shared-noise protocol table's headline columns."""
+    rendered = sine_protocol.markdown({"shared": protocol_summary()["shared"]}, sine_protocol.HEADLINE,
+                                      describe=False).splitlines()
+    headline = readme_table_after("**Sine regression, 10-shot, under the validation protocol**")
+    assert headline[0] == next(line for line in rendered if line.startswith("|"))
+    missing = [line for line in headline if line not in rendered]
+    assert not missing, "README headline lines that differ from the committed JSON:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("page", [README, SINE], ids=["README", "sine page"])
+def test_sine_protocol_sentences_hold_and_are_on_the_pages(page):
+    """The comparative sentences about iBaML in the shared-noise table: written from the JSON with
+    their margins by ``sine_protocol.findings``, which refuses a sentence the numbers contradict."""
+    text = sine_protocol.findings(protocol_summary())
+    lines = page.read_text().splitlines()
+    missing = [line for line in text.splitlines() if line not in lines]
+    assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
 
 
 def test_sine_table_json_is_the_runs_metrics():
