@@ -177,18 +177,21 @@ def _mean(entry: dict, kind: str, where: str, metric: str) -> float:
 
 def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str:
     """The comparative sentences the docs make about ``method`` in the ``noise`` table, each with
-    its margin, written from the numbers; a sentence that the numbers do not support raises
-    ``AssertionError`` instead of being written (so a rerun that changes an ordering fails the
-    docs test rather than leaving a false sentence)."""
+    its margin, written from the numbers, whichever way they fall (the docs test requires the
+    pages to hold exactly these sentences, so a rerun that changes an ordering fails it until
+    the pages say so)."""
     rows = summary[noise]
     me, others = rows[method], {m: e for m, e in rows.items() if m != method}
     out = []
     for label, kind, metric in (("MSE", "raw", "mse"), ("raw NLL", "raw", "nll"), ("recalibrated NLL", "recalibrated", "nll")):
         best_other = min(others, key=lambda m: _mean(others[m], kind, "in_range", metric))
         mine, theirs = _mean(me, kind, "in_range", metric), _mean(others[best_other], kind, "in_range", metric)
-        assert mine < theirs, f"{method}'s {label} is not the lowest"
-        out.append(f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.3f} against the next, "
-                   f"{best_other}, at {theirs:.3f} (a margin of {theirs - mine:.3f}).")
+        if mine < theirs:
+            out.append(f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.3f} against the next, "
+                       f"{best_other}, at {theirs:.3f} (a margin of {theirs - mine:.3f}).")
+        else:
+            out.append(f"{method}'s {label} is not the lowest: {mine:.3f} against {best_other}'s {theirs:.3f} "
+                       f"(above it by {mine - theirs:.3f}).")
     raw, recal = _mean(me, "raw", "in_range", "coverage_90"), _mean(me, "recalibrated", "in_range", "coverage_90")
     def against_nominal(c: float) -> str:
         return "within 0.02 of 0.90" if abs(c - 0.9) <= 0.02 else "too wide" if c > 0.9 else "too narrow"

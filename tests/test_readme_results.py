@@ -93,11 +93,13 @@ def test_readme_sine_headline_is_its_json():
     assert not missing, "README headline lines that differ from the committed JSON:\n" + "\n".join(missing)
 
 
+@pytest.mark.parametrize("noise", ["shared", "conjugate"])
 @pytest.mark.parametrize("page", [README, SINE], ids=["README", "sine page"])
-def test_sine_protocol_sentences_hold_and_are_on_the_pages(page):
-    """The comparative sentences about iBaML in the shared-noise table: written from the JSON with
-    their margins by ``sine_protocol.findings``, which refuses a sentence the numbers contradict."""
-    text = sine_protocol.findings(protocol_summary())
+def test_sine_protocol_sentences_hold_and_are_on_the_pages(page, noise):
+    """The comparative sentences about iBaML in each noise model's table: written from the JSON
+    with their margins by ``sine_protocol.findings``, which refuses a sentence the numbers
+    contradict."""
+    text = sine_protocol.findings(protocol_summary(), noise)
     lines = page.read_text().splitlines()
     missing = [line for line in text.splitlines() if line not in lines]
     assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
