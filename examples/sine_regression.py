@@ -128,13 +128,18 @@ def outputs(method, model, batch):
     return mean, var, batch.query_y.reshape(mean.shape)
 
 
+def evaluation_seeds(args):
+    """The seeds of the evaluated task streams, ``(in range, out of range)``: test or validation."""
+    first = (10_000 if args.eval_split == "test" else 40_000) + args.seed
+    return first, first + 10_000
+
+
 def splits(args) -> dict:
     """Which random stream of tasks each number comes from."""
-    first = 10_000 if args.eval_split == "test" else 40_000
+    inside, outside = evaluation_seeds(args)
     return {"meta_training": f"stream seed {args.seed}", "validation": f"stream seed {30_000 + args.seed}: "
             f"{args.recalibration_tasks} tasks for the variance factor, {args.noise_fit_tasks} for the noise prior",
-            "evaluated": f"{args.eval_split}: stream seeds {first + args.seed} (in range), {first + 10_000 + args.seed} "
-            "(out of range)"}
+            "evaluated": f"{args.eval_split}: stream seeds {inside} (in range), {outside} (out of range)"}
 
 
 def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> None:
@@ -169,9 +174,9 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
         result["noise_prior_fit"] = training.fit_noise_prior(model, val, args.noise_fit_tasks, chunk=250,
                                                              tails=tail_family(args.noise_fit_tails))
-    first = 10_000 if args.eval_split == "test" else 40_000
-    in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(first + args.seed), dtype=dtype).to(device)
-    out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(first + 10_000 + args.seed),
+    inside, outside = evaluation_seeds(args)
+    in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(inside), dtype=dtype).to(device)
+    out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(outside),
                                             dtype=dtype).to(device)
     tails = getattr(getattr(model, "likelihood", None), "tails", None)
     scale = fit_variance_scale(*outputs(method, model, val[:args.recalibration_tasks]), tails=tails)
