@@ -30,7 +30,7 @@ METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: of MAML's (``ibaml.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
 GRID = {
     "anil": ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)]),
-    "imaml": ("--precision", lambda ways, shots: [10.0, 30.0, 100.0]),
+    "imaml": ("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0]),
     "ibaml": ("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2]),
 }
 DESCRIBE = {
@@ -76,9 +76,28 @@ def select(args) -> dict:
     return payload
 
 
+def transferred(selection: dict, ways: int, shots: int) -> dict:
+    """The values chosen at ``selection["shots"]`` shots used at ``shots``: ANIL's step scaled as
+    MAML's is (a step on the summed NLL, ``∝ 1/(ways·shots)``), the others as they are.
+
+    >>> transferred({"shots": 1, "chosen": {"anil": {"--inner-lr": 0.006}, "imaml": {"--precision": 10.0}}}, 5, 5)
+    {'anil': {'--inner-lr': 0.0012}, 'imaml': {'--precision': 10.0}}
+    """
+    ratio = selection["shots"] / shots
+    return {m: {o: (round(v * ratio, 12) if o == "--inner-lr" else v) for o, v in c.items()}
+            for m, c in selection["chosen"].items()}
+
+
 def final(args) -> dict:
     out = Path(args.out)
-    chosen = json.loads((out / f"selection_{args.shots}shot.json").read_text())["chosen"]
+    path = out / f"selection_{args.shots}shot.json"
+    if args.selection_from and not path.is_file():   # settings chosen on validation at another size
+        source = json.loads((out / f"selection_{args.selection_from}shot.json").read_text())
+        P.write_json(path, {"criterion": f"{source['criterion']}, at {source['shots']} shots; carried to "
+                                         f"{args.shots} shots (ANIL's step scaled by {source['shots']}/{args.shots})",
+                            "shots": args.shots, "selected_at_shots": source["shots"],
+                            "chosen": transferred(source, args.ways, args.shots)})
+    chosen = json.loads(path.read_text())["chosen"]
     jobs = [(out / "runs" / f"{args.shots}shot" / f"seed{seed}" / method,
              ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
               "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
@@ -137,6 +156,8 @@ def main(argv=None):
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--val-eval-tasks", type=int, default=300, help="validation tasks that choose a setting")
+    p.add_argument("--selection-from", type=int, default=None, metavar="SHOTS",
+                   help="final: without a selection at --shots, use the one made on validation at SHOTS shots")
     args = p.parse_args(argv)
     return {"select": select, "final": final, "table": table}[args.stage](args)
 

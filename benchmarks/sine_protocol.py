@@ -36,12 +36,17 @@ GRID = {
     "anil": ("--inner-lr", (0.002, 0.005, 0.01, 0.02, 0.05)),
     "imaml": ("--precision", (0.1, 0.3, 1.0, 3.0)),
     "ibaml": ("--noise-prior-count", (1.0, 5.0, 20.0)),
+    "imaml-gd": ("--precision", (0.5, 2.0, 8.0)),
+    "ibaml-all": ("--kl-weight", (2e-4, 1e-3)),
 }
 #: the noise model each value is chosen under (the table the method's headline row is in)
-SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate"}
+SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "imaml-gd": "shared",
+                "ibaml-all": "shared"}
+#: a method that takes another's chosen value (iMAML-HF solves iMAML-GD's inner problem otherwise)
+SHARES_CHOICE = {"imaml-hf": "imaml-gd"}
 #: the comparison tables: one noise model for every method of a table
 TABLES = {
-    "shared": ("maml", "anil", "imaml", "ibaml", "abml", "dkt"),
+    "shared": ("maml", "anil", "imaml", "ibaml", "abml", "dkt", "imaml-gd", "imaml-hf", "ibaml-all", "abml-all"),
     "conjugate": ("maml", "anil", "imaml", "ibaml", "abml"),
 }
 #: in words, what each method adapts and how (the rows of the table)
@@ -52,6 +57,10 @@ DESCRIBE = {
     "ibaml": "the head (mean-field Bayesian linear regression), 10 Newton steps, implicit",
     "abml": "the head (mean-field), 10 proximal steps, explicit",
     "dkt": "a GP on learned features (deep kernel), exact inference",
+    "imaml-gd": "all weights (isotropic prior), 20 Adam steps, implicit",
+    "imaml-hf": "all weights (isotropic prior), 10 Newton-CG steps with a line search, implicit",
+    "ibaml-all": "all weights (mean-field, diagonal prior), 20 Adam steps on 4 draws, implicit",
+    "abml-all": "all weights (mean-field), 10 SGD steps on 4 draws, explicit",
 }
 METRICS = ("mse", "nll", "coverage_90", "calibration_error")
 
@@ -104,7 +113,8 @@ def final(args) -> dict:
     for noise, methods in TABLES.items():
         for seed in args.seeds:
             for method in methods:
-                options = [str(x) for option_value in chosen.get(method, {}).items() for x in option_value]
+                options = [str(x) for option_value in chosen.get(SHARES_CHOICE.get(method, method), {}).items()
+                           for x in option_value]
                 jobs.append((method, out / "runs" / noise / f"seed{seed}" / method,
                              noise_options(method, noise) + options + [
                                  "--meta-iters", str(args.meta_iters), "--seed", str(seed)]))
@@ -123,7 +133,8 @@ def summarize(out: Path) -> dict:
             data = [json.loads(r.read_text()) for r in runs]
             entry = {"adapts": DESCRIBE[method], "seeds": [int(r.parent.parent.name[4:]) for r in runs],
                      "config": {k: data[0]["config"].get(k) for k in ("meta_iters", "inner_lr", "precision",
-                                                                      "noise_prior_count", "noise", "cg_steps")}}
+                                                                      "noise_prior_count", "noise", "cg_steps",
+                                                                      "kl_weight")}}
             for kind in ("raw", "recalibrated"):
                 entry[kind] = {}
                 for where in ("in_range", "out_of_range"):

@@ -29,6 +29,7 @@ from ibaml.cli import (IMAGE_DATA_MAY_CHANGE, RUN_MAY_CHANGE, add_image_data_opt
                        check_image_data_options, check_run_options, exit_on, load_image_data, parse_resumable)
 from ibaml.data import DatasetError, EpisodeSampler
 from ibaml.image_presets import image_learner
+from ibaml.presets import RECIPES
 from ibaml.nets import Conv4
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
@@ -44,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--ways", type=int, default=5)
     task.add_argument("--shots", type=int, default=5)
     task.add_argument("--query", type=int, default=15, help="query images per class")
-    task.add_argument("--method", default="ibaml", choices=METHODS)
+    task.add_argument("--method", default="ibaml", choices=METHODS + tuple(RECIPES))
+    task.add_argument("--prior", default=None, choices=("head", "all"),
+                      help="the prior over the last layer or over every weight (default: the method's; the "
+                           "recipes imaml-gd, imaml-hf, ibaml-all, abml-all are over every weight)")
     task.add_argument("--channels", type=int, default=32, help="Conv4 filters per layer (32 or 64 in the literature)")
     task.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     task.add_argument("--eval-inner-steps", type=int, default=None,
                       help="inner steps when adapting to validation and test tasks (default: the preset's)")
-    task.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam", "prior", "newton"),
+    task.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam", "prior", "newton", "hf"),
                       help="inner optimiser (default: the preset's, SGD for maml/fomaml, NewtonCG for the others)")
     task.add_argument("--inner-lr", type=float, default=None,
                       help="inner learning rate on the summed support NLL (default: ibaml.image_presets.image_inner_lr)")
@@ -115,7 +119,7 @@ def make_learner(args, image_shape, device, dtype) -> MetaLearner:
         logit_scale_mode=args.logit_scale, logit_scale_init=args.logit_scale_init,
         logit_scale_meta_lr=args.logit_scale_meta_lr, prior_meta_lr=args.prior_meta_lr,
         num_predictive_samples=args.predictive_samples, precision=args.precision, init_scale=args.init_scale,
-        kl_weight=args.kl_weight, num_outer_samples=args.outer_samples, outer=args.outer, cg_steps=args.cg_steps,
+        kl_weight=args.kl_weight, include=args.prior, num_outer_samples=args.outer_samples, outer=args.outer, cg_steps=args.cg_steps,
         cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size, seed=args.seed, nonfinite="skip")
 
 
@@ -166,11 +170,12 @@ def main(argv=None) -> dict:
 
     # the stationarity of the inner solutions, ||∇_b G|| per block, over the last tenth of the run
     stationarity = training.TailMeans("inner_grad_norm.", after=args.meta_iters - max(1, args.meta_iters // 10))
+    along = training.WindowMeans("inner_grad_norm.", every=max(1, args.meta_iters // 10))
     run = training.fit(learner, lambda: samplers["train"].sample(args.meta_batch), args.meta_iters, folder=out,
                        config=config, must_match=[k for k in config if k not in MAY_CHANGE],
                        checkpoint_every=args.checkpoint_every, resume=args.resume or False, overwrite=args.overwrite,
                        validate=validate, validate_every=args.val_every, select_best=lambda e: e["accuracy"]["mean"],
-                       on_step=stationarity, rng={"sampler": samplers["train"]}, progress=progress,
+                       on_step=lambda step, stats: (stationarity(step, stats), along(step, stats)), rng={"sampler": samplers["train"]}, progress=progress,
                        read_every=training.default_read_every(learner, device, args.read_every),
                        desc=f"{args.method} {args.dataset}")
     evaluated = ("test", 20_000) if args.eval_split == "test" else ("val", 30_000)   # selection: other val tasks
@@ -189,7 +194,7 @@ def main(argv=None) -> dict:
         "train_seconds": run.seconds,
         "ms_per_meta_iter": 1000 * run.run_seconds / run.steps_run if run.steps_run else None,
         "skipped_tasks": int(learner.skipped_tasks), "last_loss": run.stats.get("loss"),
-        "inner_grad_norm": stationarity.means(), "logit_scale": learned_scale(),
+        "inner_grad_norm": stationarity.means(), "inner_grad_norm_trace": along.trace(), "logit_scale": learned_scale(),
         "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),
         "config": config, "torch": torch.__version__,
     })

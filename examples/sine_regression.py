@@ -34,7 +34,7 @@ from ibaml.data.sine import SineTaskDistribution
 from ibaml.nonfinite import check_finite_predictions
 from ibaml.nets import MLP
 
-ALL_METHODS = ibaml.METHODS + ("dkt",)
+ALL_METHODS = ibaml.METHODS + tuple(presets.RECIPES) + ("dkt",)
 HIDDEN = (40, 40)
 
 
@@ -47,7 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: the preset's)")
     p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam", "prior", "newton", "hf"),
+                   help="inner optimiser (default: the preset's; hf: Newton-CG with a line search, iMAML-HF)")
+    p.add_argument("--prior", default=None, choices=("head", "all"),
+                   help="the prior over the last layer or over every weight (default: the method's, "
+                        "ibaml.presets; the recipes imaml-gd, imaml-hf, ibaml-all, abml-all are over every weight)")
     p.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
+    p.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
     p.add_argument("--noise", default=None, choices=presets.NOISE_MODELS,
                    help="observation noise (default: the method's, ibaml.presets.regression_likelihood)")
     p.add_argument("--noise-prior-count", type=float, default=None,
@@ -73,7 +79,7 @@ def parse_args(argv=None):
     check_ranges(p, args, minimum={**dict.fromkeys(("shots", "query", "eval_tasks", "inner_steps",
                                                     "eval_inner_steps", "recalibration_tasks"), 1),
                                                  "noise_fit_tasks": 0},
-                 positive=("inner_lr", "noise_prior_count", "precision"))
+                 positive=("inner_lr", "noise_prior_count", "precision", "kl_weight"))
     check_run_options(p, args, "runs/sine", runs=args.methods)
     if args.distributed and "dkt" in args.methods:
         p.error("--distributed supports the meta-learners, not dkt")
@@ -86,16 +92,18 @@ def run_config(method: str, args) -> dict:
               "dtype": args.dtype, "seed": args.seed}
     if method == "dkt":
         return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
-    steps, eval_steps = presets.inner_steps(method, args.inner_steps, args.eval_inner_steps)
+    steps, eval_steps = presets.inner_steps(method, args.inner_steps, args.eval_inner_steps, args.prior)
     noise = args.noise or presets.REGRESSION_NOISE.get(method, "shared")
     network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if noise.startswith("task") else f"MLP(1, {HIDDEN}, 1)"
     if noise == "conjugate":
         learn = None if args.learn_noise_prior_count is None else args.learn_noise_prior_count == "yes"
         common["noise_prior_count"], common["learn_noise_prior_count"] = presets.noise_prior_count(
             method, args.noise_prior_count, learn)
+    chosen = {k: v for k, v in (("prior", args.prior), ("inner_optimizer", args.inner_optimizer),
+                                ("kl_weight", args.kl_weight)) if v is not None}
     return dict(common, network=network, noise=noise, inner_steps=steps, eval_inner_steps=eval_steps,
                 inner_lr=args.inner_lr, precision=args.precision, cg_steps=args.cg_steps,
-                cg_damping=args.cg_damping, meta_lr=args.meta_lr, nonfinite=args.nonfinite)
+                cg_damping=args.cg_damping, meta_lr=args.meta_lr, nonfinite=args.nonfinite, **chosen)
 
 
 def make_model(method: str, cfg: dict, args, device, dtype, group=None):
@@ -108,7 +116,8 @@ def make_model(method: str, cfg: dict, args, device, dtype, group=None):
     net = MLP(1, HIDDEN, 1, noise_head=cfg["noise"].startswith("task")).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
                                eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr,
-                               precision=cfg.get("precision"), cg_steps=args.cg_steps,
+                               precision=cfg.get("precision"), cg_steps=args.cg_steps, include=args.prior,
+                               inner_optimizer=args.inner_optimizer, kl_weight=args.kl_weight,
                                cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,
                                nonfinite=args.nonfinite, process_group=group)
 
@@ -158,15 +167,16 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     tasks, cfg, folder = SineTaskDistribution(shots=args.shots, query=args.query), run_config(method, args), out_dir / method
     model = make_model(method, cfg, args, device, dtype, ctx.group if ctx else None)
     gen = torch.Generator().manual_seed(args.seed)
+    stationarity = training.WindowMeans("inner_grad_norm.", every=max(1, args.meta_iters // 10))
     fit = training.fit(model, lambda: tasks.sample(args.meta_batch, gen, dtype=dtype).to(device), args.meta_iters,
                        folder=folder, config=cfg, checkpoint_every=args.checkpoint_every,
                        resume=Path(args.resume) / method if args.resume else False, overwrite=args.overwrite,
                        rng={"tasks": gen}, progress=not args.no_progress, desc=method,
                        read_every=training.default_read_every(model, device, args.read_every),
-                       is_main=ctx is None or ctx.is_main)
+                       is_main=ctx is None or ctx.is_main, on_step=stationarity)
     result = {"train_seconds": fit.seconds, "ms_per_meta_iter": 1000 * fit.seconds / args.meta_iters}
-    if method != "dkt":
-        result["skipped_tasks"] = int(model.skipped_tasks)
+    if method != "dkt":   # ||∇_b G|| per block of the inner solutions, averaged over tenths of the run
+        result.update(skipped_tasks=int(model.skipped_tasks), inner_grad_norm=stationarity.trace())
     if args.train_only or not (ctx is None or ctx.is_main):
         return result, None, None
     val = tasks.sample(max(args.noise_fit_tasks, args.recalibration_tasks), torch.Generator().manual_seed(

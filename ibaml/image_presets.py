@@ -22,7 +22,7 @@ from torch import nn
 
 from .learner import MetaLearner
 from .likelihoods import CategoricalLikelihood
-from .presets import METHODS, PRESETS, build_learner
+from .presets import METHODS, build_learner, method_preset, resolve
 from .presets import inner_steps as preset_inner_steps
 
 __all__ = ["LOGIT_SCALE", "MAML_IMAGE_STEP", "logit_scale", "categorical_likelihood", "logit_scale_overrides",
@@ -56,7 +56,7 @@ def logit_scale(method: str, mode: Optional[str] = None, init: Optional[float] =
     >>> logit_scale("ibaml", init=4.0)
     {'mode': 'predictive', 'init': 4.0, 'meta_lr': 0.03}
     """
-    preset = {"mode": "fixed", "init": 1.0, "meta_lr": 1e-2, **LOGIT_SCALE.get(method, {})}
+    preset = {"mode": "fixed", "init": 1.0, "meta_lr": 1e-2, **LOGIT_SCALE.get(resolve(method, {})[0], {})}
     given = {"mode": mode, "init": init, "meta_lr": meta_lr}
     return {k: (v if v is not None else preset[k]) for k, v in given.items()}
 
@@ -92,7 +92,8 @@ def image_inner_lr(method: str, dataset: str, ways: int, shots: int, inner_optim
     >>> image_inner_lr("maml", "miniimagenet", 5, 1), image_inner_lr("imaml", "miniimagenet", 5, 1)
     (0.002, None)
     """
-    optimizer = inner_optimizer or PRESETS[method]["inner_optimizer"]
+    method, recipe = resolve(method, {"inner_optimizer": inner_optimizer})
+    optimizer = recipe.get("inner_optimizer") or method_preset(method, recipe.get("include"))["inner_optimizer"]
     if optimizer == "sgd":
         return MAML_IMAGE_STEP[dataset] / (ways * shots)
     return 0.01 if optimizer == "adam" else None
@@ -119,7 +120,7 @@ def image_learner(method: str, net: nn.Module, *, dataset: str, ways: int, shots
       ``kl_weight``, ``cg_steps``, ``meta_lr``, ``seed``, ...; those given as ``None`` are left to
       the method's classification preset, :data:`ibaml.presets.CLASSIFICATION`).
     """
-    steps, eval_steps = preset_inner_steps(method, inner_steps, eval_inner_steps)
+    steps, eval_steps = preset_inner_steps(method, inner_steps, eval_inner_steps, options.get("include"))
     scale = logit_scale(method, logit_scale_mode, logit_scale_init, logit_scale_meta_lr)
     first = next(net.parameters())
     likelihood = categorical_likelihood(scale).to(device=first.device, dtype=first.dtype)

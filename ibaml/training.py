@@ -108,6 +108,34 @@ class TailMeans:
         return {name: float(total) / self.count for name, total in self.totals.items()}
 
 
+class WindowMeans:
+    """An ``on_step`` callback of :func:`fit`: the statistics named ``prefix + key`` averaged over
+    consecutive windows of ``every`` meta-steps, ``[{"step": last step of the window, key: mean}]``
+    from :meth:`trace`; for example the stationarity ``||∇_b G||`` of the inner solutions per
+    block along a run. A window in progress is left out.
+
+    >>> trace = WindowMeans("inner_grad_norm.", every=5)
+    >>> for step in range(1, 13):
+    ...     trace(step, {"inner_grad_norm.mean": float(step)})
+    >>> trace.trace()
+    [{'step': 5, 'mean': 3.0}, {'step': 10, 'mean': 8.0}]
+    """
+
+    def __init__(self, prefix: str, every: int):
+        if int(every) < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.prefix, self.every, self.windows, self.current = prefix, int(every), [], TailMeans(prefix)
+
+    def __call__(self, step: int, stats: Mapping[str, Any]) -> None:
+        self.current(step, stats)
+        if step % self.every == 0 and self.current.count:
+            self.windows.append({"step": int(step), **self.current.means()})
+            self.current = TailMeans(self.prefix)
+
+    def trace(self) -> list:
+        return list(self.windows)
+
+
 #: :func:`fit`'s ``read_every`` on a GPU where none is given (:func:`default_read_every`)
 GPU_READ_EVERY = 20
 
