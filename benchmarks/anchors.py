@@ -37,9 +37,9 @@ it batches the tasks, and it holds every task's intermediates at once, so its pe
 larger. Peak memory is the median of ``--memory-repeats`` calls.
 
     pip install torchopt==0.7.3 higher==0.2.1           # optional; torchopt needs optree, graphviz
-    python benchmarks/anchors.py --device cuda --out runs/anchors
-    python benchmarks/anchors.py --device cpu --workload sine --meta-batch 25 --inner-steps 5,10,20 --out runs/anchors_sine
-    python benchmarks/anchors.py --quick
+    python -m benchmarks.anchors --device cuda --out runs/anchors
+    python -m benchmarks.anchors --device cpu --workload sine --meta-batch 25 --inner-steps 5,10,20 --out runs/anchors_sine
+    python -m benchmarks.anchors --quick
 
 Writes ``DIR/anchors.json`` and prints a table.
 """
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import sys
 import warnings
 from pathlib import Path
 
@@ -57,8 +56,7 @@ import torch
 import torch.nn.functional as Fn
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 PRECISION = 100.0
 INNER_LR = 1e-3

@@ -22,16 +22,16 @@ The float64 copy keeps float32 rounding (about 10⁻⁶ here) out of the compari
 With ``--timing`` the meta-iteration time (float32, the training dtype) of every CG count is
 measured side by side on the trained learner (interleaved rounds, median).
 
-    python benchmarks/cg_accuracy.py --timing --out docs/results/cg_accuracy
-    python benchmarks/cg_accuracy.py --quick
-    python benchmarks/cg_accuracy.py --plot-only docs/results/cg_accuracy/cg_accuracy.json
+    python -m benchmarks.cg_accuracy --timing --out docs/results/cg_accuracy
+    python -m benchmarks.cg_accuracy --quick
+    python -m benchmarks.cg_accuracy --plot-only docs/results/cg_accuracy/cg_accuracy.json
 
 One process per preset, on a machine with several cores, then one JSON (the committed run):
 
-    python benchmarks/cg_accuracy.py --parts sine --presets sine/imaml --timing --out runs/cg/sine_imaml
-    python benchmarks/cg_accuracy.py --parts image --presets image/ibaml-1shot --out runs/cg/image_ibaml_1shot
+    python -m benchmarks.cg_accuracy --parts sine --presets sine/imaml --timing --out runs/cg/sine_imaml
+    python -m benchmarks.cg_accuracy --parts image --presets image/ibaml-1shot --out runs/cg/image_ibaml_1shot
     ...
-    python benchmarks/cg_accuracy.py --merge runs/cg/*/cg_accuracy.json --out docs/results/cg_accuracy
+    python -m benchmarks.cg_accuracy --merge runs/cg/*/cg_accuracy.json --out docs/results/cg_accuracy
 
 Writes ``DIR/cg_accuracy.json`` (after every recorded point, so that a run stopped early keeps
 what it measured; such a preset is marked ``"partial"``) and ``DIR/cg_accuracy.png`` (the errors
@@ -45,7 +45,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,9 +58,8 @@ from ibaml.implicit_function import implicit_vjp_at_solution
 from ibaml.linalg import CG, Dense
 from ibaml.nets import MLP, Conv4
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
-from claims import pyplot  # noqa: E402
+from . import _harness as H
+from .claims import pyplot
 
 BOUND = 1e-3
 DT = torch.float64

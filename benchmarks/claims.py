@@ -24,9 +24,9 @@
   method:K,...`` selects runs (to split them over processes) and ``--merge DIR ...`` joins
   the ``horizon.json`` of such parts into one table and figure.
 
-    python benchmarks/claims.py                          # all three (the horizon alone: about 2 CPU-hours)
-    python benchmarks/claims.py --claim memory --device cuda
-    python benchmarks/claims.py --quick                  # a smoke run (a minute or two)
+    python -m benchmarks.claims                          # all three (the horizon alone: about 2 CPU-hours)
+    python -m benchmarks.claims --claim memory --device cuda
+    python -m benchmarks.claims --quick                  # a smoke run (a minute or two)
 
 Each claim writes ``DIR/<claim>.json`` and ``DIR/<claim>.png`` (``--out``, default
 ``runs/claims``) and prints a markdown table.
@@ -61,8 +61,7 @@ from ibaml.linalg import CG, Dense
 from ibaml.task_model import TaskModel
 from ibaml.optim import SGD
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402
+from . import _harness
 
 CLAIMS = ("memory", "accuracy", "horizon")
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
@@ -174,8 +173,8 @@ def run_memory_config(cfg: dict) -> dict:
         return memory_worker(cfg)
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(cfg)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--memory-worker", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env, cwd=root)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker failed for {cfg}:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -20,10 +20,10 @@ q = N(m, diag s), s = softplus(ρ), ``G = E_q NLL(S) + β KL(q ‖ p)`` with fix
     problem strongly convex at the solution; the smallest eigenvalue of the dense Hessian
     in (m, ρ) there is reported per task.
 
-    python benchmarks/hypergrad_accuracy.py --out runs/hypergrad_accuracy
-    python benchmarks/hypergrad_accuracy.py --parts variational --out docs/results/hypergrad_accuracy
-    python benchmarks/hypergrad_accuracy.py --quick
-    python benchmarks/hypergrad_accuracy.py --plot-only docs/results/hypergrad_accuracy/hypergrad_accuracy.json
+    python -m benchmarks.hypergrad_accuracy --out runs/hypergrad_accuracy
+    python -m benchmarks.hypergrad_accuracy --parts variational --out docs/results/hypergrad_accuracy
+    python -m benchmarks.hypergrad_accuracy --quick
+    python -m benchmarks.hypergrad_accuracy --plot-only docs/results/hypergrad_accuracy/hypergrad_accuracy.json
 
 Writes ``DIR/hypergrad_accuracy.json`` and ``DIR/hypergrad_accuracy.png`` (:func:`plot`: the
 median relative error versus K per part, versus CG iterations for the MAP parts, and the
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -53,8 +52,7 @@ from ibaml.nets import MLP
 from ibaml.optim import SGD, Adam
 from ibaml.tree import FlatSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from claims import pyplot  # noqa: E402
+from .claims import pyplot
 
 DT = torch.float64
 PARTS = ("isotropic", "diagonal", "variational")

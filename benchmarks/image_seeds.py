@@ -2,7 +2,7 @@
 seed's test accuracy, per-task ECE and pooled ECE, their mean and standard deviation over the
 seeds, and the image targets checked per seed and on the means.
 
-    python benchmarks/image_seeds.py docs/results/image_benchmark/presets_table/* \\
+    python -m benchmarks.image_seeds docs/results/image_benchmark/presets_table/* \\
         docs/results/image_benchmark/presets_table_seed1/* docs/results/image_benchmark/presets_table_seed2/* \\
         --out docs/results/image_benchmark/seeds.json
 

@@ -1,8 +1,8 @@
 """The README's image-classification table from the ``metrics.json`` files of
 ``examples/miniimagenet.py`` runs (one folder per run).
 
-    python benchmarks/image_table.py runs/img/maml_1shot runs/img/ibaml_1shot ... --out docs/results/image_benchmark/table.json
-    python benchmarks/image_table.py docs/results/image_benchmark/final/*/metrics.json
+    python -m benchmarks.image_table runs/img/maml_1shot runs/img/ibaml_1shot ... --out docs/results/image_benchmark/table.json
+    python -m benchmarks.image_table docs/results/image_benchmark/final/*/metrics.json
 
 Each run's ``metrics.json`` is read; the table lists, per run, the method, shots, the inner
 problem's knobs that were set (``precision``, ``init_scale``, ``kl_weight``, inner optimiser

@@ -1,6 +1,6 @@
 """Calibration of a finished image run re-scored at fixed logit scales.
 
-    python benchmarks/logit_scale_sweep.py runs/img/ibaml_5shot runs/img/imaml_5shot --scales 3,3.5,4,4.5,5,6 \
+    python -m benchmarks.logit_scale_sweep runs/img/ibaml_5shot runs/img/imaml_5shot --scales 3,3.5,4,4.5,5,6 \
         --out docs/results/image_benchmark/logit_scale_sweep.json
 
 Each folder is an ``examples/miniimagenet.py`` run with its ``last.pt``. The learner is
@@ -17,8 +17,6 @@ points per bin.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -28,18 +26,9 @@ from ibaml.calibration import CalibrationReport
 from ibaml.cli import load_image_data
 from ibaml.data import EpisodeSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("accuracy", "ece", "ece_pooled", "confidence", "nll")
-
-
-def example_module():
-    spec = importlib.util.spec_from_file_location("miniimagenet_example", ROOT / "examples" / "miniimagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_outputs(example, folder: Path):
@@ -78,7 +67,7 @@ def main(argv=None):
         p.error(f"--scales must be comma-separated numbers, got {args.scales!r}")
     if not all(t > 0 for t in scales):
         p.error(f"--scales must be positive, got {args.scales!r}")
-    example = example_module()
+    example = H.load_example("miniimagenet")
     results = {}
     for folder in args.folders:
         if not (Path(folder) / "last.pt").is_file():

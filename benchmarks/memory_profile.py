@@ -1,6 +1,6 @@
 """Where one task's implicit meta-gradient spends its memory, phase by phase.
 
-    python benchmarks/memory_profile.py --device cpu --out docs/results/cpu/memory_profile
+    python -m benchmarks.memory_profile --device cpu --out docs/results/cpu/memory_profile
 
 One task of the Conv4 workload (``_harness``: Conv4-``hidden`` on ``image_size``² images,
 5-way 1-shot, MAP with iMAML's isotropic prior over every weight, ``K`` SGD inner steps, CG)
@@ -18,15 +18,13 @@ to show how it grows with the query set. Writes ``memory_profile.json`` and prin
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from ibaml.implicit_function import implicit_vjp_at_solution
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 
 def profile(learner, task, device, query_sizes) -> tuple:

@@ -1,7 +1,7 @@
 """Cost of a meta-iteration per method at equal inner steps, side by side in one process.
 
-    python benchmarks/method_cost.py --out docs/results/cpu/method_cost
-    python benchmarks/method_cost.py --methods imaml,ibaml,abml,maml --steps 2,10 --repeats 30
+    python -m benchmarks.method_cost --out docs/results/cpu/method_cost
+    python -m benchmarks.method_cost --methods imaml,ibaml,abml,maml --steps 2,10 --repeats 30
 
 Each method is built as ``examples/sine_regression.py`` builds it (``ibaml.build_learner``
 with the method's preset and its regression noise, ``ibaml.presets.REGRESSION_NOISE``: iBaML
@@ -19,7 +19,6 @@ The JSON holds the medians, every method's ratio to iMAML's at the same inner st
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +28,7 @@ from ibaml import presets
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 HIDDEN = (40, 40)
 TARGET_RATIO = 3.0

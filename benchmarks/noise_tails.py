@@ -1,7 +1,7 @@
 """Why the conjugate task noise's predictive needs heavy tails: the query errors of a
 meta-trained sine run, standardised, and the Gaussian and Student-t fits of its noise prior.
 
-    python benchmarks/noise_tails.py runs/sine3000/ibaml --out docs/results/sine/noise_tails_ibaml.json
+    python -m benchmarks.noise_tails runs/sine3000/ibaml --out docs/results/sine/noise_tails_ibaml.json
 
 The folder is an ``examples/sine_regression.py`` run of a method with ``--noise conjugate``
 (``<method>/last.pt``; the learner is rebuilt as in ``benchmarks/posterior_response.py``). It
@@ -28,7 +28,6 @@ with the task's amplitude.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -37,9 +36,8 @@ from ibaml.calibration import (CalibrationReport, LogNormalScale, StudentT, fit_
                                fit_linear_noise_ratio_lognormal, fit_linear_noise_ratio_student_t)
 from ibaml.data.sine import SineTaskDistribution
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
-from posterior_response import load_learner  # noqa: E402
+from . import _harness as H
+from .posterior_response import load_learner
 
 LEVELS = ("coverage_50", "coverage_90", "coverage_95")
 

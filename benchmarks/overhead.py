@@ -26,9 +26,9 @@ product ``Bᵀx``. The number of compute operators one meta-iteration dispatches
 (``operators_per_meta_iteration``; a lower bound on kernel launches on a GPU) is counted
 as well: it does not depend on the machine's load.
 
-    python benchmarks/overhead.py --device cuda
-    python benchmarks/overhead.py --workload conv4 --meta-batch 32 --device cuda
-    python benchmarks/overhead.py --quick
+    python -m benchmarks.overhead --device cuda
+    python -m benchmarks.overhead --workload conv4 --meta-batch 32 --device cuda
+    python -m benchmarks.overhead --quick
 
 Writes ``DIR/overhead.json`` (with a ``summary``) and prints a table.
 """
@@ -36,15 +36,13 @@ Writes ``DIR/overhead.json`` (with a ``summary``) and prints a table.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from ibaml.tree import FlatSpec
 
-from ibaml.tree import FlatSpec  # noqa: E402
+from . import _harness as H
 
 
 def unit_functions(learner, task, K: int, cg: int):

@@ -1,6 +1,6 @@
 """Does the task posterior respond to data? Measured on meta-trained sine learners.
 
-    python benchmarks/posterior_response.py runs/sine3000/ibaml runs/sine3000/abml --out docs/results/sine/posterior_response.json
+    python -m benchmarks.posterior_response runs/sine3000/ibaml runs/sine3000/abml --out docs/results/sine/posterior_response.json
 
 Each folder is an ``examples/sine_regression.py`` run of a variational method (its
 ``<method>/last.pt``). The learner is rebuilt from the checkpoint's configuration, and for
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
@@ -43,8 +42,7 @@ from ibaml.cli import TAIL_CHOICES, tail_family
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 SHOTS = (1, 3, 10, 30)
 AMPLITUDE_BINS = ((0.1, 1.0), (1.0, 2.5), (2.5, 5.0))

@@ -18,8 +18,8 @@ convolution biases come before batch normalisation, so their exact meta-gradient
 and whatever they get is rounding noise) and the median time per meta-gradient. A precision the device does not support is
 recorded with the error it raised.
 
-    python benchmarks/precision.py --device cuda
-    python benchmarks/precision.py --quick
+    python -m benchmarks.precision --device cuda
+    python -m benchmarks.precision --quick
 
 Writes ``DIR/precision.json`` (with a ``summary``: one entry per workload, estimator and
 autocast dtype) and prints a table.
@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 BOUND = 1e-2
 PRECISIONS = ("float32", "bfloat16", "float16", "float64")

@@ -36,12 +36,12 @@ and whether it is met; a GPU target is evaluated only in a CUDA run:
 * sine, meta-batch 25, K=10, CG 5 (implicit, vmap): ≤ 10 ms per meta-iteration;
 * on the CPU: the vmapped implicit sine meta-iteration ≥ 5 × faster than the loop.
 
-    python benchmarks/scaling.py --device cuda --out runs/scaling           # the full grid
-    python benchmarks/scaling.py --device cuda --modes vmap,compile,loop --compile-mode reduce-overhead
-    nice -n 5 python benchmarks/scaling.py --workloads sine --sine-meta-batches 25 --steps 10 --estimators implicit
-    python benchmarks/scaling.py --workloads sine --sine-meta-batches 1,2,4,8,16 --steps 10 --modes vmap,loop \
+    python -m benchmarks.scaling --device cuda --out runs/scaling           # the full grid
+    python -m benchmarks.scaling --device cuda --modes vmap,compile,loop --compile-mode reduce-overhead
+    nice -n 5 python -m benchmarks.scaling --workloads sine --sine-meta-batches 25 --steps 10 --estimators implicit
+    python -m benchmarks.scaling --workloads sine --sine-meta-batches 1,2,4,8,16 --steps 10 --modes vmap,loop \
         --memory-repeats 3 --out runs/scaling_sine_per_task                 # per-task memory against T
-    python benchmarks/scaling.py --quick                                    # a smoke run
+    python -m benchmarks.scaling --quick                                    # a smoke run
 
 Writes ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints tables.
 """
@@ -49,15 +49,13 @@ Writes ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints tables.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 TARGET_K, TARGET_CG = 10, 5
 

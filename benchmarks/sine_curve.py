@@ -1,6 +1,6 @@
 """The sine example's meta-training, watched: validation error along the run and by amplitude.
 
-    python benchmarks/sine_curve.py --method ibaml --seed 2 --out docs/results/sine/curves/ibaml_seed2.json
+    python -m benchmarks.sine_curve --method ibaml --seed 2 --out docs/results/sine/curves/ibaml_seed2.json
 
 Builds the learner exactly as ``examples/sine_regression.py`` does for ``--method`` and
 ``--seed`` (its presets, its task stream), meta-trains it for ``--meta-iters`` steps and every
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from ibaml import training
 from ibaml.learner import meta_param_groups
 from ibaml.data.sine import SineTaskDistribution
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import sine_regression as example  # noqa: E402
+from . import _harness as H
+
+example = H.load_example("sine_regression")
 
 
 def main(argv=None):

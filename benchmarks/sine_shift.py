@@ -6,7 +6,7 @@ conditions.
     python -m benchmarks.sine_shift --runs /work/runs/sine_protocol/runs --out docs/results/sine/shift
 
 ``--runs`` is searched for finished runs of ``examples/sine_regression.py`` (a folder holding
-``metrics.json`` and ``<method>/last.pt``; ``benchmarks/sine_protocol.py final --keep-runs DIR``
+``metrics.json`` and ``<method>/last.pt``; ``python -m benchmarks.sine_protocol final --keep-runs DIR``
 leaves them at ``DIR/runs/<noise>/seed<S>/<method>/``). A checkpoint without ``metrics.json``
 beside it (a run still going) is listed as incomplete and left out. Each learner is rebuilt
 from its checkpoint's configuration (network, likelihood, the preset's options as recorded:

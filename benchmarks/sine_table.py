@@ -1,8 +1,8 @@
 """The README's sine-regression table from the ``metrics.json`` files of
 ``examples/sine_regression.py`` runs (one folder per method, or one ``--compare`` folder).
 
-    python benchmarks/sine_table.py runs/sine_full/maml runs/sine_full/ibaml ... --out docs/results/sine/table.json
-    python benchmarks/sine_table.py docs/results/sine/3000/*.json
+    python -m benchmarks.sine_table runs/sine_full/maml runs/sine_full/ibaml ... --out docs/results/sine/table.json
+    python -m benchmarks.sine_table docs/results/sine/3000/*.json
 
 Each folder's ``metrics.json`` (or each given JSON file) is read (a single-method run: the method's metrics at the top
 level; a ``--compare`` run: ``{"methods": {name: metrics}}``); the table lists, per method,
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import ibaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from . import _harness as H
 
 IN_RANGE = ("mse", "nll", "coverage_90", "calibration_error", "crps")
 OUT_RANGE = ("mse", "nll", "coverage_90")

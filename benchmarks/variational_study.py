@@ -1,7 +1,7 @@
 """What makes the variational (and implicit MAP) meta-learners learn: a sweep of the inner
 problem's knobs on 10-shot sine regression.
 
-    python benchmarks/variational_study.py --iters 1000 --seeds 0 --out docs/results/variational_study
+    python -m benchmarks.variational_study --iters 1000 --seeds 0 --out docs/results/variational_study
 
 Every row meta-trains a 1-40-40-1 MLP for ``--iters`` meta-iterations of 25 tasks (meta
 learning rate 1e-3, learned observation noise starting at 1) and evaluates ``--eval-tasks``
@@ -22,7 +22,7 @@ scale fixed at 1 or meta-learned on the predictions), in ``OUT/image/<row>/seed<
 ``metrics.json`` are gathered into ``image_study.json`` and ``image_study.png`` and printed as
 the table of ``benchmarks/image_table.py``::
 
-    python benchmarks/variational_study.py --problem image --iters 300 --eval-tasks 200 --seeds 0,1,2
+    python -m benchmarks.variational_study --problem image --iters 300 --eval-tasks 200 --seeds 0,1,2
 """
 
 from __future__ import annotations

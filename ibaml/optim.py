@@ -298,14 +298,3 @@ def backtrack(objective, params: ParamDict, deltas, candidates: int) -> ParamDic
     for j in range(len(points) - 2, -1, -1):
         chosen = {k: torch.where(best == j, points[j][k], chosen[k]) for k in params}
     return chosen
-
-
-def make_optimizer(name: str, lr: float, **kwargs):
-    """Build an inner optimiser by name (``"sgd"``, ``"adam"`` or ``"prior"``: :class:`PriorPreconditioned`)."""
-    table = {"sgd": SGD, "adam": Adam, "prior": PriorPreconditioned}
-    try:
-        cls = table[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown inner optimizer {name!r}; expected one of {sorted(table)}") from None
-    return cls(lr=lr, **kwargs)
-

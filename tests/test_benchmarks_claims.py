@@ -1,21 +1,11 @@
-"""Smoke test of benchmarks/claims.py: a --quick run writes the three JSON files and figures."""
+"""Smoke test of ``python -m benchmarks.claims``: a --quick run writes the three JSON files and figures."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_claims():
-    spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "claims.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import claims
 
 
 def test_quick_run_writes_results(tmp_path):
-    claims = load_claims()
     claims.main(["--quick", "--out", str(tmp_path)])
     for name in ("memory", "accuracy", "horizon"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0

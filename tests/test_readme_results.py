@@ -4,7 +4,7 @@ whose JSON changes without the page, or a page edit that drifts from its JSON, f
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -21,10 +21,7 @@ PROTOCOL = ROOT / "docs/results/sine/protocol"
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def assert_on_page(table: str, page: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Dict, NamedTuple
 
-import torch
 from torch import Tensor
 
 from ..tree import ParamDict
@@ -32,11 +31,3 @@ class HypergradEstimator:
 
     def task_gradient(self, problem, meta: ParamDict, task) -> TaskGradient:
         raise NotImplementedError
-
-
-def finite_flag(*tensors) -> Tensor:
-    """``True`` where every tensor is finite (0-d, no host synchronisation)."""
-    out = torch.ones((), dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        out = out & torch.isfinite(t).all()
-    return out
