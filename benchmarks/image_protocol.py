@@ -141,6 +141,43 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _lowest(rows: dict, method: str, kind: str, metric: str, label: str) -> str:
+    """Whether ``method``'s ``metric`` (``kind``: raw or calibrated) is the lowest of ``rows``."""
+    mine = rows[method][kind][metric]["mean"]
+    others = {m: e[kind][metric]["mean"] for m, e in rows.items() if m != method}
+    best = min(others, key=others.get)
+    if mine < others[best]:
+        return (f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.3f} against the next, {best}, "
+                f"at {others[best]:.3f}.")
+    return f"{method}'s {label} is not the lowest: {mine:.3f} against {best}'s {others[best]:.3f}."
+
+
+def findings(summary: dict) -> str:
+    """The comparative sentences the docs make about the image protocol's table, per number of
+    shots, written from the numbers whichever way they fall, each with its margin: iBaML's
+    accuracy against the better of MAML and ANIL (the target: at most 2 points below), its
+    pooled and per-task ECE raw and temperature-scaled against every row (the target: the
+    lowest), and iMAML's accuracy against ANIL's (the target: at most 1 point below)."""
+    out = []
+    for shots, rows in summary.items():
+        if not {"maml", "anil", "imaml", "ibaml"} <= set(rows):
+            continue
+        acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}
+        ref = max(("maml", "anil"), key=acc.get)
+        gap = acc["ibaml"] - acc[ref]
+        out.append(f"At {shots}, ibaml's accuracy is {acc['ibaml']:.3f} against {ref}'s {acc[ref]:.3f} (the better of "
+                   f"maml and anil): {abs(gap) * 100:.1f} points {'above' if gap >= 0 else 'below'}, "
+                   f"{'within' if gap >= -0.02 else 'outside'} the 2-point margin.")
+        for kind, name in (("raw", "raw"), ("calibrated", "temperature-scaled")):
+            for metric, label in (("ece_pooled", "pooled ECE"), ("ece", "per-task ECE")):
+                out.append(f"At {shots}, " + _lowest(rows, "ibaml", kind, metric, f"{name} {label}"))
+        gap = acc["imaml"] - acc["anil"]
+        out.append(f"At {shots}, imaml's accuracy is {acc['imaml']:.3f} against anil's {acc['anil']:.3f}: "
+                   f"{abs(gap) * 100:.1f} points {'above' if gap >= 0 else 'below'}, "
+                   f"{'within' if gap >= -0.01 else 'outside'} the 1-point margin.")
+    return "\n".join(f"- {line}" for line in out)
+
+
 def table(args) -> dict:
     out = Path(args.out)
     summary = summarize(out)

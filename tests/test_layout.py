@@ -1,4 +1,5 @@
-"""The package layout stays readable: no library file over 400 lines, examples that stay thin
+"""The package layout stays readable: no library file over 500 lines unless its docstring says why
+(a paragraph starting "Why this file is long:"), examples that stay thin
 (options, data, a ``fit`` call and the report, at most 250 lines), and the benchmarks and
 examples reach the library through its public names only."""
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_LINES = 400
+MAX_LINES = 500
 MAX_EXAMPLE_LINES = 250
 
 
@@ -18,8 +19,11 @@ def _files(*folders):
 
 @pytest.mark.parametrize("path", _files("ibaml", "priors"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_library_file_is_short(path):
-    lines = path.read_text().count("\n")
-    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES}): split it by concept"
+    text = path.read_text()
+    lines = text.count("\n")
+    reason = "Why this file is long:" in (ast.get_docstring(ast.parse(text)) or "")
+    assert lines <= MAX_LINES or reason, (f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES}): split it by "
+                                          f"concept, or say in its docstring why it is one concept")
 
 
 @pytest.mark.parametrize("path", _files("examples"), ids=lambda p: str(p.relative_to(ROOT)))
