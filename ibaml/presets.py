@@ -91,70 +91,77 @@ noise fell, and independent draws shift the posterior mean by ``√s ⊙ mean_j 
 measurements are in ``docs/results/sine.md``). A prior over more than the head falls back
 to ``"sampled"`` (1 draw unless ``num_samples`` is given).
 
+**The recipes as data.** Each method is one frozen :class:`Recipe` (:data:`METHOD_RECIPES`):
+its prior family, inference, meta-gradient estimator, inner optimiser and the numbers of the
+tables above. The variants are overrides of its fields, applied with
+:func:`dataclasses.replace` where their condition holds: :data:`FULL_NETWORK` for a prior over
+every weight (``include="all"``), which takes the place of the other two where the method has
+one, :data:`CLASSIFICATION` for a :class:`CategoricalLikelihood` and :data:`TASK_NOISE` for a
+:class:`TaskNoiseGaussianLikelihood` (:func:`variants`); the arguments given to
+:func:`build_learner` override them all (:func:`method_recipe`). :func:`build_learner` then
+assembles the prior, the inference, the estimator and the inner optimiser from the recipe
+(:mod:`ibaml.recipe`). :data:`PRESETS` is the view of the recipes as the options each method
+sets.
+
 Example
 -------
 >>> learner = build_learner("ibaml", MLP(1, (40, 40), 1), GaussianLikelihood(1.0, learn_noise=True))
+>>> method_recipe("ibaml", CategoricalLikelihood()).kl_weight, method_recipe("imaml-hf").inner_optimizer
+(0.003, 'hf')
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import MISSING, fields, replace
 from typing import Optional
 
 from torch import nn
 
-import priors
-from priors.base import Prior, select_names
+from priors.base import Prior
 
-from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
-from .inference import MAP, Variational
 from .learner import MetaLearner
-from .task_model import _head_only
 from .likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
-from .linalg import CG
-from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
 from .noise_presets import (NOISE_MODELS, NOISE_PRIOR_COUNT, REGRESSION_NOISE,  # noqa: F401  (ibaml.presets.*)
                             noise_prior_count, regression_likelihood)
+from .recipe import (ESTIMATORS, INNER_OPTIMIZERS, PRIOR_FAMILIES, Recipe,  # noqa: F401  (ibaml.presets.*)
+                     build_estimator, build_inference, build_inner_optimizer, build_prior, build_scope,
+                     hessian_free, newton_cg, prior_preconditioned)
 
-METHODS = ("maml", "anil", "fomaml", "imaml", "abml", "ibaml", "lazy")
+
+#: one recipe per method (see the module tables); :data:`METHODS` are their names
+METHOD_RECIPES = {
+    "maml": Recipe("flat", "map", "explicit", inner_steps=5, inner_optimizer="sgd", include="all"),
+    "anil": Recipe("flat", "map", "explicit", inner_steps=5, inner_optimizer="sgd", include="head", inner_lr=0.02),
+    "fomaml": Recipe("flat", "map", "first_order", inner_steps=5, inner_optimizer="sgd", include="all"),
+    "imaml": Recipe("isotropic", "map", "implicit", inner_steps=2, inner_optimizer="newton", include="head",
+                    precision=0.1),
+    "abml": Recipe("diagonal", "variational", "explicit", inner_steps=10, inner_optimizer="prior", include="head",
+                   init_scale=1.0, kl_weight=1.0, expectation="linearized"),
+    "ibaml": Recipe("diagonal", "variational", "implicit", inner_steps=10, inner_optimizer="newton", include="head",
+                    init_scale=1.0, kl_weight=1.0, expectation="linearized", newton_max_rho_step=3.0,
+                    variance_start="fixed_point"),
+    "lazy": Recipe("flat", "map", "lazy", inner_steps=10, inner_optimizer="sgd", include="all"),
+}
+
+METHODS = tuple(METHOD_RECIPES)
+_KINDS = ("prior", "inference", "estimator")
 # MetaLearner arguments that build_learner does not set itself
 _PASSED_ON = frozenset(inspect.signature(MetaLearner).parameters) - {
     "net", "prior", "likelihood", "method", "estimator", "inner_optimizer", "inner_steps"}
 
 
-def prior_preconditioned(lr: float) -> PriorPreconditioned:
-    """The ``"prior"`` inner optimiser: a proximal step of size ``lr`` on the weights (MAP) or
-    the variational means, and a half Newton step on the prior term, bounded by 0.5, on the
-    variational variance parameters ``ρ`` (see :class:`ibaml.optim.PriorPreconditioned`)."""
-    return PriorPreconditioned(lr={"rho": float("inf")}, default_lr=lr, prior_step=0.5, max_step={"rho": 0.5})
+def _options(recipe: Recipe) -> dict:
+    """The options a recipe sets: its inner loop's and scope, and every number not at the default."""
+    return {f.name: getattr(recipe, f.name) for f in fields(recipe)
+            if f.name not in _KINDS and (f.default is MISSING or getattr(recipe, f.name) != f.default)}
 
 
-def newton_cg(lr=None, cg_iters: int = 10, prior_damping: float = 0.0, max_rho_step: float = 1.0,
-              max_mean_step: Optional[float] = None) -> NewtonCG:
-    """The ``"newton"`` inner optimiser: truncated Newton steps with ``cg_iters`` CG iterations,
-    each variational variance parameter's step bounded by ``max_rho_step`` and, if given, each
-    weight's or variational mean's by ``max_mean_step`` (``lr`` is not used)."""
-    bounds = {"rho": max_rho_step}
-    if max_mean_step is not None:
-        bounds.update(mean=max_mean_step, w=max_mean_step)
-    return NewtonCG(cg_iters=cg_iters, prior_damping=prior_damping, max_step=bounds)
+#: per-method defaults of :func:`build_learner` as options (a view of :data:`METHOD_RECIPES`)
+PRESETS = {method: _options(recipe) for method, recipe in METHOD_RECIPES.items()}
 
 
-#: per-method defaults of :func:`build_learner` (see the module docstring)
-PRESETS = {
-    "maml": dict(inner_steps=5, inner_optimizer="sgd", include="all"),
-    "anil": dict(inner_steps=5, inner_optimizer="sgd", include="head", inner_lr=0.02),
-    "fomaml": dict(inner_steps=5, inner_optimizer="sgd", include="all"),
-    "lazy": dict(inner_steps=10, inner_optimizer="sgd", include="all"),
-    "imaml": dict(inner_steps=2, inner_optimizer="newton", include="head", precision=0.1),
-    "ibaml": dict(inner_steps=10, inner_optimizer="newton", include="head", init_scale=1.0, kl_weight=1.0,
-                  expectation="linearized", newton_max_rho_step=3.0, variance_start="fixed_point"),
-    "abml": dict(inner_steps=10, inner_optimizer="prior", include="head", init_scale=1.0, kl_weight=1.0,
-                 expectation="linearized"),
-}
-
-
-#: defaults that differ for a noise inferred per task (a :class:`TaskNoiseGaussianLikelihood`
+#: overrides of a recipe for a noise inferred per task (a :class:`TaskNoiseGaussianLikelihood`
 #: with a :class:`ibaml.nets.NoiseHead`): the inner problem is no longer quadratic in the
 #: head (the mean's curvature ``1/σ²`` depends on the noise, and the Hessian in the mean and
 #: the log noise is indefinite wherever a residual is non-zero), and an unbounded Newton step
@@ -168,7 +175,7 @@ TASK_NOISE = {
 }
 
 
-#: defaults that differ with a prior over every weight (``include="all"``, the papers'
+#: overrides of a recipe with a prior over every weight (``include="all"``, the papers'
 #: configuration; named recipes in :data:`RECIPES`). The inner problem is then non-convex and badly
 #: scaled, so the presets spend what the implicit gradient makes cheap in memory: many inner
 #: steps. iMAML-GD follows the paper's Omniglot recipe (λ = 2, 16–25 gradient steps) with Adam
@@ -188,6 +195,24 @@ FULL_NETWORK = {
                  num_samples=4, antithetic=True, expectation="sampled", variance_start="prior"),
 }
 
+#: overrides of a recipe for classification (a :class:`CategoricalLikelihood`): the exact MAP of
+#: a softmax head under a weak prior is over-confident (its logits grow until the prior stops
+#: them) and a strong one keeps the head at the prior, so iMAML's λ sits between the two. The
+#: variational methods follow the published recipes: a prior scale far below the weights'
+#: (σ = 0.01) with the KL down-weighted against the summed NLL, so that the pull on the
+#: posterior mean is iMAML's with ``λ = β/σ²``; ABML keeps ``β = 0.001``. The study that chose
+#: these values, on the stroke benchmark, is in ``docs/results/images.md``.
+CLASSIFICATION = {
+    "imaml": dict(precision=30.0),
+    "ibaml": dict(init_scale=0.01, kl_weight=3e-3),
+    "abml": dict(init_scale=0.01, kl_weight=1e-3),
+}
+
+#: the variants that a likelihood selects, in the order they apply: ``(its class, overrides per
+#: method)``; a prior over every weight takes :data:`FULL_NETWORK`'s in their place where the
+#: method has them
+LIKELIHOOD_VARIANTS = ((CategoricalLikelihood, CLASSIFICATION), (TaskNoiseGaussianLikelihood, TASK_NOISE))
+
 #: the full-network methods under their published names: ``build_learner(name, ...)`` is
 #: ``build_learner(method, ..., **options)``, any option given explicitly taking precedence
 RECIPES = {
@@ -198,17 +223,11 @@ RECIPES = {
 }
 
 
-def hessian_free(cg_iters: int = 5, line_search: int = 6, damping: float = 0.0) -> NewtonCG:
-    """The ``"hf"`` inner optimiser (iMAML-HF): Newton-CG steps with ``cg_iters`` CG iterations
-    on Hessian-vector products and a backtracking line search over ``line_search`` step sizes
-    ``1, 1/2, …`` (and 0) on the inner objective, so that every step decreases ``G``."""
-    return NewtonCG(cg_iters=cg_iters, damping=damping, line_search=line_search)
-
-
 #: inner steps at evaluation over those of meta-training: MAML and FOMAML, whose few inner steps
 #: stop early by design, adapt for twice as long on new tasks; the other methods solve their
 #: inner problem and adapt as in meta-training.
 EVAL_STEPS_FACTOR = {"maml": 2, "anil": 2, "fomaml": 2}
+
 
 def resolve(method: str, options: dict) -> tuple:
     """``(method, options)`` of a name of :data:`METHODS` or :data:`RECIPES` (a recipe's options
@@ -252,36 +271,34 @@ def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[i
     return steps, int(eval_steps or EVAL_STEPS_FACTOR.get(method, 1) * steps)
 
 
-def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: float):
-    """``init_scale`` per tensor for a prior over a :class:`ibaml.nets.NoiseHead`: the log
-    noise starts at ``noise_prior_scale`` (close to one noise shared by all tasks, which the
-    meta-learned scale can widen), the weights at ``init_scale``."""
-    keys = _head_only(net, names)
-    if keys is None or keys.log_noise is None or isinstance(init_scale, dict):
-        return init_scale
-    scales = {k: float(init_scale) for k in keys if k is not None}
-    scales[keys.log_noise] = noise_prior_scale
-    return scales
+def variants(method: str, include, likelihood: Optional[Likelihood] = None) -> list:
+    """The overrides of ``method``'s recipe, in the order they apply, for a prior over
+    ``include`` (``"all"``: :data:`FULL_NETWORK`'s, where the method has them) and
+    ``likelihood`` (:data:`LIKELIHOOD_VARIANTS`).
 
-#: defaults that differ for classification (a :class:`CategoricalLikelihood`): the exact MAP of
-#: a softmax head under a weak prior is over-confident (its logits grow until the prior stops
-#: them) and a strong one keeps the head at the prior, so iMAML's λ sits between the two. The
-#: variational methods follow the published recipes: a prior scale far below the weights'
-#: (σ = 0.01) with the KL down-weighted against the summed NLL, so that the pull on the
-#: posterior mean is iMAML's with ``λ = β/σ²``; ABML keeps ``β = 0.001``. The study that chose
-#: these values, on the stroke benchmark, is in ``docs/results/images.md``.
-CLASSIFICATION = {
-    "imaml": dict(precision=30.0),
-    "ibaml": dict(init_scale=0.01, kl_weight=3e-3),
-    "abml": dict(init_scale=0.01, kl_weight=1e-3),
-}
+    >>> variants("imaml", "head", CategoricalLikelihood()), variants("imaml", "all", CategoricalLikelihood())
+    ([{'precision': 30.0}], [{'inner_steps': 20, 'inner_optimizer': 'adam', 'precision': 2.0}])
+    """
+    if include == "all" and method in FULL_NETWORK:
+        return [FULL_NETWORK[method]]
+    return [table[method] for kind, table in LIKELIHOOD_VARIANTS if isinstance(likelihood, kind) and method in table]
 
 
-def _included(net: nn.Module, include):
-    """``"head"`` → :func:`priors.last_layer`, ``"all"`` → every parameter, else as given."""
-    if include == "head":
-        return priors.last_layer(net)
-    return None if include == "all" else include
+def method_recipe(method: str, likelihood: Optional[Likelihood] = None, **options) -> Recipe:
+    """The :class:`Recipe` that :func:`build_learner` follows: ``method``'s (a name of
+    :data:`METHODS` or :data:`RECIPES`), with its :func:`variants` for ``likelihood`` and the
+    scope, and the ``options`` that are not ``None`` over all of them.
+
+    >>> r = method_recipe("ibaml-all", inner_steps=30)
+    >>> r.include, r.inner_steps, r.inner_optimizer, r.kl_weight
+    ('all', 30, 'adam', 0.0002)
+    """
+    method, options = resolve(method, options)
+    options = {k: v for k, v in options.items() if v is not None}
+    recipe = METHOD_RECIPES[method]
+    for overrides in variants(method, options.get("include", recipe.include), likelihood):
+        recipe = replace(recipe, **overrides)
+    return replace(recipe, **options)
 
 
 def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_steps: Optional[int] = None,
@@ -294,18 +311,20 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
                   expectation: Optional[str] = None, variance_start: Optional[str] = None,
                   prior: Optional[Prior] = None,
                   **learner_kwargs) -> MetaLearner:
-    """A :class:`MetaLearner` for a named method (see the module tables). Every argument left
-    at ``None`` takes the method's default from :data:`PRESETS`.
+    """A :class:`MetaLearner` for a named method (see the module tables): its recipe
+    (:func:`method_recipe`, with the variants for ``likelihood`` and the scope), every argument
+    left at ``None`` taking the recipe's value.
 
     Args:
         method: one of ``maml``, ``anil`` (MAML's inner loop on the head only), ``fomaml``,
-            ``imaml``, ``abml``, ``ibaml``, ``lazy``.
+            ``imaml``, ``abml``, ``ibaml``, ``lazy``, or a name of :data:`RECIPES`.
         inner_steps: inner steps (Newton steps for ``"newton"``) during meta-training.
         inner_lr: inner learning rate for ``"sgd"`` and ``"prior"`` (default 0.002 — on the
             summed Gaussian NLL with unit noise over 10 points this is the usual MAML step of
             0.01 on the mean squared error) and ``"adam"`` (default 0.01).
         inner_optimizer: ``"sgd"``, ``"adam"``, ``"prior"`` (:class:`ibaml.optim.PriorPreconditioned`),
-            ``"newton"`` (:class:`ibaml.optim.NewtonCG`), or an optimiser object.
+            ``"newton"`` (:class:`ibaml.optim.NewtonCG`), ``"hf"`` (:func:`hessian_free`), or an
+            optimiser object.
         cg_steps, cg_damping: conjugate-gradient iterations and damping of the implicit
             meta-gradient (iMAML, iBaML; see the module docstring for the default 20).
         precision, learn_precision: iMAML's ``λ`` (default 0.1 on the head, 30 in classification) and whether it is
@@ -314,8 +333,9 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
             number or ``{tensor name: σ}``; ``relative_scale`` instead sets it per tensor to a
             fraction of the tensor's initial root-mean-square weight.
         kl_weight: ``β`` against the summed support NLL (ABML, iBaML; default 1).
-        num_samples: reparameterised draws in the variational inner objective (default 8).
-        antithetic: draws in pairs ``(ε, −ε)`` (default on for ABML and iBaML).
+        num_samples: reparameterised draws in the variational inner objective (default 1; 4 over
+            every weight).
+        antithetic: draws in pairs ``(ε, −ε)`` (default on over every weight).
         outer: ``"predictive"`` or ``"elbo"`` (ABML's outer objective), see :class:`Variational`.
         num_outer_samples: draws in the variational outer objective.
         newton_prior_damping: :class:`NewtonCG`'s ``prior_damping`` for ``"newton"``.
@@ -334,69 +354,17 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     if unknown:
         raise TypeError(f"build_learner got unknown option(s) {unknown}; MetaLearner options it passes on are "
                         f"{sorted(_PASSED_ON)}")
-    method, recipe = resolve(method, dict(inner_steps=inner_steps, inner_optimizer=inner_optimizer, include=include))
-    inner_steps, inner_optimizer, include = (recipe.get(k) for k in ("inner_steps", "inner_optimizer", "include"))
-    given = dict(inner_steps=inner_steps, inner_optimizer=inner_optimizer, include=include, precision=precision,
-                 init_scale=init_scale, kl_weight=kl_weight, num_samples=num_samples, antithetic=antithetic,
-                 newton_prior_damping=newton_prior_damping)
-    base = dict(precision=1.0, init_scale=1.0, kl_weight=1.0, num_samples=1, antithetic=False,
-                newton_prior_damping=0.0)
-    preset = method_preset(method, include)
-    full_network = (include or preset["include"]) == "all" and method in FULL_NETWORK
-    if isinstance(likelihood, CategoricalLikelihood) and not full_network:
-        preset.update(CLASSIFICATION.get(method, {}))
-    if isinstance(likelihood, TaskNoiseGaussianLikelihood) and not full_network:
-        preset.update(TASK_NOISE.get(method, {}))
-    opts = {k: (v if v is not None else preset.get(k, base.get(k))) for k, v in given.items()}
-    include = _included(net, opts["include"])
-    inner_optimizer = opts["inner_optimizer"]
-    if inner_lr is None:
-        inner_lr = preset.get("inner_lr", 0.01 if inner_optimizer == "adam" else 0.002)
-    table = {"sgd": SGD, "adam": Adam, "prior": prior_preconditioned, "hf": lambda lr: hessian_free(),
-             "newton": lambda lr: newton_cg(lr, prior_damping=opts["newton_prior_damping"],
-                                            max_rho_step=preset.get("newton_max_rho_step", 1.0),
-                                            max_mean_step=preset.get("newton_max_mean_step"))}
-    if not isinstance(inner_optimizer, str):       # an optimiser object of one's own
-        optimizer = inner_optimizer
-    elif inner_optimizer not in table:
-        raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; expected one of {sorted(table)}")
-    else:
-        optimizer = table[inner_optimizer](lr=inner_lr)
-
-    if prior is not None and not isinstance(prior, Prior):
-        raise TypeError(f"prior must be a priors.Prior, got {type(prior).__name__}")
-    if method in ("maml", "anil", "fomaml", "lazy"):
-        default_prior = lambda: priors.Flat.from_module(net, include=include)
-        inference = MAP()
-    elif method == "imaml":
-        default_prior = lambda: priors.IsotropicGaussian.from_module(net, include=include, precision=opts["precision"],
-                                                                     learn_precision=learn_precision)
-        inference = MAP()
-    else:
-        init_scale = opts["init_scale"]
-        if "noise_prior_scale" in preset and relative_scale is None:
-            init_scale = _noise_prior_scales(net, select_names(dict(net.named_parameters()), include), init_scale,
-                                             preset["noise_prior_scale"])
-        default_prior = lambda: priors.DiagonalGaussian.from_module(net, include=include, init_scale=init_scale,
-                                                                    relative_scale=relative_scale)
-        if expectation is None:   # the linearised expectation needs a prior over exactly a linear head
-            names = (prior or default_prior()).names
-            expectation = preset.get("expectation", "sampled") if _head_only(net, names) else "sampled"
-        inference = Variational(beta=opts["kl_weight"], num_samples=opts["num_samples"],
-                                num_outer_samples=num_outer_samples, antithetic=opts["antithetic"], outer=outer,
-                                variance_param=variance_param or preset.get("variance_param", "softplus"),
-                                expectation=expectation,
-                                variance_start=variance_start or preset.get("variance_start", "prior"))
-    if prior is None:
-        prior = default_prior()
-
-    if method in ("maml", "anil", "abml"):
-        estimator = Explicit()
-    elif method == "fomaml":
-        estimator = FirstOrder()
-    elif method == "lazy":
-        estimator = Lazy() if isinstance(optimizer, SGD) else Lazy(teacher_lr=inner_lr)
-    else:
-        estimator = Implicit(solver=CG(max_iter=cg_steps, tol=1e-10, damping=cg_damping))
-    return MetaLearner(net, prior, likelihood, method=inference, estimator=estimator, inner_optimizer=optimizer,
-                       inner_steps=opts["inner_steps"], **learner_kwargs)
+    recipe = method_recipe(
+        method, likelihood, inner_steps=inner_steps, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
+        include=include, cg_steps=cg_steps, cg_damping=cg_damping, precision=precision,
+        learn_precision=learn_precision, init_scale=init_scale, relative_scale=relative_scale, kl_weight=kl_weight,
+        num_samples=num_samples, antithetic=antithetic, outer=outer, num_outer_samples=num_outer_samples,
+        newton_prior_damping=newton_prior_damping, variance_param=variance_param or None,
+        variance_start=variance_start or None)
+    scope = build_scope(net, recipe.include)
+    optimizer = build_inner_optimizer(recipe)
+    prior = build_prior(recipe, net, scope, prior)
+    inference = build_inference(recipe, net, prior, expectation)
+    return MetaLearner(net, prior(), likelihood, method=inference,
+                       estimator=build_estimator(recipe, optimizer), inner_optimizer=optimizer,
+                       inner_steps=recipe.inner_steps, **learner_kwargs)
