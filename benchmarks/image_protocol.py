@@ -128,17 +128,27 @@ def summarize(out: Path) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, describe: bool = True) -> str:
+    """One table per number of shots: mean ± std over the seeds of the accuracy (which temperature
+    scaling does not change) and of NLL, per-task ECE and pooled ECE, raw and temperature-scaled
+    ("T-scaled"); ``describe=False`` leaves out the column that says what each row adapts."""
     lines = []
+    cols = [("accuracy", "raw", "accuracy")] + [(f"{k} {name}", kind, k) for k in METRICS[1:]
+                                                for kind, name in (("raw", "raw"), ("calibrated", "T-scaled"))]
     for shots, rows in summary.items():
-        lines += [f"### 5-way {shots}", "", "| method | adapts | " + " | ".join(
-            f"{k} raw | {k} T-scaled" for k in METRICS) + " |", "|" + "---|" * (2 + 2 * len(METRICS))]
+        head = ["method"] + (["adapts"] if describe else []) + ["seeds"] + [c[0] for c in cols]
+        lines += [f"### 5-way {_shots(shots)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, e in rows.items():
-            cells = [f"{e[kind][k]['mean']:.3f} ± {e[kind][k]['std']:.3f}" for k in METRICS
-                     for kind in ("raw", "calibrated")]
-            lines.append(f"| {method} | {e['adapts']} | " + " | ".join(cells) + " |")
+            cells = [f"{e[kind][k]['mean']:.3f} ± {e[kind][k]['std']:.3f}" for _, kind, k in cols]
+            lines.append("| " + " | ".join([method] + ([e["adapts"]] if describe else []) + [str(len(e["seeds"]))]
+                                           + cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _shots(folder: str) -> str:
+    """``"1shot"`` → ``"1-shot"``."""
+    return folder.replace("shot", "-shot")
 
 
 def _lowest(rows: dict, method: str, kind: str, metric: str, label: str) -> str:
@@ -147,9 +157,9 @@ def _lowest(rows: dict, method: str, kind: str, metric: str, label: str) -> str:
     others = {m: e[kind][metric]["mean"] for m, e in rows.items() if m != method}
     best = min(others, key=others.get)
     if mine < others[best]:
-        return (f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.3f} against the next, {best}, "
-                f"at {others[best]:.3f}.")
-    return f"{method}'s {label} is not the lowest: {mine:.3f} against {best}'s {others[best]:.3f}."
+        return (f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.4f} against the next, {best}, "
+                f"at {others[best]:.4f}.")
+    return f"{method}'s {label} is not the lowest: {mine:.4f} against {best}'s {others[best]:.4f}."
 
 
 def findings(summary: dict) -> str:
@@ -159,7 +169,9 @@ def findings(summary: dict) -> str:
     pooled and per-task ECE raw and temperature-scaled against every row (the target: the
     lowest), and iMAML's accuracy against ANIL's (the target: at most 1 point below)."""
     out = []
-    for shots, rows in summary.items():
+    for folder, rows in summary.items():
+        k = folder[:-len("shot")]
+        shots = f"{k} shot" + ("" if k == "1" else "s")
         if not {"maml", "anil", "imaml", "ibaml"} <= set(rows):
             continue
         acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}

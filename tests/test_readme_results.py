@@ -124,10 +124,6 @@ def test_image_seeds_table_is_its_json():
     assert payload["targets"] and all(check["met"] for check in payload["targets"])
 
 
-def test_readme_images_headline_is_its_json():
-    assert_readme_headline("**Few-shot images, 5-way**", load("image_seeds").summary_markdown(image_seeds_payload()))
-
-
 @pytest.mark.parametrize("claim", ["horizon"])
 def test_claim_tables_are_their_json(claim):
     payload = json.loads((ROOT / "docs/results/claims" / f"{claim}.json").read_text())
@@ -155,3 +151,45 @@ def test_per_task_memory_tables_are_their_json(run):
     per_task = payload["per_task_memory"]
     assert per_task and all(e["tasks_in_flight"] == e["meta_batch"] for v in per_task.values() for e in v)
     assert_on_page(load("scaling").per_task_markdown(per_task), SPEED)
+
+
+IMAGE_PROTOCOL = ROOT / "docs/results/image_benchmark/protocol"
+
+
+def image_protocol_summary() -> dict:
+    return json.loads((IMAGE_PROTOCOL / "table.json").read_text())["tables"]
+
+
+def test_image_protocol_table_json_is_its_runs():
+    """``table.json`` is the summary of the committed runs' ``metrics.json`` (the page's command)."""
+    from benchmarks import image_protocol
+    assert json.loads(json.dumps(image_protocol.summarize(IMAGE_PROTOCOL))) == image_protocol_summary()
+
+
+def test_image_protocol_runs_use_the_selection_and_the_test_classes_once():
+    """Every final run took its method's setting from the selection file of its number of shots
+    (chosen on validation classes) and was evaluated on 600 tasks of the test classes."""
+    for path in sorted((IMAGE_PROTOCOL / "runs").glob("*shot/seed*/*/metrics.json")):
+        run = json.loads(path.read_text())
+        chosen = json.loads((IMAGE_PROTOCOL / f"selection_{path.parts[-4]}.json").read_text())["chosen"]
+        for option, value in chosen.get(path.parent.name, {}).items():
+            assert run["config"][option.strip("-").replace("-", "_")] == pytest.approx(value), path
+        assert run["config"]["eval_split"] == "test" and run["num_test_tasks"] >= 600, path
+        assert run["splits"]["evaluated"].startswith("test classes"), path
+    selection = json.loads((IMAGE_PROTOCOL / "selection_1shot.json").read_text())
+    assert all(row["split"] == "validation classes" for rows in selection["tried"].values() for row in rows)
+
+
+def test_image_protocol_tables_are_their_json():
+    from benchmarks import image_protocol
+    assert_on_page(image_protocol.markdown(image_protocol_summary()), IMAGES)
+    assert_on_page(image_protocol.markdown(image_protocol_summary(), describe=False), README)
+
+
+@pytest.mark.parametrize("page", [README, IMAGES], ids=["README", "images page"])
+def test_image_protocol_sentences_hold_and_are_on_the_pages(page):
+    from benchmarks import image_protocol
+    text = image_protocol.findings(image_protocol_summary())
+    lines = page.read_text().splitlines()
+    missing = [line for line in text.splitlines() if line not in lines]
+    assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
