@@ -128,9 +128,23 @@ def hidden_widths(network: str) -> tuple:
     return tuple(ast.literal_eval(found.group(1)))
 
 
-def rebuild(method: str, cfg: dict, device) -> torch.nn.Module:
+#: the methods whose inner loop is SGD on a MAP objective (``--per-point-step`` applies to them)
+SGD_METHODS = ("maml", "anil", "fomaml", "lazy")
+
+
+def per_point_lr(method: str, cfg: dict) -> float:
+    """The step on the mean support loss equal to the run's step on the summed loss at its
+    training support size: ``η N₀`` (:class:`ibaml.inference.MAP`, ``per_point``)."""
+    lr = cfg.get("inner_lr") or presets.PRESETS[method].get("inner_lr", 0.002)
+    return float(lr) * int(cfg["shots"])
+
+
+def rebuild(method: str, cfg: dict, device, per_point: bool = False) -> torch.nn.Module:
     """The learner (or deep-kernel GP) of a run's checkpoint configuration ``cfg``, built as the
-    example builds it (same network, likelihood and options), not yet loaded."""
+    example builds it (same network, likelihood and options), not yet loaded. ``per_point``:
+    an SGD method's inner step on the mean support loss (:func:`per_point_lr`), the same step at
+    the training support size and one that does not grow with the support size elsewhere."""
+    per_point = per_point and method in SGD_METHODS
     dtype = getattr(torch, cfg["dtype"])
     hidden = hidden_widths(cfg["network"])
     torch.manual_seed(cfg["seed"])
@@ -144,7 +158,9 @@ def rebuild(method: str, cfg: dict, device) -> torch.nn.Module:
         net = MLP(1, hidden, 1, noise_head=task_noise)
         model = ibaml.build_learner(method, net.to(device=device, dtype=dtype),
                                     likelihood.to(device=device, dtype=dtype), inner_steps=cfg["inner_steps"],
-                                    eval_inner_steps=cfg["eval_inner_steps"], inner_lr=cfg.get("inner_lr"),
+                                    eval_inner_steps=cfg["eval_inner_steps"],
+                                    inner_lr=per_point_lr(method, cfg) if per_point else cfg.get("inner_lr"),
+                                    per_point=per_point,
                                     precision=cfg.get("precision"), cg_steps=cfg["cg_steps"],
                                     cg_damping=cfg["cg_damping"], meta_lr=cfg["meta_lr"], seed=cfg["seed"],
                                     nonfinite=cfg.get("nonfinite", "raise"))
@@ -244,7 +260,7 @@ def evaluate_run(run: dict, settings: dict) -> dict:
     device, method = torch.device(settings["device"]), run["method"]
     state = load_checkpoint(run["checkpoint"], map_location="cpu")
     cfg, args = state["config"], run["args"]
-    model = rebuild(method, cfg, device)
+    model = rebuild(method, cfg, device, settings.get("per_point", False))
     model.load_training_state(state["training"])
     dtype, seed, chunk = getattr(torch, cfg["dtype"]), int(cfg["seed"]), settings["chunk"]
     train = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"])
@@ -516,6 +532,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="models evaluated at a time (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--per-point-step", action="store_true",
+                   help="adapt the SGD methods (maml, anil, fomaml, lazy) with their step on the mean support loss "
+                        "(the run's step times its training support size), so the step does not grow with the shots")
     args = p.parse_args(argv)
     try:
         args.shots = sorted({int(k) for k in args.shots.split(",")})
@@ -544,7 +563,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"no finished run of {', '.join(args.methods)} under {args.runs}")
     settings = {"tasks": args.tasks, "query": args.query, "shots": args.shots, "x_bins": args.x_bins,
                 "amplitudes": args.amplitudes, "chunk": args.chunk, "check_tol": args.check_tol,
-                "threads": args.threads, "device": args.device}
+                "threads": args.threads, "device": args.device, "per_point": args.per_point_step}
     clock = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:

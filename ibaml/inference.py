@@ -72,10 +72,26 @@ def _ratio_kwargs(ratio: Optional[Tensor]) -> Dict[str, Tensor]:
 
 
 class MAP:
-    """Maximum a posteriori task inference; see the module docstring."""
+    """Maximum a posteriori task inference; see the module docstring.
+
+    Args:
+        per_point: the inner objective divided by the number of support points,
+            ``G/N = (1/N) Σ_n −log p(y_n | x_n, w) − (1/N) log p(w)``. The minimiser, and so the
+            implicit meta-gradient ``−Bᵀ H⁻¹ ∂_v F`` (``B`` and ``H`` scale alike), are those of
+            ``G``; a gradient step on ``G/N`` is a step on the mean loss, whose size does not grow
+            with the support size (a step ``η`` on ``G`` at ``N₀`` points is the step ``η N₀`` on
+            ``G/N``). With the summed objective a step tuned at 10 shots is three times too long
+            at 30 and can diverge.
+
+    >>> MAP(per_point=True).per_point
+    True
+    """
 
     name = "map"
     needs_noise = False
+
+    def __init__(self, per_point: bool = False):
+        self.per_point = bool(per_point)
 
     def init(self, model: TaskModel, meta) -> ParamDict:
         """Start at the prior's location ``w₀ = location(θ)``."""
@@ -84,7 +100,8 @@ class MAP:
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         w = v["w"]
         nll = -model.log_likelihood(meta, w, task["support_x"], task["support_y"]).sum()
-        return nll - model.prior_call(meta, "log_prob", w)
+        objective = nll - model.prior_call(meta, "log_prob", w)
+        return objective / task["support_x"].shape[0] if self.per_point else objective
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         ratio = task_noise_ratio(model, meta, v["w"], task)

@@ -309,7 +309,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
                   num_outer_samples: int = 5, relative_scale: Optional[float] = None,
                   newton_prior_damping: Optional[float] = None, variance_param: Optional[str] = None,
                   expectation: Optional[str] = None, variance_start: Optional[str] = None,
-                  prior: Optional[Prior] = None,
+                  prior: Optional[Prior] = None, per_point: bool = False,
                   **learner_kwargs) -> MetaLearner:
     """A :class:`MetaLearner` for a named method (see the module tables): its recipe
     (:func:`method_recipe`, with the variants for ``likelihood`` and the scope), every argument
@@ -348,6 +348,9 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
             ``build_learner("ibaml", net, lik, prior=MyPrior.from_module(net))`` is iBaML's
             variational inference and implicit gradient with ``MyPrior``. ``precision``,
             ``learn_precision``, ``init_scale`` and ``include`` then do not apply.
+        per_point: MAP methods only: the inner objective on the mean over the support points
+            (:class:`ibaml.inference.MAP`), so that an inner step size means the same at every
+            support size; the step on the summed loss ``η`` at ``N₀`` points is ``η N₀`` here.
         learner_kwargs: passed to :class:`MetaLearner` (``meta_lr``, ``chunk_size``, ...).
     """
     unknown = sorted(set(learner_kwargs) - _PASSED_ON)
@@ -364,7 +367,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
     scope = build_scope(net, recipe.include)
     optimizer = build_inner_optimizer(recipe)
     prior = build_prior(recipe, net, scope, prior)
-    inference = build_inference(recipe, net, prior, expectation)
+    inference = build_inference(recipe, net, prior, expectation, per_point)
     return MetaLearner(net, prior(), likelihood, method=inference,
                        estimator=build_estimator(recipe, optimizer), inner_optimizer=optimizer,
                        inner_steps=recipe.inner_steps, **learner_kwargs)

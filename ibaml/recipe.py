@@ -213,11 +213,15 @@ def build_prior(recipe: Recipe, net: nn.Module, include, prior: Optional[Prior] 
     return functools.cache(lambda: PRIOR_FAMILIES[recipe.prior](net, include, recipe) if prior is None else prior)
 
 
-def build_inference(recipe: Recipe, net: nn.Module, prior: Callable[[], Prior], expectation: Optional[str] = None):
+def build_inference(recipe: Recipe, net: nn.Module, prior: Callable[[], Prior], expectation: Optional[str] = None,
+                    per_point: bool = False):
     """The recipe's task inference; ``expectation`` (given) or the recipe's where the prior
-    covers exactly a linear head (the linearised expectation needs that), else ``"sampled"``."""
+    covers exactly a linear head (the linearised expectation needs that), else ``"sampled"``;
+    ``per_point``: a MAP inner objective divided by the support size (:class:`MAP`)."""
     if recipe.inference == "map":
-        return MAP()
+        return MAP(per_point=per_point)
+    if per_point:
+        raise ValueError("per_point applies to MAP inference (maml, anil, fomaml, lazy, imaml), not variational")
     if expectation is None:
         expectation = recipe.expectation if _head_only(net, prior().names) else "sampled"
     return Variational(beta=recipe.kl_weight, num_samples=recipe.num_samples,

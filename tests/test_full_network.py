@@ -3,6 +3,8 @@ Hessian-free inner solver's line search, the recipes as ``build_learner`` builds
 meta-gradients in float64 on a tiny tanh network against the dense implicit solve and central
 finite differences of the re-solved outer loss (``tests/test_preset_gradients.py``)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from ibaml import presets
 from ibaml.nets import MLP
 from ibaml.optim import Adam, NewtonCG, backtrack
 
-from conftest import DT, sine_tasks
+from conftest import DT, rel_err, sine_tasks
 from test_preset_gradients import check_preset_gradient
 
 
@@ -130,3 +132,34 @@ def test_examples_run_the_recipes_and_report_stationarity_along_training(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "image" / "metrics.json").read_text())
     assert [e["step"] for e in result["inner_grad_norm_trace"]] == [1, 2] and "w" in result["inner_grad_norm"]
+
+
+def test_per_point_inner_objective_keeps_the_solution_and_the_implicit_gradient():
+    """``MAP(per_point=True)``: ``G/N``, with the same minimiser and the same implicit
+    meta-gradient as ``G`` (float64, dense solve), and an SGD step ``η N`` on it equal to the
+    step ``η`` on ``G``; with a 3× larger support it is the step that the summed objective
+    would take at the original size, where the summed step is three times as long."""
+    from ibaml.linalg import Dense
+    batch = sine_tasks(2, torch.Generator().manual_seed(0), shots=10)
+    summed = shared_noise_learner("imaml", inner_steps=4, cg_steps=60)
+    mean = shared_noise_learner("imaml", inner_steps=4, cg_steps=60, per_point=True)
+    assert mean.method.per_point and not summed.method.per_point
+    meta = summed.meta_params()
+    task = {k: v[0] for k, v in batch.items()}
+    v0 = summed.problem.init(meta)
+    assert float(mean.problem.inner(v0, meta, task)) == pytest.approx(float(summed.problem.inner(v0, meta, task)) / 10,
+                                                                      rel=1e-12)
+    g_sum, g_mean = (summed.task_gradients(batch), mean.task_gradients(batch))
+    assert rel_err(g_mean.grads, g_sum.grads) < 1e-8          # CG's tolerance is relative: 10⁻¹⁰
+    for learner in (summed, mean):
+        learner.estimator = dataclasses.replace(learner.estimator, solver=Dense())
+    dense_sum, dense_mean = summed.task_gradients(batch), mean.task_gradients(batch)
+    assert rel_err(dense_mean.grads, dense_sum.grads) < 1e-10
+    # an SGD step of size 10 η on the mean is the step η on the sum
+    maml_sum = shared_noise_learner("maml", inner_lr=0.002, inner_steps=1)
+    maml_mean = shared_noise_learner("maml", inner_lr=0.02, inner_steps=1, per_point=True)
+    v_sum, _ = maml_sum.problem.solve(maml_sum.meta_params(), task)
+    v_mean, _ = maml_mean.problem.solve(maml_mean.meta_params(), task)
+    assert torch.allclose(v_sum["w"], v_mean["w"], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="per_point applies to MAP"):
+        shared_noise_learner("ibaml", per_point=True)

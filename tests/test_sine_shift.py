@@ -91,3 +91,18 @@ def test_nonfinite_method_is_reported_not_dropped(shift):
     # the unfinished run (a checkpoint without metrics.json) is listed, not evaluated
     assert payload["incomplete_runs"] == [str(tmp / "runs" / "shared" / "seed1" / "imaml" / "last.pt")]
     assert list(payload["models"]["shared"]["imaml"]["per_seed"]) == ["0"]
+
+
+def test_per_point_step_keeps_the_training_size_and_stays_finite_at_other_sizes(shift):
+    """``--per-point-step``: MAML adapted with its step on the mean support loss (the run's step
+    times its 10 training shots) gives the same 10-shot results as the run's own summed step, and
+    no non-finite task at 60 shots, where the summed step overflowed."""
+    tmp, run, payload = shift
+    per_point = sine_shift.main(["--runs", str(tmp / "runs"), "--out", str(tmp / "out_per_point"), "--tasks", "20",
+                                 "--shots", "1,10,60", "--x-bins=-10,10,5", "--amplitudes", "0.1:5,5:10",
+                                 "--methods", "maml", "--per-point-step"])
+    assert per_point["settings"]["per_point"] is True
+    summed = payload["models"]["shared"]["maml"]["per_seed"]["0"]["conditions"]["shots"]
+    mean = per_point["models"]["shared"]["maml"]["per_seed"]["0"]["conditions"]["shots"]
+    assert mean["10"]["raw"]["mse"] == pytest.approx(summed["10"]["raw"]["mse"], rel=1e-5)
+    assert summed["60"]["nonfinite_tasks"] > 0 and mean["60"]["nonfinite_tasks"] == 0
