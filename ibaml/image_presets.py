@@ -22,7 +22,7 @@ from torch import nn
 
 from .learner import MetaLearner
 from .likelihoods import CategoricalLikelihood
-from .presets import METHODS, build_learner, method_preset, resolve
+from .presets import METHODS, build_learner, method_recipe, resolve
 from .presets import inner_steps as preset_inner_steps
 
 __all__ = ["LOGIT_SCALE", "MAML_IMAGE_STEP", "logit_scale", "categorical_likelihood", "logit_scale_overrides",
@@ -92,8 +92,7 @@ def image_inner_lr(method: str, dataset: str, ways: int, shots: int, inner_optim
     >>> image_inner_lr("maml", "miniimagenet", 5, 1), image_inner_lr("imaml", "miniimagenet", 5, 1)
     (0.002, None)
     """
-    method, recipe = resolve(method, {"inner_optimizer": inner_optimizer})
-    optimizer = recipe.get("inner_optimizer") or method_preset(method, recipe.get("include"))["inner_optimizer"]
+    optimizer = method_recipe(method, inner_optimizer=inner_optimizer or None).inner_optimizer
     if optimizer == "sgd":
         return MAML_IMAGE_STEP[dataset] / (ways * shots)
     return 0.01 if optimizer == "adam" else None

@@ -245,30 +245,16 @@ def resolve(method: str, options: dict) -> tuple:
     return name, dict(options)
 
 
-def method_preset(method: str, include=None) -> dict:
-    """The defaults of ``method`` (:data:`PRESETS`), with :data:`FULL_NETWORK`'s for a prior
-    over every weight (``include="all"``, or the method's default where ``include`` is ``None``).
-
-    >>> method_preset("imaml")["precision"], method_preset("imaml", "all")["precision"]
-    (0.1, 2.0)
-    """
-    preset = dict(PRESETS[method])
-    if (preset["include"] if include is None else include) == "all":
-        preset.update(FULL_NETWORK.get(method, {}))
-    return preset
-
-
 def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[int] = None, include=None):
-    """``(meta-training steps, evaluation steps)``: the ones given, else the method's
-    (:func:`method_preset`; a name of :data:`RECIPES` included) and :data:`EVAL_STEPS_FACTOR`
+    """``(meta-training steps, evaluation steps)``: the ones given, else the method's recipe's
+    (:func:`method_recipe`; a name of :data:`RECIPES` included) and :data:`EVAL_STEPS_FACTOR`
     times those.
 
     >>> inner_steps("maml"), inner_steps("imaml", 5), inner_steps("maml", 3, 4), inner_steps("imaml-hf")
     ((5, 10), (5, 5), (3, 4), (10, 10))
     """
-    method, recipe = resolve(method, {"include": include, "inner_steps": steps})
-    steps = int(recipe.get("inner_steps") or method_preset(method, recipe.get("include"))["inner_steps"])
-    return steps, int(eval_steps or EVAL_STEPS_FACTOR.get(method, 1) * steps)
+    steps = int(method_recipe(method, include=include, inner_steps=steps or None).inner_steps)
+    return steps, int(eval_steps or EVAL_STEPS_FACTOR.get(resolve(method, {})[0], 1) * steps)
 
 
 def variants(method: str, include, likelihood: Optional[Likelihood] = None) -> list:
