@@ -21,12 +21,14 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(example: str, folder: Path, options: Sequence[str], keep: Optional[Path] = None) -> dict:
+def run_example(example: str, folder: Path, options: Sequence[str], keep: Optional[Path] = None,
+                force: bool = False) -> dict:
     """``python examples/<example> --out <run> --threads 1 --no-progress --overwrite <options>``
-    unless ``folder/metrics.json`` exists; returns that file's content. The run's own folder
-    (checkpoints, figures) is ``keep`` when given and kept, else a scratch folder removed after."""
+    unless ``folder/metrics.json`` exists (or with ``force``); returns that file's content. The
+    run's own folder (checkpoints, figures) is ``keep`` when given and kept, else a scratch
+    folder removed after."""
     metrics = folder / "metrics.json"
-    if not metrics.is_file():
+    if force or not metrics.is_file():
         scratch = keep or folder.parent / f"{folder.name}.run"
         cmd = [sys.executable, str(ROOT / "examples" / example), "--out", str(scratch), "--threads", "1",
                "--no-progress", "--overwrite", *map(str, options)]
@@ -43,13 +45,17 @@ def run_example(example: str, folder: Path, options: Sequence[str], keep: Option
 
 
 def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Optional[Path] = None,
-            out: Optional[Path] = None) -> list:
+            out: Optional[Path] = None, reevaluate: bool = False) -> list:
     """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given. With
-    ``keep_root``, each run's own folder is kept at ``keep_root / folder.relative_to(out)``."""
+    ``keep_root``, each run's own folder is kept at ``keep_root / folder.relative_to(out)``; with
+    ``reevaluate`` too, each run whose kept folder exists is evaluated again from its checkpoints
+    (``--resume``, no meta-training) and its metrics replaced."""
     def one(job):
         folder, options = job
-        return run_example(example, folder, options, None if keep_root is None else
-                           Path(keep_root) / Path(folder).relative_to(out))
+        keep = None if keep_root is None else Path(keep_root) / Path(folder).relative_to(out)
+        if reevaluate and keep is not None and keep.is_dir():
+            return run_example(example, folder, [*options, "--resume", keep], keep, force=True)
+        return run_example(example, folder, options, keep)
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, jobs))
 
@@ -82,6 +88,8 @@ def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentPa
     and the defaults given (``meta_iters``, ``eval_tasks``, ``val_tasks``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("stage", choices=("select", "final", "table"))
+    p.add_argument("--reevaluate", action="store_true",
+                   help="final: evaluate the kept runs (--keep-runs) again from their checkpoints, no meta-training")
     p.add_argument("--out", default=out)
     p.add_argument("--meta-iters", type=int, default=defaults["meta_iters"])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
@@ -89,6 +97,8 @@ def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentPa
     p.add_argument("--val-tasks", type=int, default=defaults["val_tasks"],
                    help="validation tasks of the post-hoc recalibration")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=None, metavar="A,B",
+                   help="only these methods, in this order: their final runs (and, for sine, their selection grids)")
     p.add_argument("--keep-runs", default=None, metavar="DIR",
                    help="keep the final runs' folders (checkpoints, figures) under DIR instead of removing them")
     return p

@@ -101,8 +101,8 @@ def final(args) -> dict:
     jobs = [(out / "runs" / f"{args.shots}shot" / f"seed{seed}" / method,
              ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
               "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
-            for seed in args.seeds for method in METHODS]
-    P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out)
+            for seed in args.seeds for method in (m for m in args.methods or METHODS if m in METHODS)]
+    P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out, reevaluate=args.reevaluate)
     return table(args)
 
 

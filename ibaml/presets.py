@@ -32,7 +32,7 @@ and :data:`RECIPES` names them:
 recipe      the method over every weight
 ==========  ==========================================================================
 imaml-gd    iMAML, λ = 2, 20 Adam steps, implicit
-imaml-hf    iMAML, λ = 2, 10 Hessian-free steps (5 CG iterations, a line search)
+imaml-hf    iMAML, λ = 2, 10 Hessian-free steps (5 CG iterations, adapted damping, a line search)
 ibaml-all   iBaML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 20 Adam steps, implicit
 abml-all    ABML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 10 SGD steps, explicit
 ==========  ==========================================================================
@@ -180,8 +180,10 @@ TASK_NOISE = {
 #: scaled, so the presets spend what the implicit gradient makes cheap in memory: many inner
 #: steps. iMAML-GD follows the paper's Omniglot recipe (λ = 2, 16–25 gradient steps) with Adam
 #: (per-weight steps that do not depend on the scale of a learned noise or of the features),
-#: iMAML-HF replaces them by Newton-CG steps (5 CG iterations) with a backtracking line search on
-#: ``G`` (:class:`ibaml.optim.NewtonCG`, ``line_search``). iBaML and ABML over all weights follow
+#: iMAML-HF replaces them by Newton-CG steps (5 CG iterations) on ``∇²G + μP`` with a
+#: Levenberg–Marquardt damping ``μ`` adapted per task and a backtracking line search on ``G``
+#: (:func:`ibaml.recipe.hessian_free`; ``adaptive_damping`` and ``line_search`` of
+#: :class:`ibaml.optim.NewtonCG`). iBaML and ABML over all weights follow
 #: the published variational recipes (``../notes``: a prior scale far below the weights', the KL
 #: down-weighted against the summed NLL, several antithetic draws, the posterior started at the
 #: prior); their KL weight and scale set the pull on the mean to ``β/σ² = 2``, iMAML's λ. ABML,

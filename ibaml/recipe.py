@@ -129,11 +129,16 @@ def newton_cg(lr=None, cg_iters: int = 10, prior_damping: float = 0.0, max_rho_s
     return NewtonCG(cg_iters=cg_iters, prior_damping=prior_damping, max_step=bounds)
 
 
-def hessian_free(cg_iters: int = 5, line_search: int = 6, damping: float = 0.0) -> NewtonCG:
+def hessian_free(cg_iters: int = 5, line_search: int = 6, damping: float = 0.0, initial_damping: float = 1.0,
+                 damping_factor: float = 3.0) -> NewtonCG:
     """The ``"hf"`` inner optimiser (iMAML-HF): Newton-CG steps with ``cg_iters`` CG iterations
-    on Hessian-vector products and a backtracking line search over ``line_search`` step sizes
-    ``1, 1/2, …`` (and 0) on the inner objective, so that every step decreases ``G``."""
-    return NewtonCG(cg_iters=cg_iters, damping=damping, line_search=line_search)
+    on Hessian-vector products of ``∇²G + μP`` (``P`` the prior's curvature), the
+    Levenberg–Marquardt damping ``μ`` adapted per task from ``initial_damping`` by the factor
+    ``damping_factor`` (:class:`ibaml.optim.NewtonCG`'s ``adaptive_damping``; ``0``: a fixed
+    ``μ``), and a backtracking line search over ``line_search`` step sizes ``1, 1/2, …`` (and 0)
+    on the inner objective, so that every step decreases ``G``."""
+    return NewtonCG(cg_iters=cg_iters, damping=damping, line_search=line_search, prior_damping=initial_damping,
+                    adaptive_damping=damping_factor)
 
 
 #: the inner optimisers by name, built from a recipe

@@ -50,6 +50,38 @@ def test_line_search_is_validated():
         NewtonCG(line_search=1.5)
 
 
+def test_adaptive_damping_follows_the_reduction_ratio():
+    """The Levenberg–Marquardt rule: on a quadratic the model is exact (ρ = 1), so μ falls by ω at
+    every step; where the damped Newton step overshoots (ρ < 1/4) the step is refused and μ rises
+    by ω."""
+    quadratic = lambda v: (torch.tensor([1.0, 3.0], dtype=DT) * (v["x"] - 1.0) ** 2).sum()
+    opt = NewtonCG(cg_iters=1, prior_damping=2.0, adaptive_damping=4.0)
+    v, state = {"x": torch.zeros(2, dtype=DT)}, opt.init({"x": torch.zeros(2, dtype=DT)})
+    for k in range(3):
+        v, state = opt.step(quadratic, v, state, curvature={"x": torch.ones(2, dtype=DT)})
+        assert float(state["prior_damping"]) == pytest.approx(2.0 / 4.0 ** (k + 1))
+    overshooting = lambda v: torch.sqrt(1 + v["x"] ** 2).sum()    # a Newton step from |x| > 1 overshoots
+    opt, v = NewtonCG(cg_iters=1, prior_damping=1e-3, adaptive_damping=4.0), {"x": torch.tensor([3.0], dtype=DT)}
+    v, state = opt.step(overshooting, v, opt.init(v), curvature={"x": torch.ones(1, dtype=DT)})
+    assert float(state["prior_damping"]) == pytest.approx(4e-3) and float(v["x"]) == 3.0   # refused, μ raised
+
+
+def test_adaptive_damping_without_line_search_never_increases_the_objective():
+    G = lambda v: torch.sqrt(1 + v["x"] ** 2).sum()
+    opt = NewtonCG(cg_iters=2, prior_damping=1e-3, adaptive_damping=3.0)
+    v = {"x": torch.tensor([1.5, -3.0], dtype=DT)}
+    state = opt.init(v)
+    values = [float(G(v))]
+    for _ in range(25):
+        v, state = opt.step(G, v, state, curvature={"x": torch.ones(2, dtype=DT)})
+        values.append(float(G(v)))
+    assert all(b <= a for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(2.0, abs=1e-8)
+    with pytest.raises(ValueError, match="adaptive_damping"):
+        NewtonCG(adaptive_damping=0.5)
+    with pytest.raises(ValueError, match="prior_damping"):
+        NewtonCG(adaptive_damping=3.0)
+
+
 def shared_noise_learner(name, **options):
     torch.manual_seed(0)
     net = MLP(1, (5, 5), 1, activation=torch.nn.Tanh).to(DT)
@@ -101,8 +133,9 @@ def test_ibaml_over_every_weight_meta_gradient_is_exact():
     tight solution the check needs. At β = 1 and σ = 0.3 they reach ||∇G|| < 10⁻¹¹; with a KL
     weighted 0.05 one task's fixed-draw problem still had ||∇G|| ≈ 1 after 60 such steps (its
     variance block is not convex)."""
-    learner = shared_noise_learner("ibaml-all", inner_optimizer=presets.hessian_free(cg_iters=20), inner_steps=100,
-                                   cg_steps=150, kl_weight=1.0, init_scale=0.3)
+    undamped = presets.hessian_free(cg_iters=20, initial_damping=0.0, damping_factor=0.0)
+    learner = shared_noise_learner("ibaml-all", inner_optimizer=undamped, inner_steps=100, cg_steps=150, kl_weight=1.0,
+                                   init_scale=0.3)
     check_preset_gradient(learner, sine_tasks(2, torch.Generator().manual_seed(0)), per_entry=False)
 
 

@@ -4,6 +4,8 @@ maximum likelihood, the model's means left where they are.
 * :func:`fit_logit_scale` — a softmax's logit scale (temperature scaling);
 * :func:`fit_variance_scale` — one factor on a regression predictive's variance (its analogue
   for regression: every method's predictive, whatever its noise model, can take it);
+* :func:`fit_variance_scale_and_tails` — that factor with the shape of a heavy-tailed family
+  (a Student-t's degrees of freedom, a log-normal scale mixture's spread) fitted with it;
 * :func:`fit_linear_noise_ratio` — the two coefficients of a per-task Gaussian noise ratio
   linear in each task's support evidence (the noise prior of
   :class:`ibaml.ConjugateNoiseGaussianLikelihood`, through its ``fit_prior_noise``);
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from .metrics import _as_float64
 from .student_t import student_t_log_density
-from .tails import gauss_hermite_normal, scale_mixture_log_density
+from .tails import LogNormalScale, StudentT, gauss_hermite_normal, scale_mixture_log_density
 
 
 def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
@@ -79,6 +81,41 @@ def fit_variance_scale(mu, var, y, tails=None) -> float:
     result = minimize_scalar(lambda log_c: float(tails.nll(mu, math.exp(log_c) * var, y).mean()),
                              bounds=(math.log(1e-4), math.log(1e4)), method="bounded", options={"xatol": 1e-5})
     return math.exp(result.x)
+
+
+def fit_variance_scale_and_tails(mu, var, y, family: str):
+    """The factor ``c`` on the predictive's squared scale and the shape of a heavy-tailed
+    ``family`` fitted together by maximum likelihood to held-out points, the means fixed:
+
+    * ``"student_t"``: ``y ~ t_ν(μ, c v)``, returns ``(c, StudentT(ν))``;
+    * ``"lognormal"``: ``y ~ E_u N(μ, c v e^{2τu})``, returns ``(c, LogNormalScale(τ))``
+      (:mod:`ibaml.calibration.tails`).
+
+    Pooled over tasks, the errors of a predictive whose width does not follow each task's
+    scale are a scale mixture, heavier-tailed than any one Gaussian; these families fit such
+    errors where :func:`fit_variance_scale` can only match their second moment. The fits are
+    :func:`fit_linear_noise_ratio_student_t` and :func:`fit_linear_noise_ratio_lognormal`
+    with no evidence term. ``mu``, ``var``, ``y`` are ``[T, N]``.
+
+    >>> _ = torch.manual_seed(0)
+    >>> mu, var = torch.zeros(500, 4), torch.ones(500, 4)
+    >>> y = 0.5 * torch.distributions.StudentT(3.0).sample((500, 4))
+    >>> c, tails = fit_variance_scale_and_tails(mu, var, y, "student_t")
+    >>> 0.2 < c < 0.3, 2.0 < tails.df < 4.5
+    (True, True)
+    """
+    mu, var, y = (_as_float64(n, t) for n, t in (("mu", mu), ("var", var), ("y", y)))
+    if not (mu.shape == var.shape == y.shape) or mu.dim() != 2:
+        raise ValueError(f"mu, var and y must be [T, N] of one shape, got {tuple(mu.shape)}, {tuple(var.shape)}, "
+                         f"{tuple(y.shape)}")
+    no_evidence = torch.zeros(mu.shape[0], dtype=torch.float64)
+    if family == "student_t":
+        c, _, df = fit_linear_noise_ratio_student_t(no_evidence, (y - mu) ** 2, var, start=(1.0, 1e-9))
+        return c, StudentT(df)
+    if family == "lognormal":
+        c, _, sd = fit_linear_noise_ratio_lognormal(no_evidence, (y - mu) ** 2, var, start=(1.0, 1e-9))
+        return c, LogNormalScale(sd)
+    raise ValueError(f"family must be 'student_t' or 'lognormal', got {family!r}")
 
 
 def _held_out_errors(evidence, squared_error, unit_variance) -> Tuple[Tensor, Tensor, Tensor]:
