@@ -27,8 +27,7 @@ import torch
 import ibaml
 from ibaml import distributed, presets, training
 from ibaml.baselines.dkt import DeepKernelGP
-from ibaml.calibration import (CalibrationReport, compare_markdown, fit_variance_scale, fit_variance_scale_and_tails,
-                               plot_predictive_grid)
+from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid, recalibrated_metrics
 from ibaml.checkpoint import CheckpointError
 from ibaml.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
 from ibaml.data.sine import SineTaskDistribution
@@ -163,20 +162,6 @@ def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> N
     report_in.plot_calibration_curve().savefig(folder / "calibration_curve.png", dpi=110, bbox_inches="tight")
 
 
-def recalibrated_families(held_out, evaluated) -> dict:
-    """Per heavy-tailed family, the factor and shape fitted to the held-out ``(μ, v, y)``
-    (:func:`ibaml.calibration.fit_variance_scale_and_tails`), its held-out NLL, and the metrics of
-    the recalibrated predictive on each evaluated set (in range, then ``out_of_range``)."""
-    families = {}
-    for family in ("student_t", "lognormal"):
-        scale, shape = fit_variance_scale_and_tails(*held_out, family)
-        (validation, inside, outside) = (CalibrationReport.regression(mu, scale * var, y, tails=shape).metrics
-                                         for mu, var, y in (held_out, *evaluated.values()))
-        families[family] = dict(inside, out_of_range=dict(outside), variance_scale=scale, tails=shape.describe(),
-                                validation_nll=validation["nll"]["mean"])
-    return families
-
-
 def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     """Meta-train (or resume) and evaluate one method: ``(metrics, report in range, out of range)``."""
     tasks, cfg, folder = SineTaskDistribution(shots=args.shots, query=args.query), run_config(method, args), out_dir / method
@@ -205,18 +190,14 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
                                             dtype=dtype).to(device)
     tails = getattr(getattr(model, "likelihood", None), "tails", None)
     held_out = outputs(method, model, val[:args.recalibration_tasks])
-    scale = fit_variance_scale(*held_out, tails=tails)
-    evaluated = {"x in [-5, 5]": outputs(method, model, in_range), "x in [5, 10]": outputs(method, model, out_range)}
-    (report_in, recal_in), (report_out, recal_out) = (
-        [CalibrationReport.regression(mu, c * var, y, name=f"{method} ({where})", tails=tails) for c in (1.0, scale)]
-        for where, (mu, var, y) in evaluated.items())
+    evaluated = {"in_range": outputs(method, model, in_range), "out_of_range": outputs(method, model, out_range)}
+    report_in, report_out = (CalibrationReport.regression(mu, var, y, name=f"{method} ({where})", tails=tails)
+                             for where, (mu, var, y) in zip(("x in [-5, 5]", "x in [5, 10]"), evaluated.values()))
     save_figures(method, model, in_range, report_in, folder)
-    result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result, recalibrated=dict(
-        recal_in.metrics, out_of_range=dict(recal_out.metrics), variance_scale=scale,
-        validation_nll=CalibrationReport.regression(held_out[0], scale * held_out[1], held_out[2],
-                                                    tails=tails).metrics["nll"]["mean"]), splits=splits(args))
+    result = dict(report_in.metrics, out_of_range=dict(report_out.metrics), **result, splits=splits(args),
+                  recalibrated=recalibrated_metrics(held_out, evaluated, tails=tails))
     if tails is None:   # the same post-hoc step with a heavy-tailed family's shape fitted beside the factor
-        result["recalibrated_tails"] = recalibrated_families(held_out, evaluated)
+        result["recalibrated_tails"] = {f: recalibrated_metrics(held_out, evaluated, f) for f in ("student_t", "lognormal")}
     if method != "dkt":   # the learned noise: a shared σ, or the conjugate task noise's prior
         result.update(model.likelihood.summary())
     (folder / "metrics.json").write_text(json.dumps(result, indent=2))

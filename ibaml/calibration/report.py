@@ -17,6 +17,7 @@ from .metrics import (DEFAULT_LEVELS, _check_bins, _check_classification, _check
                       gaussian_nll, mce, mean_ci95, mse, nll, pooled_calibration_error, pooled_ece,
                       reliability_bins)
 from .plots import _figure_and_axes
+from .recalibration import fit_variance_scale, fit_variance_scale_and_tails
 from .tails import describe
 
 
@@ -223,3 +224,31 @@ def compare_markdown(reports: Dict[str, CalibrationReport], keys: Optional[Itera
 
 
 # ----------------------------------------------------------------------------- predictive bands
+
+
+def recalibrated_metrics(held_out, evaluated: Dict[str, tuple], family: Optional[str] = None, tails=None) -> dict:
+    """A regression predictive recalibrated on held-out points and scored elsewhere: the factor
+    ``c`` on the variance (:func:`ibaml.calibration.fit_variance_scale`, the model's own
+    ``tails`` shape kept) or, with ``family`` (``"student_t"``, ``"lognormal"``), the factor and
+    that family's shape fitted together (:func:`ibaml.calibration.fit_variance_scale_and_tails`).
+
+    ``held_out`` and each value of ``evaluated`` (``{name: (μ, v, y)}``) are ``[T, N]``. Returns
+    the metrics of ``N(μ, c v)`` (or of the family) on the first evaluated set at the top level
+    and on each other set under its name, with ``variance_scale``, ``tails`` (the shape's
+    description, ``None`` for the Gaussian) and ``validation_nll`` (the held-out NLL at the fit).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> mu, var = torch.zeros(100, 5), torch.ones(100, 5)
+    >>> held_out, test = [(mu, var, 2 * torch.randn(100, 5, generator=g)) for _ in range(2)]
+    >>> fitted = recalibrated_metrics(held_out, {"test": test})
+    >>> 3.5 < fitted["variance_scale"] < 4.5, abs(fitted["coverage_90"]["mean"] - 0.9) < 0.05
+    (True, True)
+    """
+    if family is None:
+        scale, shape = fit_variance_scale(*held_out, tails=tails), tails
+    else:
+        scale, shape = fit_variance_scale_and_tails(*held_out, family)
+    validation, *scored = (CalibrationReport.regression(mu, scale * var, y, tails=shape).metrics
+                           for mu, var, y in (held_out, *evaluated.values()))
+    others = {name: dict(m) for name, m in zip(list(evaluated)[1:], scored[1:])}
+    return dict(scored[0], **others, variance_scale=scale, tails=describe(shape), validation_nll=validation["nll"]["mean"])
