@@ -78,6 +78,7 @@ def test_sine_protocol_table_json_is_its_runs():
 
 def test_sine_protocol_tables_are_their_json():
     assert_on_page(sine_protocol.markdown(protocol_summary()), SINE)
+    assert_on_page(sine_protocol.families_markdown(protocol_summary()), SINE)
 
 
 def test_readme_sine_headline_is_its_json():
