@@ -284,6 +284,15 @@ def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str
     return "\n".join(f"- {line}" for line in out)
 
 
+#: the sentences of :func:`findings` the README keeps (by their opening words)
+HEADLINE_FINDINGS = ("ibaml's MSE", "Recalibrated with a log-normal", "Of the three recalibrations", "Out of range")
+
+
+def headline_findings(text: str) -> str:
+    """The lines of :func:`findings`' ``text`` that open with one of :data:`HEADLINE_FINDINGS`."""
+    return "\n".join(line for line in text.splitlines() if line[2:].startswith(HEADLINE_FINDINGS))
+
+
 def table(args) -> dict:
     out = Path(args.out)
     summary = summarize(out)

@@ -96,11 +96,18 @@ def test_readme_sine_headline_is_its_json():
 def test_sine_protocol_sentences_hold_and_are_on_the_pages(page, noise):
     """The comparative sentences about iBaML in each noise model's table: written from the JSON
     with their margins by ``sine_protocol.findings``, which refuses a sentence the numbers
-    contradict."""
+    contradict. The sine page holds them all; the README its headline ones
+    (``sine_protocol.HEADLINE_FINDINGS``), and no other sentence of its sine summary."""
     text = sine_protocol.findings(protocol_summary(), noise)
     lines = page.read_text().splitlines()
-    missing = [line for line in text.splitlines() if line not in lines]
+    wanted = text.splitlines() if page == SINE else sine_protocol.headline_findings(text).splitlines()
+    missing = [line for line in wanted if line not in lines]
     assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
+    if page == README:
+        start, end = (lines.index(f"<!-- {m}protocol-summary -->") for m in ("", "/"))
+        both = text + "\n" + sine_protocol.findings(protocol_summary(), "conjugate" if noise == "shared" else "shared")
+        stray = [line for line in lines[start:end] if line.startswith("- ") and line not in both.splitlines()]
+        assert not stray, "README sentences the JSON does not back:\n" + "\n".join(stray)
 
 
 def test_sine_table_json_is_the_runs_metrics():
