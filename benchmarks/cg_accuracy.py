@@ -121,7 +121,7 @@ def implicit_gradients(learner, task, solvers):
                                            preconditioner=precond, hvp_mode=est.hvp_mode, at_solution=False)
             out[name] = ({k: gm[k] + res.meta_cotangent[k] for k in gm}, res.solve.residual_norm, b_norm)
         return out
-    return learner._vmap(per_task, task)
+    return learner.meta_problem.map_tasks(per_task, task)
 
 
 def flat(grads, task_index=None):

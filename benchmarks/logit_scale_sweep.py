@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from ibaml import training
 from ibaml.calibration import CalibrationReport
 from ibaml.cli import load_image_data
 from ibaml.data import EpisodeSampler
@@ -41,8 +40,8 @@ def test_outputs(example, folder: Path):
     sampler = EpisodeSampler.for_splits(splits, args.ways, args.shots, args.query, seed=args.seed, dtype=dtype)["test"]
     learner = example.make_learner(args, splits["train"].image_shape, device, dtype)
     learner.load_training_state(checkpoint["training"])
-    outputs, labels = training.task_outputs(learner, sampler.sample, args.eval_tasks, chunk=args.eval_chunk,
-                                            seed=20_000 + args.seed, generators=(sampler.generator,))
+    outputs, labels = learner.task_outputs(sampler.sample, args.eval_tasks, chunk=args.eval_chunk,
+                                         seed=20_000 + args.seed, generators=(sampler.generator,))
     return outputs, labels, float(learner.likelihood.scale.detach()), config
 
 

@@ -16,7 +16,7 @@ support sizes ``K ∈ {1, 3, 10, 30}`` it adapts to ``--tasks`` fresh ``K``-shot
 
 With ``--noise conjugate`` the noise prior's scale and evidence weight are first fitted to
 ``--noise-fit-tasks`` held-out 10-shot tasks, as the example does before it evaluates
-(:func:`ibaml.training.fit_noise_prior`, the same tasks), with the heavy-tailed predictive of
+(:meth:`ibaml.MetaLearner.fit_noise_prior`, the same tasks), with the heavy-tailed predictive of
 ``--noise-fit-tails`` (default: a log-normal scale mixture); its "variance" ``v`` is then the
 squared scale and its 90% interval ``mean ± z √v`` with that family's quantile ``z``. The posterior responds to
 data when both fall with ``K``. At ``K = 10`` it also reports the
@@ -103,7 +103,7 @@ def refit_per_shots(learner, tasks: int, fit_tasks: int, tails, query: int, seed
     for K in SHOTS:
         model = copy.deepcopy(learner)
         held_out = SineTaskDistribution(shots=K, query=query).sample(fit_tasks, torch.Generator().manual_seed(30_000 + K))
-        fitted = ibaml.training.fit_noise_prior(model, held_out, chunk=250, tails=tails)
+        fitted = model.fit_noise_prior(held_out, chunk=250, tails=tails)
         batch = SineTaskDistribution(shots=K, query=20).sample(tasks, torch.Generator().manual_seed(seed + K))
         mean, var = model.predict(model.adapt(batch.support_x, batch.support_y), batch.query_x)
         error = (batch.query_y - mean).abs()
@@ -148,7 +148,7 @@ def main(argv=None):
         if args.noise_fit_tasks and conjugate:
             held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
                 args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))
-            fitted = ibaml.training.fit_noise_prior(learner, held_out, chunk=250, tails=tails)
+            fitted = learner.fit_noise_prior(held_out, chunk=250, tails=tails)
         refit = (refit_per_shots(learner, args.tasks, args.noise_fit_tasks or 500, tails, cfg["query"])
                  if args.refit_per_shots and conjugate else None)
         results[method] = dict(response(learner, args.tasks), config=cfg, noise_prior_fit=fitted)

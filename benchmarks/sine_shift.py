@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import ibaml
-from ibaml import presets, training
+from ibaml import presets
 from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, fit_variance_scale
 from ibaml.checkpoint import load_checkpoint
@@ -274,8 +274,8 @@ def evaluate_run(run: dict, settings: dict) -> dict:
                                                  "cg_steps", "cg_damping", "meta_lr", "dtype")},
               "meta_iters": args.get("meta_iters"), "checkpoint_step": int(state["step"])}
     if noise_fit and hasattr(model.likelihood, "fit_prior_noise"):
-        fitted = training.fit_noise_prior(model, val.to(device), noise_fit, chunk=250,
-                                          tails=tail_family(args.get("noise_fit_tails", "lognormal")))
+        fitted = model.fit_noise_prior(val.to(device), noise_fit, chunk=250,
+                                       tails=tail_family(args.get("noise_fit_tails", "lognormal")))
         result["noise_prior_fit"] = fitted
     tails = getattr(getattr(model, "likelihood", None), "tails", None)
     v = val[:recal_tasks]

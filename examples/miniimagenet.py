@@ -157,9 +157,9 @@ def main(argv=None) -> dict:
     config = {k: v for k, v in vars(args).items() if k != "resume"}
 
     def outputs_of(split: str, num_tasks: int, seed: int):
-        return training.task_outputs(learner, samplers[split].sample, num_tasks, chunk=args.eval_chunk, seed=seed,
-                                     generators=(samplers[split].generator,), progress=progress,
-                                     desc=f"{args.method}, {split}")
+        return learner.task_outputs(samplers[split].sample, num_tasks, chunk=args.eval_chunk, seed=seed,
+                                    generators=(samplers[split].generator,), progress=progress,
+                                    desc=f"{args.method}, {split}")
 
     def learned_scale() -> float:
         return float(learner.likelihood.scale.detach())

@@ -182,8 +182,8 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     val = tasks.sample(max(args.noise_fit_tasks, args.recalibration_tasks), torch.Generator().manual_seed(
         30_000 + args.seed), dtype=dtype).to(device)
     if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
-        result["noise_prior_fit"] = training.fit_noise_prior(model, val, args.noise_fit_tasks, chunk=250,
-                                                             tails=tail_family(args.noise_fit_tails))
+        result["noise_prior_fit"] = model.fit_noise_prior(val, args.noise_fit_tasks, chunk=250,
+                                                          tails=tail_family(args.noise_fit_tails))
     inside, outside = evaluation_seeds(args)
     in_range = tasks.sample(args.eval_tasks, torch.Generator().manual_seed(inside), dtype=dtype).to(device)
     out_range = tasks.out_of_range().sample(args.eval_tasks, torch.Generator().manual_seed(outside),
@@ -242,5 +242,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with exit_on(CheckpointError, training.NonFiniteError):
+    with exit_on(CheckpointError, ibaml.NonFiniteError):
         main()

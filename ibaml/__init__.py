@@ -12,7 +12,9 @@ from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
 from .implicit_function import implicit_diff, implicit_vjp
 from .inference import MAP, Variational
 from .inner_loop import InnerLoop, TaskProblem
-from .learner import MetaLearner, NonFiniteError, Posterior
+from .learner import MetaLearner
+from .meta_problem import MetaProblem, Posterior
+from .nonfinite import NonFiniteError
 from .likelihoods import (CategoricalLikelihood, GaussianLikelihood, Likelihood,
                           TaskNoiseGaussianLikelihood)
 from .conjugate_noise import ConjugateNoiseGaussianLikelihood
@@ -23,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "linalg", "nets", "optim", "training", "meta_update", "evaluation",
-    "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem",
+    "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem", "MetaProblem",
     "HypergradEstimator", "Implicit", "Explicit", "FirstOrder", "MetaLearner", "NonFiniteError", "Posterior",
     "GaussianLikelihood", "ConjugateNoiseGaussianLikelihood", "TaskNoiseGaussianLikelihood", "CategoricalLikelihood", "Likelihood", "TaskModel", "build_learner", "METHODS",
 ]

@@ -42,7 +42,8 @@ from .checkpoint import load_checkpoint
 from .data.omniglot import parse_split_sizes
 from .data.splits import DATASETS, FIXTURE_KINDS, load_splits, write_fixture
 from .distributed import launch_world_size, launched_in_parallel
-from .training import LAST, NONFINITE_POLICIES, holds_run
+from .nonfinite import NONFINITE_POLICIES
+from .training import LAST, holds_run
 
 __all__ = ["add_run_options", "check_run_options", "RUN_MAY_CHANGE", "add_image_data_options",
            "check_image_data_options", "load_image_data", "IMAGE_DATA_MAY_CHANGE", "parse_resumable", "given_options",

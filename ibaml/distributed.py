@@ -312,9 +312,10 @@ def shard_bounds(num_tasks: int, rank: int, world_size: int) -> Tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def shard_tasks(task: Mapping[str, Tensor], rank: int, world_size: int) -> Dict[str, Tensor]:
-    """The tasks ``[start, stop)`` of every tensor of a task dict (leading task dimension)."""
-    num_tasks = task["support_x"].shape[0]
+def shard_tasks(task: Mapping[str, Tensor], rank: int, world_size: int, num_tasks: Optional[int] = None) -> Dict[str, Tensor]:
+    """The tasks ``[start, stop)`` of every tensor of a task dict (leading task dimension, of
+    ``num_tasks`` tasks; default the length of ``task["support_x"]``)."""
+    num_tasks = task["support_x"].shape[0] if num_tasks is None else num_tasks
     start, stop = shard_bounds(num_tasks, rank, world_size)
     return {k: v[start:stop] for k, v in task.items()}
 

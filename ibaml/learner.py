@@ -1,19 +1,19 @@
-"""``MetaLearner``: the per-task mathematics of meta-learning for a batch of tasks.
+"""``MetaLearner``: the trainer of a meta-learning problem.
 
-The per-task work (inner solve, hypergradient) runs under ``torch.func.vmap`` with an
-optional ``chunk_size``::
+It owns what a run changes: the meta-optimiser, the step count (``step_count``), the skipped
+tasks (:attr:`MetaLearner.skipped_tasks`), the random generator of the Monte Carlo draws, the
+non-finite policy and the process group, and it calls the pure problem
+(:class:`ibaml.meta_problem.MetaProblem`: network, prior, likelihood, inference method, inner
+loop and estimator as functions of θ, the tasks and their draws), never the reverse::
 
-    (F_t, g_t, diagnostics_t) = estimator.task_gradient(problem, θ, task_t)     vmapped over t
+    task, draws = prepare(batch), problem.noise_draws(T, generator)       once per step
+    (F_t, g_t, diagnostics_t) = problem.task_gradients(θ, task, draws)    mapped over t
+    θ ← meta_update.meta_step(problem, meta_optimizer, task, draws, ...)  step_count += 1
 
-(``task_batching="loop"`` runs the same per-task function in a Python loop instead, which is
-the default only for convolutional networks on the CPU, where ``vmap`` turns each convolution
-into a slower grouped one.)
-
-:meth:`MetaLearner.task_gradients` returns them per task, as tensors, with no host
-synchronisation. The policy around them (input checks, non-finite tasks, distributed
-reduction, the meta-optimiser's step) is in :mod:`ibaml.meta_update`, the training run
-(loop, checkpoints, evaluation) in :mod:`ibaml.training`. :meth:`MetaLearner.adapt` and
-:meth:`MetaLearner.predict` infer and predict new tasks.
+:meth:`MetaLearner.adapt` and :meth:`MetaLearner.predict` infer and predict new tasks with
+draws from the learner's generator; :meth:`MetaLearner.evaluate`, :meth:`MetaLearner.task_outputs`
+and :meth:`MetaLearner.fit_noise_prior` do it a chunk of tasks at a time
+(:mod:`ibaml.evaluation`); the training loop with checkpoints is :func:`ibaml.training.fit`.
 
 Example
 -------
@@ -37,47 +37,27 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
 
 from priors.base import Prior
 
-from . import distributed, evaluation, meta_update
-from .data.tasks import as_task_dict, validate_labels, validate_tasks
+from . import distributed, meta_update
+from .calibration import CalibrationReport
+from .data.tasks import as_task_dict
+from .evaluation import noise_prior_refit, over_chunks, prediction_report, query_outputs
 from .hypergrad import HypergradEstimator, Implicit, TaskGradient
-from .inference import MAP, Variational, task_noise_ratio
+from .inference import MAP, Variational
 from .inner_loop import InnerLoop, TaskProblem
-from .likelihoods import CategoricalLikelihood, Likelihood
+from .likelihoods import Likelihood
+from .meta_problem import TASK_BATCHING, MetaProblem, Posterior
 from .task_model import TaskModel
 from .optim import SGD
-from .nonfinite import NONFINITE_POLICIES, NonFiniteError
+from .nonfinite import NONFINITE_POLICIES
 
-
-@dataclass
-class Posterior:
-    """Adapted task parameters ``v`` (each leaf ``[T, ...]``) and the inference method that made them."""
-
-    params: Dict[str, Tensor]
-    method: Any
-    diagnostics: Dict[str, Tensor]
-    #: per task ``[T]``: ``σ_t²/σ²`` of a :class:`ibaml.ConjugateNoiseGaussianLikelihood`, else ``None``
-    noise_ratio: Optional[Tensor] = None
-
-    @property
-    def num_tasks(self) -> int:
-        return next(iter(self.params.values())).shape[0]
-
-    def mean(self) -> Tensor:
-        """Posterior mean (MAP: the mode) of the task weights ``[T, D]``."""
-        return self.params["w"] if "w" in self.params else self.params["mean"]
-
-    def variance(self) -> Optional[Tensor]:
-        """Mean-field variances ``[T, D]`` (``None`` for MAP)."""
-        return self.method.variance(self.params) if isinstance(self.method, Variational) else None
+Task = Dict[str, Tensor]
 
 
 def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, float]] = None):
@@ -97,16 +77,11 @@ def meta_param_groups(params: Dict[str, Tensor], overrides: Optional[Dict[str, f
             for key, ps in groups.items() if ps]
 
 
-TASK_BATCHING = ("auto", "vmap", "loop")
-
-
-def loop_over_tasks(fn, *args):
-    """``fn`` applied to each task's slice of ``args`` (pytrees of tensors with a leading task
-    dimension) in a Python loop, the outputs stacked: what ``torch.func.vmap(fn)(*args)``
-    computes, one task at a time."""
-    leaves = [x for x in tree_flatten(args)[0] if isinstance(x, Tensor)]
-    outputs = [fn(*tree_map(lambda x: x[t] if isinstance(x, Tensor) else x, args)) for t in range(leaves[0].shape[0])]
-    return tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], Tensor) else xs[0], *outputs)
+def _problem_setting(name: str, writable: bool = True) -> property:
+    """A property of :class:`MetaLearner` that reads (and, if ``writable``, sets) ``meta_problem.<name>``."""
+    getter = lambda self: getattr(self.meta_problem, name)
+    setter = (lambda self, value: setattr(self.meta_problem, name, value)) if writable else None
+    return property(getter, setter, doc=f"``meta_problem.{name}`` (:class:`ibaml.meta_problem.MetaProblem`).")
 
 
 class MetaLearner(nn.Module):
@@ -205,29 +180,33 @@ class MetaLearner(nn.Module):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         self.model = TaskModel(net, prior, likelihood)
-        self.method = method
-        self.estimator = Implicit() if estimator is None else estimator
-        self.inner_loop = InnerLoop(SGD(lr=0.01) if inner_optimizer is None else inner_optimizer, inner_steps)
-        self.eval_inner_steps = inner_steps if eval_inner_steps is None else int(eval_inner_steps)
-        self.problem = TaskProblem(self.model, self.method, self.inner_loop)
-        self.chunk_size = chunk_size
-        self.task_batching = task_batching
-        self.num_predictive_samples = int(num_predictive_samples)
-        self.hyper_weight = float(hyper_weight)
+        self.meta_problem = MetaProblem(
+            self.model, method, Implicit() if estimator is None else estimator,
+            InnerLoop(SGD(lr=0.01) if inner_optimizer is None else inner_optimizer, inner_steps),
+            eval_inner_steps=eval_inner_steps, chunk_size=chunk_size, task_batching=task_batching,
+            num_predictive_samples=num_predictive_samples, hyper_weight=hyper_weight, num_classes=num_classes)
         self.nonfinite = nonfinite
-        self.num_classes = num_classes
         optimizer_cls = torch.optim.Adam if meta_optimizer is None else meta_optimizer
         self.meta_optimizer = optimizer_cls(meta_param_groups(self.model.meta_parameters(), meta_lr_overrides),
                                             lr=meta_lr)
         self.generator = torch.Generator(device=prior.initial_weights.device).manual_seed(seed)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.skipped_tasks = 0
-        self._output_width: Optional[int] = None
         self.process_group = process_group
         if process_group is not None:
             distributed.broadcast_state(self, self.generator, group=process_group)
 
-    # ------------------------------------------------------------------ helpers
+    method = _problem_setting("method", writable=False)
+    inner_loop = _problem_setting("inner_loop", writable=False)
+    problem = _problem_setting("task_problem", writable=False)
+    estimator = _problem_setting("estimator")
+    chunk_size = _problem_setting("chunk_size")
+    task_batching = _problem_setting("task_batching")
+    eval_inner_steps = _problem_setting("eval_inner_steps")
+    num_predictive_samples = _problem_setting("num_predictive_samples")
+    hyper_weight = _problem_setting("hyper_weight")
+    num_classes = _problem_setting("num_classes")
+
     @property
     def prior(self) -> Prior:
         return self.model.prior
@@ -238,150 +217,173 @@ class MetaLearner(nn.Module):
 
     def meta_params(self, detach: bool = True) -> Dict[str, Tensor]:
         """The meta-parameter dict θ (detached by default)."""
-        return {k: (p.detach() if detach else p) for k, p in self.model.meta_parameters().items()}
+        return self.meta_problem.meta_params(detach)
 
-    def num_outputs(self, task: Dict[str, Tensor]) -> int:
-        """Width of the network's output (classification: the number of classes), found by one
-        forward pass on one example the first time and kept: the architecture does not change."""
-        if self._output_width is None:
-            meta = self.meta_params()
-            x = task["support_x"][0, :1].to(device=self.prior.initial_weights.device,
-                                            dtype=self.prior.initial_weights.dtype)
-            with torch.no_grad():
-                self._output_width = int(self.model.net_output(meta, self.model.prior_call(meta, "location"),
-                                                               x).shape[-1])
-        return self._output_width
+    def batching(self) -> str:
+        """``"vmap"`` or ``"loop"``: :attr:`task_batching`, with ``"auto"`` resolved for the
+        network and its device."""
+        return self.meta_problem.batching()
 
-    def check_tasks(self, batch) -> None:
-        """:func:`ibaml.data.tasks.validate_tasks` with this learner's number of classes
-        (classification: ``num_classes``, else the network's output width)."""
-        task = as_task_dict(batch)
-        num_classes = None
-        if isinstance(self.likelihood, CategoricalLikelihood):
-            num_classes = self.num_classes
-        validate_tasks(task, num_classes)
-        if isinstance(self.likelihood, CategoricalLikelihood) and num_classes is None:
-            validate_labels(task, self.num_outputs(task))
-
-    def prepare(self, batch, validate: bool = True) -> Dict[str, Tensor]:
-        """The batch as a dict on the learner's device and dtype (integer labels keep theirs),
-        checked first (:meth:`check_tasks`, which reads values on the host) unless
-        ``validate=False``, with the inference method's noise of this step
-        (``method.task_noise``, drawn from the learner's generator) unless already present."""
+    # ------------------------------------------------------------------ tasks and their draws
+    def task_and_draws(self, batch, validate: bool = True) -> Tuple[Task, Task]:
+        """``(task, draws)``: the batch as a dict on the learner's device and dtype (integer
+        labels keep theirs), checked first (:meth:`ibaml.meta_problem.MetaProblem.check_tasks`,
+        which reads values on the host) unless ``validate=False``, and the inference method's
+        draws of this step: those the batch carries (a dict from :meth:`prepare`), else new ones
+        from the learner's generator."""
         task = as_task_dict(batch)
         if validate:
-            self.check_tasks(task)
-        dtype, device = self.prior.initial_weights.dtype, self.prior.initial_weights.device
-        task = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in task.items()}
-        if not any(key.startswith("eps_") for key in task):   # this step's draws, once
-            noise = self.method.task_noise(task["support_x"].shape[0], self.prior.dim, self.generator, dtype=dtype)
-            task.update({key: eps.to(device) for key, eps in noise.items()})
-        return task
+            self.meta_problem.check_tasks(task)
+        task = self.meta_problem.to_device(task)
+        draw_keys = [key for key in task if key.startswith("eps_")]
+        if draw_keys:
+            return {k: v for k, v in task.items() if k not in draw_keys}, {k: task[k] for k in draw_keys}
+        return task, self.meta_problem.noise_draws(task["support_x"].shape[0], self.generator)
+
+    def prepare(self, batch, validate: bool = True) -> Task:
+        """The task dict of :meth:`task_and_draws` with its draws merged in: a batch whose
+        draws are fixed, so that :meth:`task_gradients` on it is a pure function of θ."""
+        task, draws = self.task_and_draws(batch, validate)
+        return dict(task, **draws)
 
     # ------------------------------------------------------------------ meta-training
     def task_gradients(self, batch, meta: Optional[Dict[str, Tensor]] = None) -> TaskGradient:
         """Per-task losses ``F_t [T]``, meta-gradients ``g_t`` (each leaf ``[T, ...]``) and
         diagnostics (each ``[T]``) of the estimator at ``θ = meta`` (default: the current
-        meta-parameters), vmapped over the tasks, with no host synchronisation and no update::
-
-            (F_t, g_t, diagnostics_t) = estimator.task_gradient(problem, θ, task_t)
-
-        ``batch`` is a :class:`ibaml.data.TaskBatch` or a dict; it is not validated here (see
-        :meth:`prepare`, :func:`ibaml.meta_update.meta_gradient`), and a dict from :meth:`prepare`
-        keeps its noise draws, so the same call is a pure function of ``(meta, batch)``."""
-        task = self.prepare(batch, validate=False)
-        meta = self.meta_params() if meta is None else meta
-        return self._vmap(lambda t: self.estimator.task_gradient(self.problem, meta, t), task)
-
-    def batching(self) -> str:
-        """``"vmap"`` or ``"loop"``: :attr:`task_batching`, with ``"auto"`` resolved for the
-        network and its device."""
-        if self.task_batching != "auto":
-            return self.task_batching
-        on_cpu = self.prior.initial_weights.device.type == "cpu"
-        convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.net.modules())
-        return "loop" if on_cpu and convolutional else "vmap"
-
-    def _vmap(self, fn, *args):
-        if self.batching() == "loop":
-            return loop_over_tasks(fn, *args)
-        return torch.func.vmap(fn, chunk_size=self.chunk_size)(*args)
+        meta-parameters), with no host synchronisation and no update
+        (:meth:`ibaml.meta_problem.MetaProblem.task_gradients`). ``batch`` is not validated here;
+        a dict from :meth:`prepare` keeps its draws."""
+        task, draws = self.task_and_draws(batch, validate=False)
+        return self.meta_problem.task_gradients(self.meta_params() if meta is None else meta, task, draws)
 
     def meta_gradient(self, batch, *, validate: bool = True, check: bool = True) -> meta_update.MetaGradient:
-        """The mean meta-gradient over the finite tasks, :func:`ibaml.meta_update.meta_gradient`."""
-        return meta_update.meta_gradient(self, batch, validate=validate, check=check)
+        """The mean meta-gradient over the finite tasks, :func:`ibaml.meta_update.meta_gradient`
+        with this learner's draws, non-finite policy and process group."""
+        task, draws = self.task_and_draws(batch, validate)
+        return meta_update.meta_gradient(self.meta_problem, task, draws, nonfinite=self.nonfinite,
+                                         process_group=self.process_group, check=check)
 
     def meta_step(self, batch, *, validate: bool = True, check: bool = True) -> Dict[str, Any]:
-        """One meta-update, :func:`ibaml.meta_update.meta_step` (its statistics are returned);
-        ``validate=False, check=False`` reads nothing on the host (:func:`ibaml.meta_update.read_stats`)."""
-        return meta_update.meta_step(self, batch, validate=validate, check=check)
+        """One meta-update (:func:`ibaml.meta_update.meta_step` with the learner's meta-optimiser),
+        counted in ``step_count`` and, with ``check``, its skipped tasks in :attr:`skipped_tasks`;
+        returns its statistics. ``validate=False, check=False`` reads nothing on the host
+        (:meth:`read_stats` applies the policy later)."""
+        task, draws = self.task_and_draws(batch, validate)
+        stats = meta_update.meta_step(self.meta_problem, self.meta_optimizer, task, draws, nonfinite=self.nonfinite,
+                                      process_group=self.process_group, check=check)
+        self.step_count += 1
+        if check:
+            self.skipped_tasks += int(stats["skipped"])
+        return stats
+
+    def read_stats(self, stats: Dict[str, Any]) -> Dict[str, Any]:
+        """The statistics of a ``meta_step(..., check=False)`` read on the host (numbers), with the
+        learner's non-finite policy applied: the skipped tasks are added to :attr:`skipped_tasks`,
+        and :class:`ibaml.NonFiniteError` is raised if any task failed under ``"raise"`` or every
+        task failed under ``"skip"`` (the parameters were not moved by them)."""
+        values, causes, num_tasks = meta_update.read_stats(stats)
+        self.skipped_tasks += values["skipped"]
+        meta_update.apply_nonfinite_policy(self.nonfinite, values["skipped"], causes, num_tasks)
+        return values
 
     # ------------------------------------------------------------------ adaptation and prediction
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Posterior:
-        """Task inference on support sets ``[T, S, ...]``: a :class:`Posterior` per task."""
-        task = self.prepare({"support_x": support_x, "support_y": support_y})
-        meta = self.meta_params()
-        steps = self.eval_inner_steps if steps is None else int(steps)
-
-        conjugate_noise = hasattr(self.likelihood, "noise_ratio")
-
-        def solve(t):
-            v, diag = self.problem.solve(meta, t, differentiable=False, steps=steps)
-            extra = {"noise_ratio": task_noise_ratio(self.model, meta, self.method.point(v), t)} if conjugate_noise else {}
-            return v, diag._asdict(), extra
-
-        params, diagnostics, extra = self._vmap(solve, task)
-        ratio = extra.get("noise_ratio")
-        return Posterior(params, self.method, diagnostics, None if ratio is None else ratio.detach())
+        """Task inference on support sets ``[T, S, ...]``: a :class:`Posterior` per task
+        (:meth:`ibaml.meta_problem.MetaProblem.adapt` with draws from the learner's generator)."""
+        task, draws = self.task_and_draws({"support_x": support_x, "support_y": support_y})
+        return self.meta_problem.adapt(self.meta_params(), task, draws, steps)
 
     def posterior_outputs(self, posterior: Posterior, x: Tensor, num_samples: Optional[int] = None) -> Tensor:
         """Network outputs at posterior draws: ``[T, S, N, ...]`` for inputs ``x [T, N, ...]``."""
-        meta = self.meta_params()
-        dtype = self.prior.initial_weights.dtype
-        x = x.to(device=self.prior.initial_weights.device, dtype=dtype)
-        S = 1 if isinstance(posterior.method, MAP) else (num_samples or self.num_predictive_samples)
-        eps = posterior.method.draws(x.shape[0], S, self.prior.dim, self.generator, dtype=dtype).to(x.device)
-
-        def per_task(v, eps_t, x_t):
-            return self.model.net_outputs(meta, posterior.method.weight_samples(v, eps_t), x_t)
-
-        return self._vmap(per_task, posterior.params, eps, x)
+        eps = self.meta_problem.predictive_draws(posterior, x.shape[0], self.generator, num_samples)
+        return self.meta_problem.posterior_outputs(self.meta_params(), posterior, x, eps)
 
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: Optional[int] = None):
-        """Posterior predictive at ``x [T, N, ...]``.
+        """Posterior predictive at ``x [T, N, ...]`` (:meth:`ibaml.meta_problem.MetaProblem.predict`,
+        with ``num_samples`` draws from the learner's generator where the predictive needs them):
+        regression ``(mean, var)`` each ``[T, N, d]``, classification probabilities ``[T, N, C]``."""
+        eps = None
+        if not self.meta_problem.exact_predictive(posterior):
+            eps = self.meta_problem.predictive_draws(posterior, x.shape[0], self.generator, num_samples)
+        return self.meta_problem.predict(self.meta_params(), posterior, x, eps)
 
-        Regression (Gaussian likelihood): ``(mean, var)`` each ``[T, N, d]`` with
-        ``var = Var_s f(x; w_s) + σ²`` (times the task's ``posterior.noise_ratio`` where the noise is
-        inferred per task, :class:`ibaml.ConjugateNoiseGaussianLikelihood`); for a variational
-        posterior over a linear head with the linearised expectation the outputs are Gaussian and
-        the predictive is exact, ``var = φ(x)²ᵀ s + σ²``, with no draws (``num_samples`` unused).
-        Where the likelihood's predictive is heavy-tailed (``likelihood.tails`` not ``None``, after
-        :func:`ibaml.training.fit_noise_prior` with ``tails``), ``var`` is its squared scale.
-        Classification: probabilities ``[T, N, C]`` averaged over posterior draws."""
-        meta = self.meta_params()
-        method = posterior.method
-        extra = () if posterior.noise_ratio is None else (posterior.noise_ratio,)
-        if (isinstance(method, Variational) and method.expectation == "linearized"
-                and hasattr(self.likelihood, "predictive_gaussian_outputs")):
-            x = x.to(device=self.prior.initial_weights.device, dtype=self.prior.initial_weights.dtype)
+    # ------------------------------------------------------------------ chunked evaluation
+    def _over_chunks(self, per_chunk, tasks, num_tasks, chunk, seed, generators, progress, desc, steps):
+        """:func:`ibaml.evaluation.over_chunks` of ``per_chunk(posterior, batch)`` after adapting to
+        each chunk's support sets, with the learner's generator reseeded too."""
+        def adapted(batch):
+            return per_chunk(self.adapt(batch["support_x"], batch["support_y"], steps=steps), batch)
 
-            def exact(v, x_t, *ratio):   # a linear-Gaussian head: the outputs are Gaussian, no draws needed
-                out_mean, out_var = self.model.head_outputs(meta, method.point(v), method.variance(v), x_t)
-                return self.model.likelihood_call(meta, "predictive_gaussian_outputs", out_mean, out_var, *ratio)
+        return over_chunks(adapted, tasks, num_tasks, chunk=chunk, seed=seed, generators=(self.generator, *generators),
+                           progress=progress, desc=desc)
 
-            return torch.func.vmap(exact, chunk_size=self.chunk_size)(posterior.params, x, *extra)
-        outputs = self.posterior_outputs(posterior, x, num_samples)
-        if posterior.noise_ratio is not None:   # each task's inferred noise (ConjugateNoiseGaussianLikelihood)
-            return torch.func.vmap(lambda o, r: self.model.likelihood_call(meta, "predictive", o, r))(
-                outputs, posterior.noise_ratio)
-        return torch.func.vmap(lambda o: self.model.likelihood_call(meta, "predictive", o))(outputs)
+    def evaluate(self, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+                 seed: Optional[int] = None, generators=(), steps: Optional[int] = None,
+                 num_samples: Optional[int] = None, name: str = "", progress: bool = False) -> CalibrationReport:
+        """Adapt on each task's support set, predict its query set, ``chunk`` tasks at a time, and
+        return a :class:`ibaml.calibration.CalibrationReport` over all of them (regression: the
+        predictive mean and variance, or squared scale where the likelihood's predictive is
+        heavy-tailed, ``likelihood.tails``; classification: the predictive class probabilities).
+        Tasks whose predictions are not finite raise :class:`ibaml.NonFiniteError` naming them.
+        ``tasks``, ``num_tasks``, ``seed`` and ``generators`` as in :meth:`task_outputs`.
 
-    def evaluate(self, batch, steps: Optional[int] = None, num_samples: Optional[int] = None, name: str = "",
-                 chunk: Optional[int] = None):
-        """Adapt on each task's support set, predict its query set, and return a
-        :class:`ibaml.calibration.CalibrationReport` (:func:`ibaml.evaluation.evaluate`)."""
-        return evaluation.evaluate(self, batch, chunk=chunk, steps=steps, num_samples=num_samples, name=name)
+        >>> learner = ibaml.build_learner("imaml", MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), inner_steps=2)
+        >>> report = learner.evaluate(tasks.sample(8, generator), chunk=4)
+        >>> sorted(report.metrics)[:3], report.metrics["mse"]["mean"] > 0
+        (['calibration_error', 'coverage_50', 'coverage_90'], True)
+        """
+        results = self._over_chunks(lambda post, b: self.predict(post, b["query_x"], num_samples), tasks, num_tasks,
+                                    chunk, seed, generators, progress, name or "evaluate", steps)
+        return prediction_report(results, name, getattr(self.likelihood, "tails", None))
+
+    def task_outputs(self, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+                     seed: Optional[int] = None, generators=(), progress: bool = False, desc: str = "evaluate"):
+        """Adapt to the tasks ``chunk`` at a time and return the network's query outputs at the
+        posterior draws ``[T, S, N, ...]`` (``S = 1`` for a point estimate, on the CPU in float64)
+        and the query targets ``[T, N, ...]``.
+
+        ``tasks`` is a batch or a sampler ``tasks(n)`` (then ``num_tasks`` is needed). With
+        ``seed``, the learner's generator and ``generators`` (e.g. the sampler's) start from
+        ``seed``, so every call sees the same tasks and draws, and are restored afterwards."""
+        results = self._over_chunks(
+            lambda post, b: self.posterior_outputs(post, b["query_x"]).detach().double().cpu(),
+            tasks, num_tasks, chunk, seed, generators, progress, desc, None)
+        return query_outputs(results)
+
+    def fit_noise_prior(self, tasks, num_tasks: Optional[int] = None, *, chunk: Optional[int] = None,
+                        seed: Optional[int] = None, generators=(), steps: Optional[int] = None,
+                        progress: bool = False, tails: Optional[str] = None) -> dict:
+        """Fit the predictive's noise to held-out tasks: adapt to their support sets, predict their
+        query sets, and set the prior noise ``s₀`` and evidence scale ``γ`` of the learner's
+        :class:`ibaml.ConjugateNoiseGaussianLikelihood` to the maximisers of the query
+        log-likelihood (:func:`ibaml.calibration.recalibration.refit_noise_prior`; the network,
+        the prior and ``a₀`` unchanged, so the predictive means do not move); with
+        ``tails="lognormal"`` or ``"student_t"`` the predictive becomes that heavy-tailed family,
+        its shape fitted too (``likelihood.tails``). Returns ``{"prior_noise": (before, after),
+        "evidence_scale": (before, after), "tails": (before, after), "tasks": T}`` (a family as
+        ``{"family", ...}``, ``None`` for the Gaussian). ``tasks``, ``num_tasks``, ``seed`` and
+        ``generators`` as in :meth:`task_outputs`.
+
+        Meta-training learns ``s₀`` and ``γ`` too, but slowly (their meta learning rate is that of
+        the network) and under an objective in which they also weigh the tasks against each other;
+        this is the closed-loop step that makes the predictive's width match the held-out errors.
+
+        >>> likelihood = ibaml.presets.regression_likelihood("conjugate", 5.0, False)
+        >>> learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1), likelihood, inner_steps=2)
+        >>> held_out = tasks.sample(50, torch.Generator().manual_seed(0))
+        >>> fitted = learner.fit_noise_prior(held_out, tails="lognormal")
+        >>> fitted["tails"][1]["family"], learner.likelihood.tails.sd > 0
+        ('lognormal_scale', True)
+        """
+        likelihood = self.likelihood
+        if not hasattr(likelihood, "fit_prior_noise"):
+            raise TypeError(f"fit_noise_prior needs a ConjugateNoiseGaussianLikelihood, the learner has "
+                            f"{type(likelihood).__name__}")
+        results = self._over_chunks(lambda post, b: (self.predict(post, b["query_x"]), post.noise_ratio,
+                                                     b["support_y"][0].numel()),
+                                    tasks, num_tasks, chunk, seed, generators, progress, "fit noise prior", steps)
+        return noise_prior_refit(likelihood, results, tails)
 
     # ------------------------------------------------------------------ state
     def training_state(self) -> Dict[str, Any]:

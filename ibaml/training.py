@@ -1,9 +1,7 @@
-"""The training run: one meta-step on top of :meth:`ibaml.MetaLearner.task_gradients` and the loop
-with checkpoints and exact resume (:func:`fit`); chunked evaluation is :mod:`ibaml.evaluation`
-(its :func:`evaluate` and :func:`task_outputs` are importable from here too).
+"""The training run: the loop of meta-steps with checkpoints and exact resume (:func:`fit`).
 
-One meta-step on a batch of ``T`` tasks (:func:`meta_gradient`, :func:`meta_step`,
-:func:`read_stats`, defined in :mod:`ibaml.meta_update` and importable from here)::
+One meta-step on a batch of ``T`` tasks (:meth:`ibaml.MetaLearner.meta_step`, the update of
+:mod:`ibaml.meta_update`)::
 
     g = (1/N) Σ_{t finite} g_t,   θ ← meta_optimizer.step(θ, g − hyper_weight · ∇_θ log p_hyper(θ))
 
@@ -27,7 +25,7 @@ Example
 >>> result = fit(learner, lambda: tasks.sample(4, gen), 3, folder=folder, rng={"tasks": gen}, progress=False)
 >>> result.step, sorted(p.name for p in Path(folder).iterdir())
 (3, ['last.pt'])
->>> evaluate(learner, tasks.sample(8, gen), chunk=4).metrics["mse"]["mean"] > 0
+>>> learner.evaluate(tasks.sample(8, gen), chunk=4).metrics["mse"]["mean"] > 0
 True
 """
 
@@ -43,15 +41,10 @@ import torch
 
 from .checkpoint import CheckpointError, load_on_main, remove_stale_temporaries, restore_rng_state, rng_state, \
     save_checkpoint
-from .evaluation import evaluate, fit_noise_prior, task_outputs  # noqa: F401  (ibaml.training.evaluate)
-from .meta_update import MetaGradient, meta_gradient, meta_step, read_stats, reduce_task_gradients  # noqa: F401
-from .nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401
 from .progress import progress_bar
 
-__all__ = ["fit", "FitResult", "TailMeans", "RunExistsError", "default_read_every", "GPU_READ_EVERY", "holds_run", "clean_folder",
-           # re-exported: the meta-step (ibaml.meta_update) and evaluation (ibaml.evaluation)
-           "MetaGradient", "reduce_task_gradients", "meta_gradient", "meta_step", "read_stats", "evaluate",
-           "task_outputs", "fit_noise_prior", "NONFINITE_POLICIES", "NonFiniteError"]
+__all__ = ["fit", "FitResult", "TailMeans", "WindowMeans", "RunExistsError", "default_read_every", "GPU_READ_EVERY",
+           "holds_run", "clean_folder"]
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -181,7 +174,8 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
     """Meta-train ``learner`` for ``steps`` meta-steps on batches ``sample_tasks()``.
 
     Args:
-        learner: a :class:`ibaml.MetaLearner` (or any object with ``meta_step(batch)``,
+        learner: a :class:`ibaml.MetaLearner` (or any object with ``meta_step(batch)`` (and
+            ``read_stats(stats)`` where ``read_every > 1``),
             ``training_state()``, ``load_training_state(state)``, ``state_dict()`` and
             ``load_state_dict(state)``).
         sample_tasks: draws the next meta-batch; its random sources must be named in ``rng``
@@ -224,7 +218,7 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         read_every: read the statistics on the host every ``N`` meta-steps (and at every
             checkpoint, validation and the last step). ``1`` (the default): every step checks its
             batch and applies the non-finite policy at once. ``N > 1``: the steps between reads
-            are :func:`meta_step` with ``validate=False, check=False``, which read nothing on the
+            are :meth:`ibaml.MetaLearner.meta_step` with ``validate=False, check=False``, which read nothing on the
             host, so that a GPU is never waited for; the tasks that fail are masked out at once
             and counted, and the policy (``"raise"`` or ``"skip"``) is applied to them at the
             next read, up to ``N − 1`` steps late. Only the first batch is validated
@@ -313,7 +307,7 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
             pending.append(stats)
             if reads(done):
                 for raw in pending:   # the policy applied in step order: the first failing step raises
-                    stats = read_stats(learner, raw)
+                    stats = learner.read_stats(raw)
                 pending = []
         elapsed = time.perf_counter() - clock
         seconds, run_seconds = seconds + elapsed, run_seconds + elapsed

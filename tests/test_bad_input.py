@@ -22,7 +22,7 @@ import priors
 from ibaml.checkpoint import CheckpointError
 from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet, load_omniglot, write_miniimagenet_fixture,
                         write_omniglot_fixture)
-from ibaml.learner import NonFiniteError
+from ibaml import NonFiniteError
 from ibaml.linalg import CG, SolveResult
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ sys.path[:0] = [os.path.join(root, "tests"), os.path.join(root, "examples")]
 from conftest import sine_tasks
 import ibaml
 from ibaml import distributed
-from ibaml.learner import NonFiniteError
+from ibaml import NonFiniteError
 
 torch.set_num_threads(1)
 ctx = distributed.init_from_env("cpu")

@@ -71,5 +71,5 @@ def test_import_ibaml_exposes_its_run_modules():
     """``import ibaml`` alone gives ``ibaml.training.fit`` (the notebooks' and README's spelling)."""
     import subprocess
     import sys
-    code = "import ibaml; ibaml.training.fit; ibaml.meta_update.meta_step; ibaml.evaluation.evaluate; ibaml.nets.MLP"
+    code = "import ibaml; ibaml.training.fit; ibaml.meta_update.meta_step; ibaml.evaluation.over_chunks; ibaml.nets.MLP"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

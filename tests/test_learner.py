@@ -6,7 +6,7 @@ from conftest import assert_task_gradients_equal_plain_loop, sine_tasks
 
 import ibaml
 import priors
-from ibaml.learner import NonFiniteError
+from ibaml import NonFiniteError
 
 
 def small_net(dtype=torch.float64):

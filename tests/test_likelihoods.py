@@ -302,7 +302,6 @@ def test_fit_prior_noise_sets_the_maximiser_of_the_held_out_likelihood():
 
 
 def test_fit_noise_prior_on_held_out_tasks_keeps_the_means_and_fits_the_widths():
-    from ibaml import training
     from ibaml.data.sine import SineTaskDistribution
     torch.manual_seed(0)
     lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0,
@@ -310,14 +309,13 @@ def test_fit_noise_prior_on_held_out_tasks_keeps_the_means_and_fits_the_widths()
     learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1).to(DT), lik, inner_steps=3)
     tasks = SineTaskDistribution(shots=5, query=10).sample(40, torch.Generator().manual_seed(0), dtype=DT)
     before = learner.evaluate(tasks).metrics
-    fitted = training.fit_noise_prior(learner, tasks, chunk=16)
+    fitted = learner.fit_noise_prior(tasks, chunk=16)
     after = learner.evaluate(tasks).metrics
     assert fitted["tasks"] == 40 and fitted["prior_noise"][0] == 1.0
     assert after["mse"]["mean"] == pytest.approx(before["mse"]["mean"], rel=1e-9)   # the means do not move
     assert after["nll"]["mean"] < before["nll"]["mean"]
     with pytest.raises(TypeError, match="ConjugateNoiseGaussianLikelihood"):
-        training.fit_noise_prior(ibaml.build_learner("imaml", MLP(1, (8,), 1).to(DT),
-                                                     ibaml.GaussianLikelihood(1.0).to(DT)), tasks)
+        ibaml.build_learner("imaml", MLP(1, (8,), 1).to(DT), ibaml.GaussianLikelihood(1.0).to(DT)).fit_noise_prior(tasks)
 
 
 def test_student_t_noise_ratio_fit_recovers_the_coefficients_and_the_tails():
@@ -343,7 +341,6 @@ def test_fit_noise_prior_with_tails_makes_the_predictive_heavy_tailed(family):
     """With ``tails`` the held-out fit sets the family's shape, the reports score that family (its
     NLL, not the Gaussian's), the means do not move, the shape travels with the state dict (one
     saved without it loads as the Gaussian), a plain refit resets it, and an unknown family is refused."""
-    from ibaml import training
     from ibaml.calibration import LogNormalScale, StudentT
     from ibaml.data.sine import SineTaskDistribution
     torch.manual_seed(0)
@@ -353,7 +350,7 @@ def test_fit_noise_prior_with_tails_makes_the_predictive_heavy_tailed(family):
     tasks = SineTaskDistribution(shots=5, query=10).sample(40, torch.Generator().manual_seed(0), dtype=DT)
     before = learner.evaluate(tasks)
     assert lik.tails is None and "tails" not in before.extra
-    fitted = training.fit_noise_prior(learner, tasks, chunk=16, tails=family)
+    fitted = learner.fit_noise_prior(tasks, chunk=16, tails=family)
     tails = lik.tails
     assert isinstance(tails, {"lognormal": LogNormalScale, "student_t": StudentT}[family])
     assert fitted["tails"] == (None, tails.describe())
@@ -370,10 +367,10 @@ def test_fit_noise_prior_with_tails_makes_the_predictive_heavy_tailed(family):
     assert fresh.tails == tails
     fresh.load_state_dict({k: v for k, v in own.items() if k not in ("predictive_df", "predictive_scale_sd")})
     assert fresh.tails is None
-    training.fit_noise_prior(learner, tasks, chunk=16)
+    learner.fit_noise_prior(tasks, chunk=16)
     assert lik.tails is None
     with pytest.raises(ValueError, match="tails must be one of"):
-        training.fit_noise_prior(learner, tasks, chunk=16, tails="cauchy")
+        learner.fit_noise_prior(tasks, chunk=16, tails="cauchy")
 
 
 def test_lognormal_noise_ratio_fit_recovers_the_coefficients_and_the_spread():

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 import ibaml
-from ibaml import image_presets, presets, training
+from ibaml import image_presets, presets
 from ibaml.inner_loop import newton_polish
 from ibaml.linalg import Dense
 from ibaml.nets import MLP, Conv4
@@ -77,7 +77,7 @@ def solved_outer(learner, task):
 
 
 def check_preset_gradient(learner, batch, per_entry=True, h=1e-5):
-    """The learner's mean meta-gradient (:func:`ibaml.training.meta_gradient`) against (a) central
+    """The learner's mean meta-gradient (:meth:`ibaml.MetaLearner.meta_gradient`) against (a) central
     differences of the re-solved outer loss, per meta-parameter tensor (``per_entry``) and along a
     random direction in all of them, and (b) the dense implicit solve per task."""
     task = learner.prepare(batch)                       # fixes this step's draws
@@ -85,7 +85,7 @@ def check_preset_gradient(learner, batch, per_entry=True, h=1e-5):
     out = learner.task_gradients(task)
     assert float(out.diagnostics["inner_grad_norm"].max()) < 1e-10           # the inner problem is solved
     assert float(out.diagnostics["residual_norm"].max()) < 1e-8              # and so is the linear system
-    reduced = training.meta_gradient(learner, task)
+    reduced = learner.meta_gradient(task)
     outer_at = solved_outer(learner, task)
     assert abs(float(reduced.loss - outer_at(meta))) < 1e-12                # the loss at the solution
 

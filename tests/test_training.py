@@ -99,19 +99,19 @@ def test_validation_keeps_and_restores_the_best(tmp_path):
 def test_chunked_evaluation_equals_one_batch():
     learner = make_learner()
     batch = sine_tasks(7, torch.Generator().manual_seed(3))
-    whole = training.evaluate(learner, batch).metrics
-    chunked = training.evaluate(learner, batch, chunk=3).metrics
+    whole = learner.evaluate(batch).metrics
+    chunked = learner.evaluate(batch, chunk=3).metrics
     for key in ("mse", "nll", "coverage_90"):
         assert abs(whole[key]["mean"] - chunked[key]["mean"]) < 1e-10, key
     # a sampler, reseeded: the same tasks and the same numbers on every call, the generator restored
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     draw = lambda n: sine_tasks(n, gen)
-    a = training.evaluate(learner, draw, 5, chunk=2, seed=11, generators=(gen,)).metrics
-    b = training.evaluate(learner, draw, 5, chunk=2, seed=11, generators=(gen,)).metrics
+    a = learner.evaluate(draw, 5, chunk=2, seed=11, generators=(gen,)).metrics
+    b = learner.evaluate(draw, 5, chunk=2, seed=11, generators=(gen,)).metrics
     assert abs(a["mse"]["mean"] - b["mse"]["mean"]) < 1e-10 and torch.equal(gen.get_state(), state)
     with pytest.raises(ValueError, match="num_tasks"):
-        training.evaluate(learner, draw)
+        learner.evaluate(draw)
 
 
 def reference_adam_steps(batches, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
@@ -141,7 +141,8 @@ def reference_adam_steps(batches, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
 
 
 def test_meta_step_is_the_learner_s_and_counts_steps():
-    """``MetaLearner.meta_step`` and ``training.meta_step`` against :func:`reference_adam_steps`:
+    """``MetaLearner.meta_step`` and :func:`ibaml.meta_update.meta_step` (the learner's problem and
+    optimiser given explicitly, the step counted by the caller) against :func:`reference_adam_steps`:
     the gradient handed to the optimiser is the mean of the per-task meta-gradients, and two
     steps move θ as Adam does (the second step depends on the gradients' sizes, not only
     their signs)."""
@@ -150,7 +151,9 @@ def test_meta_step_is_the_learner_s_and_counts_steps():
     losses, last_grad, thetas = reference_adam_steps(batches)
     a, b = make_learner(), make_learner()
     for step, batch in enumerate(batches):
-        sa, sb = a.meta_step(batch), training.meta_step(b, batch)
+        sa = a.meta_step(batch)
+        sb = ibaml.meta_update.meta_step(b.meta_problem, b.meta_optimizer, *b.task_and_draws(batch))
+        b.step_count += 1
         assert sa["loss"] == sb["loss"] and sa["loss"] == pytest.approx(losses[step], rel=1e-10)
         for learner in (a, b):
             for k, p in learner.model.meta_parameters().items():
@@ -256,7 +259,7 @@ def test_meta_step_without_checks_reads_nothing_on_the_host_and_equals_the_check
     assert all(torch.is_tensor(v) for k, v in stats.items() if k != "tasks")
     for k, v in checked.state_dict().items():
         torch.testing.assert_close(free.state_dict()[k], v, rtol=0, atol=0, msg=k)
-    values = training.read_stats(free, stats)
+    values = free.read_stats(stats)
     assert values["skipped"] == 0 and isinstance(values["loss"], float)
 
 
@@ -269,19 +272,19 @@ def test_meta_step_without_checks_masks_failed_tasks_and_read_stats_applies_the_
     bad = overflowing(sine_tasks(4, torch.Generator().manual_seed(0)), [1, 3])
     good = {k: v[[0, 2]] for k, v in bad.items()}
     skipping, reference = sync_learner("imaml", "skip"), sync_learner("imaml", "skip")
-    with pytest.raises(training.NonFiniteError) as checked_error:
+    with pytest.raises(ibaml.NonFiniteError) as checked_error:
         sync_learner("imaml", "raise").meta_step(bad)
     stats = skipping.meta_step(bad, validate=False, check=False)
     reference.meta_step(good)
     for k, v in reference.state_dict().items():       # the step of the finite tasks alone
         torch.testing.assert_close(skipping.state_dict()[k], v, msg=k)
-    assert training.read_stats(skipping, stats)["skipped"] == 2 and skipping.skipped_tasks == 2
+    assert skipping.read_stats(stats)["skipped"] == 2 and skipping.skipped_tasks == 2
 
     raising = sync_learner("imaml", "raise")
     stats = raising.meta_step(bad, validate=False, check=False)
     assert all(torch.isfinite(p).all() for p in raising.meta_params().values())
-    with pytest.raises(training.NonFiniteError) as deferred_error:
-        training.read_stats(raising, stats)
+    with pytest.raises(ibaml.NonFiniteError) as deferred_error:
+        raising.read_stats(stats)
     assert str(deferred_error.value) == str(checked_error.value)
 
     every = sync_learner("imaml", "skip")
@@ -290,8 +293,8 @@ def test_meta_step_without_checks_masks_failed_tasks_and_read_stats_applies_the_
                             validate=False, check=False)
     for k, v in every.meta_params().items():            # no finite task: the parameters stay
         assert torch.equal(v.detach(), before[k]), k
-    with pytest.raises(training.NonFiniteError, match="every task failed"):
-        training.read_stats(every, stats)
+    with pytest.raises(ibaml.NonFiniteError, match="every task failed"):
+        every.read_stats(stats)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -307,7 +310,7 @@ def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager(backend
     meta = {k: v.detach() for k, v in learner.meta_params().items()}
 
     def step(meta, task):
-        reduced = training.reduce_task_gradients(learner.task_gradients(task, meta))
+        reduced = ibaml.meta_update.reduce_task_gradients(learner.task_gradients(task, meta))
         return reduced.loss, reduced.grads, {k: meta[k] - 0.01 * reduced.grads[k] for k in meta}
 
     torch._dynamo.reset()
@@ -323,7 +326,7 @@ def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager(backend
 # ---------------------------------------------------------------------------------- vmap or a loop over tasks
 def test_task_batching_auto_loops_for_convolutions_on_the_cpu_and_both_agree():
     from ibaml.nets import Conv4
-    from ibaml.learner import loop_over_tasks
+    from ibaml.meta_problem import loop_over_tasks
 
     def conv_learner(batching):
         torch.manual_seed(0)
@@ -386,7 +389,7 @@ def test_fit_reading_every_n_steps_applies_the_nonfinite_policy_at_the_next_read
             assert learner.skipped_tasks == 1
         else:
             seen = []
-            with pytest.raises(training.NonFiniteError, match="1 of 4 tasks"):
+            with pytest.raises(ibaml.NonFiniteError, match="1 of 4 tasks"):
                 training.fit(learner, sample_with_failures, 6, read_every=3, progress=False,
                              on_step=lambda step, stats: seen.append(step))
             assert seen == [1, 2]          # raised at the read of step 3, which reported step 2's failure
