@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import math
 import re
@@ -401,15 +400,6 @@ def write_json_file(path: Path, payload) -> Path:
 
 def write_json(out: Path, name: str, payload: dict) -> Path:
     return write_json_file(Path(out) / name, payload)
-
-
-def load_example(name: str):
-    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def markdown(headers, rows) -> str:

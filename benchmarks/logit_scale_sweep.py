@@ -4,7 +4,8 @@
         --out docs/results/image_benchmark/logit_scale_sweep.json
 
 Each folder is an ``examples/miniimagenet.py`` run with its ``last.pt``. The learner is
-rebuilt from the checkpoint's configuration (the same data, fixture included), adapts once to
+rebuilt from the checkpoint's configuration (:func:`ibaml.image_presets.image_learner_from_config`;
+the same data, fixture included), adapts once to
 the run's test tasks (the example's seeds, so the same tasks and posterior draws as its
 report) and its predictions ``(1/S) Σ_s softmax(τ f_s)`` are scored at each scale ``τ``: the
 mean of the per-task ECEs, the ECE of all test points pooled (:func:`ibaml.calibration.pooled_ece`),
@@ -22,31 +23,42 @@ from pathlib import Path
 import torch
 
 from ibaml.calibration import CalibrationReport
-from ibaml.cli import load_image_data
+from ibaml.checkpoint import load_checkpoint
+from ibaml.cli import add_image_data_options, load_image_data
 from ibaml.data import EpisodeSampler
+from ibaml.image_presets import image_learner_from_config
 
 from . import _harness as H
 
 KEYS = ("accuracy", "ece", "ece_pooled", "confidence", "nll")
 
 
-def test_outputs(example, folder: Path):
+def data_options(config: dict) -> argparse.Namespace:
+    """A run's configuration as the options of :func:`ibaml.cli.load_image_data`, the data
+    options it does not hold at their defaults."""
+    parser = argparse.ArgumentParser()
+    add_image_data_options(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **config})
+
+
+def test_outputs(folder: Path):
     """``(outputs [T, S, N, C], labels [T, N], learned τ, config)`` of the run's test tasks."""
-    args, checkpoint = example.parse_args(["--resume", str(folder), "--out", str(folder), "--no-progress"])
+    checkpoint = load_checkpoint(folder / "last.pt", map_location="cpu")
     config = checkpoint["config"]
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
-    splits = load_image_data(args, device)
-    sampler = EpisodeSampler.for_splits(splits, args.ways, args.shots, args.query, seed=args.seed, dtype=dtype)["test"]
-    learner = example.make_learner(args, splits["train"].image_shape, device, dtype)
+    torch.set_num_threads(config.get("threads") or torch.get_num_threads())
+    device, dtype = torch.device("cpu"), getattr(torch, config["dtype"])
+    splits = load_image_data(data_options(config), device)
+    sampler = EpisodeSampler.for_splits(splits, config["ways"], config["shots"], config["query"], seed=config["seed"],
+                                        dtype=dtype)["test"]
+    learner = image_learner_from_config(config, splits["train"].image_shape, device, dtype)
     learner.load_training_state(checkpoint["training"])
-    outputs, labels = learner.task_outputs(sampler.sample, args.eval_tasks, chunk=args.eval_chunk,
-                                         seed=20_000 + args.seed, generators=(sampler.generator,))
+    outputs, labels = learner.task_outputs(sampler.sample, config["eval_tasks"], chunk=config["eval_chunk"],
+                                           seed=20_000 + config["seed"], generators=(sampler.generator,))
     return outputs, labels, float(learner.likelihood.scale.detach()), config
 
 
-def sweep(example, folder: Path, scales) -> dict:
-    outputs, labels, learned, config = test_outputs(example, folder)
+def sweep(folder: Path, scales) -> dict:
+    outputs, labels, learned, config = test_outputs(folder)
     rows = {}
     for tau in sorted(set(scales) | {learned}):
         report = CalibrationReport.from_logits(outputs, labels, tau)
@@ -66,12 +78,11 @@ def main(argv=None):
         p.error(f"--scales must be comma-separated numbers, got {args.scales!r}")
     if not all(t > 0 for t in scales):
         p.error(f"--scales must be positive, got {args.scales!r}")
-    example = H.load_example("miniimagenet")
     results = {}
     for folder in args.folders:
         if not (Path(folder) / "last.pt").is_file():
             raise SystemExit(f"error: {Path(folder) / 'last.pt'}: no such file")
-        results[Path(folder).name] = res = sweep(example, Path(folder), scales)
+        results[Path(folder).name] = res = sweep(Path(folder), scales)
         print(f"\n{Path(folder).name} ({res['method']}, {res['shots']}-shot), learned τ = {res['learned_scale']:.3f}")
         print("| τ | " + " | ".join(KEYS) + " |\n|" + "---|" * (len(KEYS) + 1))
         for tau, row in res["scales"].items():

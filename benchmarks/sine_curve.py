@@ -3,8 +3,8 @@
     python -m benchmarks.sine_curve --method ibaml --seed 2 --out docs/results/sine/curves/ibaml_seed2.json
 
 Builds the learner exactly as ``examples/sine_regression.py`` does for ``--method`` and
-``--seed`` (its presets, its task stream), meta-trains it for ``--meta-iters`` steps and every
-``--every`` steps evaluates it on ``--val-tasks`` in-range tasks drawn from the example's
+``--seed`` (:func:`ibaml.sine_presets.sine_run_config` at the example's defaults, its task
+stream), meta-trains it for ``--meta-iters`` steps and every ``--every`` steps evaluates it on ``--val-tasks`` in-range tasks drawn from the example's
 evaluation seed (``10 000 + seed``): MSE, NLL and 90% coverage along the run. At the end, the
 MSE of those tasks by amplitude (bins of width 1 over ``A ∈ [0.1, 5]``) and the ten worst
 tasks with their amplitudes. ``--cosine`` decays every meta learning rate along a half cosine
@@ -25,10 +25,7 @@ import torch
 from ibaml import training
 from ibaml.learner import meta_param_groups
 from ibaml.data.sine import SineTaskDistribution
-
-from . import _harness as H
-
-example = H.load_example("sine_regression")
+from ibaml.sine_presets import sine_learner_from_config, sine_run_config
 
 
 def main(argv=None):
@@ -50,13 +47,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ex_args = example.parse_args(["--method", args.method, "--seed", str(args.seed), "--meta-iters",
-                                  str(args.meta_iters), "--out", str(Path(args.out).with_suffix("")) + "_run",
-                                  "--overwrite"] + (["--noise", args.noise] if args.noise else [])
-                                 + (["--noise-prior-count", str(args.noise_prior_count)]
-                                    if args.noise_prior_count is not None else []))
-    cfg = example.run_config(args.method, ex_args)
-    model = example.make_model(args.method, cfg, ex_args, torch.device("cpu"), torch.float32)
+    cfg = sine_run_config(args.method, seed=args.seed, noise=args.noise, noise_prior_count=args.noise_prior_count)
+    model = sine_learner_from_config(cfg, device=torch.device("cpu"), dtype=torch.float32)
     rates = {}
     for spec in args.param_lr:
         pattern, _, rate = spec.rpartition("=")
@@ -67,8 +59,8 @@ def main(argv=None):
         rates.setdefault(r"^likelihood\.", args.likelihood_meta_lr)
     if rates:   # the same Adam with the matching parameters in their own groups
         groups = meta_param_groups(model.model.meta_parameters(), rates)
-        model.meta_optimizer = torch.optim.Adam(groups, lr=ex_args.meta_lr)
-    tasks = SineTaskDistribution(shots=ex_args.shots, query=ex_args.query)
+        model.meta_optimizer = torch.optim.Adam(groups, lr=cfg["meta_lr"])
+    tasks = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"])
     gen = torch.Generator().manual_seed(args.seed)
     val = tasks.sample(args.val_tasks, torch.Generator().manual_seed(10_000 + args.seed))
     history = []
@@ -89,7 +81,7 @@ def main(argv=None):
                 group["lr"] = lr * factor
 
     start = time.perf_counter()
-    training.fit(model, lambda: tasks.sample(ex_args.meta_batch, gen), args.meta_iters, validate=validate,
+    training.fit(model, lambda: tasks.sample(cfg["meta_batch"], gen), args.meta_iters, validate=validate,
                  validate_every=args.every, on_step=on_step, progress=False)
     mean, _ = model.predict(model.adapt(val.support_x, val.support_y), val.query_x)
     task_mse = ((mean[..., 0] - val.query_y[..., 0]) ** 2).mean(-1)

@@ -42,10 +42,8 @@ and ``coverage_vs_amplitude.png`` (mean ± std over seeds; raw above, recalibrat
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -54,14 +52,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-import ibaml
 from ibaml import presets
-from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, fit_variance_scale
 from ibaml.checkpoint import load_checkpoint
 from ibaml.cli import tail_family
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.nets import MLP
+from ibaml.sine_presets import predictive_mean_var, sine_learner_from_config
 
 from . import _protocol as P
 
@@ -115,19 +111,6 @@ def find_runs(root: Path) -> Tuple[List[dict], List[str]]:
     return runs, incomplete
 
 
-def hidden_widths(network: str) -> tuple:
-    """The hidden widths recorded in a run's ``network`` (``"MLP(1, (40, 40), 1)"``,
-    ``"DeepKernelGP(in_dim=1, hidden=(40, 40))"``).
-
-    >>> hidden_widths("MLP(1, (40, 40), 1)"), hidden_widths("DeepKernelGP(in_dim=1, hidden=(8,))")
-    ((40, 40), (8,))
-    """
-    found = re.search(r"\((?:1, |in_dim=1, hidden=)(\([0-9, ]*\))", network)
-    if found is None:
-        raise ValueError(f"network {network!r}: not a sine network of examples/sine_regression.py")
-    return tuple(ast.literal_eval(found.group(1)))
-
-
 #: the methods whose inner loop is SGD on a MAP objective (``--per-point-step`` applies to them)
 SGD_METHODS = ("maml", "anil", "fomaml", "lazy")
 
@@ -141,41 +124,13 @@ def per_point_lr(method: str, cfg: dict) -> float:
 
 def rebuild(method: str, cfg: dict, device, per_point: bool = False) -> torch.nn.Module:
     """The learner (or deep-kernel GP) of a run's checkpoint configuration ``cfg``, built as the
-    example builds it (same network, likelihood and options), not yet loaded. ``per_point``:
-    an SGD method's inner step on the mean support loss (:func:`per_point_lr`), the same step at
-    the training support size and one that does not grow with the support size elsewhere."""
-    per_point = per_point and method in SGD_METHODS
-    dtype = getattr(torch, cfg["dtype"])
-    hidden = hidden_widths(cfg["network"])
-    torch.manual_seed(cfg["seed"])
-    if method == "dkt":
-        model = DeepKernelGP(in_dim=1, hidden=hidden)
-        expected = f"DeepKernelGP(in_dim=1, hidden={hidden})"
-    else:
-        task_noise = cfg["noise"].startswith("task")
-        likelihood = presets.regression_likelihood(cfg["noise"], cfg.get("noise_prior_count", 1.0),
-                                                   cfg.get("learn_noise_prior_count", True))
-        net = MLP(1, hidden, 1, noise_head=task_noise)
-        model = ibaml.build_learner(method, net.to(device=device, dtype=dtype),
-                                    likelihood.to(device=device, dtype=dtype), inner_steps=cfg["inner_steps"],
-                                    eval_inner_steps=cfg["eval_inner_steps"],
-                                    inner_lr=per_point_lr(method, cfg) if per_point else cfg.get("inner_lr"),
-                                    per_point=per_point,
-                                    precision=cfg.get("precision"), cg_steps=cfg["cg_steps"],
-                                    cg_damping=cfg["cg_damping"], meta_lr=cfg["meta_lr"], seed=cfg["seed"],
-                                    nonfinite=cfg.get("nonfinite", "raise"))
-        expected = f"MLP(1, {hidden}, 1, noise_head=True)" if task_noise else f"MLP(1, {hidden}, 1)"
-    if cfg["network"] != expected:
-        raise ValueError(f"network {cfg['network']!r}: expected {expected!r}")
-    return model.to(device=device, dtype=dtype)
-
-
-def predictive(method: str, model, support_x, support_y, query_x):
-    """Predictive mean and variance (squared scale for a heavy-tailed predictive) ``[T, N]``."""
-    if method == "dkt":
-        return model.predict(support_x, support_y, query_x)
-    mean, var = model.predict(model.adapt(support_x, support_y), query_x)
-    return mean[..., 0], var[..., 0]
+    example builds it (:func:`ibaml.sine_presets.sine_learner_from_config`), not yet loaded.
+    ``per_point``: an SGD method's inner step on the mean support loss (:func:`per_point_lr`),
+    the same step at the training support size and one that does not grow with the support
+    size elsewhere."""
+    if per_point and method in SGD_METHODS:
+        return sine_learner_from_config(cfg, device=device, per_point=True, inner_lr=per_point_lr(method, cfg))
+    return sine_learner_from_config(cfg, device=device)
 
 
 def outputs(method: str, model, support_x, support_y, query_x, chunk: int, device) -> Tuple[torch.Tensor, ...]:
@@ -189,7 +144,7 @@ def outputs(method: str, model, support_x, support_y, query_x, chunk: int, devic
     for start in range(0, T, chunk):
         part = slice(start, start + chunk)
         try:
-            m, v = predictive(method, model, support_x[part].to(device), support_y[part].to(device),
+            m, v = predictive_mean_var(model, support_x[part].to(device), support_y[part].to(device),
                               query_x[part].to(device))
         except (RuntimeError, ValueError) as e:
             errors.append(f"tasks {start}-{min(start + chunk, T) - 1}: {(str(e).splitlines() or [type(e).__name__])[0]}")

@@ -16,9 +16,10 @@ linear head solved by Newton steps; for the variational methods the linearised e
 ``--problem image`` sweeps the same directions on the procedural letter-image benchmark
 (:func:`ibaml.data.fixtures.write_stroke_fixture`, 84×84 files in the miniImageNet pickle
 layout resized to 32×32, Conv4-32, 5-way ``--shots``-shot, 15 queries, meta-batch 4): each
-row is one run of ``examples/miniimagenet.py`` with the options in :data:`IMAGE_ROWS` (the
-prior's scale σ and KL weight β, iMAML's λ, the inner solve, the outer objective, the logit
-scale fixed at 1 or meta-learned on the predictions), in ``OUT/image/<row>/seed<s>``; the rows'
+row is one run of ``examples/miniimagenet.py`` (a subprocess, :func:`benchmarks._protocol.run_example`)
+with the options in :data:`IMAGE_ROWS` (the prior's scale σ and KL weight β, iMAML's λ, the
+inner solve, the outer objective, the logit scale fixed at 1 or meta-learned on the
+predictions), in ``OUT/image/<row>/seed<s>``; the rows'
 ``metrics.json`` are gathered into ``image_study.json`` and ``image_study.png`` and printed as
 the table of ``benchmarks/image_table.py``::
 
@@ -42,7 +43,8 @@ import ibaml
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nets import MLP
 
-HERE = Path(__file__).resolve().parent
+from . import _protocol as P
+from . import image_table
 
 ROWS = {
     # the earlier presets: a prior over all weights, Adam, 20 steps
@@ -103,33 +105,22 @@ IMAGE_BASE = ["--fixture", "--fixture-kind", "strokes", "--format", "pickle", "-
               "--overwrite"]
 
 
-def load_script(name: str):
-    """A script of ``benchmarks/`` or ``examples/`` as a module."""
-    import importlib.util
-    path = next(p for p in (HERE / f"{name}.py", HERE.parent / "examples" / f"{name}.py") if p.is_file())
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def image_study(names, seeds, args, out: Path) -> dict:
     """Run the image rows ``names`` at ``seeds``; returns ``{"<row>, seed <s>": metrics}``."""
-    example, table = load_script("miniimagenet"), load_script("image_table")
     runs = {}
     for name in names:
         for seed in seeds:
             folder = out / "image" / name.replace(" ", "_").replace("/", "-") / f"seed{seed}"
             argv = IMAGE_BASE + IMAGE_ROWS[name] + ["--shots", str(args.shots), "--meta-iters", str(args.iters),
                                                    "--eval-tasks", str(args.eval_tasks), "--seed", str(seed),
-                                                   "--threads", str(args.threads), "--out", str(folder)]
-            metrics = example.cli(argv)
+                                                   "--threads", str(args.threads)]
+            metrics = P.run_example("miniimagenet.py", folder, argv, keep=folder, force=True)
             runs[f"{name}, seed {seed}"] = metrics
             print(f"{name:52s} seed {seed}: accuracy {metrics['accuracy']['mean']:.3f}  "
                   f"NLL {metrics['nll']['mean']:.3f}  ECE {metrics['ece']['mean']:.3f}", flush=True)
             (out / "image_study.json").write_text(json.dumps(dict(iters=args.iters, shots=args.shots, rows=runs),
                                                              indent=2))
-    print("\n" + table.markdown(runs))
+    print("\n" + image_table.markdown(runs))
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(runs) + 1))
     ax.barh(list(runs), [m["accuracy"]["mean"] for m in runs.values()],
             xerr=[m["accuracy"]["ci95"] for m in runs.values()], color="tab:green")

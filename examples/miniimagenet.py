@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ibaml import MetaLearner, training
+from ibaml import training
 from ibaml.calibration import CalibrationReport, fit_logit_scale
 from ibaml.checkpoint import CheckpointError
 from ibaml.cli import (IMAGE_DATA_MAY_CHANGE, RUN_MAY_CHANGE, add_image_data_options, add_run_options, check_ranges,
                        check_image_data_options, check_run_options, exit_on, load_image_data, parse_resumable)
 from ibaml.data import DatasetError, EpisodeSampler
-from ibaml.image_presets import image_learner
+from ibaml.image_presets import image_learner_from_config
 from ibaml.presets import RECIPES
-from ibaml.nets import Conv4
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
 #: options that may differ between a run and its resumption (everything else must agree)
@@ -109,20 +108,6 @@ def parse_args(argv=None):
     return args, checkpoint
 
 
-def make_learner(args, image_shape, device, dtype) -> MetaLearner:
-    C, H, _ = image_shape
-    torch.manual_seed(args.seed)
-    net = Conv4(in_channels=C, hidden=args.channels, out_dim=args.ways, image_size=H).to(device=device, dtype=dtype)
-    return image_learner(
-        args.method, net, dataset=args.dataset, ways=args.ways, shots=args.shots, inner_steps=args.inner_steps,
-        eval_inner_steps=args.eval_inner_steps, inner_optimizer=args.inner_optimizer, inner_lr=args.inner_lr,
-        logit_scale_mode=args.logit_scale, logit_scale_init=args.logit_scale_init,
-        logit_scale_meta_lr=args.logit_scale_meta_lr, prior_meta_lr=args.prior_meta_lr,
-        num_predictive_samples=args.predictive_samples, precision=args.precision, init_scale=args.init_scale,
-        kl_weight=args.kl_weight, include=args.prior, num_outer_samples=args.outer_samples, outer=args.outer, cg_steps=args.cg_steps,
-        cg_damping=args.cg_damping, meta_lr=args.meta_lr, chunk_size=args.chunk_size, seed=args.seed, nonfinite="skip")
-
-
 def write_report(out: Path, args, learner, report: CalibrationReport, result: dict) -> None:
     report.plot_reliability_diagram().savefig(out / "reliability.png", dpi=110, bbox_inches="tight")
     evaluated = result["evaluated"]
@@ -153,8 +138,8 @@ def main(argv=None) -> dict:
     device, dtype, progress, out = torch.device(args.device), getattr(torch, args.dtype), not args.no_progress, Path(args.out)
     splits = load_image_data(args, device)
     samplers = EpisodeSampler.for_splits(splits, args.ways, args.shots, args.query, seed=args.seed, dtype=dtype)
-    learner = make_learner(args, splits["train"].image_shape, device, dtype)
     config = {k: v for k, v in vars(args).items() if k != "resume"}
+    learner = image_learner_from_config(config, splits["train"].image_shape, device, dtype)
 
     def outputs_of(split: str, num_tasks: int, seed: int):
         return learner.task_outputs(samplers[split].sample, num_tasks, chunk=args.eval_chunk, seed=seed,

@@ -26,16 +26,14 @@ import torch
 
 import ibaml
 from ibaml import distributed, presets, training
-from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid, recalibrated_metrics
 from ibaml.checkpoint import CheckpointError
 from ibaml.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nonfinite import check_finite_predictions
-from ibaml.nets import MLP
+from ibaml.sine_presets import RUN_OPTIONS, predictive_mean_var, sine_learner_from_config, sine_run_config
 
 ALL_METHODS = ibaml.METHODS + tuple(presets.RECIPES) + ("dkt",)
-HIDDEN = (40, 40)
 
 
 def parse_args(argv=None):
@@ -88,51 +86,18 @@ def parse_args(argv=None):
 
 def run_config(method: str, args) -> dict:
     """The settings that fix a method's meta-training trajectory; a checkpoint must match them all."""
-    common = {"method": method, "shots": args.shots, "query": args.query, "meta_batch": args.meta_batch,
-              "dtype": args.dtype, "seed": args.seed}
-    if method == "dkt":
-        return dict(common, network=f"DeepKernelGP(in_dim=1, hidden={HIDDEN})")
-    steps, eval_steps = presets.inner_steps(method, args.inner_steps, args.eval_inner_steps, args.prior)
-    noise = args.noise or presets.REGRESSION_NOISE.get(method, "shared")
-    network = f"MLP(1, {HIDDEN}, 1, noise_head=True)" if noise.startswith("task") else f"MLP(1, {HIDDEN}, 1)"
-    if noise == "conjugate":
-        learn = None if args.learn_noise_prior_count is None else args.learn_noise_prior_count == "yes"
-        common["noise_prior_count"], common["learn_noise_prior_count"] = presets.noise_prior_count(
-            method, args.noise_prior_count, learn)
-    chosen = {k: v for k, v in (("prior", args.prior), ("inner_optimizer", args.inner_optimizer),
-                                ("kl_weight", args.kl_weight)) if v is not None}
-    return dict(common, network=network, noise=noise, inner_steps=steps, eval_inner_steps=eval_steps,
-                inner_lr=args.inner_lr, precision=args.precision, cg_steps=args.cg_steps,
-                cg_damping=args.cg_damping, meta_lr=args.meta_lr, nonfinite=args.nonfinite, **chosen)
+    learn = None if args.learn_noise_prior_count is None else args.learn_noise_prior_count == "yes"
+    return sine_run_config(method, **{k: getattr(args, k) for k in RUN_OPTIONS}, learn_noise_prior_count=learn)
 
 
 def make_model(method: str, cfg: dict, args, device, dtype, group=None):
-    """The method's learner (or the deep-kernel GP), built from the seed."""
-    torch.manual_seed(args.seed)
-    if method == "dkt":
-        return DeepKernelGP(in_dim=1, hidden=HIDDEN).to(device=device, dtype=dtype)
-    likelihood = presets.regression_likelihood(cfg["noise"], cfg.get("noise_prior_count", 1.0),
-                                               cfg.get("learn_noise_prior_count", True)).to(device=device, dtype=dtype)
-    net = MLP(1, HIDDEN, 1, noise_head=cfg["noise"].startswith("task")).to(device=device, dtype=dtype)
-    return ibaml.build_learner(method, net, likelihood, inner_steps=cfg["inner_steps"],
-                               eval_inner_steps=cfg["eval_inner_steps"], inner_lr=args.inner_lr,
-                               precision=cfg.get("precision"), cg_steps=args.cg_steps, include=args.prior,
-                               inner_optimizer=args.inner_optimizer, kl_weight=args.kl_weight,
-                               cg_damping=args.cg_damping, meta_lr=cfg["meta_lr"], seed=args.seed,
-                               nonfinite=args.nonfinite, process_group=group)
-
-
-def predictive(method, model, support_x, support_y, query_x):
-    """Predictive mean and variance ``[T, N]`` at ``query_x [T, N, 1]``."""
-    if method == "dkt":
-        return model.predict(support_x, support_y, query_x)
-    mean, var = model.predict(model.adapt(support_x, support_y), query_x)
-    return mean[..., 0], var[..., 0]
+    """The method's learner (or the deep-kernel GP), built from its run configuration and seed."""
+    return sine_learner_from_config(cfg, device=device, dtype=dtype, process_group=group)
 
 
 def outputs(method, model, batch):
     """Predictive mean, variance and targets ``[T, N]`` at ``batch``'s query points."""
-    mean, var = predictive(method, model, batch.support_x, batch.support_y, batch.query_x)
+    mean, var = predictive_mean_var(model, batch.support_x, batch.support_y, batch.query_x)
     check_finite_predictions(f"{method}, {batch.support_x.shape[1]}-shot tasks", mean, var)
     return mean, var, batch.query_y.reshape(mean.shape)
 
@@ -155,7 +120,7 @@ def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> N
     """Predictive bands of the first ``n`` tasks of ``batch`` over x in [-5, 10], and the calibration curve."""
     x = torch.linspace(-5, 10, 200, dtype=batch.support_x.dtype, device=batch.support_x.device)
     sx, sy = batch.support_x[:n], batch.support_y[:n]
-    mean, var = predictive(method, model, sx, sy, x.view(1, -1, 1).expand(len(sx), -1, -1))
+    mean, var = predictive_mean_var(model, sx, sy, x.view(1, -1, 1).expand(len(sx), -1, -1))
     bands = plot_predictive_grid(sx[..., 0], sy[..., 0], x, mean, var, x_true=x, y_true=SineTaskDistribution.curve(
         batch.info, x)[:n], title=f"{method}: 90% predictive bands", tails=getattr(model.likelihood, "tails", None))
     bands.savefig(folder / "predictive_bands.png", dpi=110, bbox_inches="tight")

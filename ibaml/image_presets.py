@@ -3,7 +3,9 @@ the softmax's logit scale (:data:`LOGIT_SCALE`, :func:`logit_scale`,
 :func:`categorical_likelihood`, :func:`logit_scale_overrides`), MAML's inner step per dataset
 (:data:`MAML_IMAGE_STEP`, :func:`image_inner_lr`), and :func:`image_learner`, which puts them
 together with the method's classification prior (:data:`ibaml.presets.CLASSIFICATION`) into a
-learner for ``ways``-way tasks.
+learner for ``ways``-way tasks; :func:`image_learner_from_config` builds the Conv4 learner of an
+image run's configuration (``examples/miniimagenet.py``'s options, the ``config`` of its
+checkpoints).
 
 Example
 -------
@@ -18,15 +20,17 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .learner import MetaLearner
 from .likelihoods import CategoricalLikelihood
+from .nets import Conv4
 from .presets import METHODS, build_learner, method_recipe, resolve
 from .presets import inner_steps as preset_inner_steps
 
 __all__ = ["LOGIT_SCALE", "MAML_IMAGE_STEP", "logit_scale", "categorical_likelihood", "logit_scale_overrides",
-           "image_inner_lr", "image_learner"]
+           "image_inner_lr", "image_learner", "image_learner_from_config"]
 
 #: the softmax's logit scale per method (``examples/miniimagenet.py``'s ``--logit-scale``; a
 #: :class:`CategoricalLikelihood` built by the caller): ``mode`` ``"fixed"`` (τ = 1),
@@ -132,3 +136,36 @@ def image_learner(method: str, net: nn.Module, *, dataset: str, ways: int, shots
                          inner_optimizer=inner_optimizer, inner_lr=inner_lr, meta_lr_overrides=overrides or None,
                          num_predictive_samples=num_predictive_samples, num_classes=ways,
                          **{k: v for k, v in options.items() if v is not None})
+
+
+def image_learner_from_config(config: dict, image_shape, device=None, dtype: Optional[torch.dtype] = None,
+                              nonfinite: str = "skip") -> MetaLearner:
+    """The :func:`image_learner` of an image run's configuration (``examples/miniimagenet.py``'s
+    options by name, as its checkpoints' ``config`` holds them) on images of ``image_shape``
+    ``(C, H, W)``: a :class:`~ibaml.nets.Conv4` with ``config["channels"]`` filters and
+    ``config["ways"]`` outputs, drawn from ``config["seed"]`` (the global torch generator seeded
+    with it), in ``dtype`` (default the configuration's) on ``device``; the method's presets
+    for every option the configuration leaves at ``None`` or does not hold, and ``nonfinite``
+    for tasks whose values are not finite (:class:`~ibaml.MetaLearner`).
+
+    >>> config = {"method": "imaml", "dataset": "omniglot", "ways": 5, "shots": 1, "channels": 8,
+    ...           "dtype": "float64", "seed": 0, "precision": 10.0}
+    >>> learner = image_learner_from_config(config, (1, 28, 28))
+    >>> float(learner.prior.precision), learner.model.net.head.out_features
+    (10.0, 5)
+    """
+    channels, height, _ = image_shape
+    torch.manual_seed(config["seed"])
+    net = Conv4(in_channels=channels, hidden=config["channels"], out_dim=config["ways"], image_size=height)
+    option = config.get
+    return image_learner(
+        config["method"], net.to(device=device, dtype=dtype or getattr(torch, config["dtype"])),
+        dataset=config["dataset"], ways=config["ways"], shots=config["shots"], inner_steps=option("inner_steps"),
+        eval_inner_steps=option("eval_inner_steps"), inner_optimizer=option("inner_optimizer"),
+        inner_lr=option("inner_lr"), logit_scale_mode=option("logit_scale"), logit_scale_init=option("logit_scale_init"),
+        logit_scale_meta_lr=option("logit_scale_meta_lr"), prior_meta_lr=option("prior_meta_lr"),
+        num_predictive_samples=option("predictive_samples", 20), precision=option("precision"),
+        init_scale=option("init_scale"), kl_weight=option("kl_weight"), include=option("prior"),
+        num_outer_samples=option("outer_samples"), outer=option("outer"), cg_steps=option("cg_steps"),
+        cg_damping=option("cg_damping"), meta_lr=option("meta_lr"), chunk_size=option("chunk_size"),
+        seed=config["seed"], nonfinite=nonfinite)

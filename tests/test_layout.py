@@ -60,6 +60,16 @@ def test_scripts_use_public_names(path):
     assert _private_uses(path) == [], f"{path.relative_to(ROOT)} uses private library names"
 
 
+@pytest.mark.parametrize("path", _files("benchmarks"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_benchmark_does_not_load_a_script(path):
+    """A benchmark runs as ``python -m benchmarks.NAME``: it reaches the examples' models through
+    the library (``ibaml.sine_presets``, ``ibaml.image_presets``), runs an example only as a
+    subprocess, and leaves ``sys.path`` alone."""
+    text = path.read_text()
+    assert "spec_from_file_location" not in text and "sys.path" not in text, (
+        f"{path.relative_to(ROOT)} loads a script as a module or edits sys.path")
+
+
 def test_private_use_detector_finds_them(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("import ibaml\nfrom ibaml.learner import _x\nfrom ibaml._hidden import y\nibaml.training._masked\n"

@@ -13,6 +13,7 @@ import torch
 
 from ibaml.checkpoint import CheckpointError, load_checkpoint
 from ibaml.data import DatasetError, write_miniimagenet_fixture, write_omniglot_fixture
+from ibaml.image_presets import image_learner_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "miniimagenet.py"
@@ -202,7 +203,7 @@ def test_learner_options_reach_the_preset():
     args, _ = example.parse_args(["--fixture", "--method", "ibaml", "--ways", "3", "--shots", "2", "--channels", "8",
                                   "--init-scale", "0.05", "--kl-weight", "0.5", "--inner-optimizer", "sgd",
                                   "--inner-steps", "3", "--predictive-samples", "7"])
-    learner = example.make_learner(args, (3, 32, 32), torch.device("cpu"), torch.float32)
+    learner = image_learner_from_config(vars(args), (3, 32, 32), torch.device("cpu"), torch.float32)
     assert torch.allclose(learner.prior.scale, torch.tensor(0.05)) and learner.method.beta == 0.5
     optimizer = learner.inner_loop.optimizer
     assert type(optimizer).__name__ == "SGD" and optimizer.lr == pytest.approx(0.01 / 6)  # MAML's step / (ways·shots)
@@ -210,6 +211,6 @@ def test_learner_options_reach_the_preset():
     assert learner.num_classes == 3 and learner.model.net.head.out_features == 3
     assert learner.model.net.features[0][0].out_channels == 8
     maml, _ = example.parse_args(["--fixture", "--method", "maml", "--dataset", "omniglot", "--ways", "5", "--shots", "1"])
-    learner = example.make_learner(maml, (1, 28, 28), torch.device("cpu"), torch.float64)
+    learner = image_learner_from_config(vars(maml), (1, 28, 28), torch.device("cpu"), torch.float64)
     assert learner.inner_loop.optimizer.lr == pytest.approx(0.4 / 5) and learner.eval_inner_steps == 10
     assert learner.prior.initial_weights.dtype == torch.float64
