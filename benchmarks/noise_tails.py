@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import ibaml
 from ibaml.calibration import (CalibrationReport, LogNormalScale, StudentT, fit_linear_noise_ratio,
                                fit_linear_noise_ratio_lognormal, fit_linear_noise_ratio_student_t)
 from ibaml.data.sine import SineTaskDistribution
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     results = {}
     for folder in args.folders:
         method, learner, cfg = load_learner(Path(folder))
-        if not hasattr(learner.likelihood, "fit_prior_noise"):
+        if not isinstance(learner.likelihood, ibaml.ConjugateNoiseGaussianLikelihood):
             raise SystemExit(f"error: {folder}: {method} does not infer its noise per task (--noise conjugate)")
         tasks = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"])
         dtype = getattr(torch, cfg["dtype"])

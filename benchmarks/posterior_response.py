@@ -144,7 +144,7 @@ def main(argv=None):
     results = {}
     for folder in args.folders:
         method, learner, cfg = load_learner(Path(folder))
-        conjugate, fitted, tails = hasattr(learner.likelihood, "fit_prior_noise"), None, tail_family(args.noise_fit_tails)
+        conjugate, fitted, tails = isinstance(learner.likelihood, ibaml.ConjugateNoiseGaussianLikelihood), None, tail_family(args.noise_fit_tails)
         if args.noise_fit_tasks and conjugate:
             held_out = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"]).sample(
                 args.noise_fit_tasks, torch.Generator().manual_seed(30_000 + cfg["seed"]), dtype=getattr(torch, cfg["dtype"]))

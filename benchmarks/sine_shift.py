@@ -228,7 +228,7 @@ def evaluate_run(run: dict, settings: dict) -> dict:
                                                  "inner_lr", "precision", "noise_prior_count", "learn_noise_prior_count",
                                                  "cg_steps", "cg_damping", "meta_lr", "dtype")},
               "meta_iters": args.get("meta_iters"), "checkpoint_step": int(state["step"])}
-    if noise_fit and hasattr(model.likelihood, "fit_prior_noise"):
+    if noise_fit and isinstance(model.likelihood, ibaml.ConjugateNoiseGaussianLikelihood):
         fitted = model.fit_noise_prior(val.to(device), noise_fit, chunk=250,
                                        tails=tail_family(args.get("noise_fit_tails", "lognormal")))
         result["noise_prior_fit"] = fitted

@@ -146,7 +146,7 @@ def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
         return result, None, None
     val = tasks.sample(max(args.noise_fit_tasks, args.recalibration_tasks), torch.Generator().manual_seed(
         30_000 + args.seed), dtype=dtype).to(device)
-    if method != "dkt" and args.noise_fit_tasks and hasattr(model.likelihood, "fit_prior_noise"):
+    if method != "dkt" and args.noise_fit_tasks and isinstance(model.likelihood, ibaml.ConjugateNoiseGaussianLikelihood):
         result["noise_prior_fit"] = model.fit_noise_prior(val, args.noise_fit_tasks, chunk=250,
                                                           tails=tail_family(args.noise_fit_tails))
     inside, outside = evaluation_seeds(args)

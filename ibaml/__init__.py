@@ -10,7 +10,7 @@ first-order estimators behind the same interface.
 from . import evaluation, linalg, meta_update, nets, optim, training
 from .hypergrad import Explicit, FirstOrder, HypergradEstimator, Implicit
 from .implicit_function import implicit_diff, implicit_vjp
-from .inference import MAP, Variational
+from .inference import MAP, InferenceMethod, Variational
 from .inner_loop import InnerLoop, TaskProblem
 from .learner import MetaLearner
 from .meta_problem import MetaProblem, Posterior
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "linalg", "nets", "optim", "training", "meta_update", "evaluation",
-    "implicit_diff", "implicit_vjp", "MAP", "Variational", "InnerLoop", "TaskProblem", "MetaProblem",
+    "implicit_diff", "implicit_vjp", "InferenceMethod", "MAP", "Variational", "InnerLoop", "TaskProblem", "MetaProblem",
     "HypergradEstimator", "Implicit", "Explicit", "FirstOrder", "MetaLearner", "NonFiniteError", "Posterior",
     "GaussianLikelihood", "ConjugateNoiseGaussianLikelihood", "TaskNoiseGaussianLikelihood", "CategoricalLikelihood", "Likelihood", "TaskModel", "build_learner", "METHODS",
 ]

@@ -1,6 +1,7 @@
 """A noise variance per task under a conjugate (Normal–inverse-gamma) prior, inferred in closed
-form from each task's support set: :class:`ConjugateNoiseGaussianLikelihood`, and the refit of
-its prior to held-out tasks after meta-training (Gaussian or Student-t predictive)."""
+form from each task's support set: :class:`ConjugateNoiseGaussianLikelihood`. The refit of its
+prior to held-out tasks after meta-training is
+:func:`ibaml.calibration.recalibration.refit_noise_prior`."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .calibration.recalibration import (fit_linear_noise_ratio, fit_linear_noise_ratio_lognormal,
-                                        fit_linear_noise_ratio_student_t)
 from .calibration.tails import LogNormalScale, StudentT, describe
 from .likelihoods import GaussianLikelihood, _gaussian_log_prob, _positive_attribute
 
-__all__ = ["ConjugateNoiseGaussianLikelihood", "TAIL_FAMILIES"]
+__all__ = ["ConjugateNoiseGaussianLikelihood"]
 
-#: the predictive families :meth:`ConjugateNoiseGaussianLikelihood.fit_prior_noise` fits
-TAIL_FAMILIES = (None, "lognormal", "student_t")
 #: the buffers that hold a fitted family's shape, at their Gaussian values
 TAIL_BUFFERS = {"predictive_df": math.inf, "predictive_scale_sd": 0.0}
 
@@ -58,11 +55,12 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     match either. ``evidence_scale`` ``γ`` weighs them, ``b_N/σ² = a₀ s₀²/σ² + ½ γ D``
     (``γ = 1``: the model above); meta-learned, it is the ratio of the query's squared deviations
     to the support's that the predictive uses, the one free scale of the predictive once
-    ``a₀`` is small (``r → γ D / N``). :meth:`fit_prior_noise` refits ``s₀`` and ``γ`` to
-    held-out tasks after meta-training (:func:`ibaml.training.fit_noise_prior`).
+    ``a₀`` is small (``r → γ D / N``). :func:`ibaml.calibration.recalibration.refit_noise_prior`
+    refits ``s₀`` and ``γ`` to held-out tasks after meta-training
+    (:meth:`ibaml.MetaLearner.fit_noise_prior`).
 
     The predictive is this Gaussian unless a heavy-tailed family has been fitted to held-out
-    tasks (:meth:`fit_prior_noise` with ``tails``; :attr:`tails`), around the same location with
+    tasks (:func:`~ibaml.calibration.recalibration.refit_noise_prior` with ``tails``; :attr:`tails`), around the same location with
     the same squared scale ``r (φᵀ S φ + σ²)``: a log-normal scale mixture (``"lognormal"``, its
     spread ``τ`` in the buffer ``predictive_scale_sd``, 0 by default: each task's scale uncertain
     by a factor ``e^{±τ}``) or a Student-t (``"student_t"``, ``ν`` in ``predictive_df``, ``inf``
@@ -143,45 +141,17 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         return 2 * (noise_ratio * (a0 + 0.5 * num_entries) - b0) / self.evidence_scale.to(dtype)
 
     @torch.no_grad()
-    def fit_prior_noise(self, noise_ratio: Tensor, squared_error: Tensor, variance: Tensor,
-                        num_entries: int, tails: Optional[str] = None) -> Tuple[float, float]:
-        """Set the prior noise ``s₀`` and the evidence scale ``γ`` (``a₀`` held) to the values
-        that maximise the held-out predictive log-likelihood of query errors ``e [T, N]`` under
-        the predictive variances ``variance [T, N]`` that the tasks' current ratios ``r [T]``
-        gave (``num_entries`` support entries a task). With ``a_N = a₀ + N/2`` the ratio is
-        linear in the evidence, ``r = c₁ + c₂ D`` with ``c₁ = a₀ s₀²/(σ² a_N)`` and
-        ``c₂ = γ/(2 a_N)``: :func:`fit_linear_noise_ratio` fits ``(c₁, c₂)`` with the network and
-        the prior over the weights fixed (the posterior mean does not depend on the noise), and
-
-            s₀ = σ √(c₁ a_N / a₀),   γ = 2 a_N c₂.
-
-        Empirical Bayes for the predictive's noise on held-out tasks, the regression counterpart
-        of temperature scaling. With ``tails="lognormal"`` or ``"student_t"`` the predictive
-        becomes that heavy-tailed family and its shape is fitted too
-        (:func:`fit_linear_noise_ratio_lognormal`, :func:`fit_linear_noise_ratio_student_t`;
-        :attr:`tails`); with ``None`` it is the Gaussian. Returns ``(s₀, γ)``."""
-        a0, sigma, s0, gamma = (float(t.detach()) for t in (self.prior_count, self.noise, self.prior_noise,
-                                                             self.evidence_scale))
-        a_n = a0 + 0.5 * num_entries
-        ratio = noise_ratio.detach()
-        start = (a0 * (s0 / sigma) ** 2 / a_n, gamma / (2 * a_n))
-        evidence, unit_variance = self.evidence(ratio, num_entries), variance / ratio[:, None]
-        if tails not in TAIL_FAMILIES:
-            raise ValueError(f"tails must be one of {TAIL_FAMILIES}, got {tails!r}")
-        df, sd = TAIL_BUFFERS["predictive_df"], TAIL_BUFFERS["predictive_scale_sd"]
-        if tails == "student_t":
-            c1, c2, df = fit_linear_noise_ratio_student_t(evidence, squared_error, unit_variance, start)
-        elif tails == "lognormal":
-            c1, c2, sd = fit_linear_noise_ratio_lognormal(evidence, squared_error, unit_variance, start)
-        else:
-            c1, c2 = fit_linear_noise_ratio(evidence, squared_error, unit_variance, start)
-        self.predictive_df.fill_(df)
-        self.predictive_scale_sd.fill_(sd)
-        prior_noise, evidence_scale = sigma * math.sqrt(c1 * a_n / a0), 2 * a_n * c2
+    def set_noise_prior(self, prior_noise: float, evidence_scale: float, predictive_df: float = math.inf,
+                        predictive_scale_sd: float = 0.0) -> None:
+        """Set ``s₀``, ``γ`` and the predictive's tail shape (``ν`` of a Student-t, ``τ`` of a
+        log-normal scale mixture; the defaults give the Gaussian), as a refit to held-out tasks
+        finds them (:func:`ibaml.calibration.recalibration.refit_noise_prior`); ``a₀`` and the
+        reference ``σ`` are kept."""
+        self.predictive_df.fill_(predictive_df)
+        self.predictive_scale_sd.fill_(predictive_scale_sd)
         device = self.noise.device
         self.prior_noise = torch.tensor(prior_noise, dtype=self.noise.dtype, device=device)
         self.evidence_scale = torch.tensor(evidence_scale, dtype=self.noise.dtype, device=device)
-        return prior_noise, evidence_scale
 
     def predictive_log_prob_points(self, output: Tensor, y: Tensor, noise_ratio=None) -> Tensor:
         """``log N(y; f, r σ²)`` per point (``r = 1`` if not given)."""

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .calibration import CalibrationReport
+from .calibration.recalibration import refit_noise_prior
 from .calibration.tails import describe
 from .data.tasks import as_task_dict
 from .nonfinite import check_finite_predictions
@@ -104,7 +105,7 @@ def prediction_report(results, name: str = "", tails=None) -> CalibrationReport:
 def noise_prior_refit(likelihood, results, tails: Optional[str] = None) -> dict:
     """Refit the noise prior of a :class:`ibaml.ConjugateNoiseGaussianLikelihood` to the
     per-chunk ``((mean, var), noise_ratio, support entries)`` of :func:`over_chunks`
-    (:meth:`~ibaml.ConjugateNoiseGaussianLikelihood.fit_prior_noise` on the squared query errors);
+    (:func:`ibaml.calibration.recalibration.refit_noise_prior` on the squared query errors);
     returns ``{"prior_noise": (before, after), "evidence_scale": (before, after), "tails":
     (before, after), "tasks": T}``."""
     mean = torch.cat([m.reshape(m.shape[0], -1) for ((m, _), _, _), _ in results])
@@ -112,6 +113,6 @@ def noise_prior_refit(likelihood, results, tails: Optional[str] = None) -> dict:
     ratio = torch.cat([r for (_, r, _), _ in results])
     y = torch.cat([t.reshape(t.shape[0], -1) for _, t in results]).to(mean)
     before = float(likelihood.prior_noise.detach()), float(likelihood.evidence_scale.detach()), likelihood.tails
-    after = likelihood.fit_prior_noise(ratio, (y - mean) ** 2, var, results[0][0][2], tails=tails)
+    after = refit_noise_prior(likelihood, ratio, (y - mean) ** 2, var, results[0][0][2], tails=tails)
     return {"prior_noise": (before[0], after[0]), "evidence_scale": (before[1], after[1]),
             "tails": (describe(before[2]), describe(likelihood.tails)), "tasks": int(ratio.shape[0])}

@@ -71,7 +71,61 @@ def _ratio_kwargs(ratio: Optional[Tensor]) -> Dict[str, Tensor]:
     return {} if ratio is None else {"noise_ratio": ratio}
 
 
-class MAP:
+class InferenceMethod:
+    """The contract of a task-inference method, every function pure in ``(v, θ, task)``.
+
+    Required: ``init(model, θ) → v₀``, ``inner_objective(model, v, θ, task) = G``,
+    ``outer_objective(model, v, θ, task) = F``, ``point(v) → w [D]`` (the weights' point
+    estimate) and ``weight_samples(v, ε [S, D]) → w [S, D]``. Declared with defaults:
+
+    * ``task_init(model, θ, task) = init(model, θ)``: the inner loop's start for a task;
+    * ``curvature(v, precision) = None``: the prior's diagonal curvature in ``v``'s blocks given
+      ``precision_diag`` (``None``: none known), which a prior-preconditioned inner optimiser uses;
+    * ``preconditioner(model, v, θ) = curvature(v, precision_diag(θ))``;
+    * ``draws(T, S, D, generator)``: standard-normal ``ε [T, S, D]``;
+    * ``task_noise(T, D, generator) = {}``: the fixed draws of one meta-step, by name.
+    """
+
+    name = "inference"
+    needs_noise = False
+
+    def init(self, model: TaskModel, meta) -> ParamDict:
+        raise NotImplementedError
+
+    def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        raise NotImplementedError
+
+    def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        raise NotImplementedError
+
+    def point(self, v) -> Tensor:
+        raise NotImplementedError
+
+    def weight_samples(self, v, eps: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def task_init(self, model: TaskModel, meta, task: Task) -> ParamDict:
+        """The inner loop's start for ``task``: :meth:`init`."""
+        return self.init(model, meta)
+
+    def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
+        """The prior's diagonal curvature in ``v``'s blocks: none known."""
+        return None
+
+    def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
+        """:meth:`curvature` at the prior's ``precision_diag(θ)``."""
+        return self.curvature(v, model.prior_call(meta, "precision_diag"))
+
+    def draws(self, num_tasks: int, num: int, dim: int, generator: torch.Generator, dtype=None) -> Tensor:
+        """Standard-normal draws ``ε [num_tasks, num, dim]`` on the generator's device."""
+        return torch.randn(num_tasks, num, dim, generator=generator, device=generator.device, dtype=dtype)
+
+    def task_noise(self, num_tasks: int, dim: int, generator: torch.Generator, dtype=None) -> Dict[str, Tensor]:
+        """The fixed draws of one meta-step: none."""
+        return {}
+
+
+class MAP(InferenceMethod):
     """Maximum a posteriori task inference; see the module docstring.
 
     Args:
@@ -112,9 +166,6 @@ class MAP:
         """The task weights' point estimate: the mode ``w``."""
         return v["w"]
 
-    def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
-        return self.curvature(v, model.prior_call(meta, "precision_diag"))
-
     def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
         """The prior's diagonal curvature in ``v``'s blocks, given ``precision_diag``."""
         return None if precision is None else {"w": precision}
@@ -123,18 +174,9 @@ class MAP:
         """The point estimate repeated: ``[S, D]`` for ``eps [S, D]``."""
         return v["w"].expand_as(eps)
 
-    def draws(self, num_tasks: int, num: int, dim: int, generator: torch.Generator, dtype=None) -> Tensor:
-        """Standard-normal draws ``ε [num_tasks, num, dim]`` on the generator's device (the point
-        estimate ignores them in :meth:`weight_samples`)."""
-        return torch.randn(num_tasks, num, dim, generator=generator, device=generator.device, dtype=dtype)
-
-    def task_noise(self, num_tasks: int, dim: int, generator: torch.Generator, dtype=None) -> Dict[str, Tensor]:
-        """The per-task noise of meta-training: none for a point estimate."""
-        return {}
-
 
 @dataclass(frozen=True)
-class Variational:
+class Variational(InferenceMethod):
     """Mean-field Gaussian task inference; see the module docstring.
 
     Args:
@@ -307,10 +349,6 @@ class Variational:
     def point(self, v) -> Tensor:
         """The task weights' point estimate: the posterior mean ``m``."""
         return v["mean"]
-
-    def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
-        """Prior curvature: ``β/σ²`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ``."""
-        return self.curvature(v, model.prior_call(meta, "precision_diag"))
 
     def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
         """``β · precision`` for ``m``; ``β s'(ρ)² / (2 s²)`` for ``ρ``, ``β (precision + 1/s)`` for

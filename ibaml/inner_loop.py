@@ -98,7 +98,8 @@ def _detach_state(state):
 
 @dataclass
 class TaskProblem:
-    """The bilevel problem of one task: model, inference method and inner loop.
+    """The bilevel problem of one task: model, inference method (an
+    :class:`ibaml.inference.InferenceMethod`) and inner loop.
 
     Everything the hypergradient estimators need, as functions of ``(v, θ, task)``:
     ``init(θ)``, ``inner(v, θ, task) = G``, ``outer(v, θ, task) = F``,
@@ -124,22 +125,14 @@ class TaskProblem:
     def solve(self, meta, task: Task, differentiable: bool = False, v0: Optional[ParamDict] = None,
               steps: Optional[int] = None, diagnose: bool = True):
         """``(v*, diagnostics)`` after the inner loop from ``v0`` (default the method's
-        ``task_init(θ, task)`` where it has one, else ``init(θ)``);
-        see :meth:`InnerLoop.run` for ``diagnose``."""
+        ``task_init(θ, task)``); an optimiser that declares ``needs_curvature`` gets the method's
+        ``curvature(v, precision_diag(θ))``; see :meth:`InnerLoop.run` for ``diagnose``."""
         loop = self.inner_loop if steps is None else InnerLoop(self.inner_loop.optimizer, steps)
-        if v0 is not None:
-            start = v0
-        elif hasattr(self.method, "task_init"):
-            start = self.method.task_init(self.model, meta, task)
-        else:
-            start = self.init(meta)
+        start = self.method.task_init(self.model, meta, task) if v0 is None else v0
         curvature = None
         if getattr(loop.optimizer, "needs_curvature", False):
-            if hasattr(self.method, "curvature"):
-                precision = self.model.prior_call(meta, "precision_diag")   # θ is fixed during the solve
-                curvature = lambda v: self.method.curvature(v, precision)
-            else:
-                curvature = lambda v: self.preconditioner(v, meta)
+            precision = self.model.prior_call(meta, "precision_diag")   # θ is fixed during the solve
+            curvature = lambda v: self.method.curvature(v, precision)
         return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose,
                         curvature=curvature)
 

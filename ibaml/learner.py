@@ -46,10 +46,11 @@ from priors.base import Prior
 
 from . import distributed, meta_update
 from .calibration import CalibrationReport
+from .conjugate_noise import ConjugateNoiseGaussianLikelihood
 from .data.tasks import as_task_dict
 from .evaluation import noise_prior_refit, over_chunks, prediction_report, query_outputs
 from .hypergrad import HypergradEstimator, Implicit, TaskGradient
-from .inference import MAP, Variational
+from .inference import MAP, InferenceMethod, Variational
 from .inner_loop import InnerLoop, TaskProblem
 from .likelihoods import Likelihood
 from .meta_problem import TASK_BATCHING, MetaProblem, Posterior
@@ -160,7 +161,7 @@ class MetaLearner(nn.Module):
             if method not in table:
                 raise ValueError(f"unknown inference method {method!r}; expected one of {sorted(table)}")
             method = table[method]()
-        if not all(hasattr(method, a) for a in ("init", "inner_objective", "outer_objective")):
+        if not isinstance(method, InferenceMethod):
             raise TypeError(f"method must be MAP(), Variational(), 'map' or 'variational', got {type(method).__name__}")
         if estimator is not None and not isinstance(estimator, HypergradEstimator):
             raise TypeError(f"estimator must be a HypergradEstimator (Implicit(), Explicit(), FirstOrder(), Lazy()), "
@@ -377,7 +378,7 @@ class MetaLearner(nn.Module):
         ('lognormal_scale', True)
         """
         likelihood = self.likelihood
-        if not hasattr(likelihood, "fit_prior_noise"):
+        if not isinstance(likelihood, ConjugateNoiseGaussianLikelihood):
             raise TypeError(f"fit_noise_prior needs a ConjugateNoiseGaussianLikelihood, the learner has "
                             f"{type(likelihood).__name__}")
         results = self._over_chunks(lambda post, b: (self.predict(post, b["query_x"]), post.noise_ratio,

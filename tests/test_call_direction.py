@@ -103,3 +103,40 @@ def test_prepared_batch_keeps_its_draws_and_a_plain_batch_takes_new_ones():
     assert all(torch.equal(draws[k], prepared[k]) for k in draws) and not set(draws) & set(task)
     _, fresh = learner.task_and_draws(batch)
     assert not torch.equal(learner.generator.get_state(), state) and not torch.equal(fresh["eps_inner"], draws["eps_inner"])
+
+
+class MeanOnly(ibaml.InferenceMethod):
+    """The required pieces only: ``G = ½‖w − μ‖² / σ² + ½ Σ_n (y_n − f(x_n; w))²``, ``F`` the query's
+    squared error; ``task_init``, ``curvature``, ``preconditioner`` and ``task_noise`` are the defaults."""
+
+    def init(self, model, meta):
+        return {"w": model.prior_call(meta, "location")}
+
+    def inner_objective(self, model, v, meta, task):
+        return -model.log_likelihood(meta, v["w"], task["support_x"], task["support_y"]).sum() \
+            - model.prior_call(meta, "log_prob", v["w"])
+
+    def outer_objective(self, model, v, meta, task):
+        return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"]).mean()
+
+    def point(self, v):
+        return v["w"]
+
+    def weight_samples(self, v, eps):
+        return v["w"].expand_as(eps)
+
+
+def test_an_inference_method_with_the_required_pieces_only_trains_and_predicts():
+    torch.manual_seed(0)
+    net = MLP(1, (8,), 1).double()
+    learner = ibaml.MetaLearner(net, priors.DiagonalGaussian.from_module(net, init_scale=0.3),
+                                ibaml.GaussianLikelihood(0.5).double(), method=MeanOnly(), inner_steps=3,
+                                inner_optimizer=ibaml.optim.PriorPreconditioned(lr=0.01))
+    batch = sine_tasks(3, torch.Generator().manual_seed(4))
+    assert learner.meta_problem.noise_draws(3, learner.generator) == {}
+    assert MeanOnly().curvature({"w": torch.zeros(2)}, torch.ones(2)) is None
+    stats = learner.meta_step(batch)
+    mean, var = learner.predict(learner.adapt(batch["support_x"], batch["support_y"]), batch["query_x"])
+    assert stats["skipped"] == 0 and mean.shape == batch["query_y"].shape and bool((var > 0).all())
+    with pytest.raises(TypeError, match="method must be"):
+        ibaml.MetaLearner(net, priors.DiagonalGaussian.from_module(net), ibaml.GaussianLikelihood(0.5), method=object())

@@ -108,7 +108,7 @@ def test_loss_is_the_teacher_on_the_segment(gamma):
     assert torch.allclose(out.diagnostics["student_loss"], problem.outer(v_k, meta, task), rtol=1e-12)
 
 
-class Quadratic:
+class Quadratic(ibaml.inference.InferenceMethod):
     """``G(w, θ) = ½ (w − c)ᵀ A (w − c) + (λ/2) ‖w − θ‖²``, ``w₀ = θ``,
     ``F(w, θ) = ½ ‖w − b‖² + κ ⟨d, θ⟩``: ``∇²_vv G = A + λI`` and ``∇²_vθ G = −λI``, so the
     teacher's Jacobian is ``I − γα A`` and the lazy gradient ``κ d + (I − γαA)(φ_T − b)``."""

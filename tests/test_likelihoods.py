@@ -273,7 +273,7 @@ def test_linear_noise_ratio_fit_recovers_the_generating_coefficients():
 
 
 def test_fit_prior_noise_sets_the_maximiser_of_the_held_out_likelihood():
-    """``fit_prior_noise`` keeps a₀ and the parameters' identity, inverts ``noise_ratio`` exactly,
+    """``refit_noise_prior`` keeps a₀ and the parameters' identity, inverts ``noise_ratio`` exactly,
     and leaves the held-out NLL at a stationary point in (s₀, γ) no worse than before."""
     lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=0.3, evidence_scale=0.5,
                                                  learn_prior_count=False).to(DT)
@@ -292,7 +292,8 @@ def test_fit_prior_noise_sets_the_maximiser_of_the_held_out_likelihood():
 
     before = held_out_nll(None, None)
     params = {n: p for n, p in lik.named_parameters()}
-    s0, gamma = lik.fit_prior_noise(ratio, e2, var, 10)
+    from ibaml.calibration import refit_noise_prior
+    s0, gamma = refit_noise_prior(lik, ratio, e2, var, 10)
     assert {n: p for n, p in lik.named_parameters()} == params and float(lik.prior_count) == 5.0
     assert float(lik.prior_noise.detach()) == pytest.approx(s0) and float(lik.evidence_scale.detach()) == pytest.approx(gamma)
     after = held_out_nll(s0, gamma)

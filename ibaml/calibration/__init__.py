@@ -28,7 +28,7 @@ from .metrics import (CLASSIFICATION_KEYS, DEFAULT_LEVELS, REGRESSION_KEYS, mse,
                       reliability_bins, mean_ci95, central_quantile)
 from .recalibration import (fit_linear_noise_ratio, fit_linear_noise_ratio_lognormal,
                             fit_linear_noise_ratio_student_t, fit_logit_scale, fit_variance_scale,
-                            fit_variance_scale_and_tails)
+                            fit_variance_scale_and_tails, refit_noise_prior)
 from .student_t import crps_student_t, student_t_nll
 from .tails import LogNormalScale, StudentT
 from .plots import plot_predictive_bands, plot_predictive_grid

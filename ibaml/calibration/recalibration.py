@@ -8,7 +8,7 @@ maximum likelihood, the model's means left where they are.
   (a Student-t's degrees of freedom, a log-normal scale mixture's spread) fitted with it;
 * :func:`fit_linear_noise_ratio` — the two coefficients of a per-task Gaussian noise ratio
   linear in each task's support evidence (the noise prior of
-  :class:`ibaml.ConjugateNoiseGaussianLikelihood`, through its ``fit_prior_noise``);
+  :class:`ibaml.ConjugateNoiseGaussianLikelihood`, refitted by :func:`refit_noise_prior`);
 * :func:`fit_linear_noise_ratio_student_t` — the same two coefficients with the degrees of
   freedom of a Student-t predictive, for errors whose scale varies between tasks more than
   the evidence predicts (heavy tails once pooled);
@@ -244,3 +244,47 @@ def fit_linear_noise_ratio_lognormal(evidence: Tensor, squared_error: Tensor, un
     x0 = _log_start(start) + [math.log(min(max(start_sd, lo), hi))]
     x = _minimize_by_autograd(nll, x0, [(-40.0, 20.0)] * 2 + [(math.log(lo), math.log(hi))])
     return math.exp(x[0]), math.exp(x[1]), min(max(math.exp(x[2]), lo), hi)
+
+
+#: the predictive families :func:`refit_noise_prior` fits (``None``: the Gaussian)
+TAIL_FAMILIES = (None, "lognormal", "student_t")
+
+
+@torch.no_grad()
+def refit_noise_prior(likelihood, noise_ratio: Tensor, squared_error: Tensor, variance: Tensor,
+                      num_entries: int, tails=None) -> Tuple[float, float]:
+    """Set the prior noise ``s₀`` and the evidence scale ``γ`` of a
+    :class:`ibaml.ConjugateNoiseGaussianLikelihood` (``a₀`` held) to the values that maximise the
+    held-out predictive log-likelihood of query errors ``e [T, N]`` under the predictive
+    variances ``variance [T, N]`` that the tasks' current ratios ``r [T]`` gave (``num_entries``
+    support entries a task). With ``a_N = a₀ + N/2`` the ratio is linear in the evidence,
+    ``r = c₁ + c₂ D`` with ``c₁ = a₀ s₀²/(σ² a_N)`` and ``c₂ = γ/(2 a_N)``:
+    :func:`fit_linear_noise_ratio` fits ``(c₁, c₂)`` with the network and the prior over the
+    weights fixed (the posterior mean does not depend on the noise), and
+
+        s₀ = σ √(c₁ a_N / a₀),   γ = 2 a_N c₂.
+
+    Empirical Bayes for the predictive's noise on held-out tasks, the regression counterpart
+    of temperature scaling. With ``tails="lognormal"`` or ``"student_t"`` the predictive
+    becomes that heavy-tailed family and its shape is fitted too
+    (:func:`fit_linear_noise_ratio_lognormal`, :func:`fit_linear_noise_ratio_student_t`;
+    ``likelihood.tails``); with ``None`` it is the Gaussian. Returns ``(s₀, γ)``."""
+    a0, sigma, s0, gamma = (float(t.detach()) for t in (likelihood.prior_count, likelihood.noise,
+                                                         likelihood.prior_noise, likelihood.evidence_scale))
+    a_n = a0 + 0.5 * num_entries
+    ratio = noise_ratio.detach()
+    start = (a0 * (s0 / sigma) ** 2 / a_n, gamma / (2 * a_n))
+    evidence, unit_variance = likelihood.evidence(ratio, num_entries), variance / ratio[:, None]
+    if tails not in TAIL_FAMILIES:
+        raise ValueError(f"tails must be one of {TAIL_FAMILIES}, got {tails!r}")
+    shape = {}
+    if tails == "student_t":
+        c1, c2, shape["predictive_df"] = fit_linear_noise_ratio_student_t(evidence, squared_error, unit_variance, start)
+    elif tails == "lognormal":
+        c1, c2, shape["predictive_scale_sd"] = fit_linear_noise_ratio_lognormal(evidence, squared_error, unit_variance,
+                                                                                start)
+    else:
+        c1, c2 = fit_linear_noise_ratio(evidence, squared_error, unit_variance, start)
+    prior_noise, evidence_scale = sigma * math.sqrt(c1 * a_n / a0), 2 * a_n * c2
+    likelihood.set_noise_prior(prior_noise, evidence_scale, **shape)
+    return prior_noise, evidence_scale
