@@ -63,6 +63,8 @@ DESCRIBE = {
     "abml-all": "all weights (mean-field), 10 SGD steps on 4 draws, explicit",
 }
 METRICS = ("mse", "nll", "coverage_90", "calibration_error")
+#: the rows with a prior over every weight (the papers' configuration)
+FULL_NETWORK = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 
 
 def run_all(jobs: list, args, keep: bool = False) -> list:
@@ -191,6 +193,9 @@ def summarize(out: Path) -> dict:
                                                   ci95_over_tasks=max(pick(d)[k]["ci95"] for d in data))
                                           for k in METRICS}
             entry["recalibrated"]["variance_scale"] = [d["recalibrated"]["variance_scale"] for d in data]
+            if all(d.get("inner_grad_norm") for d in data):   # ||∇_b G|| over the last tenth of meta-training
+                last = [d["inner_grad_norm"][-1] for d in data]
+                entry["inner_grad_norm_last"] = {b: P.seed_stats([x[b] for x in last]) for b in last[0] if b != "step"}
             if all("recalibrated_tails" in d and "validation_nll" in d["recalibrated"] for d in data):
                 entry["recalibrated"]["validation_nll"] = P.seed_stats([d["recalibrated"]["validation_nll"]
                                                                         for d in data])
@@ -277,6 +282,14 @@ def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str
         out.append(f"Of the three recalibrations, the {FAMILY_NAMES[best]} has {method}'s lowest validation NLL "
                    f"({val[best]:.3f}; " + ", ".join(f"{FAMILY_NAMES[f]} {v:.3f}" for f, v in val.items() if f != best)
                    + ").")
+    for full in (m for m in FULL_NETWORK if m in rows):
+        e = rows[full]
+        mse = {m: _mean(rows[m], "raw", "in_range", "mse") for m in ("maml", "anil") if m in rows}
+        stationarity = ", ".join(f"{b} {v['mean']:.3g}" for b, v in e.get("inner_grad_norm_last", {}).items())
+        out.append(f"Over all weights, {full} ({len(e['seeds'])} seed{'s' * (len(e['seeds']) > 1)}) reaches an MSE of {_mean(e, 'raw', 'in_range', 'mse'):.3f} "
+                   f"(per seed " + " / ".join(f"{v:.3f}" for v in e["raw"]["in_range"]["mse"]["per_seed"]) + "; "
+                   + ", ".join(f"{m} {v:.3f}" for m, v in mse.items())
+                   + (f"), with ||∇G|| over the last tenth of meta-training at {stationarity}." if stationarity else ")."))
     oor = {m: _mean(e, "recalibrated", "out_of_range", "coverage_90") for m, e in rows.items()}
     top = max(oor, key=oor.get)
     out.append(f"Out of range (x in [5, 10]) no row's recalibrated 90% interval covers more than {oor[top]:.3f} of the "
@@ -285,7 +298,8 @@ def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str
 
 
 #: the sentences of :func:`findings` the README keeps (by their opening words)
-HEADLINE_FINDINGS = ("ibaml's MSE", "Recalibrated with a log-normal", "Of the three recalibrations", "Out of range")
+HEADLINE_FINDINGS = ("ibaml's MSE", "Recalibrated with a log-normal", "Of the three recalibrations", "Over all weights",
+                     "Out of range")
 
 
 def headline_findings(text: str) -> str:

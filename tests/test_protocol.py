@@ -109,6 +109,17 @@ def test_sine_recalibration_families_are_summarised_and_described(tmp_path):
     assert "| ibaml | 2 | -1.000 ± 0.000 | -1.200 ± 0.000 | -1.400 ± 0.000 |" in sine_protocol.families_markdown(summary)
 
 
+def test_full_network_rows_report_their_seeds_and_stationarity(tmp_path):
+    for seed, (maml, hf) in enumerate(((0.3, 0.2), (0.25, 0.4))):
+        P.write_json(tmp_path / "runs" / "shared" / f"seed{seed}" / "maml" / "metrics.json", _sine_metrics(maml, 0.5, seed=seed))
+        run = dict(_sine_metrics(hf, 0.5, seed=seed), inner_grad_norm=[{"step": 10, "w": 9.0}, {"step": 20, "w": 2.0 + seed}])
+        P.write_json(tmp_path / "runs" / "shared" / f"seed{seed}" / "imaml-hf" / "metrics.json", run)
+    summary = sine_protocol.summarize(tmp_path)
+    assert summary["shared"]["imaml-hf"]["inner_grad_norm_last"]["w"]["mean"] == pytest.approx(2.5)
+    assert ("- Over all weights, imaml-hf (2 seeds) reaches an MSE of 0.300 (per seed 0.200 / 0.400; maml 0.275), "
+            "with ||∇G|| over the last tenth of meta-training at w 2.5.") in sine_protocol.findings(summary, method="maml")
+
+
 def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatch):
     def fake_run_all(example, jobs, workers, **kwargs):
         assert example == "miniimagenet.py"
