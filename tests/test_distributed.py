@@ -78,7 +78,7 @@ def job(tmp_path_factory):
     script.write_text(JOB)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp)] + EXAMPLE_ARGS + [
-        "--threads", "1", "--out", str(tmp / "example")]
+        "--threads", "1", "--out", str(tmp / "example"), "--overwrite"]   # a repeated run replaces the first
     env = dict(os.environ, OMP_NUM_THREADS="1", IBAML_ROOT=str(ROOT), PYTHONPATH=str(ROOT))
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
