@@ -234,7 +234,9 @@ class NewtonCG:
             ``−∇G / (μ P)``, a gradient step scaled to the curvature the rule has found, so
             the solver neither stalls where the data curvature dwarfs the prior's (a
             fixed line search's smallest step is still too long) nor crawls where it is flat.
-            One more Hessian-vector product and two values of ``G`` per step; vmappable.
+            One more Hessian-vector product per step; ``G(v)`` and ``G(v + Δ)`` are the line
+            search's values (without a search, the step is taken only where it lowers ``G``,
+            so they are computed for that choice); vmappable.
 
     Example
     -------
@@ -286,10 +288,10 @@ class NewtonCG:
         precond = None if curvature is None else spec.flatten({k: curvature[k] if curvature.get(k) is not None
                                                                 else torch.zeros_like(params[k]) for k in params})
         mu = state["prior_damping"] if self.adaptive_damping else self.prior_damping
-        metric = torch.ones_like(x) if precond is None else precond       # the damping's metric P (or I)
         if precond is None and not self.adaptive_damping:
             matvec = lambda u: hvp(u)[0]
         else:
+            metric = torch.ones_like(x) if precond is None else precond       # the damping's metric P (or I)
             matvec = lambda u: hvp(u)[0] + mu * metric * u
             precond = (1.0 + mu) * metric
             if self.damping == 0.0:
@@ -297,21 +299,20 @@ class NewtonCG:
         solve = CG(max_iter=self.cg_iters, tol=0.0, damping=self.damping)(matvec, -g, precond_diag=precond)
         bounded = lambda d: {k: _bounded(d[k], _per_block(self.max_step, k)) for k in params}
         delta = bounded(spec.unflatten(self.step_size * solve.x))
-        if self.adaptive_damping:
-            state = {"prior_damping": self._adapted(objective, params, spec, g, hvp, delta, mu)}
-        if not self.line_search:
-            if self.adaptive_damping:   # a trust-region step: taken only where it lowers G
-                return backtrack(objective, params, delta, 1), state
+        if not (self.line_search or self.adaptive_damping):
             return {k: params[k] + delta[k] for k in params}, state
-        steepest = bounded(spec.unflatten(-g if precond is None else -g / precond))
-        return backtrack(objective, params, [delta, steepest], self.line_search), state
+        deltas = [delta]   # with adapted damping and no search, a trust-region step: taken only where it lowers G
+        if self.line_search:
+            deltas.append(bounded(spec.unflatten(-g if precond is None else -g / precond)))
+        chosen, values = _backtrack(objective, params, deltas, self.line_search or 1)
+        if self.adaptive_damping:   # values[0] = G(v + Δ), values[-1] = G(v)
+            state = {"prior_damping": self._adapted(g, hvp, spec.flatten(delta), values[-1] - values[0], mu)}
+        return chosen, state
 
-    def _adapted(self, objective, params: ParamDict, spec, g, hvp, delta: ParamDict, mu):
+    def _adapted(self, g, hvp, d, actual, mu):
         """The next ``μ`` of the Levenberg–Marquardt rule (``adaptive_damping``) from the reduction
-        ratio ``ρ`` of the step ``Δ``."""
-        d = spec.flatten(delta)
+        ratio ``ρ`` of the step ``d`` (flat), whose actual decrease of ``G`` is ``actual``."""
         predicted = -(g @ d + 0.5 * (d @ hvp(d)[0]))
-        actual = objective(params) - objective({k: params[k] + delta[k] for k in params})
         rho = actual / predicted
         trusted = torch.isfinite(rho) & (predicted > 0)
         omega = self.adaptive_damping
@@ -329,6 +330,12 @@ def backtrack(objective, params: ParamDict, deltas, candidates: int) -> ParamDic
     >>> backtrack(G, {"x": torch.zeros(1)}, {"x": torch.full((1,), 4.0)}, 3)["x"]
     tensor([1.])
     """
+    return _backtrack(objective, params, deltas, candidates)[0]
+
+
+def _backtrack(objective, params: ParamDict, deltas, candidates: int) -> Tuple[ParamDict, torch.Tensor]:
+    """:func:`backtrack`'s choice and the values of ``G`` it compared: for each direction in
+    turn the steps ``1, 1/2, …``, then ``v`` itself (``values[0] = G(v + Δ₀)``, ``values[-1] = G(v)``)."""
     deltas = [deltas] if isinstance(deltas, dict) else list(deltas)
     steps = [0.5 ** j for j in range(int(candidates))]
     points = [{k: params[k] + t * d[k] for k in params} for d in deltas for t in steps] + [params]
@@ -337,4 +344,4 @@ def backtrack(objective, params: ParamDict, deltas, candidates: int) -> ParamDic
     chosen = dict(params)
     for j in range(len(points) - 2, -1, -1):
         chosen = {k: torch.where(best == j, points[j][k], chosen[k]) for k in params}
-    return chosen
+    return chosen, values
