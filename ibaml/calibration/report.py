@@ -223,9 +223,6 @@ def compare_markdown(reports: Dict[str, CalibrationReport], keys: Optional[Itera
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- predictive bands
-
-
 def recalibrated_metrics(held_out, evaluated: Dict[str, tuple], family: Optional[str] = None, tails=None) -> dict:
     """A regression predictive recalibrated on held-out points and scored elsewhere: the factor
     ``c`` on the variance (:func:`ibaml.calibration.fit_variance_scale`, the model's own
