@@ -67,14 +67,15 @@ def measure(methods, steps_list, meta_batch: int, repeats: int, device, dtype, s
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     H.add_common_args(p, out="runs/method_cost")
-    p.add_argument("--methods", default="imaml,ibaml,abml,maml")
+    p.add_argument("--methods", default="imaml,ibaml,abml,maml",
+                   help="methods or full-network recipes (imaml-hf, ...), comma-separated")
     p.add_argument("--steps", default="preset,2,10", help="comma-separated inner steps; 'preset' for each method's")
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args(argv)
     device, dtype = H.setup(args)
     methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in presets.METHODS or m == "dkt"]
+    unknown = [m for m in methods if (m not in presets.METHODS and m not in presets.RECIPES) or m == "dkt"]
     if unknown:
         p.error(f"--methods: unknown or not a meta-learner: {', '.join(unknown)}")
     steps_list = [None if s.strip() == "preset" else int(s) for s in args.steps.split(",")]
