@@ -72,7 +72,7 @@ VALIDATION = 30_000
 #: first seeds of this benchmark's streams, clear of the example's (S, 10000 + S, ..., 50000 + S)
 STREAMS = {"shots": 100_000, "x": 200_000, "amplitude": 300_000}
 #: the methods in the order of the tables and figures
-ORDER = ("maml", "anil", "imaml", "ibaml", "abml", "dkt")
+ORDER = ("maml", "anil", "imaml", "ibaml", "ibaml-fullcov", "abml", "dkt")
 
 
 def stream_seeds(seed: int, shots: Sequence[int], amplitudes: Sequence[Tuple[float, float]]) -> dict:

@@ -19,6 +19,7 @@ of the test ones, for choosing settings; metrics.json records which split each n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, help="comma-separated methods to run side by side (overrides --method)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--query", type=int, default=10)
+    p.add_argument("--train-shots", default=None, metavar="LOW,HIGH",
+                   help="meta-train on support sizes drawn uniformly from LOW..HIGH per meta-batch "
+                        "(default: --shots); evaluation stays at --shots")
+    p.add_argument("--random-features", type=int, default=0, metavar="R",
+                   help="R random Fourier features of the last hidden layer under the head (0: none), "
+                        "ibaml.nets.RandomFourierFeatures")
+    p.add_argument("--noise-init", type=float, default=None, help="the likelihood's initial noise (default 1)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: the preset's)")
     p.add_argument("--inner-lr", type=float, default=None)
@@ -74,10 +82,18 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if args.train_shots is not None:
+        try:
+            low, high = (int(v) for v in args.train_shots.split(","))
+        except ValueError:
+            p.error(f"--train-shots: expected LOW,HIGH (two integers), got {args.train_shots!r}")
+        if not 1 <= low <= high:
+            p.error(f"--train-shots: expected 1 <= LOW <= HIGH, got {args.train_shots!r}")
+        args.train_shots = (low, high)
     check_ranges(p, args, minimum={**dict.fromkeys(("shots", "query", "eval_tasks", "inner_steps",
                                                     "eval_inner_steps", "recalibration_tasks"), 1),
-                                                 "noise_fit_tasks": 0},
-                 positive=("inner_lr", "noise_prior_count", "precision", "kl_weight"))
+                                                 "noise_fit_tasks": 0, "random_features": 0},
+                 positive=("inner_lr", "noise_prior_count", "precision", "kl_weight", "noise_init"))
     check_run_options(p, args, "runs/sine", runs=args.methods)
     if args.distributed and "dkt" in args.methods:
         p.error("--distributed supports the meta-learners, not dkt")
@@ -127,13 +143,23 @@ def save_figures(method, model, batch, report_in, folder: Path, n: int = 6) -> N
     report_in.plot_calibration_curve().savefig(folder / "calibration_curve.png", dpi=110, bbox_inches="tight")
 
 
+def training_tasks(tasks: SineTaskDistribution, args, gen: torch.Generator) -> SineTaskDistribution:
+    """The next meta-batch's task distribution: ``tasks``, or with ``--train-shots LOW,HIGH``
+    its support size drawn uniformly from ``LOW..HIGH`` (from the stream's generator)."""
+    if args.train_shots is None:
+        return tasks
+    low, high = args.train_shots
+    return dataclasses.replace(tasks, shots=int(torch.randint(low, high + 1, (1,), generator=gen)))
+
+
 def run_method(method, args, device, dtype, out_dir: Path, ctx=None):
     """Meta-train (or resume) and evaluate one method: ``(metrics, report in range, out of range)``."""
     tasks, cfg, folder = SineTaskDistribution(shots=args.shots, query=args.query), run_config(method, args), out_dir / method
     model = make_model(method, cfg, args, device, dtype, ctx.group if ctx else None)
     gen = torch.Generator().manual_seed(args.seed)
     stationarity = training.WindowMeans("inner_grad_norm.", every=max(1, args.meta_iters // 10))
-    fit = training.fit(model, lambda: tasks.sample(args.meta_batch, gen, dtype=dtype).to(device), args.meta_iters,
+    fit = training.fit(model, lambda: training_tasks(tasks, args, gen).sample(args.meta_batch, gen, dtype=dtype).to(device),
+                       args.meta_iters,
                        folder=folder, config=cfg, checkpoint_every=args.checkpoint_every,
                        resume=Path(args.resume) / method if args.resume else False, overwrite=args.overwrite,
                        rng={"tasks": gen}, progress=not args.no_progress, desc=method,

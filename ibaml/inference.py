@@ -83,11 +83,17 @@ class InferenceMethod:
       ``precision_diag`` (``None``: none known), which a prior-preconditioned inner optimiser uses;
     * ``preconditioner(model, v, θ) = curvature(v, precision_diag(θ))``;
     * ``draws(T, S, D, generator)``: standard-normal ``ε [T, S, D]``;
-    * ``task_noise(T, D, generator) = {}``: the fixed draws of one meta-step, by name.
+    * ``task_noise(T, D, generator) = {}``: the fixed draws of one meta-step, by name;
+    * ``posterior_extras(model, v, θ, task) = {}``: what a posterior holds beside the solved
+      blocks, computed once after the inner solve (a covariance factor);
+    * ``exact_outputs = False`` and ``head_outputs(model, v, θ, x)``: where ``True``, the
+      posterior's network outputs at ``x`` are Gaussian, ``N(mean, var)`` ``[N, C]`` each, and
+      the predictive needs no draws.
     """
 
     name = "inference"
     needs_noise = False
+    exact_outputs = False
 
     def init(self, model: TaskModel, meta) -> ParamDict:
         raise NotImplementedError
@@ -123,6 +129,14 @@ class InferenceMethod:
     def task_noise(self, num_tasks: int, dim: int, generator: torch.Generator, dtype=None) -> Dict[str, Tensor]:
         """The fixed draws of one meta-step: none."""
         return {}
+
+    def posterior_extras(self, model: TaskModel, v, meta, task: Task) -> Dict[str, Tensor]:
+        """What a posterior holds beside ``v``: nothing."""
+        return {}
+
+    def head_outputs(self, model: TaskModel, v, meta, x: Tensor):
+        """``(mean, var)`` of the Gaussian outputs at ``x`` where :attr:`exact_outputs`."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form outputs")
 
 
 class MAP(InferenceMethod):
@@ -240,6 +254,15 @@ class Variational(InferenceMethod):
     variance_start: str = "prior"
     name = "variational"
     needs_noise = True
+
+    @property
+    def exact_outputs(self) -> bool:
+        """The linearised expectation's outputs over a linear head are Gaussian."""
+        return self.expectation == "linearized"
+
+    def head_outputs(self, model: TaskModel, v, meta, x: Tensor):
+        """``(φ(x) m, φ(x)² s)`` (:meth:`ibaml.task_model.TaskModel.head_outputs`)."""
+        return model.head_outputs(meta, self.point(v), self.variance(v), x)
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -360,3 +383,112 @@ class Variational(InferenceMethod):
             return {"mean": self.beta * precision, "std": self.beta * (precision + 1.0 / s)}
         ds = torch.sigmoid(v["rho"])
         return {"mean": self.beta * precision, "rho": self.beta * ds ** 2 / (2 * s ** 2)}
+
+
+@dataclass(frozen=True)
+class FullCovariance(InferenceMethod):
+    """A Gaussian posterior ``q = N(m, Σ)`` with a full covariance over a linear head, for a
+    Gaussian likelihood (``v = {"mean"}``; the covariance is solved in closed form).
+
+    With the head's outputs ``f = J w`` (``J [N, C, D]``, :meth:`TaskModel.head_jacobian`), the
+    Gauss–Newton curvature ``A = Σ_n J_nᵀ Λ_n J_n`` of the support NLL (``Λ`` the likelihood's
+    ``output_curvature``, ``1/σ²``) and the prior's precision ``P`` (``precision_matrix``), the
+    variational objective ``E_q[NLL] + β KL(q ‖ p)`` with the linearised (for a linear-Gaussian
+    head exact) expectation, ``NLL(m) + ½ tr(Σ A)``, is stationary in ``Σ`` at::
+
+        Σ*(θ) = (P + A/β)⁻¹
+
+    and in ``m`` where ``G(m, θ) = NLL(m; S) − β log p(m; θ)`` is (for a linear-Gaussian head
+    ``Σ*`` does not depend on ``m``, so this is the profile objective's stationarity; with
+    ``β = 1`` ``q`` is the exact posterior of Bayesian linear regression). The implicit gradient
+    runs through ``m``; ``Σ*`` is a closed-form function of θ inside the outer objective::
+
+        F(m, θ) = −(1/|Q|) Σ_{n∈Q} log N(y_n; J_n m, diag(J_n Σ* J_nᵀ) + σ²)
+
+    (with a :class:`ibaml.ConjugateNoiseGaussianLikelihood` the variance times the task's noise
+    ratio). Where a mean-field posterior shrinks every weight a support point touches, ``Σ*``
+    keeps the prior's variance in the directions the support does not determine, which is what a
+    one-shot task needs. The inner loop starts from the Gauss–Newton step from the prior
+    location (:meth:`task_init`), the solution itself for a linear-Gaussian head. ``D`` is the
+    head's size: the ``D × D`` factorisation per task suits heads of up to a few hundred weights.
+
+    Args:
+        beta: KL weight ``β`` (1: the Bayesian posterior).
+
+    >>> FullCovariance().beta
+    1.0
+    """
+
+    beta: float = 1.0
+    name = "full_covariance"
+    needs_noise = False
+    exact_outputs = True
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"FullCovariance beta must be positive, got {self.beta!r}")
+
+    def init(self, model: TaskModel, meta) -> ParamDict:
+        """``m₀ = location(θ)``."""
+        return {"mean": model.prior_call(meta, "location")}
+
+    def _precision(self, model: TaskModel, meta, m: Tensor, x: Tensor) -> Tensor:
+        """``β P + A``, the inner objective's Gauss–Newton Hessian in ``m`` ``[D, D]``."""
+        prior_precision = model.prior_call(meta, "precision_matrix")
+        if prior_precision is None:
+            raise ValueError("FullCovariance needs a Gaussian prior with a precision (Prior.precision_matrix)")
+        jac = model.head_jacobian(meta, x)                                           # [N, C, D]
+        curvature = model.likelihood_call(meta, "output_curvature", model.net_output(meta, m, x))   # [N, C]
+        data = torch.einsum("ncd,nc,nce->de", jac, curvature, jac)
+        return self.beta * prior_precision + data
+
+    def covariance_factor(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        """``R = √β L⁻ᵀ`` ``[D, D]`` with ``R Rᵀ = Σ* = β (β P + A)⁻¹``, ``L Lᵀ = β P + A``."""
+        precision = self._precision(model, meta, v["mean"], task["support_x"])
+        chol = torch.linalg.cholesky_ex(precision)[0]
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        return math.sqrt(self.beta) * torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
+
+    def task_init(self, model: TaskModel, meta, task: Task) -> ParamDict:
+        """One Gauss–Newton step from the location: ``m₁ = μ − (β P + A)⁻¹ ∇G(μ)``."""
+        v0 = self.init(model, meta)
+        grad = torch.func.grad(lambda m: self.inner_objective(model, {"mean": m}, meta, task))(v0["mean"])
+        precision = self._precision(model, meta, v0["mean"], task["support_x"])
+        chol = torch.linalg.cholesky_ex(precision)[0]
+        return {"mean": v0["mean"] - torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)}
+
+    def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        m = v["mean"]
+        nll = -model.log_likelihood(meta, m, task["support_x"], task["support_y"]).sum()
+        return nll - self.beta * model.prior_call(meta, "log_prob", m)
+
+    def _outputs(self, model: TaskModel, m: Tensor, factor: Tensor, meta, x: Tensor):
+        jac = model.head_jacobian(meta, x)                                           # [N, C, D]
+        return jac @ m, ((jac @ factor) ** 2).sum(-1)
+
+    def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        factor = self.covariance_factor(model, v, meta, task)
+        mean, var = self._outputs(model, v["mean"], factor, meta, task["query_x"])
+        ratio = task_noise_ratio(model, meta, v["mean"], task)
+        return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, task["query_y"],
+                                      *(() if ratio is None else (ratio,))).mean()
+
+    def posterior_extras(self, model: TaskModel, v, meta, task: Task) -> Dict[str, Tensor]:
+        """``{"covariance_factor": R}`` at the solution (:meth:`covariance_factor`)."""
+        return {"covariance_factor": self.covariance_factor(model, v, meta, task)}
+
+    def head_outputs(self, model: TaskModel, v, meta, x: Tensor):
+        """``(J m, diag(J R Rᵀ Jᵀ))`` ``[N, C]`` each, with the posterior's ``covariance_factor``."""
+        return self._outputs(model, v["mean"], v["covariance_factor"], meta, x)
+
+    def point(self, v) -> Tensor:
+        """The posterior mean ``m``."""
+        return v["mean"]
+
+    def weight_samples(self, v, eps: Tensor) -> Tensor:
+        """``w_j = m + R ε_j`` ``[S, D]`` (the posterior's ``covariance_factor``)."""
+        return v["mean"] + eps @ v["covariance_factor"].transpose(-1, -2)
+
+    def curvature(self, v, precision: Optional[Tensor]) -> Optional[ParamDict]:
+        """``β · precision`` for ``m``."""
+        return None if precision is None else {"mean": self.beta * precision}

@@ -205,6 +205,7 @@ class MetaProblem:
         def solve(t):
             v, diag = self.task_problem.solve(meta, t, differentiable=False, steps=steps)
             extra = {"noise_ratio": task_noise_ratio(self.model, meta, self.method.point(v), t)} if conjugate_noise else {}
+            v = dict(v, **self.method.posterior_extras(self.model, v, meta, t))
             return v, diag._asdict(), extra
 
         params, diagnostics, extra = self.map_tasks(solve, dict(task, **draws))
@@ -212,10 +213,11 @@ class MetaProblem:
         return Posterior(params, self.method, diagnostics, None if ratio is None else ratio.detach())
 
     def exact_predictive(self, posterior: Posterior) -> bool:
-        """Whether :meth:`predict` is exact with no draws: a variational posterior over a linear
-        head with the linearised expectation and a likelihood with a Gaussian-outputs predictive."""
-        method = posterior.method
-        return (isinstance(method, Variational) and method.expectation == "linearized"
+        """Whether :meth:`predict` is exact with no draws: a posterior whose outputs are Gaussian
+        (the method's ``exact_outputs``: a variational posterior over a linear head with the
+        linearised expectation, :class:`~ibaml.inference.FullCovariance`) and a likelihood with a
+        Gaussian-outputs predictive."""
+        return (posterior.method.exact_outputs
                 and hasattr(self.model.likelihood, "predictive_gaussian_outputs"))
 
     def predictive_draws(self, posterior: Posterior, num_tasks: int, generator: torch.Generator,
@@ -253,7 +255,7 @@ class MetaProblem:
             x = x.to(device=self.reference.device, dtype=self.reference.dtype)
 
             def exact(v, x_t, *ratio):   # a linear-Gaussian head: the outputs are Gaussian, no draws needed
-                out_mean, out_var = self.model.head_outputs(meta, method.point(v), method.variance(v), x_t)
+                out_mean, out_var = method.head_outputs(self.model, v, meta, x_t)
                 return self.model.likelihood_call(meta, "predictive_gaussian_outputs", out_mean, out_var, *ratio)
 
             return torch.func.vmap(exact, chunk_size=self.chunk_size)(posterior.params, x, *extra)

@@ -13,6 +13,7 @@ torch.Size([3, 5, 1])
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -41,11 +42,47 @@ class NoiseHead(nn.Linear):
         return torch.cat([out, self.log_noise.expand(*out.shape[:-1], -1)], dim=-1)
 
 
+class RandomFourierFeatures(nn.Module):
+    """Random Fourier features of an RBF kernel with a learned length scale ``ℓ``::
+
+        φ(h) = √(2/R) cos(h Ω / ℓ + b),    Ω ~ N(0, I) [in, R],  b ~ U[0, 2π) [R]
+
+    so that ``φ(h)ᵀφ(h') ≈ exp(−‖h − h'‖² / (2ℓ²))``: a linear head ``w ~ N(0, s² I)`` on
+    ``φ`` is a Gaussian process with kernel ``s² exp(−‖h − h'‖²/(2ℓ²))`` (Rahimi & Recht, 2007).
+    ``Ω`` and ``b`` are fixed buffers drawn from ``seed``; ``log ℓ`` is a parameter.
+
+    >>> rff = RandomFourierFeatures(3, 2000, seed=1)
+    >>> h = torch.randn(2, 3)
+    >>> kernel = (rff(h[:1]) * rff(h[1:])).sum()
+    >>> bool(abs(kernel - torch.exp(-((h[0] - h[1]) ** 2).sum() / 2)) < 0.1)
+    True
+    """
+
+    def __init__(self, in_features: int, num_features: int, lengthscale: float = 1.0, seed: int = 0):
+        super().__init__()
+        if int(num_features) != num_features or num_features < 1:
+            raise ValueError(f"RandomFourierFeatures num_features must be a positive integer, got {num_features!r}")
+        if not lengthscale > 0:
+            raise ValueError(f"RandomFourierFeatures lengthscale must be positive, got {lengthscale!r}")
+        g = torch.Generator().manual_seed(int(seed))
+        self.register_buffer("frequencies", torch.randn(int(in_features), int(num_features), generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(int(num_features), generator=g))
+        self.log_lengthscale = nn.Parameter(torch.tensor(math.log(lengthscale)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = h @ self.frequencies.to(h.dtype) / torch.exp(self.log_lengthscale).to(h.dtype) + self.phases.to(h.dtype)
+        return math.sqrt(2.0 / self.frequencies.shape[1]) * torch.cos(z)
+
+
 class MLP(nn.Sequential):
     """Fully connected network ``in_dim → hidden... → out_dim`` with ``activation`` between
     layers; ``MLP(1, (40, 40), 1)`` is the standard sine-regression network. With
     ``noise_head=True`` the output layer is a :class:`NoiseHead` (``2 · out_dim`` outputs: the
-    means, then the log noise scales of :class:`ibaml.TaskNoiseGaussianLikelihood`).
+    means, then the log noise scales of :class:`ibaml.TaskNoiseGaussianLikelihood`). With
+    ``random_features=R`` the head reads ``R`` random Fourier features of the last hidden layer
+    (:class:`RandomFourierFeatures`, drawn from ``seed``): a Gaussian prior over the head is then
+    a Gaussian process with an RBF kernel on the learned features, whose variance returns to
+    the prior's away from the data.
 
     Example
     -------
@@ -53,15 +90,21 @@ class MLP(nn.Sequential):
     torch.Size([5, 1])
     >>> MLP(1, (40, 40), 1, noise_head=True)(torch.zeros(5, 1)).shape
     torch.Size([5, 2])
+    >>> MLP(1, (40, 40), 1, random_features=20).embed(torch.zeros(5, 1)).shape
+    torch.Size([5, 20])
     """
 
     def __init__(self, in_dim: int = 1, hidden: Sequence[int] = (40, 40), out_dim: int = 1,
-                 activation: type = nn.ReLU, noise_head: bool = False):
+                 activation: type = nn.ReLU, noise_head: bool = False, random_features: int = 0,
+                 seed: int = 0):
         layers = []
         width = in_dim
         for h in hidden:
             layers += [nn.Linear(width, h), activation()]
             width = h
+        if random_features:
+            layers.append(RandomFourierFeatures(width, random_features, seed=seed))
+            width = int(random_features)
         layers.append((NoiseHead if noise_head else nn.Linear)(width, out_dim))
         super().__init__(*layers)
 

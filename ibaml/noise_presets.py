@@ -58,8 +58,10 @@ def noise_prior_count(method: str, count: Optional[float] = None, learn: Optiona
     return (float(default_count if count is None else count), bool(default_learn if learn is None else learn))
 
 
-def regression_likelihood(noise: str, prior_count: float = 1.0, learn_prior_count: bool = True) -> Likelihood:
-    """The Gaussian likelihood of a noise model (:data:`REGRESSION_NOISE`), from noise 1:
+def regression_likelihood(noise: str, prior_count: float = 1.0, learn_prior_count: bool = True,
+                          initial_noise: float = 1.0) -> Likelihood:
+    """The Gaussian likelihood of a noise model (:data:`REGRESSION_NOISE`), from noise
+    ``initial_noise``:
     ``"shared"`` one learned scale, ``"conjugate"`` a variance per task in closed form
     (:class:`ibaml.ConjugateNoiseGaussianLikelihood` with pseudo-count ``prior_count``, learned
     or held fixed: :func:`noise_prior_count`),
@@ -70,9 +72,10 @@ def regression_likelihood(noise: str, prior_count: float = 1.0, learn_prior_coun
     'ConjugateNoiseGaussianLikelihood'
     """
     if noise == "shared":
-        return GaussianLikelihood(noise=1.0, learn_noise=True)
+        return GaussianLikelihood(noise=initial_noise, learn_noise=True)
     if noise == "conjugate":
-        return ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=prior_count, learn_prior_count=learn_prior_count)
+        return ConjugateNoiseGaussianLikelihood(noise=initial_noise, prior_count=prior_count,
+                                                learn_prior_count=learn_prior_count)
     if noise in ("task", "task-scaled"):
-        return TaskNoiseGaussianLikelihood(noise=1.0, scale_mean=noise == "task-scaled")
+        return TaskNoiseGaussianLikelihood(noise=initial_noise, scale_mean=noise == "task-scaled")
     raise ValueError(f"unknown noise model {noise!r}; expected one of {NOISE_MODELS}")

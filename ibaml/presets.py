@@ -37,6 +37,13 @@ ibaml-all   iBaML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 20 Adam step
 abml-all    ABML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 10 SGD steps, explicit
 ==========  ==========================================================================
 
+and one head recipe for regression, ``ibaml-fullcov``: iBaML with a Gaussian posterior of full
+covariance over the head (:class:`ibaml.inference.FullCovariance`, the covariance in closed
+form, the mean from its Gauss–Newton start and one Newton step) under a low-rank-plus-diagonal
+prior of rank 2 (:class:`priors.LowRankGaussian`), the implicit gradient through the mean; with
+:class:`ibaml.nets.RandomFourierFeatures` under the head its predictive variance returns to the
+prior's away from the training inputs (``docs/results/shift.md``).
+
 Whether their inner problems are solved is reported with every run (``inner_grad_norm``
 per block along training, in both examples' ``metrics.json``).
 
@@ -215,13 +222,16 @@ CLASSIFICATION = {
 #: method has them
 LIKELIHOOD_VARIANTS = ((CategoricalLikelihood, CLASSIFICATION), (TaskNoiseGaussianLikelihood, TASK_NOISE))
 
-#: the full-network methods under their published names: ``build_learner(name, ...)`` is
-#: ``build_learner(method, ..., **options)``, any option given explicitly taking precedence
+#: the full-network methods under their published names, and the full-covariance head:
+#: ``build_learner(name, ...)`` is ``build_learner(method, ..., **options)``, any option given
+#: explicitly taking precedence
 RECIPES = {
     "imaml-gd": ("imaml", dict(include="all")),
     "imaml-hf": ("imaml", dict(include="all", inner_optimizer="hf", inner_steps=10)),
     "ibaml-all": ("ibaml", dict(include="all")),
     "abml-all": ("abml", dict(include="all")),
+    "ibaml-fullcov": ("ibaml", dict(prior="lowrank", inference="full_covariance", rank=2, init_scale=1.0,
+                                    inner_steps=1, inner_optimizer="newton")),
 }
 
 

@@ -24,7 +24,7 @@ import priors
 from priors.base import Prior, select_names
 
 from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
-from .inference import MAP, Variational
+from .inference import MAP, FullCovariance, Variational
 from .linalg import CG
 from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
 from .task_model import _head_only
@@ -37,10 +37,12 @@ class Recipe:
     Ingredients (each a key of the table that builds it):
         prior: the prior family over the task weights (:data:`PRIOR_FAMILIES`): ``"flat"``
             (``log p(w) = 0``, the inner loop starts at the meta-learned weights, MAML),
-            ``"isotropic"`` (``N(μ, λ⁻¹I)``, iMAML) or ``"diagonal"`` (``N(μ, diag σ²)``,
-            ABML, iBaML).
-        inference: ``"map"`` (the mode ``w* = argmin_w NLL − log p(w)``) or ``"variational"``
-            (``q = N(m, diag s)`` minimising ``E_q[NLL] + β KL(q ‖ p)``), see :mod:`ibaml.inference`.
+            ``"isotropic"`` (``N(μ, λ⁻¹I)``, iMAML), ``"diagonal"`` (``N(μ, diag σ²)``,
+            ABML, iBaML) or ``"lowrank"`` (``N(μ, diag d + UUᵀ)``, ``U [D, rank]``).
+        inference: ``"map"`` (the mode ``w* = argmin_w NLL − log p(w)``), ``"variational"``
+            (``q = N(m, diag s)`` minimising ``E_q[NLL] + β KL(q ‖ p)``) or
+            ``"full_covariance"`` (``q = N(m, Σ)`` over a linear head, ``Σ`` in closed form,
+            :class:`ibaml.inference.FullCovariance`), see :mod:`ibaml.inference`.
         estimator: the meta-gradient (:data:`ESTIMATORS`): ``"explicit"`` (differentiated through
             the inner steps), ``"first_order"`` (``∂v*/∂θ`` dropped), ``"lazy"`` (teacher–student)
             or ``"implicit"`` (``dF/dθ = ∂_θ F − Bᵀ H⁻¹ ∂_v F`` at the inner solution, ``H⁻¹`` by CG).
@@ -60,7 +62,9 @@ class Recipe:
 
     The prior's numbers (``None`` where the family has none):
         precision, learn_precision: iMAML's ``λ`` and whether it is meta-learned.
-        init_scale: the diagonal prior's initial ``σ``, a number or ``{tensor name: σ}``.
+        init_scale: the diagonal prior's initial ``σ``, a number or ``{tensor name: σ}``
+            (the low-rank prior's initial ``√d``).
+        rank: the low-rank prior's ``r``.
         relative_scale: instead, ``σ`` per tensor as this fraction of its initial RMS weight.
         noise_prior_scale: with a :class:`ibaml.nets.NoiseHead`, the initial ``σ`` of the prior
             over its log noise (the weights keep ``init_scale``); ``None``: no own value.
@@ -89,6 +93,7 @@ class Recipe:
     init_scale: Any = None
     relative_scale: Optional[float] = None
     noise_prior_scale: Optional[float] = None
+    rank: int = 2
     kl_weight: Optional[float] = None
     num_samples: int = 1
     antithetic: bool = False
@@ -158,6 +163,8 @@ PRIOR_FAMILIES = {
         net, include=include, precision=r.precision, learn_precision=r.learn_precision),
     "diagonal": lambda net, include, r: priors.DiagonalGaussian.from_module(
         net, include=include, init_scale=r.init_scale, relative_scale=r.relative_scale),
+    "lowrank": lambda net, include, r: priors.LowRankGaussian.from_module(
+        net, include=include, rank=r.rank, init_scale=r.init_scale if r.init_scale is not None else 0.1),
 }
 
 #: the meta-gradient estimators, built from a recipe and its inner optimiser (the lazy
@@ -225,6 +232,13 @@ def build_inference(recipe: Recipe, net: nn.Module, prior: Callable[[], Prior], 
     ``per_point``: a MAP inner objective divided by the support size (:class:`MAP`)."""
     if recipe.inference == "map":
         return MAP(per_point=per_point)
+    if recipe.inference == "full_covariance":
+        if per_point:
+            raise ValueError("per_point applies to MAP inference (maml, anil, fomaml, lazy, imaml), not full_covariance")
+        if not _head_only(net, prior().names):
+            raise ValueError("full_covariance inference needs a prior over exactly the network's linear head "
+                             "(include='head')")
+        return FullCovariance(beta=recipe.kl_weight if recipe.kl_weight is not None else 1.0)
     if per_point:
         raise ValueError("per_point applies to MAP inference (maml, anil, fomaml, lazy, imaml), not variational")
     if expectation is None:

@@ -37,7 +37,7 @@ from .noise_presets import REGRESSION_NOISE, regression_likelihood
 from .noise_presets import noise_prior_count as preset_noise_prior_count
 from .presets import build_learner, inner_steps as preset_inner_steps
 
-__all__ = ["SINE_HIDDEN", "RUN_OPTIONS", "sine_network", "hidden_widths", "sine_run_config",
+__all__ = ["SINE_HIDDEN", "RUN_OPTIONS", "sine_network", "hidden_widths", "random_features", "sine_run_config",
            "sine_learner_from_config", "predictive_mean_var"]
 
 #: the hidden widths of the sine network (MAML's 40 × 40)
@@ -45,25 +45,38 @@ SINE_HIDDEN = (40, 40)
 
 #: the options of :func:`sine_run_config` that ``examples/sine_regression.py`` takes from its
 #: command line under the same names (``--learn-noise-prior-count`` apart: a yes/no there)
-RUN_OPTIONS = ("shots", "query", "meta_batch", "dtype", "seed", "noise", "noise_prior_count", "inner_steps",
+RUN_OPTIONS = ("shots", "train_shots", "random_features", "noise_init", "query", "meta_batch", "dtype", "seed", "noise", "noise_prior_count", "inner_steps",
                "eval_inner_steps", "inner_lr", "precision", "prior", "inner_optimizer", "kl_weight", "cg_steps",
                "cg_damping", "meta_lr", "nonfinite")
 
 
-def sine_network(method: str, noise: Optional[str] = None, hidden: Tuple[int, ...] = SINE_HIDDEN) -> str:
+def sine_network(method: str, noise: Optional[str] = None, hidden: Tuple[int, ...] = SINE_HIDDEN,
+                 random_features: int = 0) -> str:
     """The name of a sine model's network as a run configuration records it: the deep-kernel
     GP's for ``"dkt"``, else the MLP's, with a noise head for the per-task noise models
     (``"task"``, ``"task-scaled"``).
 
     >>> sine_network("ibaml", "conjugate"), sine_network("ibaml", "task", (8,))
     ('MLP(1, (40, 40), 1)', 'MLP(1, (8,), 1, noise_head=True)')
-    >>> sine_network("dkt")
-    'DeepKernelGP(in_dim=1, hidden=(40, 40))'
+    >>> sine_network("dkt"), sine_network("ibaml-fullcov", "shared", random_features=20)
+    ('DeepKernelGP(in_dim=1, hidden=(40, 40))', 'MLP(1, (40, 40), 1, random_features=20)')
     """
     hidden = tuple(hidden)
     if method == "dkt":
         return f"DeepKernelGP(in_dim=1, hidden={hidden})"
-    return f"MLP(1, {hidden}, 1, noise_head=True)" if (noise or "").startswith("task") else f"MLP(1, {hidden}, 1)"
+    options = (", noise_head=True" if (noise or "").startswith("task") else "") + \
+        (f", random_features={int(random_features)}" if random_features else "")
+    return f"MLP(1, {hidden}, 1{options})"
+
+
+def random_features(network: str) -> int:
+    """The random Fourier features under the head in a network name of :func:`sine_network` (0: none).
+
+    >>> random_features("MLP(1, (40, 40), 1, random_features=20)"), random_features("MLP(1, (40, 40), 1)")
+    (20, 0)
+    """
+    found = re.search(r"random_features=([0-9]+)", network)
+    return int(found.group(1)) if found else 0
 
 
 def hidden_widths(network: str) -> tuple:
@@ -78,7 +91,8 @@ def hidden_widths(network: str) -> tuple:
     return tuple(ast.literal_eval(found.group(1)))
 
 
-def sine_run_config(method: str, *, shots: int = 10, query: int = 10, meta_batch: int = 25, dtype: str = "float32",
+def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple[int, int]] = None,
+                    random_features: int = 0, noise_init: Optional[float] = None, query: int = 10, meta_batch: int = 25, dtype: str = "float32",
                     seed: int = 0, noise: Optional[str] = None, noise_prior_count: Optional[float] = None,
                     learn_noise_prior_count: Optional[bool] = None, inner_steps: Optional[int] = None,
                     eval_inner_steps: Optional[int] = None, inner_lr: Optional[float] = None,
@@ -92,7 +106,10 @@ def sine_run_config(method: str, *, shots: int = 10, query: int = 10, meta_batch
     (:func:`ibaml.noise_presets.noise_prior_count`), the inner steps of meta-training and
     evaluation (:func:`ibaml.presets.inner_steps`) and the options of
     :func:`ibaml.presets.build_learner`; ``prior`` (its ``include``), ``inner_optimizer`` and
-    ``kl_weight`` only where given.
+    ``kl_weight`` only where given; ``train_shots = (low, high)`` (meta-training on support
+    sizes drawn uniformly from ``low..high`` per meta-batch), ``random_features`` (the network's,
+    :func:`sine_network`) and ``noise_init`` (the likelihood's initial noise, default 1) only
+    where given.
 
     >>> sorted(sine_run_config("dkt", seed=1))
     ['dtype', 'meta_batch', 'method', 'network', 'query', 'seed', 'shots']
@@ -109,8 +126,10 @@ def sine_run_config(method: str, *, shots: int = 10, query: int = 10, meta_batch
         common["noise_prior_count"], common["learn_noise_prior_count"] = preset_noise_prior_count(
             method, noise_prior_count, learn_noise_prior_count)
     chosen = {k: v for k, v in (("prior", prior), ("inner_optimizer", inner_optimizer),
-                                ("kl_weight", kl_weight)) if v is not None}
-    return dict(common, network=sine_network(method, noise, hidden), noise=noise, inner_steps=steps,
+                                ("kl_weight", kl_weight), ("noise_init", noise_init)) if v is not None}
+    if train_shots is not None:
+        common["train_shots"] = [int(train_shots[0]), int(train_shots[1])]
+    return dict(common, network=sine_network(method, noise, hidden, random_features), noise=noise, inner_steps=steps,
                 eval_inner_steps=eval_steps, inner_lr=inner_lr, precision=precision, cg_steps=cg_steps,
                 cg_damping=cg_damping, meta_lr=meta_lr, nonfinite=nonfinite, **chosen)
 
@@ -134,7 +153,7 @@ def sine_learner_from_config(config: dict, *, device=None, dtype: Optional[torch
     method, network = config["method"], config["network"]
     dtype = dtype or getattr(torch, config["dtype"])
     hidden = hidden_widths(network)
-    expected = sine_network(method, config.get("noise"), hidden)
+    expected = sine_network(method, config.get("noise"), hidden, random_features(network))
     if network != expected:
         raise ValueError(f"network {network!r}: expected {expected!r} for method {method!r}")
     torch.manual_seed(config["seed"])
@@ -142,8 +161,10 @@ def sine_learner_from_config(config: dict, *, device=None, dtype: Optional[torch
         return DeepKernelGP(in_dim=1, hidden=hidden).to(device=device, dtype=dtype)
     noise = config["noise"]
     likelihood = regression_likelihood(noise, config.get("noise_prior_count", 1.0),
-                                       config.get("learn_noise_prior_count", True)).to(device=device, dtype=dtype)
-    net = MLP(1, hidden, 1, noise_head=noise.startswith("task")).to(device=device, dtype=dtype)
+                                       config.get("learn_noise_prior_count", True), config.get("noise_init", 1.0))
+    likelihood = likelihood.to(device=device, dtype=dtype)
+    net = MLP(1, hidden, 1, noise_head=noise.startswith("task"), random_features=random_features(network),
+              seed=config["seed"]).to(device=device, dtype=dtype)
     options = dict(inner_steps=config["inner_steps"], eval_inner_steps=config["eval_inner_steps"],
                    inner_lr=config.get("inner_lr"), precision=config.get("precision"), cg_steps=config["cg_steps"],
                    include=config.get("prior"), inner_optimizer=config.get("inner_optimizer"),

@@ -165,6 +165,12 @@ class TaskModel(nn.Module):
             term = term + (s[keys.log_noise] * lam[:, c:].sum(0)).sum()
         return -self.likelihood.log_prob_points(out_mean, y).sum() + 0.5 * term
 
+    def _head_jacobian(self, x: Tensor) -> Tensor:
+        keys = self._require_head()
+        features = embed(self.net, x)                                  # [N, F]
+        zero = features.new_zeros(self.prior.dim)                      # the head is linear: J at any w
+        return torch.func.jacrev(lambda w: _head_apply(keys, features, self.prior.unflat(w)))(zero)
+
     def _require_head(self):
         if self._head_keys is None:
             raise ValueError("this computation needs a prior over exactly the network's linear head (net.head, "
@@ -214,6 +220,11 @@ class TaskModel(nn.Module):
         ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``), followed for a
         :class:`ibaml.nets.NoiseHead` by ``m_g`` and ``s_g``."""
         return self._call(meta, "_head_statistics", mean, var, x)
+
+    def head_jacobian(self, meta, x: Tensor) -> Tensor:
+        """``J = ∂f(x_n; w)/∂w`` ``[N, C, D]`` of a linear head over the prior's flat weights
+        (``f = J w``: ``φ(x_n)`` in a weight's entries, 1 in its bias'), at the features of θ."""
+        return self._call(meta, "_head_jacobian", x)
 
     def linearized_nll(self, meta, mean: Tensor, var: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``NLL(m) + ½ Σ_i s_i h_i``: the second-order expansion of ``E_q[−Σ_n log p(y_n | f(x_n; w))]``

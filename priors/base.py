@@ -230,6 +230,14 @@ class Prior(LocalPyroModule):
         used as a preconditioner; ``None`` when unknown."""
         return None
 
+    def precision_matrix(self) -> Optional[Tensor]:
+        """The dense ``[D, D]`` prior precision ``−∇² log p`` of a Gaussian prior, for a posterior
+        with a full covariance (:class:`ibaml.inference.FullCovariance`); default
+        ``diag(precision_diag())``, exact for a diagonal family (``None`` where that is unknown).
+        Families with correlations override it."""
+        diag = self.precision_diag()
+        return None if diag is None else torch.diag_embed(diag)
+
     def kl(self, mean, var, eps: Optional[Tensor] = None) -> Tensor:
         """``KL(q ‖ p)`` for ``q = N(mean, diag var)`` by Monte Carlo with fixed draws:
 

@@ -268,6 +268,15 @@ class LowRankGaussian(_GaussianPrior):
         Z = torch.linalg.solve_triangular(L, W.transpose(-1, -2), upper=False)
         return 1.0 / d - (Z ** 2).sum(0)
 
+    def precision_matrix(self) -> Tensor:
+        """``Σ⁻¹ = D⁻¹ − D⁻¹U (I + UᵀD⁻¹U)⁻¹ UᵀD⁻¹`` (Woodbury), dense ``[D, D]``."""
+        U, d = self.cov_factor, self.cov_diag
+        W = U / d.unsqueeze(-1)
+        capacitance = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device) + U.transpose(-1, -2) @ W
+        L = torch.linalg.cholesky_ex(capacitance)[0]
+        Z = torch.linalg.solve_triangular(L, W.transpose(-1, -2), upper=False)     # [r, D]
+        return torch.diag_embed(1.0 / d) - Z.transpose(-1, -2) @ Z
+
     def kl(self, mean, var, eps: Optional[Tensor] = None) -> Tensor:
         mean, var = self.flat(mean), self.flat(var)
         trace_term = (self.precision_diag() * var).sum()
