@@ -1,7 +1,7 @@
 """Sine regression away from the training condition: the coverage, NLL and MSE of meta-trained
 learners against the number of shots, the query's distance from the training range and the
-task's amplitude, each from one model meta-trained at 10 shots, with no refit at the test
-conditions.
+task's amplitude, each from one meta-trained model (at 10 shots, or over a range of support
+sizes with the example's ``--train-shots``), with no refit at the test conditions.
 
     python -m benchmarks.sine_shift --runs /work/runs/sine_protocol/runs --out docs/results/sine/shift
 
@@ -23,6 +23,10 @@ Conditions (``--tasks`` evaluation tasks each, every one from a random stream of
   right of the training range;
 * **amplitude**: 10-shot tasks with amplitudes in each range of ``--amplitudes`` (default the
   training range [0.1, 5] and, beyond it, [5, 7.5] and [7.5, 10]), queries in [−5, 5].
+
+``--streams validation`` draws every condition from streams of their own (seeds + 1000000), the
+validation conditions on which settings are chosen; the default, the test conditions, is
+evaluated once per final configuration.
 
 Every condition is reported **raw** and **recalibrated**: one factor on the predictive variance
 (:func:`ibaml.calibration.fit_variance_scale`) fitted once per model to validation tasks of the
@@ -75,13 +79,24 @@ STREAMS = {"shots": 100_000, "x": 200_000, "amplitude": 300_000}
 ORDER = ("maml", "anil", "imaml", "ibaml", "ibaml-fullcov", "abml", "dkt")
 
 
-def stream_seeds(seed: int, shots: Sequence[int], amplitudes: Sequence[Tuple[float, float]]) -> dict:
+#: added to every stream's seed for the validation conditions (``--streams validation``), on
+#: which settings are chosen; the test conditions are evaluated once per final configuration
+VALIDATION_OFFSET = 1_000_000
+
+
+def stream_seeds(seed: int, shots: Sequence[int], amplitudes: Sequence[Tuple[float, float]], offset: int = 0) -> dict:
     """The seed of every condition's task stream for a model meta-trained with seed ``seed``:
     ``100000 + 1000 i + S`` for the i-th shot count, ``200000 + S`` for the x grid, ``300000 +
-    1000 j + S`` for the j-th amplitude range."""
-    return {"shots": {str(k): STREAMS["shots"] + 1000 * i + seed for i, k in enumerate(shots)},
-            "x": STREAMS["x"] + seed,
-            "amplitude": {range_label(r): STREAMS["amplitude"] + 1000 * j + seed for j, r in enumerate(amplitudes)}}
+    1000 j + S`` for the j-th amplitude range (each plus ``offset``: :data:`VALIDATION_OFFSET`
+    for the validation conditions).
+
+    >>> stream_seeds(2, [1, 10], [(0.1, 5.0)], VALIDATION_OFFSET)["shots"]
+    {'1': 1100002, '10': 1101002}
+    """
+    return {"shots": {str(k): offset + STREAMS["shots"] + 1000 * i + seed for i, k in enumerate(shots)},
+            "x": offset + STREAMS["x"] + seed,
+            "amplitude": {range_label(r): offset + STREAMS["amplitude"] + 1000 * j + seed
+                          for j, r in enumerate(amplitudes)}}
 
 
 def range_label(r) -> str:
@@ -245,7 +260,8 @@ def evaluate_run(run: dict, settings: dict) -> dict:
     result["variance_scale_in_run"] = in_run
     result["rebuilt_as_run"] = (scale is not None and in_run is not None
                                 and math.isclose(scale, in_run, rel_tol=settings["check_tol"]))
-    seeds, n, q = stream_seeds(seed, settings["shots"], settings["amplitudes"]), settings["tasks"], settings["query"]
+    seeds = stream_seeds(seed, settings["shots"], settings["amplitudes"], settings.get("stream_offset", 0))
+    n, q = settings["tasks"], settings["query"]
     conditions = {"shots": {}, "x": {}, "x_regions": {}, "amplitude": {}}
 
     def run_condition(tasks: SineTaskDistribution, stream: int):
@@ -375,6 +391,41 @@ def markdown(models: dict, settings: dict) -> str:
     return "\n".join(lines)
 
 
+#: the targets of a model whose uncertainty holds away from the fit (shared noise, raw, no refit):
+#: 90 % coverage within the band at each support size, in-range 10-shot MSE at most ``mse``, out of
+#: range coverage at least ``out_coverage`` and NLL at most the deep-kernel GP's on the same tasks
+TARGETS = {"band": (0.85, 0.95), "shots": ("1", "3", "10", "30"), "mse": 0.05, "out_coverage": 0.80}
+
+
+def _mean(entry: dict, family: str, label: str, metric: str, kind: str = "raw") -> float:
+    return entry["summary"][family][label][kind][metric]["mean"]
+
+
+def target_findings(models: dict, method: str, reference: str = "dkt", noise: str = "shared") -> str:
+    """One line per target of :data:`TARGETS` for ``method`` (raw predictive, mean over seeds),
+    each saying met or not met with its numbers, out of range against ``reference`` on the same
+    tasks: Markdown list items written from the JSON, which the docs page holds verbatim."""
+    entry, ref = models[noise][method], models[noise].get(reference)
+    low, high = TARGETS["band"]
+    lines = []
+    for k in TARGETS["shots"]:
+        cov = _mean(entry, "shots", k, "coverage_90")
+        verdict = "met" if low <= cov <= high else "not met"
+        lines.append(f"- {method}, {k} shots: 90 % coverage {cov:.3f} (target {low:.2f}–{high:.2f}): {verdict}.")
+    mse = _mean(entry, "shots", "10", "mse")
+    lines.append(f"- {method}, 10 shots in range: MSE {mse:.4f} (target ≤ {TARGETS['mse']}): "
+                 f"{'met' if mse <= TARGETS['mse'] else 'not met'}.")
+    for side, words in (("left", "x < −5"), ("right", "x > 5")):
+        cov, nll = _mean(entry, "x_regions", side, "coverage_90"), _mean(entry, "x_regions", side, "nll")
+        text = f"- {method}, {words}: 90 % coverage {cov:.3f} (target ≥ {TARGETS['out_coverage']:.2f}): " \
+               f"{'met' if cov >= TARGETS['out_coverage'] else 'not met'}; NLL {nll:.2f}"
+        if ref is not None:
+            ref_nll = _mean(ref, "x_regions", side, "nll")
+            text += f" against {reference}'s {ref_nll:.2f} (target ≤): {'met' if nll <= ref_nll else 'not met'}"
+        lines.append(text + ".")
+    return "\n".join(lines)
+
+
 def _series(entry: dict, family: str, kind: str, metric: str):
     labels = list(entry["summary"][family])
     stats = [entry["summary"][family][label][kind][metric] for label in labels]
@@ -481,6 +532,9 @@ def parse_args(argv=None):
     p.add_argument("--amplitudes", default=",".join(f"{a:g}:{b:g}" for a, b in AMPLITUDES),
                    help="comma-separated amplitude ranges LOW:HIGH")
     p.add_argument("--methods", default=",".join(ORDER), help="comma-separated methods to evaluate")
+    p.add_argument("--streams", choices=("test", "validation"), default="test",
+                   help="the test conditions' task streams, or the validation conditions' (seeds + 1000000), "
+                        "on which settings are chosen")
     p.add_argument("--chunk", type=int, default=250, help="tasks adapted at a time")
     p.add_argument("--check-tol", type=float, default=1e-3,
                    help="relative tolerance between the refitted variance factor and the run's own")
@@ -518,7 +572,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"no finished run of {', '.join(args.methods)} under {args.runs}")
     settings = {"tasks": args.tasks, "query": args.query, "shots": args.shots, "x_bins": args.x_bins,
                 "amplitudes": args.amplitudes, "chunk": args.chunk, "check_tol": args.check_tol,
-                "threads": args.threads, "device": args.device, "per_point": args.per_point_step}
+                "threads": args.threads, "device": args.device, "per_point": args.per_point_step,
+                "stream_offset": VALIDATION_OFFSET if args.streams == "validation" else 0}
     clock = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -551,9 +606,11 @@ def main(argv=None) -> dict:
                     f"validation tasks of the training condition only (stream seed {VALIDATION} + S, the run's own "
                     "recalibration tasks) and applied unchanged to every condition; metrics over the finite tasks "
                     "(mean and 95% CI over tasks), then mean and sample std over the seeds found",
+        "split": "validation conditions" if args.streams == "validation" else "test conditions",
         "streams": {"validation": f"{VALIDATION} + S", "shots": "100000 + 1000 i + S (i-th shot count)",
                     "x": "200000 + S (support, then the queries of every bin)",
-                    "amplitude": "300000 + 1000 j + S (j-th amplitude range)"},
+                    "amplitude": "300000 + 1000 j + S (j-th amplitude range)",
+                    "offset": settings["stream_offset"]},
         "settings": {k: v for k, v in settings.items() if k != "check_tol"},
         "runs": str(args.runs), "incomplete_runs": incomplete, "seconds": time.perf_counter() - clock,
         "torch": torch.__version__, "models": models,

@@ -87,6 +87,8 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
     0.928571
     """
 
+    infers_task_noise = True
+
     def __init__(self, noise: float = 1.0, prior_count: float = 1.0, prior_noise: float = 1.0,
                  evidence_scale: float = 1.0, learn_prior: bool = True, learn_prior_count: Optional[bool] = None):
         super().__init__(noise, learn_noise=False)

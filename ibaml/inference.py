@@ -58,7 +58,7 @@ def task_noise_ratio(model: TaskModel, meta, w: Tensor, task: Task) -> Optional[
     with ``μ`` the prior's location (the prior term is ``(w − μ)ᵀ Σ⁻¹ (w − μ)`` for a Gaussian).
     A function of the solution and θ: the implicit gradient differentiates it like the rest of
     the outer objective."""
-    if not hasattr(model.likelihood, "noise_ratio"):
+    if not model.likelihood.infers_task_noise:
         return None
     sx, sy = task["support_x"], task["support_y"]
     data = model.likelihood_call(meta, "squared_deviation", model.net_output(meta, w, sx), sy).sum()
@@ -351,7 +351,7 @@ class Variational(InferenceMethod):
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         qx, qy = task["query_x"], task["query_y"]
         if self.outer == "elbo":
-            if hasattr(model.likelihood, "noise_ratio"):
+            if model.likelihood.infers_task_noise:
                 raise ValueError("outer='elbo' is the inner model's objective and has no task noise; use "
                                  "outer='predictive' with a ConjugateNoiseGaussianLikelihood")
             eps = self._draws_of(task, "eps_outer")
@@ -360,7 +360,7 @@ class Variational(InferenceMethod):
             kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
             return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
         ratio = task_noise_ratio(model, meta, v["mean"], task)
-        if self.expectation == "linearized" and hasattr(model.likelihood, "log_prob_gaussian_outputs"):
+        if self.expectation == "linearized" and model.likelihood.gaussian_outputs_log_prob:
             mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
             return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy,
                                           *(() if ratio is None else (ratio,))).mean()
@@ -467,6 +467,9 @@ class FullCovariance(InferenceMethod):
         return jac @ m, ((jac @ factor) ** 2).sum(-1)
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
+        if not model.likelihood.gaussian_outputs_log_prob:
+            raise ValueError(f"FullCovariance needs a likelihood with Gaussian outputs (a GaussianLikelihood), "
+                             f"got {type(model.likelihood).__name__}")
         factor = self.covariance_factor(model, v, meta, task)
         mean, var = self._outputs(model, v["mean"], factor, meta, task["query_x"])
         ratio = task_noise_ratio(model, meta, v["mean"], task)

@@ -49,7 +49,34 @@ def _positive_attribute(module: PyroModule, name: str, value: float, learn: bool
 
 class Likelihood(LocalPyroModule):
     """Base class; see the module docstring. Its Pyro parameters are module-local, like a
-    prior's (:class:`priors.base.LocalPyroModule`)."""
+    prior's (:class:`priors.base.LocalPyroModule`).
+
+    Optional capabilities, declared here with their defaults (a subclass that has one sets the
+    flag and overrides the methods):
+
+    * ``infers_task_noise = False``: a noise variance inferred per task in closed form from the
+      support set, :meth:`noise_ratio` (:class:`ibaml.ConjugateNoiseGaussianLikelihood`);
+    * ``gaussian_outputs_log_prob = False``: :meth:`log_prob_gaussian_outputs`, the log density
+      for network outputs that are Gaussian under the posterior (a linear head's);
+    * ``gaussian_outputs_predictive = False``: :meth:`predictive_gaussian_outputs`, the exact
+      predictive for such outputs.
+    """
+
+    infers_task_noise = False
+    gaussian_outputs_log_prob = False
+    gaussian_outputs_predictive = False
+
+    def noise_ratio(self, data_deviation: Tensor, prior_deviation: Tensor, num_entries: int) -> Tensor:
+        """A task's noise-variance ratio from its support (where ``infers_task_noise``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not infer a noise per task")
+
+    def log_prob_gaussian_outputs(self, mean: Tensor, var: Tensor, y: Tensor, *noise_ratio) -> Tensor:
+        """``log ∫ p(y | f) N(f; mean, var) df`` per point (where ``gaussian_outputs_log_prob``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed form for Gaussian outputs")
+
+    def predictive_gaussian_outputs(self, mean: Tensor, var: Tensor, *noise_ratio):
+        """The exact predictive for outputs ``N(mean, var)`` (where ``gaussian_outputs_predictive``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form predictive for Gaussian outputs")
 
     def forward(self, method: str, *args, **kwargs):
         return getattr(self, method)(*args, **kwargs)
@@ -80,6 +107,9 @@ class GaussianLikelihood(Likelihood):
         noise: the standard deviation ``σ > 0``.
         learn_noise: learn ``σ`` as a positive meta-parameter.
     """
+
+    gaussian_outputs_log_prob = True
+    gaussian_outputs_predictive = True
 
     def __init__(self, noise: float = 0.1, learn_noise: bool = False):
         super().__init__()
@@ -151,6 +181,8 @@ class TaskNoiseGaussianLikelihood(Likelihood):
     >>> lik.log_prob_points(torch.zeros(4, 2), torch.zeros(4, 1)).shape
     torch.Size([4])
     """
+
+    gaussian_outputs_log_prob = True
 
     def __init__(self, noise: float = 1.0, max_log_ratio: float = 5.0, scale_mean: bool = False):
         super().__init__()

@@ -200,7 +200,7 @@ class MetaProblem:
         device) with the fixed ``draws``: a :class:`Posterior` per task, after ``steps`` inner
         steps (default ``eval_inner_steps``)."""
         steps = self.eval_inner_steps if steps is None else int(steps)
-        conjugate_noise = hasattr(self.model.likelihood, "noise_ratio")
+        conjugate_noise = self.model.likelihood.infers_task_noise
 
         def solve(t):
             v, diag = self.task_problem.solve(meta, t, differentiable=False, steps=steps)
@@ -217,8 +217,7 @@ class MetaProblem:
         (the method's ``exact_outputs``: a variational posterior over a linear head with the
         linearised expectation, :class:`~ibaml.inference.FullCovariance`) and a likelihood with a
         Gaussian-outputs predictive."""
-        return (posterior.method.exact_outputs
-                and hasattr(self.model.likelihood, "predictive_gaussian_outputs"))
+        return posterior.method.exact_outputs and self.model.likelihood.gaussian_outputs_predictive
 
     def predictive_draws(self, posterior: Posterior, num_tasks: int, generator: torch.Generator,
                          num_samples: Optional[int] = None) -> Tensor:

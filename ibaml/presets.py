@@ -231,7 +231,7 @@ RECIPES = {
     "ibaml-all": ("ibaml", dict(include="all")),
     "abml-all": ("abml", dict(include="all")),
     "ibaml-fullcov": ("ibaml", dict(prior="lowrank", inference="full_covariance", rank=2, init_scale=1.0,
-                                    inner_steps=1, inner_optimizer="newton")),
+                                    init_factor_scale=0.1, inner_steps=1, inner_optimizer="newton")),
 }
 
 

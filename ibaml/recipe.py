@@ -64,7 +64,8 @@ class Recipe:
         precision, learn_precision: iMAML's ``λ`` and whether it is meta-learned.
         init_scale: the diagonal prior's initial ``σ``, a number or ``{tensor name: σ}``
             (the low-rank prior's initial ``√d``).
-        rank: the low-rank prior's ``r``.
+        rank, init_factor_scale: the low-rank prior's ``r`` and the standard deviation of its
+            initial factor's entries.
         relative_scale: instead, ``σ`` per tensor as this fraction of its initial RMS weight.
         noise_prior_scale: with a :class:`ibaml.nets.NoiseHead`, the initial ``σ`` of the prior
             over its log noise (the weights keep ``init_scale``); ``None``: no own value.
@@ -94,6 +95,7 @@ class Recipe:
     relative_scale: Optional[float] = None
     noise_prior_scale: Optional[float] = None
     rank: int = 2
+    init_factor_scale: float = 0.01
     kl_weight: Optional[float] = None
     num_samples: int = 1
     antithetic: bool = False
@@ -164,7 +166,8 @@ PRIOR_FAMILIES = {
     "diagonal": lambda net, include, r: priors.DiagonalGaussian.from_module(
         net, include=include, init_scale=r.init_scale, relative_scale=r.relative_scale),
     "lowrank": lambda net, include, r: priors.LowRankGaussian.from_module(
-        net, include=include, rank=r.rank, init_scale=r.init_scale if r.init_scale is not None else 0.1),
+        net, include=include, rank=r.rank, init_scale=r.init_scale if r.init_scale is not None else 0.1,
+        init_factor_scale=r.init_factor_scale),
 }
 
 #: the meta-gradient estimators, built from a recipe and its inner optimiser (the lazy

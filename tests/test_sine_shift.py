@@ -106,3 +106,27 @@ def test_per_point_step_keeps_the_training_size_and_stays_finite_at_other_sizes(
     mean = per_point["models"]["shared"]["maml"]["per_seed"]["0"]["conditions"]["shots"]
     assert mean["10"]["raw"]["mse"] == pytest.approx(summed["10"]["raw"]["mse"], rel=1e-5)
     assert summed["60"]["nonfinite_tasks"] > 0 and mean["60"]["nonfinite_tasks"] == 0
+
+
+def _summary(coverage: dict, mse: float, out: dict) -> dict:
+    """A method's ``summary`` with the given raw 90 % coverage per shot count, 10-shot MSE and
+    (coverage, NLL) per side out of range."""
+    cell = lambda **m: {"raw": {k: {"mean": v, "std": 0.0} for k, v in m.items()}}
+    shots = {k: cell(coverage_90=c, mse=mse if k == "10" else 1.0) for k, c in coverage.items()}
+    regions = {side: cell(coverage_90=c, nll=n) for side, (c, n) in out.items()}
+    return {"summary": {"shots": shots, "x_regions": regions}}
+
+
+def test_target_findings_say_met_and_not_met_with_the_numbers():
+    models = {"shared": {
+        "ibaml-fullcov": _summary({"1": 0.84, "3": 0.90, "10": 0.95, "30": 0.951}, 0.04,
+                                  {"left": (0.81, 1.0), "right": (0.79, 3.0)}),
+        "dkt": _summary({"1": 0.7, "3": 0.7, "10": 0.9, "30": 0.99}, 0.01, {"left": (0.75, 2.1), "right": (0.75, 2.1)})}}
+    lines = sine_shift.target_findings(models, "ibaml-fullcov").splitlines()
+    assert lines[0] == "- ibaml-fullcov, 1 shots: 90 % coverage 0.840 (target 0.85–0.95): not met."
+    assert lines[1].endswith(": met.") and lines[2].endswith(": met.") and lines[3].endswith(": not met.")
+    assert lines[4] == "- ibaml-fullcov, 10 shots in range: MSE 0.0400 (target ≤ 0.05): met."
+    assert lines[5] == ("- ibaml-fullcov, x < −5: 90 % coverage 0.810 (target ≥ 0.80): met; "
+                        "NLL 1.00 against dkt's 2.10 (target ≤): met.")
+    assert lines[6] == ("- ibaml-fullcov, x > 5: 90 % coverage 0.790 (target ≥ 0.80): not met; "
+                        "NLL 3.00 against dkt's 2.10 (target ≤): not met.")
