@@ -426,6 +426,31 @@ def target_findings(models: dict, method: str, reference: str = "dkt", noise: st
     return "\n".join(lines)
 
 
+def in_range_findings(models: dict, method: str, shots: str = "10", noise: str = "shared") -> str:
+    """Markdown list items comparing ``method`` with every other row of ``models`` (one or more
+    benchmark payloads' ``models`` merged, the same task streams) at ``shots`` shots in range:
+    whether its NLL (raw and recalibrated) is the lowest and by how much, its recalibrated 90 %
+    coverage against the band 0.88–0.92, and its MSE against each other head method's."""
+    rows = models[noise]
+    cell = lambda m, kind, metric: _mean(rows[m], "shots", shots, metric, kind)
+    others = [m for m in rows if m != method]
+    lines = []
+    for kind in KINDS:
+        best = min(others, key=lambda m: cell(m, kind, "nll"))
+        mine, theirs = cell(method, kind, "nll"), cell(best, kind, "nll")
+        verdict = "the lowest" if mine < theirs else "not the lowest"
+        lines.append(f"- {shots} shots in range, {kind}: {method}'s NLL {mine:.3f} is {verdict} of the "
+                     f"{len(rows)} rows (next, {best}: {theirs:.3f}; margin {theirs - mine:.3f}).")
+    cov = cell(method, "recalibrated", "coverage_90")
+    lines.append(f"- {shots} shots in range: {method}'s recalibrated 90 % coverage {cov:.3f} "
+                 f"({'within' if 0.88 <= cov <= 0.92 else 'outside'} 0.88–0.92).")
+    mse = cell(method, "raw", "mse")
+    compared = ", ".join(f"{m} {cell(m, 'raw', 'mse'):.4f} ({'≤' if mse <= cell(m, 'raw', 'mse') else '>'})"
+                         for m in others)
+    lines.append(f"- {shots} shots in range: {method}'s MSE {mse:.4f} against {compared}.")
+    return "\n".join(lines)
+
+
 def _series(entry: dict, family: str, kind: str, metric: str):
     labels = list(entry["summary"][family])
     stats = [entry["summary"][family][label][kind][metric] for label in labels]

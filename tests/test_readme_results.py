@@ -201,3 +201,34 @@ def test_image_protocol_sentences_hold_and_are_on_the_pages(page):
     lines = page.read_text().splitlines()
     missing = [line for line in text.splitlines() if line not in lines]
     assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
+
+
+SHIFT = ROOT / "docs/results/shift.md"
+SHIFT_RESULTS = ROOT / "docs/results/sine"
+
+
+def shift_models(name: str) -> dict:
+    return json.loads((SHIFT_RESULTS / name / "shift.json").read_text())
+
+
+def test_fullcov_shift_table_and_targets_are_their_json():
+    """The full-covariance head's shift table, its targets (met / not met) and its in-range
+    comparison with every row of the protocol models' shift table: rendered from the JSON."""
+    sine_shift = load("sine_shift")
+    new = shift_models("shift_fullcov")
+    assert_on_page(sine_shift.markdown(new["models"], new["settings"]), SHIFT)
+    assert_on_page(sine_shift.target_findings(new["models"], "ibaml-fullcov"), SHIFT)
+    old = shift_models("shift")["models"]["shared"]
+    merged = {"shared": {**old, "ibaml-fullcov": new["models"]["shared"]["ibaml-fullcov"]}}
+    assert_on_page(sine_shift.in_range_findings(merged, "ibaml-fullcov"), SHIFT)
+
+
+def test_fullcov_selection_is_on_validation_streams_and_on_the_page():
+    sine_shift = load("sine_shift")
+    dkt = shift_models("shift_select/shared")["models"]["shared"]["dkt"]
+    for variant in ("shared", "conj001", "conj0001"):
+        payload = shift_models(f"shift_select/{variant}")
+        assert payload["split"] == "validation conditions" and payload["streams"]["offset"] == 1_000_000
+        noise = next(iter(payload["models"]))
+        models = {noise: dict(payload["models"][noise], dkt=dkt)}
+        assert_on_page(sine_shift.target_findings(models, "ibaml-fullcov", noise=noise), SHIFT)
