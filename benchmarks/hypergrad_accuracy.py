@@ -136,7 +136,7 @@ def run_variational(args, tasks):
         stationarity = float(torch.linalg.vector_norm(spec.flatten(torch.func.grad(G)(v, meta))))
         hessian = torch.func.hessian(lambda z: G(spec.unflatten(z), meta))(spec.flatten(v))
         eig = torch.linalg.eigvalsh(hessian)
-        variance_ratio = inference.variance(v) * model.prior_call(meta, "precision_diag")  # s / σ²
+        variance_ratio = inference.variance(v) * model.prior_precision_diag(meta)  # s / σ²
         reference, _ = ift_gradient(problem(0), meta, task, v, Dense())
         ref = flat_grads(reference, names)
         reference_rows.append({"task": i, "grad_norm": stationarity, "min_hessian_eigenvalue": float(eig[0]),

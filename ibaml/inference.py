@@ -61,10 +61,10 @@ def task_noise_ratio(model: TaskModel, meta, w: Tensor, task: Task) -> Optional[
     if not model.likelihood.infers_task_noise:
         return None
     sx, sy = task["support_x"], task["support_y"]
-    data = model.likelihood_call(meta, "squared_deviation", model.net_output(meta, w, sx), sy).sum()
-    location = model.prior_call(meta, "location")
-    prior = 2 * (model.prior_call(meta, "log_prob", location) - model.prior_call(meta, "log_prob", w))
-    return model.likelihood_call(meta, "noise_ratio", data, prior, sy.numel())
+    data = model.likelihood_squared_deviation(meta, model.net_output(meta, w, sx), sy).sum()
+    location = model.prior_location(meta)
+    prior = 2 * (model.prior_log_prob(meta, location) - model.prior_log_prob(meta, w))
+    return model.likelihood_noise_ratio(meta, data, prior, sy.numel())
 
 
 def _ratio_kwargs(ratio: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -120,7 +120,7 @@ class InferenceMethod:
 
     def preconditioner(self, model: TaskModel, v, meta) -> Optional[ParamDict]:
         """:meth:`curvature` at the prior's ``precision_diag(θ)``."""
-        return self.curvature(v, model.prior_call(meta, "precision_diag"))
+        return self.curvature(v, model.prior_precision_diag(meta))
 
     def draws(self, num_tasks: int, num: int, dim: int, generator: torch.Generator, dtype=None) -> Tensor:
         """Standard-normal draws ``ε [num_tasks, num, dim]`` on the generator's device."""
@@ -163,12 +163,12 @@ class MAP(InferenceMethod):
 
     def init(self, model: TaskModel, meta) -> ParamDict:
         """Start at the prior's location ``w₀ = location(θ)``."""
-        return {"w": model.prior_call(meta, "location")}
+        return {"w": model.prior_location(meta)}
 
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         w = v["w"]
         nll = -model.log_likelihood(meta, w, task["support_x"], task["support_y"]).sum()
-        objective = nll - model.prior_call(meta, "log_prob", w)
+        objective = nll - model.prior_log_prob(meta, w)
         return objective / task["support_x"].shape[0] if self.per_point else objective
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
@@ -305,8 +305,8 @@ class Variational(InferenceMethod):
 
     def init(self, model: TaskModel, meta) -> ParamDict:
         """``m₀ = location(θ)``, ``s₀ = 1/precision_diag(θ)`` (or ``init_variance``)."""
-        mean = model.prior_call(meta, "location")
-        precision = model.prior_call(meta, "precision_diag")
+        mean = model.prior_location(meta)
+        precision = model.prior_precision_diag(meta)
         var0 = torch.full_like(mean, self.init_variance) if precision is None else 1.0 / precision
         if self.variance_param == "std":
             return {"mean": mean, "std": torch.sqrt(torch.clamp(var0 - self.min_variance, min=1e-30))}
@@ -345,7 +345,7 @@ class Variational(InferenceMethod):
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         eps = self._draws_of(task, "eps_inner")
         nll = self.expected_nll(model, v, meta, task["support_x"], task["support_y"], eps)
-        kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
+        kl = model.prior_kl(meta, v["mean"], self.variance(v), eps)
         return nll + self.beta * kl
 
     def outer_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
@@ -357,12 +357,12 @@ class Variational(InferenceMethod):
             eps = self._draws_of(task, "eps_outer")
             sx, sy = task["support_x"], task["support_y"]
             nll = self.expected_nll(model, v, meta, sx, sy, eps) + self.expected_nll(model, v, meta, qx, qy, eps)
-            kl = model.prior_call(meta, "kl", v["mean"], self.variance(v), eps)
+            kl = model.prior_kl(meta, v["mean"], self.variance(v), eps)
             return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
         ratio = task_noise_ratio(model, meta, v["mean"], task)
         if self.expectation == "linearized" and model.likelihood.gaussian_outputs_log_prob:
             mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
-            return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, qy,
+            return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, qy,
                                           *(() if ratio is None else (ratio,))).mean()
         eps = task["eps_outer"] if ratio is None else torch.sqrt(ratio) * task["eps_outer"]   # draws under σ_t
         samples = self.weight_samples(v, eps)
@@ -430,15 +430,15 @@ class FullCovariance(InferenceMethod):
 
     def init(self, model: TaskModel, meta) -> ParamDict:
         """``m₀ = location(θ)``."""
-        return {"mean": model.prior_call(meta, "location")}
+        return {"mean": model.prior_location(meta)}
 
     def _precision(self, model: TaskModel, meta, m: Tensor, x: Tensor) -> Tensor:
         """``β P + A``, the inner objective's Gauss–Newton Hessian in ``m`` ``[D, D]``."""
-        prior_precision = model.prior_call(meta, "precision_matrix")
+        prior_precision = model.prior_precision_matrix(meta)
         if prior_precision is None:
             raise ValueError("FullCovariance needs a Gaussian prior with a precision (Prior.precision_matrix)")
         jac = model.head_jacobian(meta, x)                                           # [N, C, D]
-        curvature = model.likelihood_call(meta, "output_curvature", model.net_output(meta, m, x))   # [N, C]
+        curvature = model.likelihood_output_curvature(meta, model.net_output(meta, m, x))   # [N, C]
         data = torch.einsum("ncd,nc,nce->de", jac, curvature, jac)
         return self.beta * prior_precision + data
 
@@ -460,7 +460,7 @@ class FullCovariance(InferenceMethod):
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         m = v["mean"]
         nll = -model.log_likelihood(meta, m, task["support_x"], task["support_y"]).sum()
-        return nll - self.beta * model.prior_call(meta, "log_prob", m)
+        return nll - self.beta * model.prior_log_prob(meta, m)
 
     def _outputs(self, model: TaskModel, m: Tensor, factor: Tensor, meta, x: Tensor):
         jac = model.head_jacobian(meta, x)                                           # [N, C, D]
@@ -473,7 +473,7 @@ class FullCovariance(InferenceMethod):
         factor = self.covariance_factor(model, v, meta, task)
         mean, var = self._outputs(model, v["mean"], factor, meta, task["query_x"])
         ratio = task_noise_ratio(model, meta, v["mean"], task)
-        return -model.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, task["query_y"],
+        return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, task["query_y"],
                                       *(() if ratio is None else (ratio,))).mean()
 
     def posterior_extras(self, model: TaskModel, v, meta, task: Task) -> Dict[str, Tensor]:

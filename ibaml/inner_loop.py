@@ -131,7 +131,7 @@ class TaskProblem:
         start = self.method.task_init(self.model, meta, task) if v0 is None else v0
         curvature = None
         if getattr(loop.optimizer, "needs_curvature", False):
-            precision = self.model.prior_call(meta, "precision_diag")   # θ is fixed during the solve
+            precision = self.model.prior_precision_diag(meta)   # θ is fixed during the solve
             curvature = lambda v: self.method.curvature(v, precision)
         return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose,
                         curvature=curvature)

@@ -142,7 +142,7 @@ class MetaProblem:
             meta = self.meta_params()
             x = task["support_x"][0, :1].to(device=self.reference.device, dtype=self.reference.dtype)
             with torch.no_grad():
-                self._output_width = int(self.model.net_output(meta, self.model.prior_call(meta, "location"),
+                self._output_width = int(self.model.net_output(meta, self.model.prior_location(meta),
                                                                x).shape[-1])
         return self._output_width
 
@@ -192,7 +192,7 @@ class MetaProblem:
         """``−hyper_weight · log p_hyper(θ)`` at ``params`` (``None`` when ``hyper_weight`` is 0)."""
         if not self.hyper_weight:
             return None
-        return -self.hyper_weight * self.model.prior_call(params, "hyper_log_prob")
+        return -self.hyper_weight * self.model.prior_hyper_log_prob(params)
 
     # ------------------------------------------------------------------ adaptation and prediction
     def adapt(self, meta: Dict[str, Tensor], task: Task, draws: Task, steps: Optional[int] = None) -> Posterior:
@@ -255,9 +255,9 @@ class MetaProblem:
 
             def exact(v, x_t, *ratio):   # a linear-Gaussian head: the outputs are Gaussian, no draws needed
                 out_mean, out_var = method.head_outputs(self.model, v, meta, x_t)
-                return self.model.likelihood_call(meta, "predictive_gaussian_outputs", out_mean, out_var, *ratio)
+                return self.model.likelihood_predictive_gaussian_outputs(meta, out_mean, out_var, *ratio)
 
             return torch.func.vmap(exact, chunk_size=self.chunk_size)(posterior.params, x, *extra)
         outputs = self.posterior_outputs(meta, posterior, x, eps)
-        return torch.func.vmap(lambda o, *ratio: self.model.likelihood_call(meta, "predictive", o, *ratio))(
+        return torch.func.vmap(lambda o, *ratio: self.model.likelihood_predictive(meta, o, *ratio))(
             outputs, *extra)

@@ -12,7 +12,7 @@ Example
 >>> net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
 >>> model = TaskModel(net, DiagonalGaussian.from_module(net), GaussianLikelihood(0.1))
 >>> meta = model.meta_parameters()
->>> w = model.prior_call(meta, "location")
+>>> w = model.prior_location(meta)
 >>> model.log_likelihood(meta, w, torch.zeros(5, 1), torch.zeros(5, 1)).shape
 torch.Size([5])
 """
@@ -234,9 +234,61 @@ class TaskModel(nn.Module):
         return self._call(meta, "_linearized_nll", mean, var, x, y)
 
     def prior_call(self, meta, method: str, *args):
-        """``prior.method(*args)`` evaluated at the meta-parameters ``meta``."""
+        """``prior.method(*args)`` evaluated at the meta-parameters ``meta``: the generic form of
+        the named calls below (``prior_location``, ``prior_log_prob``, ...), for a custom
+        prior's own methods."""
         return self._call(meta, "_prior", method, *args)
 
     def likelihood_call(self, meta, method: str, *args):
-        """``likelihood.method(*args)`` evaluated at the meta-parameters ``meta``."""
+        """``likelihood.method(*args)`` evaluated at the meta-parameters ``meta``: the generic
+        form of the named calls below (``likelihood_noise_ratio``, ...)."""
         return self._call(meta, "_likelihood", method, *args)
+
+    # ------------------------------------------------------------------ named prior and likelihood calls
+    def prior_location(self, meta):
+        """The prior's location ``μ(θ)`` ``[D]``, the inner loop's start. At the meta-parameters ``meta``."""
+        return self.prior_call(meta, "location")
+
+    def prior_log_prob(self, meta, w: Tensor):
+        """``log p(w; θ)`` (0-d). At the meta-parameters ``meta``."""
+        return self.prior_call(meta, "log_prob", w)
+
+    def prior_precision_diag(self, meta):
+        """The prior precision's diagonal ``[D]`` (``None`` where unknown). At the meta-parameters ``meta``."""
+        return self.prior_call(meta, "precision_diag")
+
+    def prior_precision_matrix(self, meta):
+        """The dense prior precision ``[D, D]`` (``None`` where unknown). At the meta-parameters ``meta``."""
+        return self.prior_call(meta, "precision_matrix")
+
+    def prior_kl(self, meta, mean: Tensor, var: Tensor, eps: Optional[Tensor] = None):
+        """``KL(N(mean, diag var) ‖ p(·; θ))`` (closed form, or by the draws ``eps``). At the meta-parameters ``meta``."""
+        return self.prior_call(meta, "kl", mean, var, eps)
+
+    def prior_hyper_log_prob(self, meta):
+        """The hyperprior's ``log p(θ)`` (0 where there is none). At the meta-parameters ``meta``."""
+        return self.prior_call(meta, "hyper_log_prob")
+
+    def likelihood_squared_deviation(self, meta, output: Tensor, y: Tensor):
+        """``Σ_d (y_d − f_d)²/σ²`` per point ``[N]``. At the meta-parameters ``meta``."""
+        return self.likelihood_call(meta, "squared_deviation", output, y)
+
+    def likelihood_noise_ratio(self, meta, data_deviation: Tensor, prior_deviation: Tensor, num_entries: int):
+        """A task's noise-variance ratio (:attr:`Likelihood.infers_task_noise`). At the meta-parameters ``meta``."""
+        return self.likelihood_call(meta, "noise_ratio", data_deviation, prior_deviation, num_entries)
+
+    def likelihood_output_curvature(self, meta, output: Tensor):
+        """``−∂² log p(y | f)/∂f²`` per output entry. At the meta-parameters ``meta``."""
+        return self.likelihood_call(meta, "output_curvature", output)
+
+    def likelihood_log_prob_gaussian_outputs(self, meta, mean: Tensor, var: Tensor, y: Tensor, *noise_ratio):
+        """Per-point log density for Gaussian outputs ``N(mean, var)``. At the meta-parameters ``meta``."""
+        return self.likelihood_call(meta, "log_prob_gaussian_outputs", mean, var, y, *noise_ratio)
+
+    def likelihood_predictive_gaussian_outputs(self, meta, mean: Tensor, var: Tensor, *noise_ratio):
+        """The exact predictive for Gaussian outputs ``N(mean, var)``. At the meta-parameters ``meta``."""
+        return self.likelihood_call(meta, "predictive_gaussian_outputs", mean, var, *noise_ratio)
+
+    def likelihood_predictive(self, meta, outputs: Tensor, *noise_ratio):
+        """The predictive from output draws ``[S, N, ...]``. At the meta-parameters ``meta``."""
+        return self.likelihood_call(meta, "predictive", outputs, *noise_ratio)

@@ -110,11 +110,11 @@ class MeanOnly(ibaml.InferenceMethod):
     squared error; ``task_init``, ``curvature``, ``preconditioner`` and ``task_noise`` are the defaults."""
 
     def init(self, model, meta):
-        return {"w": model.prior_call(meta, "location")}
+        return {"w": model.prior_location(meta)}
 
     def inner_objective(self, model, v, meta, task):
         return -model.log_likelihood(meta, v["w"], task["support_x"], task["support_y"]).sum() \
-            - model.prior_call(meta, "log_prob", v["w"])
+            - model.prior_log_prob(meta, v["w"])
 
     def outer_objective(self, model, v, meta, task):
         return -model.log_likelihood(meta, v["w"], task["query_x"], task["query_y"]).mean()

@@ -54,7 +54,7 @@ def test_newton_cg_solves_a_linear_gaussian_head_in_one_step():
     body = torch.nn.Sequential(*list(tiny_net())[:2])
     phi = torch.cat([body(task["support_x"]), torch.ones(8, 1, dtype=DT)], 1)
     lam, sigma2 = float(meta["prior.precision_unconstrained"].exp()), 0.25
-    mu = problem.model.prior_call(meta, "location")
+    mu = problem.model.prior_location(meta)
     A = phi.T @ phi / sigma2 + lam * torch.eye(phi.shape[1], dtype=DT)
     w_star = torch.linalg.solve(A, phi.T @ task["support_y"][:, 0] / sigma2 + lam * mu)
     assert torch.allclose(v["w"], w_star, atol=1e-10)

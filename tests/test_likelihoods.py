@@ -173,8 +173,8 @@ def test_conjugate_noise_ratio_is_the_normal_inverse_gamma_posterior():
     y = task["support_y"][:, 0]
     sigma2 = float(model.likelihood.noise) ** 2
     a0, s0 = float(model.likelihood.prior_count.detach()), float(model.likelihood.prior_noise.detach())
-    prior_var = 1.0 / model.prior_call(meta, "precision_diag")            # Σ (diagonal) at σ_t = σ
-    mu0 = model.prior_call(meta, "location")
+    prior_var = 1.0 / model.prior_precision_diag(meta)            # Σ (diagonal) at σ_t = σ
+    mu0 = model.prior_location(meta)
     V0_inv = torch.diag(sigma2 / prior_var)                                 # Σ = σ² V0
     Vn = torch.linalg.inv(V0_inv + phi.T @ phi)
     mun = Vn @ (V0_inv @ mu0 + phi.T @ y)

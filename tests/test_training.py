@@ -121,7 +121,7 @@ def reference_adam_steps(batches, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
     mean losses, the last mean gradient and the parameters after each step."""
     learner = make_learner()
     theta = {k: v.clone() for k, v in learner.meta_params().items()}
-    assert not learner.model.prior_call(learner.model.meta_parameters(), "hyper_log_prob").requires_grad
+    assert not learner.model.prior_hyper_log_prob(learner.model.meta_parameters()).requires_grad
     m = {k: torch.zeros_like(v) for k, v in theta.items()}
     v2 = {k: torch.zeros_like(v) for k, v in theta.items()}
     losses, grads, thetas = [], None, []
