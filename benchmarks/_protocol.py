@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -102,3 +103,18 @@ def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentPa
     p.add_argument("--keep-runs", default=None, metavar="DIR",
                    help="keep the final runs' folders (checkpoints, figures) under DIR instead of removing them")
     return p
+
+
+def rounded(value, digits: int = 6):
+    """``value`` with every float to ``digits`` significant digits (NaN and Inf as ``None``).
+
+    >>> rounded({"a": [0.123456789, float("nan")], "b": 3})
+    {'a': [0.123457, None], 'b': 3}
+    """
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+    return value

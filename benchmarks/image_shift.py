@@ -79,7 +79,6 @@ from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.image_presets import image_learner_from_config
 
 from . import _protocol as P
-from .sine_shift import rounded
 
 #: the methods in the order of the tables and figures
 ORDER = ("maml", "anil", "imaml", "ibaml", "abml", "fomaml")
@@ -678,7 +677,7 @@ def main(argv=None) -> dict:
         "runs": str(args.runs), "incomplete_runs": incomplete, "seconds": time.perf_counter() - clock,
         "torch": torch.__version__, "models": models,
     }
-    saved, out = rounded(payload, 5), Path(args.out)
+    saved, out = P.rounded(payload, 5), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shift.json").write_text(json.dumps(saved, separators=(",", ":")))
     notes = {"fitted logit scale differs from the run's own (rebuilt model not the run's?)":

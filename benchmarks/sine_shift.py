@@ -525,21 +525,6 @@ def save_figures(models: dict, settings: dict, out: Path) -> List[str]:
 
 
 # ---------------------------------------------------------------------------- main
-def rounded(value, digits: int = 6):
-    """``value`` with every float to ``digits`` significant digits (NaN and Inf as ``None``).
-
-    >>> rounded({"a": [0.123456789, float("nan")], "b": 3})
-    {'a': [0.123457, None], 'b': 3}
-    """
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
-    return value
-
-
 def _floats(text: str) -> List[float]:
     return [float(v) for v in text.split(",")]
 
@@ -641,7 +626,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "models": models,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "shift.json").write_text(json.dumps(rounded(payload, 5), separators=(",", ":")))
+    (out / "shift.json").write_text(json.dumps(P.rounded(payload, 5), separators=(",", ":")))
     text = markdown(models, settings)
     (out / "table.md").write_text(text)
     save_figures(models, settings, out)

@@ -71,6 +71,10 @@ def _ratio_kwargs(ratio: Optional[Tensor]) -> Dict[str, Tensor]:
     return {} if ratio is None else {"noise_ratio": ratio}
 
 
+def _ratio_args(ratio: Optional[Tensor]) -> tuple:
+    return () if ratio is None else (ratio,)
+
+
 class InferenceMethod:
     """The contract of a task-inference method, every function pure in ``(v, θ, task)``.
 
@@ -360,10 +364,9 @@ class Variational(InferenceMethod):
             kl = model.prior_kl(meta, v["mean"], self.variance(v), eps)
             return (nll + self.beta * kl) / (sx.shape[0] + qx.shape[0])
         ratio = task_noise_ratio(model, meta, v["mean"], task)
-        if self.expectation == "linearized" and model.likelihood.gaussian_outputs_log_prob:
-            mean, var = model.head_outputs(meta, v["mean"], self.variance(v), qx)
-            return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, qy,
-                                          *(() if ratio is None else (ratio,))).mean()
+        if self.exact_outputs and model.likelihood.gaussian_outputs_log_prob:
+            mean, var = self.head_outputs(model, v, meta, qx)
+            return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, qy, *_ratio_args(ratio)).mean()
         eps = task["eps_outer"] if ratio is None else torch.sqrt(ratio) * task["eps_outer"]   # draws under σ_t
         samples = self.weight_samples(v, eps)
         loglik = model.log_likelihood_samples(meta, samples, qx, qy, predictive=True, **_ratio_kwargs(ratio))
@@ -432,20 +435,20 @@ class FullCovariance(InferenceMethod):
         """``m₀ = location(θ)``."""
         return {"mean": model.prior_location(meta)}
 
-    def _precision(self, model: TaskModel, meta, m: Tensor, x: Tensor) -> Tensor:
-        """``β P + A``, the inner objective's Gauss–Newton Hessian in ``m`` ``[D, D]``."""
+    def _precision_cholesky(self, model: TaskModel, meta, m: Tensor, x: Tensor) -> Tensor:
+        """The Cholesky factor ``L`` of ``β P + A`` ``[D, D]``, the inner objective's
+        Gauss–Newton Hessian in ``m`` (the head's outputs at ``x`` are ``J m``)."""
         prior_precision = model.prior_precision_matrix(meta)
         if prior_precision is None:
             raise ValueError("FullCovariance needs a Gaussian prior with a precision (Prior.precision_matrix)")
         jac = model.head_jacobian(meta, x)                                           # [N, C, D]
-        curvature = model.likelihood_output_curvature(meta, model.net_output(meta, m, x))   # [N, C]
+        curvature = model.likelihood_output_curvature(meta, jac @ m)                 # [N, C]
         data = torch.einsum("ncd,nc,nce->de", jac, curvature, jac)
-        return self.beta * prior_precision + data
+        return torch.linalg.cholesky_ex(self.beta * prior_precision + data)[0]
 
     def covariance_factor(self, model: TaskModel, v, meta, task: Task) -> Tensor:
         """``R = √β L⁻ᵀ`` ``[D, D]`` with ``R Rᵀ = Σ* = β (β P + A)⁻¹``, ``L Lᵀ = β P + A``."""
-        precision = self._precision(model, meta, v["mean"], task["support_x"])
-        chol = torch.linalg.cholesky_ex(precision)[0]
+        chol = self._precision_cholesky(model, meta, v["mean"], task["support_x"])
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         return math.sqrt(self.beta) * torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
 
@@ -453,8 +456,7 @@ class FullCovariance(InferenceMethod):
         """One Gauss–Newton step from the location: ``m₁ = μ − (β P + A)⁻¹ ∇G(μ)``."""
         v0 = self.init(model, meta)
         grad = torch.func.grad(lambda m: self.inner_objective(model, {"mean": m}, meta, task))(v0["mean"])
-        precision = self._precision(model, meta, v0["mean"], task["support_x"])
-        chol = torch.linalg.cholesky_ex(precision)[0]
+        chol = self._precision_cholesky(model, meta, v0["mean"], task["support_x"])
         return {"mean": v0["mean"] - torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)}
 
     def inner_objective(self, model: TaskModel, v, meta, task: Task) -> Tensor:
@@ -473,8 +475,7 @@ class FullCovariance(InferenceMethod):
         factor = self.covariance_factor(model, v, meta, task)
         mean, var = self._outputs(model, v["mean"], factor, meta, task["query_x"])
         ratio = task_noise_ratio(model, meta, v["mean"], task)
-        return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, task["query_y"],
-                                      *(() if ratio is None else (ratio,))).mean()
+        return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, task["query_y"], *_ratio_args(ratio)).mean()
 
     def posterior_extras(self, model: TaskModel, v, meta, task: Task) -> Dict[str, Tensor]:
         """``{"covariance_factor": R}`` at the solution (:meth:`covariance_factor`)."""

@@ -235,15 +235,13 @@ def build_inference(recipe: Recipe, net: nn.Module, prior: Callable[[], Prior], 
     ``per_point``: a MAP inner objective divided by the support size (:class:`MAP`)."""
     if recipe.inference == "map":
         return MAP(per_point=per_point)
+    if per_point:
+        raise ValueError(f"per_point applies to MAP inference (maml, anil, fomaml, lazy, imaml), not {recipe.inference}")
     if recipe.inference == "full_covariance":
-        if per_point:
-            raise ValueError("per_point applies to MAP inference (maml, anil, fomaml, lazy, imaml), not full_covariance")
         if not _head_only(net, prior().names):
             raise ValueError("full_covariance inference needs a prior over exactly the network's linear head "
                              "(include='head')")
         return FullCovariance(beta=recipe.kl_weight if recipe.kl_weight is not None else 1.0)
-    if per_point:
-        raise ValueError("per_point applies to MAP inference (maml, anil, fomaml, lazy, imaml), not variational")
     if expectation is None:
         expectation = recipe.expectation if _head_only(net, prior().names) else "sampled"
     return Variational(beta=recipe.kl_weight, num_samples=recipe.num_samples,
