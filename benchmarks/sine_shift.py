@@ -201,6 +201,24 @@ def sine_targets(info: dict, x: torch.Tensor) -> torch.Tensor:
     return info["amplitude"].reshape(-1, 1, 1) * torch.sin(x - info["phase"].reshape(-1, 1, 1))
 
 
+def x_grid_tasks(shots: int, n: int, bins: Sequence[Tuple[float, float]], q: int, stream: int, dtype):
+    """The x grid's tasks: ``n`` tasks of ``shots`` support points in the training range (stream
+    seed ``stream``), then from the same stream ``q`` query inputs drawn uniformly in every bin,
+    ``(tasks, query_x [n, len(bins) q, 1], targets [n, len(bins) q])``; one adaptation per task
+    serves every bin."""
+    g = torch.Generator().manual_seed(stream)
+    base = SineTaskDistribution(shots=shots, query=1).sample(n, g, dtype=dtype)
+    lows = torch.tensor([b[0] for b in bins], dtype=dtype).view(1, -1, 1)
+    widths = torch.tensor([b[1] - b[0] for b in bins], dtype=dtype).view(1, -1, 1)
+    qx = (lows + widths * torch.rand((n, len(bins), q), generator=g, dtype=dtype)).reshape(n, -1, 1)
+    return base, qx, sine_targets(base.info, qx.double())[..., 0]
+
+
+def bin_columns(indices: Sequence[int], q: int) -> torch.Tensor:
+    """The query columns of :func:`x_grid_tasks` that fall in the bins ``indices``."""
+    return torch.cat([torch.arange(i * q, (i + 1) * q) for i in indices])
+
+
 def x_bins(low: float, high: float, width: float) -> List[Tuple[float, float]]:
     """Bins of ``width`` over ``[low, high]``.
 
@@ -274,25 +292,16 @@ def evaluate_run(run: dict, settings: dict) -> dict:
         m, s, t, errs = run_condition(SineTaskDistribution(shots=k, query=q), stream)
         conditions["shots"][str(k)] = dict(shots=k, stream_seed=stream, errors=errs,
                                            **condition_metrics(m, s, t, scale, tails))
-    # the x grid: one adaptation per task, ``q`` queries drawn uniformly in every bin
     bins = settings["x_bins"]
-    g = torch.Generator().manual_seed(seeds["x"])
-    base = SineTaskDistribution(shots=cfg["shots"], query=1).sample(n, g, dtype=dtype)
-    lows = torch.tensor([b[0] for b in bins], dtype=dtype).view(1, -1, 1)
-    widths = torch.tensor([b[1] - b[0] for b in bins], dtype=dtype).view(1, -1, 1)
-    qx = (lows + widths * torch.rand((n, len(bins), q), generator=g, dtype=dtype)).reshape(n, -1, 1)
+    base, qx, t = x_grid_tasks(cfg["shots"], n, bins, q, seeds["x"], dtype)
     m, s, errs = outputs(method, model, base.support_x, base.support_y, qx, chunk, device)
-    t = sine_targets(base.info, qx.double())[..., 0]
-
-    def columns(indices):
-        return torch.cat([torch.arange(i * q, (i + 1) * q) for i in indices])
 
     for i, b in enumerate(bins):
-        cols = columns([i])
+        cols = bin_columns([i], q)
         conditions["x"][range_label(b)] = dict(x_range=list(b), stream_seed=seeds["x"], errors=errs,
                                                **condition_metrics(m[:, cols], s[:, cols], t[:, cols], scale, tails))
     for name, indices in regions(bins).items():
-        cols = columns(indices)
+        cols = bin_columns(indices, q)
         conditions["x_regions"][name] = dict(x_range=[bins[indices[0]][0], bins[indices[-1]][1]],
                                              stream_seed=seeds["x"], errors=errs,
                                              **condition_metrics(m[:, cols], s[:, cols], t[:, cols], scale, tails))

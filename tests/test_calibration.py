@@ -198,3 +198,22 @@ def test_lognormal_scale_mixture_scores_against_quadrature_and_the_gaussian_limi
     assert report.extra["tails"] == {"family": "lognormal_scale", "sd": 0.7}
     with pytest.raises(ValueError, match="sd must lie in"):
         cal.LogNormalScale(-0.1)
+
+
+def test_variance_bins_of_one_bin_is_the_one_factor_and_bad_input_is_named():
+    from ibaml.calibration import fit_variance_bins, fit_variance_scale
+    g = torch.Generator().manual_seed(0)
+    mu, var = torch.zeros(30, 4), torch.rand(30, 4, generator=g) + 0.1
+    y = torch.randn(30, 4, generator=g)
+    one = fit_variance_bins(mu, var, y, bins=1)
+    assert one.log_factor[0] == pytest.approx(math.log(fit_variance_scale(mu, var, y)))
+    assert torch.allclose(one(var), fit_variance_scale(mu, var, y) * var)
+    # a constant predictive: every bin at one variance, merged into one point
+    flat = fit_variance_bins(mu, torch.ones(30, 4), y, bins=5)
+    assert len(flat.log_variance) == 1
+    scale = fit_variance_bins(mu, var, y, bins=4)
+    assert list(scale.log_variance) == sorted(scale.log_variance) and len(scale.log_variance) == 4
+    with pytest.raises(ValueError, match="bins"):
+        fit_variance_bins(mu, var, y, bins=0)
+    with pytest.raises(ValueError, match="positive"):
+        fit_variance_bins(mu, -var, y)

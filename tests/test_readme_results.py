@@ -232,3 +232,17 @@ def test_fullcov_selection_is_on_validation_streams_and_on_the_page():
         noise = next(iter(payload["models"]))
         models = {noise: dict(payload["models"][noise], dkt=dkt)}
         assert_on_page(sine_shift.target_findings(models, "ibaml-fullcov", noise=noise), SHIFT)
+
+
+def test_recalibration_study_choice_tables_and_targets_are_their_json():
+    """The variance maps of the shift study: the map chosen on the validation conditions, the test
+    table and the targets on both splits, rendered from the JSON onto the shift page."""
+    study = load("shift_recalibration")
+    val, test = (json.loads((SHIFT_RESULTS / "shift_recalibration" / split / "recalibration.json").read_text())
+                 for split in ("validation", "test"))
+    assert val["settings"]["stream_offset"] == 1_000_000 and test["settings"]["stream_offset"] == 0
+    chosen = val["models"]["ibaml-fullcov"]["closest_map"]
+    assert chosen == min(study.MAPS, key=lambda m: study.worst_gaps(val["models"]["ibaml-fullcov"]["summary"])[m])
+    assert_on_page(study.markdown(test["models"]), SHIFT)
+    assert_on_page(study.target_findings(val["models"], "ibaml-fullcov", chosen), SHIFT)
+    assert_on_page(study.target_findings(test["models"], "ibaml-fullcov", chosen), SHIFT)

@@ -130,3 +130,23 @@ def test_target_findings_say_met_and_not_met_with_the_numbers():
                         "NLL 1.00 against dkt's 2.10 (target ≤): met.")
     assert lines[6] == ("- ibaml-fullcov, x > 5: 90 % coverage 0.790 (target ≥ 0.80): not met; "
                         "NLL 3.00 against dkt's 2.10 (target ≤): not met.")
+
+
+def test_recalibration_study_fits_each_map_on_the_training_condition(shift):
+    from benchmarks import shift_recalibration
+    tmp, run, payload = shift
+    study = shift_recalibration.main(["--runs", str(tmp / "runs"), "--out", str(tmp / "recal"), "--tasks", "20",
+                                      "--methods", "imaml"])
+    for name in ("recalibration.json", "table.md", "coverage.png"):
+        assert (tmp / "recal" / name).stat().st_size > 0
+    entry = study["models"]["imaml"]["per_seed"]["0"]
+    assert entry["training_sizes"] == [10]
+    assert entry["fitted"]["per_shots"] == {"10": entry["fitted"]["factor"]}   # one size: one factor
+    metrics = entry["metrics"]
+    for condition in shift_recalibration.CONDITIONS:
+        assert metrics["per_shots"][condition] == metrics["factor"][condition]
+        assert len({metrics[m][condition]["mse"] for m in shift_recalibration.MAPS}) == 1   # no map moves a mean
+    # the same 1-shot test tasks as the shift benchmark's
+    shots = payload["models"]["shared"]["imaml"]["per_seed"]["0"]["conditions"]["shots"]["1"]["raw"]
+    assert metrics["raw"]["1"]["coverage_90"] == pytest.approx(shots["coverage_90"]["mean"], rel=1e-4)   # 5 digits in the JSON
+    assert metrics["raw"]["1"]["nll"] == pytest.approx(shots["nll"]["mean"], rel=1e-4)
