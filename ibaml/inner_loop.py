@@ -22,7 +22,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optim import SGD
+from .optim import SGD, as_inner_optimizer
 from .task_model import TaskModel
 from .tree import FlatSpec, ParamDict, tree_all_finite, tree_detach, tree_norm
 
@@ -44,7 +44,8 @@ class InnerDiagnostics(NamedTuple):
 class InnerLoop:
     """Runs ``steps`` updates of a functional optimiser on an inner objective.
 
-    ``v_{k+1}, state_{k+1} = optimizer.update(v_k, ∇_v G(v_k), state_k)``; with
+    ``v_{k+1}, state_{k+1} = optimizer.step(G, v_k, state_k)`` (for a gradient method
+    ``update(v_k, ∇_v G(v_k), state_k)``; :class:`ibaml.optim.InnerOptimizer`); with
     ``differentiable=False`` every iterate is detached (no graph, memory independent
     of ``steps``); with ``differentiable=True`` the whole path stays differentiable.
     The diagnostics (loss, gradient norm, finiteness at the last iterate) cost one more
@@ -64,19 +65,14 @@ class InnerLoop:
         """``curvature(v)``: the problem's diagonal prior curvature at ``v``, passed to an
         optimiser that declares ``needs_curvature`` (:class:`ibaml.optim.PriorPreconditioned`)."""
         grad_fn = torch.func.grad_and_value(objective)
+        optimizer = as_inner_optimizer(self.optimizer)
         v = dict(v0) if differentiable else tree_detach(v0)
-        state = self.optimizer.init(v)
-        wants_curvature = getattr(self.optimizer, "needs_curvature", False)
-        wants_objective = getattr(self.optimizer, "needs_objective", False)
+        state = optimizer.init(v)
         for _ in range(int(self.steps)):
-            extra = {}
-            if wants_curvature:
-                extra["curvature"] = None if curvature is None else curvature(v)
-            if wants_objective:   # second-order optimisers evaluate what they need themselves
-                v, state = self.optimizer.step(objective, v, state, **extra)
+            if optimizer.needs_curvature:
+                v, state = optimizer.step(objective, v, state, curvature=None if curvature is None else curvature(v))
             else:
-                g, _ = grad_fn(v)
-                v, state = self.optimizer.update(v, g, state, **extra)
+                v, state = optimizer.step(objective, v, state)
             if not differentiable:
                 v = tree_detach(v)
                 state = _detach_state(state)
@@ -130,7 +126,7 @@ class TaskProblem:
         loop = self.inner_loop if steps is None else InnerLoop(self.inner_loop.optimizer, steps)
         start = self.method.task_init(self.model, meta, task) if v0 is None else v0
         curvature = None
-        if getattr(loop.optimizer, "needs_curvature", False):
+        if as_inner_optimizer(loop.optimizer).needs_curvature:
             precision = self.model.prior_precision_diag(meta)   # θ is fixed during the solve
             curvature = lambda v: self.method.curvature(v, precision)
         return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose,

@@ -54,6 +54,7 @@ from .inference import MAP, InferenceMethod, Variational
 from .inner_loop import InnerLoop, TaskProblem
 from .likelihoods import Likelihood
 from .meta_problem import TASK_BATCHING, MetaProblem, Posterior
+from .optim import as_inner_optimizer
 from .task_model import TaskModel
 from .optim import SGD
 from .nonfinite import NONFINITE_POLICIES
@@ -166,10 +167,8 @@ class MetaLearner(nn.Module):
         if estimator is not None and not isinstance(estimator, HypergradEstimator):
             raise TypeError(f"estimator must be a HypergradEstimator (Implicit(), Explicit(), FirstOrder(), Lazy()), "
                             f"got {estimator!r}")
-        if inner_optimizer is not None and not (hasattr(inner_optimizer, "init") and (
-                hasattr(inner_optimizer, "update") or hasattr(inner_optimizer, "step"))):
-            raise TypeError(f"inner_optimizer must be an ibaml.optim optimiser (SGD(lr=...), Adam(lr=...), NewtonCG()), "
-                            f"got {inner_optimizer!r}")
+        if inner_optimizer is not None:
+            as_inner_optimizer(inner_optimizer)     # refuses, naming what it lacks, an object of neither shape
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if not meta_lr > 0:

@@ -1,21 +1,29 @@
 """Functional optimisers for the inner loop, on parameter dicts.
 
-An optimiser is an object with ``init(params) -> state`` and
-``update(params, grads, state) -> (new_params, new_state)``. Both are pure tensor
-functions, so they can be
+Every inner optimiser has one shape (:class:`InnerOptimizer`): ``init(params) -> state`` and
+``step(objective, params, state, curvature=None) -> (new_params, new_state)``, one step on the
+inner objective ``G(v)``. A gradient method (:class:`GradientOptimizer`: :class:`SGD`,
+:class:`Adam`, :class:`PriorPreconditioned`) defines its rule ``update(params, grads, state)``
+and takes ``grads = ∇G(v)`` in ``step``; a second-order one (:class:`NewtonCG`) evaluates what
+it needs of ``G`` itself. ``curvature`` is the problem's diagonal prior curvature at ``v``,
+given to an optimiser that declares ``needs_curvature``. All are pure tensor functions, so they
+can be
 
 * run without a graph (the implicit and first-order estimators detach every step),
 * differentiated through (explicit unrolled estimators: MAML, ABML),
 * vmapped over the tasks of a meta-batch.
 
-Any object with these two methods works as an inner optimiser.
+A user's own optimiser subclasses :class:`GradientOptimizer` (defining ``init`` and
+``update``) or :class:`InnerOptimizer` (defining ``init`` and ``step``); an object with only
+``init`` and ``update`` is taken as a gradient method (:func:`as_inner_optimizer`).
 
 Example
 -------
 >>> opt = Adam(lr=0.1)
 >>> params = {"w": torch.ones(3)}
 >>> state = opt.init(params)
->>> params, state = opt.update(params, {"w": 2 * params["w"]}, state)
+>>> params, state = opt.step(lambda v: (v["w"] ** 2).sum(), params, state)   # G = |w|²
+>>> params, state = opt.update(params, {"w": 2 * params["w"]}, state)       # the rule, given ∇G
 """
 
 from __future__ import annotations
@@ -27,6 +35,75 @@ import torch
 
 from .linalg import CG
 from .tree import FlatSpec, ParamDict
+
+
+class InnerOptimizer:
+    """The shape of an inner optimiser: ``init(params) -> state`` and one step on the inner
+    objective, ``step(objective, params, state, curvature=None) -> (params, state)``.
+    ``needs_curvature``: whether the inner loop passes the prior curvature at ``params``."""
+
+    needs_curvature = False
+
+    def init(self, params: ParamDict) -> Dict[str, Any]:
+        return {}
+
+    def step(self, objective, params: ParamDict, state: Dict[str, Any],
+             curvature: Optional[ParamDict] = None) -> Tuple[ParamDict, Dict[str, Any]]:
+        raise NotImplementedError
+
+
+class GradientOptimizer(InnerOptimizer):
+    """An inner optimiser defined by its rule on the gradient, ``update(params, grads, state)``
+    (with ``curvature=`` where it ``needs_curvature``); ``step`` evaluates ``∇G`` and applies it."""
+
+    def step(self, objective, params: ParamDict, state: Dict[str, Any],
+             curvature: Optional[ParamDict] = None) -> Tuple[ParamDict, Dict[str, Any]]:
+        grads = torch.func.grad(objective)(params)
+        if self.needs_curvature:
+            return self.update(params, grads, state, curvature=curvature)
+        return self.update(params, grads, state)
+
+    def update(self, params: ParamDict, grads: ParamDict, state: Dict[str, Any]) -> Tuple[ParamDict, Dict[str, Any]]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _UpdateRule(GradientOptimizer):
+    """An object with ``init`` and ``update`` only, as a :class:`GradientOptimizer`."""
+
+    rule: Any
+
+    @property
+    def needs_curvature(self):
+        return bool(getattr(self.rule, "needs_curvature", False))
+
+    def init(self, params: ParamDict) -> Dict[str, Any]:
+        return self.rule.init(params)
+
+    def update(self, params, grads, state, **curvature):
+        return self.rule.update(params, grads, state, **curvature)
+
+
+def as_inner_optimizer(optimizer) -> InnerOptimizer:
+    """``optimizer`` in the one shape of :class:`InnerOptimizer`: itself where it has it (or
+    duck-types ``init`` and ``step``), an object with ``init`` and ``update`` wrapped as a
+    gradient method; anything else is refused with a message naming what it lacks.
+
+    >>> as_inner_optimizer(SGD(lr=0.1)) == SGD(lr=0.1)
+    True
+    >>> class Halve:                                    # a rule with init/update only
+    ...     def init(self, params): return {}
+    ...     def update(self, params, grads, state): return {k: v / 2 for k, v in params.items()}, state
+    >>> as_inner_optimizer(Halve()).step(lambda v: v["w"].sum(), {"w": torch.ones(2)}, {})[0]["w"]
+    tensor([0.5000, 0.5000])
+    """
+    if isinstance(optimizer, InnerOptimizer) or (hasattr(optimizer, "init") and hasattr(optimizer, "step")):
+        return optimizer
+    if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+        return _UpdateRule(optimizer)
+    raise TypeError(f"inner_optimizer must be an ibaml.optim optimiser (SGD(lr=...), Adam(lr=...), NewtonCG()) or "
+                    f"have init(params) and step(objective, params, state) or update(params, grads, state), "
+                    f"got {optimizer!r}")
 
 
 def _per_block(option, name: str, default=None):
@@ -45,7 +122,7 @@ def _check_lr(name: str, lr: float) -> None:
 
 
 @dataclass(frozen=True)
-class SGD:
+class SGD(GradientOptimizer):
     """Gradient descent with optional heavy-ball momentum:
 
         b ← μ b + g,    v ← v − lr · b      (μ = 0: plain ``v ← v − lr · g``)
@@ -72,7 +149,7 @@ class SGD:
 
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(GradientOptimizer):
     """Adam (Kingma & Ba), with bias correction:
 
         m ← β₁ m + (1 − β₁) g,   s ← β₂ s + (1 − β₂) g²
@@ -107,7 +184,7 @@ class Adam:
 
 
 @dataclass(frozen=True)
-class PriorPreconditioned:
+class PriorPreconditioned(GradientOptimizer):
     """Gradient descent preconditioned by the prior's curvature (a semi-implicit, proximal step).
 
     With ``P`` the inner problem's diagonal prior curvature (``TaskProblem.preconditioner``:
@@ -184,7 +261,7 @@ class PriorPreconditioned:
 
 
 @dataclass(frozen=True)
-class NewtonCG:
+class NewtonCG(InnerOptimizer):
     """Truncated Newton steps: ``v ← v + t · Δ`` with ``(∇²G(v) + δI + γP) Δ = −∇G(v)`` solved
     approximately by ``cg_iters`` iterations of preconditioned conjugate gradient on
     Hessian-vector products (one linearisation of ``∇G`` per step, reused by every
@@ -254,7 +331,6 @@ class NewtonCG:
     max_step: Any = None
     line_search: int = 0
     adaptive_damping: float = 0.0
-    needs_objective = True
     needs_curvature = True
 
     def __post_init__(self):
