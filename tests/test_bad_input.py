@@ -271,6 +271,10 @@ CASES = [
     ("unknown inner optimizer (build_learner)",
      lambda t: ibaml.build_learner("imaml", small_net(), lik(), inner_optimizer="lbfgs"),
      ValueError, "unknown inner optimizer 'lbfgs'; expected one of ['adam', 'hf', 'newton', 'prior', 'sgd']"),
+    ("inner optimizer of neither shape (MetaLearner)",
+     lambda t: ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), inner_optimizer=object()),
+     TypeError, re.compile(r"inner_optimizer must be an ibaml.optim optimiser .* or have init\(params\) and "
+                           r"step\(objective, params, state\) or update\(params, grads, state\), got <object object at \w+>")),
     ("unknown inference method (MetaLearner)",
      lambda t: ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), method="laplace"),
      ValueError, "unknown inference method 'laplace'; expected one of ['map', 'variational']"),

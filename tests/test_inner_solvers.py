@@ -233,3 +233,34 @@ def test_linearized_expectation_is_exact_for_a_linear_gaussian_head():
     h = (phi ** 2).sum(0) / 0.25
     prior_var = model.prior.variance().detach()
     assert torch.allclose(method.variance(solution), 1 / (1 / prior_var + h / method.beta), rtol=1e-8)
+
+
+def test_every_inner_optimiser_takes_one_step_on_the_objective():
+    """The one shape: a gradient method's step is its rule applied to ∇G, an init/update object
+    is taken as one, and NewtonCG on a quadratic lands on its minimiser."""
+    from ibaml.optim import SGD, Adam, GradientOptimizer, NewtonCG, PriorPreconditioned, as_inner_optimizer
+    target = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    objective = lambda v: 0.5 * ((v["w"] - target) ** 2 * torch.tensor([1.0, 4.0], dtype=torch.float64)).sum()
+    v = {"w": torch.zeros(2, dtype=torch.float64)}
+    grads = torch.func.grad(objective)(v)
+    for opt in (SGD(lr=0.1), SGD(lr=0.1, momentum=0.5), Adam(lr=0.1)):
+        assert isinstance(opt, GradientOptimizer)
+        stepped, _ = opt.step(objective, v, opt.init(v))
+        ruled, _ = opt.update(v, grads, opt.init(v))
+        assert torch.equal(stepped["w"], ruled["w"])
+    prior = PriorPreconditioned(lr=0.1)
+    curvature = {"w": torch.ones(2, dtype=torch.float64)}
+    stepped, _ = prior.step(objective, v, prior.init(v), curvature=curvature)
+    assert torch.equal(stepped["w"], prior.update(v, grads, {}, curvature=curvature)[0]["w"])
+
+    class Rule:   # init/update only
+        def init(self, params):
+            return {}
+
+        def update(self, params, grads, state):
+            return {k: params[k] - 0.5 * grads[k] for k in params}, state
+
+    wrapped = as_inner_optimizer(Rule())
+    assert torch.allclose(wrapped.step(objective, v, {})[0]["w"], -0.5 * grads["w"])
+    newton = NewtonCG(cg_iters=2)
+    assert torch.allclose(newton.step(objective, v, newton.init(v))[0]["w"], target)
