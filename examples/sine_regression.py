@@ -32,7 +32,8 @@ from ibaml.checkpoint import CheckpointError
 from ibaml.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
 from ibaml.data.sine import SineTaskDistribution
 from ibaml.nonfinite import check_finite_predictions
-from ibaml.sine_presets import RUN_OPTIONS, predictive_mean_var, sine_learner_from_config, sine_run_config
+from ibaml.sine_presets import (RUN_OPTIONS, predictive_mean_var, sine_learner_from_config, sine_run_config,
+                                sine_run_defaults)
 
 ALL_METHODS = ibaml.METHODS + tuple(presets.RECIPES) + ("dkt",)
 
@@ -41,8 +42,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="ibaml", choices=ALL_METHODS)
     p.add_argument("--compare", default=None, help="comma-separated methods to run side by side (overrides --method)")
-    p.add_argument("--shots", type=int, default=10)
-    p.add_argument("--query", type=int, default=10)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--query", type=int)
     p.add_argument("--train-shots", default=None, metavar="LOW,HIGH",
                    help="meta-train on support sizes drawn uniformly from LOW..HIGH per meta-batch "
                         "(default: --shots); evaluation stays at --shots")
@@ -76,7 +77,9 @@ def parse_args(argv=None):
                    help="the predictive's family fitted with --noise-fit-tasks (none: the Gaussian)")
     p.add_argument("--eval-tasks", type=int, default=1000)
     p.add_argument("--train-only", action="store_true", help="meta-train and write checkpoints; skip the evaluation")
-    add_run_options(p, meta_iters=300, meta_batch=25, nonfinite=True, distributed=True)
+    defaults = sine_run_defaults()        # sine_run_config's defaults, held there only
+    add_run_options(p, meta_iters=300, meta_batch=defaults["meta_batch"], nonfinite=True, distributed=True)
+    p.set_defaults(**defaults)
     args = p.parse_args(argv)
     args.methods = args.compare.split(",") if args.compare else [args.method]
     unknown = [m for m in args.methods if m not in ALL_METHODS]

@@ -26,6 +26,7 @@ Example
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from typing import Optional, Tuple
 
@@ -37,7 +38,7 @@ from .noise_presets import REGRESSION_NOISE, regression_likelihood
 from .noise_presets import noise_prior_count as preset_noise_prior_count
 from .presets import build_learner, inner_steps as preset_inner_steps
 
-__all__ = ["SINE_HIDDEN", "RUN_OPTIONS", "sine_network", "hidden_widths", "random_features", "sine_run_config",
+__all__ = ["SINE_HIDDEN", "RUN_OPTIONS", "sine_run_defaults", "sine_network", "hidden_widths", "random_features", "sine_run_config",
            "sine_learner_from_config", "predictive_mean_var"]
 
 #: the hidden widths of the sine network (MAML's 40 × 40)
@@ -132,6 +133,18 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
     return dict(common, network=sine_network(method, noise, hidden, random_features), noise=noise, inner_steps=steps,
                 eval_inner_steps=eval_steps, inner_lr=inner_lr, precision=precision, cg_steps=cg_steps,
                 cg_damping=cg_damping, meta_lr=meta_lr, nonfinite=nonfinite, **chosen)
+
+
+def sine_run_defaults() -> dict:
+    """The defaults of :func:`sine_run_config` for the options of :data:`RUN_OPTIONS`: the
+    command-line defaults of ``examples/sine_regression.py``, held here only.
+
+    >>> defaults = sine_run_defaults()
+    >>> defaults["shots"], defaults["meta_batch"], defaults["cg_steps"], defaults["inner_steps"]
+    (10, 25, 20, None)
+    """
+    parameters = inspect.signature(sine_run_config).parameters
+    return {name: parameters[name].default for name in RUN_OPTIONS}
 
 
 def sine_learner_from_config(config: dict, *, device=None, dtype: Optional[torch.dtype] = None,

@@ -455,3 +455,10 @@ def test_a_diverged_adaptation_is_reported_as_such_not_as_a_metric_error():
     with pytest.raises(ibaml.NonFiniteError, match=r"30-shot: \d of 6 tasks have non-finite predictions \(tasks \["
                                                    r".*lower the inner step"):
         learner.evaluate(tasks, name="30-shot")
+
+
+def test_sine_example_defaults_are_sine_run_configs():
+    """The example's command-line defaults of every run option are sine_run_config's, held there only."""
+    from ibaml.sine_presets import sine_run_defaults
+    args = sine_regression.parse_args([])
+    assert {k: getattr(args, k) for k in sine_run_defaults()} == sine_run_defaults()
