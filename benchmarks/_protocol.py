@@ -68,6 +68,35 @@ def seed_stats(values: Sequence[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def summarize_conditions(per_seed: dict, kinds: Sequence[str], metrics: Sequence[str]) -> dict:
+    """Over the seeds of a shift benchmark (``per_seed[seed]["conditions"][group][label][kind][metric]``
+    each ``{"mean", ...}`` over tasks, or ``cell[kind] = None`` where no task was finite): per
+    group, label, kind and metric, the mean and sample standard deviation over the seeds of the
+    metric's mean (``{"mean", "std"}``, with ``"seeds"`` where it is defined at only some seeds,
+    ``None`` at none), and the non-finite tasks per seed.
+
+    >>> cell = lambda v: {"nonfinite_tasks": 0, "raw": {"mse": {"mean": v}}}
+    >>> summarize_conditions({"0": {"conditions": {"shots": {"1": cell(1.0)}}},
+    ...                       "1": {"conditions": {"shots": {"1": cell(3.0)}}}}, ["raw"], ["mse"])
+    {'shots': {'1': {'nonfinite_tasks': {'0': 0, '1': 0}, 'raw': {'mse': {'mean': 2.0, 'std': 1.4142135623730951}}}}}
+    """
+    out: dict = {}
+    for group, entries in next(iter(per_seed.values()))["conditions"].items():
+        for label in entries:
+            cells = {s: r["conditions"][group][label] for s, r in per_seed.items()}
+            summary = {"nonfinite_tasks": {s: c["nonfinite_tasks"] for s, c in cells.items()}}
+            for kind in kinds:
+                summary[kind] = {}
+                for metric in metrics:
+                    values = {s: c[kind][metric]["mean"] for s, c in cells.items() if c[kind] is not None}
+                    stats = seed_stats(list(values.values())) if values else None
+                    summary[kind][metric] = stats and {"mean": stats["mean"], "std": stats["std"]}
+                    if stats and len(values) < len(cells):
+                        summary[kind][metric]["seeds"] = [int(s) for s in values]
+            out.setdefault(group, {})[label] = summary
+    return out
+
+
 def write_json(path: Path, payload) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))

@@ -318,24 +318,9 @@ def nonfinite_list(per_seed: Dict[str, dict]) -> List[dict]:
 
 
 def summarize(per_seed: Dict[str, dict]) -> dict:
-    """Per pool, shot count, kind and metric, the mean and sample standard deviation over the
-    seeds of the metric's mean over tasks (``{"mean", "std"}``, with ``"seeds"`` where it is
-    defined at only some seeds, ``None`` at none), and the non-finite tasks per seed."""
-    out: dict = {}
-    for pool, entries in next(iter(per_seed.values()))["conditions"].items():
-        for label in entries:
-            cells = {s: r["conditions"][pool][label] for s, r in per_seed.items()}
-            summary = {"nonfinite_tasks": {s: c["nonfinite_tasks"] for s, c in cells.items()}}
-            for kind in KINDS:
-                summary[kind] = {}
-                for metric in METRICS:
-                    values = {s: c[kind][metric]["mean"] for s, c in cells.items() if c[kind] is not None}
-                    stats = P.seed_stats(list(values.values())) if values else None
-                    summary[kind][metric] = stats and {"mean": stats["mean"], "std": stats["std"]}
-                    if stats and len(values) < len(cells):
-                        summary[kind][metric]["seeds"] = [int(s) for s in values]
-            out.setdefault(pool, {})[label] = summary
-    return out
+    """Per pool, shot count, kind and metric, the mean and standard deviation over the seeds
+    (:func:`benchmarks._protocol.summarize_conditions`)."""
+    return P.summarize_conditions(per_seed, KINDS, METRICS)
 
 
 def pooled_bins(per_seed: Dict[str, dict], pool: str, label: str, kind: str) -> Optional[dict]:

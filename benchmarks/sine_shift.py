@@ -332,30 +332,9 @@ def nonfinite_list(per_seed: Dict[str, dict]) -> List[dict]:
 
 
 def summarize(per_seed: Dict[str, dict]) -> dict:
-    """Per condition and kind, the mean and standard deviation over the seeds of each metric's
-    mean over tasks, ``{"mean", "std"}`` (with ``"seeds"``, those where it is defined, where
-    that is not all of them; ``None`` where it is defined at none), and the non-finite tasks per seed."""
-    first = next(iter(per_seed.values()))
-    out = {}
-    for family, entries in first["conditions"].items():
-        out[family] = {}
-        for label in entries:
-            cell = {"nonfinite_tasks": {s: r["conditions"][family][label]["nonfinite_tasks"]
-                                        for s, r in per_seed.items()}}
-            for kind in KINDS:
-                cell[kind] = {}
-                for metric in METRICS:
-                    values = {s: r["conditions"][family][label][kind][metric]["mean"] for s, r in per_seed.items()
-                              if r["conditions"][family][label][kind] is not None}
-                    if not values:
-                        cell[kind][metric] = None
-                        continue
-                    stats = P.seed_stats(list(values.values()))
-                    cell[kind][metric] = {"mean": stats["mean"], "std": stats["std"]}
-                    if len(values) < len(per_seed):   # the seeds where it is defined, where not all
-                        cell[kind][metric]["seeds"] = [int(s) for s in values]
-            out[family][label] = cell
-    return out
+    """Per condition family, label, kind and metric, the mean and standard deviation over the
+    seeds found (:func:`benchmarks._protocol.summarize_conditions`)."""
+    return P.summarize_conditions(per_seed, KINDS, METRICS)
 
 
 # ---------------------------------------------------------------------------- table and figures
