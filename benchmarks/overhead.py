@@ -19,10 +19,10 @@ The meta-iteration is timed two ways in the same rounds (all functions run in tu
 * ``meta_iteration``: ``meta_step(task, validate=False, check=False)`` on the prepared
   batch (no host read: the non-finite policy by masks).
 
-``overhead = meta_step / (K·grad + cg·HVP + outer)``; the specification asks for ≤ 1.5 on
-a GPU. The work the implicit estimator does beyond these units is timed too and reported
-beside them: the gradient at the solution that gives the diagnostics, and the cross
-product ``Bᵀx``. The number of compute operators one meta-iteration dispatches
+``overhead = meta_step / (K·grad + cg·HVP + outer)``; the target is ≤ 1.5 on a GPU
+(docs/results/speed_memory.md). The work the implicit estimator does beyond these units is
+timed too and reported beside them: the gradient at the solution that gives the
+diagnostics, and the cross product ``Bᵀx``. The number of compute operators one meta-iteration dispatches
 (``operators_per_meta_iteration``; a lower bound on kernel launches on a GPU) is counted
 as well: it does not depend on the machine's load.
 

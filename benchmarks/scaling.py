@@ -26,7 +26,7 @@ growth per added task ``(peak(T) − peak(1)) / (T − 1)``, and beside them the
 one-task-in-flight peaks: the same mode at ``T = 1`` and the loop at the same ``T``. Run it
 with several meta-batches, e.g. ``--sine-meta-batches 1,2,4,8,16 --modes vmap,loop``.
 
-The JSON's ``summary`` holds each target of the specification with the measured value
+The JSON's ``summary`` holds each target of docs/results/speed_memory.md with the measured value
 and whether it is met; a GPU target is evaluated only in a CUDA run:
 
 * Conv4-64, 5-way 1-shot, K=10, CG 5, meta-batch 32 (implicit, vmap): ≥ 200 tasks/s and

@@ -24,10 +24,9 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
-from priors.base import LocalPyroModule, check_positive
+from priors.base import LOG_2PI, LocalPyroModule, check_positive
 
 
-LOG_2PI = math.log(2 * math.pi)
 
 
 def _gaussian_log_prob(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:

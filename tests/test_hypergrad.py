@@ -1,5 +1,5 @@
 """Meta-gradients in float64 on a tiny network: against the dense implicit solve, explicit
-unrolled differentiation, central finite differences and the closed forms of DESIGN.md §2."""
+unrolled differentiation, central finite differences and the closed forms of docs/design.md."""
 
 import pytest
 import torch
