@@ -43,10 +43,11 @@ GRID = {
 SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "imaml-gd": "shared",
                 "ibaml-all": "shared"}
 #: a method that takes another's chosen value (iMAML-HF solves iMAML-GD's inner problem otherwise)
-SHARES_CHOICE = {"imaml-hf": "imaml-gd"}
+SHARES_CHOICE = {"imaml-hf": "imaml-gd", "ibaml-hf": "ibaml-all"}
 #: the comparison tables: one noise model for every method of a table
 TABLES = {
-    "shared": ("maml", "anil", "imaml", "ibaml", "abml", "dkt", "imaml-gd", "imaml-hf", "ibaml-all", "abml-all"),
+    "shared": ("maml", "anil", "imaml", "ibaml", "abml", "dkt", "imaml-gd", "imaml-hf", "ibaml-all", "ibaml-hf",
+               "abml-all"),
     "conjugate": ("maml", "anil", "imaml", "ibaml", "abml"),
 }
 #: in words, what each method adapts and how (the rows of the table)
@@ -60,11 +61,13 @@ DESCRIBE = {
     "imaml-gd": "all weights (isotropic prior), 20 Adam steps, implicit",
     "imaml-hf": "all weights (isotropic prior), 10 Newton-CG steps with adapted damping and a line search, implicit",
     "ibaml-all": "all weights (mean-field, diagonal prior), 20 Adam steps on 4 draws, implicit",
+    "ibaml-hf": "all weights (mean-field, diagonal prior), 10 Newton-CG steps with adapted damping and a line search "
+                "on 4 draws, implicit",
     "abml-all": "all weights (mean-field), 10 SGD steps on 4 draws, explicit",
 }
 METRICS = ("mse", "nll", "coverage_90", "calibration_error")
 #: the rows with a prior over every weight (the papers' configuration)
-FULL_NETWORK = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
+FULL_NETWORK = ("imaml-gd", "imaml-hf", "ibaml-all", "ibaml-hf", "abml-all")
 
 
 def run_all(jobs: list, args, keep: bool = False) -> list:

@@ -58,7 +58,7 @@ def parse_args(argv=None):
                    help="inner optimiser (default: the preset's; hf: Newton-CG with a line search, iMAML-HF)")
     p.add_argument("--prior", default=None, choices=("head", "all"),
                    help="the prior over the last layer or over every weight (default: the method's, "
-                        "ibaml.presets; the recipes imaml-gd, imaml-hf, ibaml-all, abml-all are over every weight)")
+                        "ibaml.presets; the recipes imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all are over every weight)")
     p.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     p.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
     p.add_argument("--noise", default=None, choices=presets.NOISE_MODELS,

@@ -34,6 +34,7 @@ recipe      the method over every weight
 imaml-gd    iMAML, λ = 2, 20 Adam steps, implicit
 imaml-hf    iMAML, λ = 2, 10 Hessian-free steps (5 CG iterations, adapted damping, a line search)
 ibaml-all   iBaML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 20 Adam steps, implicit
+ibaml-hf    iBaML as ibaml-all, 10 Hessian-free steps (imaml-hf's solver on the means and scales)
 abml-all    ABML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 10 SGD steps, explicit
 ==========  ==========================================================================
 
@@ -229,6 +230,7 @@ RECIPES = {
     "imaml-gd": ("imaml", dict(include="all")),
     "imaml-hf": ("imaml", dict(include="all", inner_optimizer="hf", inner_steps=10)),
     "ibaml-all": ("ibaml", dict(include="all")),
+    "ibaml-hf": ("ibaml", dict(include="all", inner_optimizer="hf", inner_steps=10)),
     "abml-all": ("abml", dict(include="all")),
     "ibaml-fullcov": ("ibaml", dict(prior="lowrank", inference="full_covariance", rank=2, init_scale=1.0,
                                     init_factor_scale=0.1, inner_steps=1, inner_optimizer="newton")),

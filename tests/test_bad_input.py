@@ -263,7 +263,7 @@ CASES = [
      ValueError, "GaussianLikelihood noise must be a positive finite number, got 0.0"),
     # --- unknown names
     ("unknown method (build_learner)", lambda t: ibaml.build_learner("reptile", small_net(), lik()),
-     ValueError, "unknown method 'reptile'; expected one of maml, anil, fomaml, imaml, abml, ibaml, lazy, imaml-gd, imaml-hf, ibaml-all, abml-all, ibaml-fullcov"),
+     ValueError, "unknown method 'reptile'; expected one of maml, anil, fomaml, imaml, abml, ibaml, lazy, imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all, ibaml-fullcov"),
     ("unknown option (build_learner)", lambda t: ibaml.build_learner("imaml", small_net(), lik(), cg_iters=5),
      TypeError, "build_learner got unknown option(s) ['cg_iters']; MetaLearner options it passes on are "
                 "['chunk_size', 'eval_inner_steps', 'hyper_weight', 'meta_lr', 'meta_lr_overrides', 'meta_optimizer', 'nonfinite', "
@@ -291,7 +291,7 @@ CASES = [
      CLIError, re.compile(r"argument --method: invalid choice: 'reptile' \(choose from '?maml'?, .*'?dkt'?\)")),
     ("unknown method in --compare (example CLI)", lambda t: cli(["--compare", "maml,reptile"]),
      CLIError, "unknown method(s) ['reptile']; choose from maml, anil, fomaml, imaml, abml, "
-               "ibaml, lazy, imaml-gd, imaml-hf, ibaml-all, abml-all, ibaml-fullcov, dkt"),
+               "ibaml, lazy, imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all, ibaml-fullcov, dkt"),
     ("unknown option (example CLI)", lambda t: cli(["--meta-iter", "5", "--bogus"]),
      CLIError, "unrecognized arguments: --bogus"),
     ("--distributed without torchrun (example CLI)", lambda t: cli(["--distributed"]),
