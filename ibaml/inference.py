@@ -302,8 +302,8 @@ class Variational(InferenceMethod):
                 "eps_outer": self.draws(num_tasks, self.num_outer_samples, dim, generator, dtype)}
 
     def variance(self, v) -> Tensor:
-        """``s = softplus(ρ) + min_variance``."""
-        if "std" in v:
+        """``s = softplus(ρ) + min_variance`` (``s = u² + min_variance`` with ``variance_param="std"``)."""
+        if self.variance_param == "std":
             return v["std"] ** 2 + self.min_variance
         return Fn.softplus(v["rho"]) + self.min_variance
 
@@ -323,7 +323,7 @@ class Variational(InferenceMethod):
         v0 = self.init(model, meta)
         if self.variance_start == "prior":
             return v0
-        key = "std" if "std" in v0 else "rho"
+        key = "std" if self.variance_param == "std" else "rho"
         grad = torch.func.grad(lambda u: self.inner_objective(model, dict(v0, **{key: u}), meta, task))(v0[key])
         s0 = self.variance(v0)
         ds = 2.0 * v0["std"] if key == "std" else torch.sigmoid(v0["rho"])       # s'(u), s'(ρ)
@@ -382,7 +382,7 @@ class Variational(InferenceMethod):
         if precision is None:
             return None
         s = self.variance(v)
-        if "std" in v:   # ∂²/∂u² of β Σ (u²/(2σ²) − log u) with 1/σ² = precision
+        if self.variance_param == "std":   # ∂²/∂u² of β Σ (u²/(2σ²) − log u) with 1/σ² = precision
             return {"mean": self.beta * precision, "std": self.beta * (precision + 1.0 / s)}
         ds = torch.sigmoid(v["rho"])
         return {"mean": self.beta * precision, "rho": self.beta * ds ** 2 / (2 * s ** 2)}

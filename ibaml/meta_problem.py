@@ -65,7 +65,7 @@ class Posterior:
 
     def mean(self) -> Tensor:
         """Posterior mean (MAP: the mode) of the task weights ``[T, D]``."""
-        return self.params["w"] if "w" in self.params else self.params["mean"]
+        return self.method.point(self.params)
 
     def variance(self) -> Optional[Tensor]:
         """Mean-field variances ``[T, D]`` (``None`` for MAP)."""
