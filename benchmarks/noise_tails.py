@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import ibaml
-from ibaml.calibration import (CalibrationReport, LogNormalScale, StudentT, fit_linear_noise_ratio,
+from ibaml.calibration import (CalibrationReport, LogNormalScale, StudentTTails, fit_linear_noise_ratio,
                                fit_linear_noise_ratio_lognormal, fit_linear_noise_ratio_student_t)
 from ibaml.data.sine import SineTaskDistribution
 
@@ -102,8 +102,8 @@ def main(argv=None) -> dict:
         l1, l2, tau = fit_linear_noise_ratio_lognormal(fit["D"], fit["e"] ** 2, fit["v"], gauss)
         results[f"{method} ({folder})"] = {
             "gaussian": {"c": list(gauss), "fit_tasks": report(fit, *gauss), "eval_tasks": report(test, *gauss)},
-            "student_t": {"c": [c1, c2], "df": nu, "fit_tasks": report(fit, c1, c2, StudentT(nu)),
-                          "eval_tasks": report(test, c1, c2, StudentT(nu))},
+            "student_t": {"c": [c1, c2], "df": nu, "fit_tasks": report(fit, c1, c2, StudentTTails(nu)),
+                          "eval_tasks": report(test, c1, c2, StudentTTails(nu))},
             "lognormal_scale": {"c": [l1, l2], "tau": tau, "fit_tasks": report(fit, l1, l2, LogNormalScale(tau)),
                                 "eval_tasks": report(test, l1, l2, LogNormalScale(tau))},
             "standardised_errors_gaussian_fit": describe(test, *gauss), "config": cfg}

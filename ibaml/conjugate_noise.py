@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .calibration.tails import LogNormalScale, StudentT, describe
+from .calibration.tails import LogNormalScale, StudentTTails, describe
 from .likelihoods import GaussianLikelihood, _gaussian_log_prob, _positive_attribute
 
 __all__ = ["ConjugateNoiseGaussianLikelihood"]
@@ -105,7 +105,7 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         if float(self.predictive_scale_sd) > 0:
             return LogNormalScale(float(self.predictive_scale_sd))
         if math.isfinite(float(self.predictive_df)):
-            return StudentT(float(self.predictive_df))
+            return StudentTTails(float(self.predictive_df))
         return None
 
     def summary(self) -> dict:

@@ -166,8 +166,8 @@ def test_student_t_scores_against_scipy_and_their_gaussian_limits():
     # coverage: exactly the points within the t quantile
     z = float(stats.t.ppf(0.95, 3.0))
     inside = ((y - mu).abs() <= z * s2.sqrt()).double().mean(-1)
-    assert torch.equal(cal.calibration_curve(mu, s2, y, [0.9], tails=cal.StudentT(3.0))[:, 0], inside)
-    report = cal.CalibrationReport.regression(mu, s2, y, tails=cal.StudentT(3.0))
+    assert torch.equal(cal.calibration_curve(mu, s2, y, [0.9], tails=cal.StudentTTails(3.0))[:, 0], inside)
+    report = cal.CalibrationReport.regression(mu, s2, y, tails=cal.StudentTTails(3.0))
     assert report.extra["tails"] == {"family": "student_t", "df": 3.0} and report.metrics["coverage_90"]["mean"] == pytest.approx(float(inside.mean()))
 
 

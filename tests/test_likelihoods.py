@@ -342,7 +342,7 @@ def test_fit_noise_prior_with_tails_makes_the_predictive_heavy_tailed(family):
     """With ``tails`` the held-out fit sets the family's shape, the reports score that family (its
     NLL, not the Gaussian's), the means do not move, the shape travels with the state dict (one
     saved without it loads as the Gaussian), a plain refit resets it, and an unknown family is refused."""
-    from ibaml.calibration import LogNormalScale, StudentT
+    from ibaml.calibration import LogNormalScale, StudentTTails
     from ibaml.data.sine import SineTaskDistribution
     torch.manual_seed(0)
     lik = ibaml.ConjugateNoiseGaussianLikelihood(1.0, prior_count=5.0, prior_noise=1.0,
@@ -353,7 +353,7 @@ def test_fit_noise_prior_with_tails_makes_the_predictive_heavy_tailed(family):
     assert lik.tails is None and "tails" not in before.extra
     fitted = learner.fit_noise_prior(tasks, chunk=16, tails=family)
     tails = lik.tails
-    assert isinstance(tails, {"lognormal": LogNormalScale, "student_t": StudentT}[family])
+    assert isinstance(tails, {"lognormal": LogNormalScale, "student_t": StudentTTails}[family])
     assert fitted["tails"] == (None, tails.describe())
     after = learner.evaluate(tasks)
     assert after.extra["tails"] == tails.describe()

@@ -149,8 +149,8 @@ def central_quantile(levels, tails=None) -> Tensor:
     """``z_l`` with ``P(|Z| ≤ z_l) = l`` for ``Z`` the standardised predictive: standard normal
     (``tails=None``) or a heavy-tailed family of :mod:`ibaml.calibration.tails`, float64.
 
-    >>> from ibaml.calibration.tails import StudentT
-    >>> round(float(central_quantile(torch.tensor([0.9]))[0]), 3), round(float(central_quantile(torch.tensor([0.9]), StudentT(3.0))[0]), 3)
+    >>> from ibaml.calibration.tails import StudentTTails
+    >>> round(float(central_quantile(torch.tensor([0.9]))[0]), 3), round(float(central_quantile(torch.tensor([0.9]), StudentTTails(3.0))[0]), 3)
     (1.645, 2.353)
     """
     if tails is None:

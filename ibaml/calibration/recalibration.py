@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .metrics import _as_float64
 from .student_t import student_t_log_density
-from .tails import LogNormalScale, StudentT, gauss_hermite_normal, scale_mixture_log_density
+from .tails import LogNormalScale, StudentTTails, gauss_hermite_normal, scale_mixture_log_density
 
 
 def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
@@ -231,7 +231,7 @@ def fit_variance_scale_and_tails(mu, var, y, family: str):
     """The factor ``c`` on the predictive's squared scale and the shape of a heavy-tailed
     ``family`` fitted together by maximum likelihood to held-out points, the means fixed:
 
-    * ``"student_t"``: ``y ~ t_ν(μ, c v)``, returns ``(c, StudentT(ν))``;
+    * ``"student_t"``: ``y ~ t_ν(μ, c v)``, returns ``(c, StudentTTails(ν))``;
     * ``"lognormal"``: ``y ~ E_u N(μ, c v e^{2τu})``, returns ``(c, LogNormalScale(τ))``
       (:mod:`ibaml.calibration.tails`).
 
@@ -255,7 +255,7 @@ def fit_variance_scale_and_tails(mu, var, y, family: str):
     no_evidence = torch.zeros(mu.shape[0], dtype=torch.float64)
     if family == "student_t":
         c, _, df = fit_linear_noise_ratio_student_t(no_evidence, (y - mu) ** 2, var, start=(1.0, 1e-9))
-        return c, StudentT(df)
+        return c, StudentTTails(df)
     if family == "lognormal":
         c, _, sd = fit_linear_noise_ratio_lognormal(no_evidence, (y - mu) ** 2, var, start=(1.0, 1e-9))
         return c, LogNormalScale(sd)

@@ -70,7 +70,7 @@ class CalibrationReport:
     def regression(cls, mu, var, y, name: str = "", levels: Sequence[float] = DEFAULT_LEVELS,
                    extra: Optional[dict] = None, tails=None) -> "CalibrationReport":
         """Report for Gaussian predictives ``N(mu, var)`` against targets ``y``, all ``[T, Q]``;
-        with ``tails`` (a family of :mod:`ibaml.calibration.tails`, such as ``StudentT(df)`` or
+        with ``tails`` (a family of :mod:`ibaml.calibration.tails`, such as ``StudentTTails(df)`` or
         ``LogNormalScale(sd)``), for that heavy-tailed predictive around ``mu`` with squared
         scale ``var``: its NLL, coverage and CRPS (and ``extra["tails"]`` describing it)."""
         lv = _check_levels(levels)

@@ -14,7 +14,7 @@
 Both tend to their Gaussian counterparts (:func:`ibaml.calibration.gaussian_nll`,
 :func:`ibaml.calibration.crps_gaussian` with ``v = s²``) as ``ν → ∞``. The coverage of a
 Student-t predictive is :func:`ibaml.calibration.calibration_curve` with
-``tails=StudentT(ν)`` (:mod:`ibaml.calibration.tails`).
+``tails=StudentTTails(ν)`` (:mod:`ibaml.calibration.tails`).
 
 Example
 -------

@@ -2,7 +2,7 @@
 a Gaussian predictive), for the regression metrics (``tails=`` in
 :func:`ibaml.calibration.calibration_curve`, :meth:`CalibrationReport.regression`, the plots):
 
-* :class:`StudentT` ``(df=ν)``: ``t_ν(μ, v)`` (:mod:`ibaml.calibration.student_t`);
+* :class:`StudentTTails` ``(df=ν)``: ``t_ν(μ, v)`` (:mod:`ibaml.calibration.student_t`);
 * :class:`LogNormalScale` ``(sd=τ)``: a Gaussian whose scale is uncertain by a log-normal
   factor, ``y = μ + √v · e^{τu} · ε`` with ``u, ε ~ N(0, 1)``: the scale mixture
 
@@ -40,7 +40,7 @@ from torch import Tensor
 from .metrics import _check_regression, _normal_cdf, _normal_quantile
 from .student_t import _check_df, crps_student_t, student_t_nll
 
-__all__ = ["StudentT", "LogNormalScale", "gauss_hermite_normal", "scale_mixture_log_density", "describe"]
+__all__ = ["StudentTTails", "LogNormalScale", "gauss_hermite_normal", "scale_mixture_log_density", "describe"]
 
 
 def describe(tails) -> Optional[dict]:
@@ -63,7 +63,7 @@ def scale_mixture_log_density(squared_error: Tensor, log_scale2: Tensor, weights
 
 
 @dataclass(frozen=True)
-class StudentT:
+class StudentTTails:
     """``t_df(μ, v)``; ``df > 1`` (a finite CRPS)."""
 
     df: float
