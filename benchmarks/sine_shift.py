@@ -76,7 +76,9 @@ VALIDATION = 30_000
 #: first seeds of this benchmark's streams, clear of the example's (S, 10000 + S, ..., 50000 + S)
 STREAMS = {"shots": 100_000, "x": 200_000, "amplitude": 300_000}
 #: the methods in the order of the tables and figures
-ORDER = ("maml", "anil", "imaml", "ibaml", "ibaml-fullcov", "abml", "dkt")
+ORDER = ("maml", "anil", "imaml", "ibaml", "ibaml-fullcov", "abml", "dkt", "imaml-hf", "ibaml-hf")
+#: the methods evaluated unless ``--methods`` names others (the full-network recipes on request)
+DEFAULT_METHODS = ORDER[:7]
 
 
 #: added to every stream's seed for the validation conditions (``--streams validation``), on
@@ -529,7 +531,7 @@ def parse_args(argv=None):
                    help="the query grid's bins (written --x-bins=-10,10,1, the value starting with a minus)")
     p.add_argument("--amplitudes", default=",".join(f"{a:g}:{b:g}" for a, b in AMPLITUDES),
                    help="comma-separated amplitude ranges LOW:HIGH")
-    p.add_argument("--methods", default=",".join(ORDER), help="comma-separated methods to evaluate")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to evaluate")
     p.add_argument("--streams", choices=("test", "validation"), default="test",
                    help="the test conditions' task streams, or the validation conditions' (seeds + 1000000), "
                         "on which settings are chosen")

@@ -246,3 +246,11 @@ def test_recalibration_study_choice_tables_and_targets_are_their_json():
     assert_on_page(study.markdown(test["models"]), SHIFT)
     assert_on_page(study.target_findings(val["models"], "ibaml-fullcov", chosen), SHIFT)
     assert_on_page(study.target_findings(test["models"], "ibaml-fullcov", chosen), SHIFT)
+
+
+def test_full_network_shift_table_is_its_json():
+    """The full-network recipes away from the training condition: the table rendered from the JSON."""
+    sine_shift = load("sine_shift")
+    payload = shift_models("shift_full_network")
+    assert set(payload["models"]["shared"]) == {"maml", "dkt", "imaml-hf", "ibaml-hf"}
+    assert_on_page(sine_shift.markdown(payload["models"], payload["settings"]), SHIFT)
