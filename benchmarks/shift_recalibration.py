@@ -40,7 +40,6 @@ from typing import Dict, List
 import torch
 
 from ibaml.calibration import CalibrationReport, fit_variance_bins, fit_variance_power, fit_variance_scale
-from ibaml.checkpoint import load_checkpoint
 from ibaml.data.sine import SineTaskDistribution
 
 from . import _protocol as P
@@ -91,10 +90,8 @@ def evaluate(run: dict, settings: dict) -> dict:
     clock = time.perf_counter()
     torch.set_num_threads(settings["threads"])
     method = run["method"]
-    state = load_checkpoint(run["checkpoint"], map_location="cpu")
+    model, state = S.load_run(run, torch.device("cpu"))
     cfg = state["config"]
-    model = S.rebuild(method, cfg, torch.device("cpu"))
-    model.load_training_state(state["training"])
     if getattr(getattr(model, "likelihood", None), "tails", None) is not None:
         return {"method": method, "seed": int(cfg["seed"]), "folder": run["folder"],
                 "skipped": "its predictive has heavy tails (only Gaussian predictives are studied)"}
@@ -103,10 +100,9 @@ def evaluate(run: dict, settings: dict) -> dict:
     seeds = S.stream_seeds(seed, S.SHOTS, S.AMPLITUDES, settings["stream_offset"])
     evaluated = {}
     for k in SHOTS:
-        tasks = SineTaskDistribution(shots=int(k), query=settings["query"]).sample(
-            n, torch.Generator().manual_seed(seeds["shots"][k]), dtype=dtype)
-        m, v, _ = S.outputs(method, model, tasks.support_x, tasks.support_y, tasks.query_x, chunk, "cpu")
-        evaluated[k] = (int(k), m, v, tasks.query_y[..., 0].double())
+        m, v, y, _ = S.condition_outputs(method, model, SineTaskDistribution(shots=int(k), query=settings["query"]), n,
+                                         seeds["shots"][k], dtype, chunk, "cpu")
+        evaluated[k] = (int(k), m, v, y)
     bins = S.x_bins(-10, 10, 1)
     base, qx, targets = S.x_grid_tasks(cfg["shots"], n, bins, settings["query"], seeds["x"], dtype)
     m, v, _ = S.outputs(method, model, base.support_x, base.support_y, qx, chunk, "cpu")

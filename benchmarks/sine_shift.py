@@ -150,6 +150,24 @@ def rebuild(method: str, cfg: dict, device, per_point: bool = False) -> torch.nn
     return sine_learner_from_config(cfg, device=device)
 
 
+def load_run(run: dict, device, per_point: bool = False) -> Tuple[torch.nn.Module, dict]:
+    """``(model, state)``: a run's learner rebuilt (:func:`rebuild`) with its meta-trained state
+    loaded, and the checkpoint (``state["config"]`` its configuration)."""
+    state = load_checkpoint(run["checkpoint"], map_location="cpu")
+    model = rebuild(run["method"], state["config"], device, per_point)
+    model.load_training_state(state["training"])
+    return model, state
+
+
+def condition_outputs(method: str, model, tasks: SineTaskDistribution, n: int, stream: int, dtype, chunk: int,
+                      device) -> Tuple[torch.Tensor, ...]:
+    """``(mean, var, targets, errors)`` of :func:`outputs` on ``n`` tasks of ``tasks`` drawn from
+    the stream seeded ``stream``, targets ``[T, N]`` in float64."""
+    batch = tasks.sample(n, torch.Generator().manual_seed(stream), dtype=dtype)
+    m, s, errs = outputs(method, model, batch.support_x, batch.support_y, batch.query_x, chunk, device)
+    return m, s, batch.query_y[..., 0].double(), errs
+
+
 def outputs(method: str, model, support_x, support_y, query_x, chunk: int, device) -> Tuple[torch.Tensor, ...]:
     """``(mean, var, errors)``: the predictive at ``query_x`` adapted to each task's support,
     ``chunk`` tasks at a time, ``[T, N]`` in float64 on the CPU. A chunk that raises (a failed
@@ -248,10 +266,8 @@ def evaluate_run(run: dict, settings: dict) -> dict:
     clock = time.perf_counter()
     torch.set_num_threads(settings["threads"])
     device, method = torch.device(settings["device"]), run["method"]
-    state = load_checkpoint(run["checkpoint"], map_location="cpu")
+    model, state = load_run(run, device, settings.get("per_point", False))
     cfg, args = state["config"], run["args"]
-    model = rebuild(method, cfg, device, settings.get("per_point", False))
-    model.load_training_state(state["training"])
     dtype, seed, chunk = getattr(torch, cfg["dtype"]), int(cfg["seed"]), settings["chunk"]
     train = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"])
     # the example's validation tasks: as many drawn as it drew, so that they are the same tasks
@@ -285,9 +301,7 @@ def evaluate_run(run: dict, settings: dict) -> dict:
     conditions = {"shots": {}, "x": {}, "x_regions": {}, "amplitude": {}}
 
     def run_condition(tasks: SineTaskDistribution, stream: int):
-        batch = tasks.sample(n, torch.Generator().manual_seed(stream), dtype=dtype)
-        m, s, errs = outputs(method, model, batch.support_x, batch.support_y, batch.query_x, chunk, device)
-        return m, s, batch.query_y[..., 0].double(), errs
+        return condition_outputs(method, model, tasks, n, stream, dtype, chunk, device)
 
     for k in settings["shots"]:
         stream = seeds["shots"][str(k)]

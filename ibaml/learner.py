@@ -54,7 +54,6 @@ from .inference import MAP, InferenceMethod, Variational
 from .inner_loop import InnerLoop, TaskProblem
 from .likelihoods import Likelihood
 from .meta_problem import TASK_BATCHING, MetaProblem, Posterior
-from .optim import as_inner_optimizer
 from .task_model import TaskModel
 from .optim import SGD
 from .nonfinite import NONFINITE_POLICIES
@@ -167,8 +166,6 @@ class MetaLearner(nn.Module):
         if estimator is not None and not isinstance(estimator, HypergradEstimator):
             raise TypeError(f"estimator must be a HypergradEstimator (Implicit(), Explicit(), FirstOrder(), Lazy()), "
                             f"got {estimator!r}")
-        if inner_optimizer is not None:
-            as_inner_optimizer(inner_optimizer)     # refuses, naming what it lacks, an object of neither shape
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if not meta_lr > 0:

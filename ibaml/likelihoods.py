@@ -27,8 +27,6 @@ from torch import Tensor
 from priors.base import LOG_2PI, LocalPyroModule, check_positive
 
 
-
-
 def _gaussian_log_prob(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """``log N(y; mean, var)`` summed over the trailing dimensions, per point ``[N]``."""
     per_entry = -0.5 * ((y - mean) ** 2 / var + torch.log(var) + LOG_2PI)

@@ -67,6 +67,19 @@ def fit_logit_scale(outputs, labels, bounds=(0.05, 50.0)) -> float:
     return math.exp(result.x)
 
 
+def _held_out(mu, var, y, finite: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """``mu``, ``var``, ``y`` in float64, checked: one shape, ``var`` positive (and, with
+    ``finite``, ``mu`` and ``var`` finite)."""
+    mu, var, y = (_as_float64(n, t) for n, t in (("mu", mu), ("var", var), ("y", y)))
+    if not (mu.shape == var.shape == y.shape):
+        raise ValueError(f"mu, var and y must have one shape, got {tuple(mu.shape)}, {tuple(var.shape)}, {tuple(y.shape)}")
+    if finite and (bool((var <= 0).any()) or not bool(torch.isfinite(var).all() & torch.isfinite(mu).all())):
+        raise ValueError("var must be positive and mu and var finite")
+    if bool((var <= 0).any()):
+        raise ValueError("var must be positive")
+    return mu, var, y
+
+
 def fit_variance_scale(mu, var, y, tails=None) -> float:
     """The factor ``c`` on the predictive variance (or squared scale) that minimises the pooled
     NLL of held-out points: for a Gaussian predictive ``N(μ, c v)`` in closed form,
@@ -80,11 +93,7 @@ def fit_variance_scale(mu, var, y, tails=None) -> float:
     >>> fit_variance_scale(mu, var, torch.full((2, 3), 2.0))     # errors of 2 under unit variance
     4.0
     """
-    mu, var, y = (_as_float64(n, t) for n, t in (("mu", mu), ("var", var), ("y", y)))
-    if not (mu.shape == var.shape == y.shape):
-        raise ValueError(f"mu, var and y must have one shape, got {tuple(mu.shape)}, {tuple(var.shape)}, {tuple(y.shape)}")
-    if bool((var <= 0).any()):
-        raise ValueError("var must be positive")
+    mu, var, y = _held_out(mu, var, y)
     if tails is None:
         return float(((y - mu) ** 2 / var).mean())
     result = minimize_scalar(lambda log_c: float(tails.nll(mu, math.exp(log_c) * var, y).mean()),
@@ -127,11 +136,7 @@ def fit_variance_power(mu, var, y, bounds: Tuple[float, float] = (0.2, 3.0)) -> 
     >>> round(fit_variance_power(torch.zeros(400, 3), v, y).p, 1)
     1.5
     """
-    mu, var, y = (_as_float64(n, t) for n, t in (("mu", mu), ("var", var), ("y", y)))
-    if not (mu.shape == var.shape == y.shape):
-        raise ValueError(f"mu, var and y must have one shape, got {tuple(mu.shape)}, {tuple(var.shape)}, {tuple(y.shape)}")
-    if bool((var <= 0).any()) or not bool(torch.isfinite(var).all() & torch.isfinite(mu).all()):
-        raise ValueError("var must be positive and mu and var finite")
+    mu, var, y = _held_out(mu, var, y, finite=True)
     if not 0 < bounds[0] < bounds[1]:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds!r}")
     e2, log_v = ((y - mu) ** 2).reshape(-1), var.reshape(-1).log()
@@ -166,9 +171,9 @@ class VarianceBinScale:
 
     def factor(self, var: Tensor) -> Tensor:
         """``c(v)`` at every element of ``var`` (positive), in its dtype and on its device."""
-        log_v = torch.log(torch.as_tensor(var)).detach().cpu().double().numpy()
-        log_c = np.interp(log_v, np.asarray(self.log_variance), np.asarray(self.log_factor))
-        return torch.as_tensor(np.exp(log_c)).to(dtype=torch.as_tensor(var).dtype, device=torch.as_tensor(var).device)
+        var = torch.as_tensor(var)
+        log_c = np.interp(torch.log(var).detach().cpu().double().numpy(), self.log_variance, self.log_factor)
+        return torch.as_tensor(np.exp(log_c)).to(dtype=var.dtype, device=var.device)
 
     def __call__(self, var: Tensor) -> Tensor:
         """The recalibrated variance ``c(v) v``."""
@@ -201,11 +206,7 @@ def fit_variance_bins(mu, var, y, bins: int = 10) -> VarianceBinScale:
     >>> 0.2 < low < 0.3, 3.5 < high < 4.5
     (True, True)
     """
-    mu, var, y = (_as_float64(n, t) for n, t in (("mu", mu), ("var", var), ("y", y)))
-    if not (mu.shape == var.shape == y.shape):
-        raise ValueError(f"mu, var and y must have one shape, got {tuple(mu.shape)}, {tuple(var.shape)}, {tuple(y.shape)}")
-    if bool((var <= 0).any()) or not bool(torch.isfinite(var).all() & torch.isfinite(mu).all()):
-        raise ValueError("var must be positive and mu and var finite")
+    mu, var, y = _held_out(mu, var, y, finite=True)
     bins = int(bins)
     if not 1 <= bins <= var.numel():
         raise ValueError(f"bins must be between 1 and the number of points ({var.numel()}), got {bins}")
