@@ -26,6 +26,11 @@ from pathlib import Path
 from . import _protocol as P
 
 METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
+#: the papers' methods, a prior over every weight (``ibaml.presets.RECIPES``), at their published
+#: settings (``ibaml.presets.FULL_NETWORK``: λ = 2 and 20 Adam steps for iMAML-GD, 10 Hessian-free
+#: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), no grid:
+#: run by ``final --methods`` beside the head rows, in the same table
+FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: per method, the option chosen on validation and the values tried; ANIL's step as multiples
 #: of MAML's (``ibaml.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
 GRID = {
@@ -39,6 +44,10 @@ DESCRIBE = {
     "imaml": "the head (softmax, isotropic prior), Newton steps, implicit",
     "ibaml": "the head (softmax, mean-field, diagonal prior), Newton steps, implicit",
     "abml": "the head (mean-field), proximal steps, explicit",
+    "imaml-gd": "all weights (isotropic prior, λ = 2), 20 Adam steps, implicit",
+    "imaml-hf": "all weights (isotropic prior, λ = 2), 10 Hessian-free steps with a line search, implicit",
+    "ibaml-all": "all weights (mean-field, diagonal prior), 20 Adam steps on 4 antithetic draws, implicit",
+    "abml-all": "all weights (mean-field), 10 SGD steps on 4 antithetic draws, explicit",
 }
 METRICS = ("accuracy", "nll", "ece", "ece_pooled")
 
@@ -101,7 +110,7 @@ def final(args) -> dict:
     jobs = [(out / "runs" / f"{args.shots}shot" / f"seed{seed}" / method,
              ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
               "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
-            for seed in args.seeds for method in (m for m in args.methods or METHODS if m in METHODS)]
+            for seed in args.seeds for method in (m for m in args.methods or METHODS if m in METHODS + FULL_NETWORK_METHODS)]
     P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out, reevaluate=args.reevaluate)
     return table(args)
 
@@ -109,7 +118,7 @@ def final(args) -> dict:
 def summarize(out: Path) -> dict:
     summary = {}
     for shots_dir in sorted((out / "runs").glob("*shot")):
-        for method in METHODS:
+        for method in METHODS + FULL_NETWORK_METHODS:
             runs = sorted(shots_dir.glob(f"seed*/{method}/metrics.json"))
             if not runs:
                 continue
