@@ -27,7 +27,7 @@ def _doctest_names(request):
     import ibaml
     import priors
     from ibaml.data import SineTaskDistribution
-    from ibaml.nets import MLP
+    from ibaml.core.nets import MLP
 
     torch.manual_seed(0)
     net = MLP(1, (40, 40), 1)
@@ -40,7 +40,7 @@ def _doctest_names(request):
                  A=torch.randn(6, 3), b=torch.randn(6), lam=0.1, I=torch.eye(3))
     for name in ("MetaLearner", "GaussianLikelihood", "TaskModel", "MAP", "InnerLoop", "Variational"):
         names[name] = getattr(ibaml, name)
-    names.update(SGD=ibaml.optim.SGD, Adam=ibaml.optim.Adam, DiagonalGaussian=priors.DiagonalGaussian,
+    names.update(SGD=ibaml.core.optim.SGD, Adam=ibaml.core.optim.Adam, DiagonalGaussian=priors.DiagonalGaussian,
                  IsotropicGaussian=priors.IsotropicGaussian)
     if request.node.name.startswith("ibaml.data."):
         names.update(request.getfixturevalue("_doctest_datasets"))

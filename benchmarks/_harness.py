@@ -118,7 +118,7 @@ def make_batch(workload: str, T: int, dtype, device, image_size: int = 84, seed:
 
 
 def make_net(workload: str, hidden: int = 64, image_size: int = 84) -> torch.nn.Module:
-    from ibaml.nets import MLP, Conv4
+    from ibaml.core.nets import MLP, Conv4
 
     if workload == "sine":
         return MLP(1, (40, 40), 1)
@@ -142,11 +142,11 @@ def build_learner(workload: str, estimator: str, K: int, cg_steps: int, device, 
     if estimator == "explicit":
         est = ibaml.Explicit()
     elif estimator == "implicit":
-        est = ibaml.Implicit(ibaml.linalg.CG(max_iter=cg_steps, damping=cg_damping))
+        est = ibaml.Implicit(ibaml.core.linalg.CG(max_iter=cg_steps, damping=cg_damping))
     else:
         raise ValueError(f"unknown estimator {estimator!r}; expected 'explicit' or 'implicit'")
     return ibaml.MetaLearner(net, prior, likelihood, method="map", estimator=est,
-                             inner_optimizer=ibaml.optim.SGD(lr=inner_lr), inner_steps=K, num_classes=num_classes,
+                             inner_optimizer=ibaml.core.optim.SGD(lr=inner_lr), inner_steps=K, num_classes=num_classes,
                              chunk_size=chunk_size, task_batching="vmap")
 
 

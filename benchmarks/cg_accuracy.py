@@ -4,7 +4,7 @@ against the dense implicit solve.
 Each preset with an implicit meta-gradient is meta-trained as the examples train it (float32):
 
 * sine (``examples/sine_regression.py``): ``imaml`` and ``ibaml``, ``MLP(1, (40, 40), 1)``, the
-  method's likelihood (:func:`ibaml.presets.regression_likelihood`), 10 shots, 10 queries,
+  method's likelihood (:func:`ibaml.recipes.regression_likelihood`), 10 shots, 10 queries,
   meta-batch 25 (``abml`` differentiates through its inner loop: no linear system to solve);
 * images (``examples/miniimagenet.py`` on the stroke fixture,
   :func:`ibaml.data.fixtures.write_stroke_fixture`, at 32×32): ``imaml`` and ``ibaml`` at 1 and
@@ -13,7 +13,7 @@ Each preset with an implicit meta-gradient is meta-trained as the examples train
 At each recorded step a float64 copy of the learner takes a fixed evaluation batch (sine 25
 tasks, images 4), solves each task's inner problem once with the preset's inner loop, and at
 that solution computes the implicit meta-gradient ``∂_θF − Bᵀ x`` with ``H x = ∂_vF`` solved
-densely (:class:`ibaml.linalg.Dense`) and by the preset's CG (:class:`ibaml.linalg.CG`,
+densely (:class:`ibaml.core.linalg.Dense`) and by the preset's CG (:class:`ibaml.core.linalg.CG`,
 preconditioned by the prior precision) at each iteration count of ``--cg-iters``. Recorded:
 the relative error of the mean meta-gradient over the batch ``‖ḡ_CG − ḡ‖ / ‖ḡ‖``, the worst
 per-task relative error, and CG's residual ``‖r‖ / ‖∂_vF‖`` (median and largest over tasks).
@@ -52,11 +52,12 @@ from pathlib import Path
 import torch
 
 import ibaml
-from ibaml import image_presets, presets
+from ibaml import recipes
+from ibaml.core.implicit_function import implicit_vjp_at_solution
+from ibaml.core.linalg import CG, Dense
+from ibaml.core.nets import MLP, Conv4
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.implicit_function import implicit_vjp_at_solution
-from ibaml.linalg import CG, Dense
-from ibaml.nets import MLP, Conv4
+from ibaml.recipes import image_presets
 
 from . import _harness as H
 from .claims import pyplot
@@ -74,10 +75,10 @@ WAYS, QUERY, IMAGE_SIZE, CHANNELS = 5, 15, 32, 32
 # ---------------------------------------------------------------------------------------------- presets
 def sine_preset(method: str, seed: int = 0, cg_steps=None):
     """``(learner, sample)``: the learner of ``examples/sine_regression.py`` and its task sampler."""
-    noise = presets.REGRESSION_NOISE.get(method, "shared")
-    count, learn = presets.noise_prior_count(method) if noise == "conjugate" else (1.0, True)
+    noise = recipes.REGRESSION_NOISE.get(method, "shared")
+    count, learn = recipes.noise_prior_count(method) if noise == "conjugate" else (1.0, True)
     torch.manual_seed(seed)
-    likelihood = presets.regression_likelihood(noise, count, learn)
+    likelihood = recipes.regression_likelihood(noise, count, learn)
     net = MLP(1, (40, 40), 1, noise_head=noise.startswith("task"))
     given = {} if cg_steps is None else {"cg_steps": cg_steps}
     learner = ibaml.build_learner(method, net, likelihood, meta_lr=1e-3, seed=seed, **given)

@@ -1,7 +1,7 @@
 """Accuracy of meta-gradients on the sine MLP against a high-precision reference (float64).
 
 Reference: the inner problem solved tightly (many inner steps, then Newton steps with
-``newton_polish``) and ``H x = ∂_v F`` solved densely (``ibaml.linalg.Dense``), giving the
+``newton_polish``) and ``H x = ∂_v F`` solved densely (``ibaml.core.linalg.Dense``), giving the
 implicit-function-theorem gradient ``g* = ∂_θF − Bᵀ H⁻¹ ∂_vF`` at ``v*``. Error is
 ``‖g − g*‖ / ‖g*‖`` over all meta-parameters, median over tasks.
 
@@ -44,13 +44,13 @@ import torch
 
 import ibaml
 import priors
+from ibaml.core.implicit_function import implicit_gradient
+from ibaml.core.inner_loop import InnerLoop, TaskProblem, newton_polish
+from ibaml.core.linalg import CG, Dense
+from ibaml.core.nets import MLP
+from ibaml.core.optim import SGD, Adam
+from ibaml.core.tree import FlatSpec
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.implicit_function import implicit_vjp
-from ibaml.inner_loop import InnerLoop, TaskProblem, newton_polish
-from ibaml.linalg import CG, Dense
-from ibaml.nets import MLP
-from ibaml.optim import SGD, Adam
-from ibaml.tree import FlatSpec
 
 from .claims import pyplot
 
@@ -70,9 +70,8 @@ def relative_error(a, b):
 
 
 def ift_gradient(problem, meta, task, v, solver):
-    (gv, gm) = torch.func.grad(problem.outer, argnums=(0, 1))(v, meta, task)
-    cross, result = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, gv, solver=solver)
-    return {k: gm[k] + cross[k] for k in gm}, result
+    return implicit_gradient(lambda vv, m: problem.outer(vv, m, task), lambda vv, m: problem.inner(vv, m, task),
+                             v, meta, solver=solver)
 
 
 def run_prior(name, args, tasks):
@@ -162,7 +161,7 @@ def run_variational(args, tasks):
                             f"num_outer_samples={args.outer_samples})"),
               "inner_optimizer": f"{type(optimizer).__name__}(lr={args.variational_lr})",
               "reference": (f"{args.variational_reference_steps} inner steps, 8 Newton steps (newton_polish), "
-                            "dense IFT solve (ibaml.linalg.Dense)"),
+                            "dense IFT solve (ibaml.core.linalg.Dense)"),
               "implicit": "ibaml.Implicit(CG(max_iter=n, tol=1e-30)), prior-preconditioned",
               "Ks": list(args.variational_steps)}
     return config, reference_rows, rows

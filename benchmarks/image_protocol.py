@@ -26,13 +26,13 @@ from pathlib import Path
 from . import _protocol as P
 
 METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
-#: the papers' methods, a prior over every weight (``ibaml.presets.RECIPES``), at their published
-#: settings (``ibaml.presets.FULL_NETWORK``: λ = 2 and 20 Adam steps for iMAML-GD, 10 Hessian-free
+#: the papers' methods, a prior over every weight (``ibaml.recipes.presets.RECIPES``), at their published
+#: settings (``ibaml.recipes.presets.FULL_NETWORK``: λ = 2 and 20 Adam steps for iMAML-GD, 10 Hessian-free
 #: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), no grid:
 #: run by ``final --methods`` beside the head rows, in the same table
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: per method, the option chosen on validation and the values tried; ANIL's step as multiples
-#: of MAML's (``ibaml.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
+#: of MAML's (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
 GRID = {
     "anil": ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)]),
     "imaml": ("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0]),

@@ -10,9 +10,9 @@ fitted once at the training condition and no refit at the test conditions.
 --keep-runs DIR`` leaves them at ``DIR/runs/<K>shot/seed<S>/<method>/``). A checkpoint without
 ``metrics.json`` beside it (a run still going) is listed as incomplete and left out. Each
 learner is rebuilt from its checkpoint's configuration as the example builds it
-(:func:`ibaml.image_presets.image_learner_from_config`: Conv4, the method's preset with the
+(:func:`ibaml.recipes.image_presets.image_learner_from_config`: Conv4, the method's preset with the
 options recorded, the logit scale) and its meta-trained state loaded; the dataset is the
-run's own (:func:`ibaml.cli.load_image_data` of its options: the stroke fixture of its
+run's own (:func:`ibaml.experiments.cli.load_image_data` of its options: the stroke fixture of its
 ``--data-seed`` at its ``--image-size``), every task normalised with the training classes'
 channel statistics, as the example does.
 
@@ -72,11 +72,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ibaml.calibration import CalibrationReport, fit_logit_scale
-from ibaml.checkpoint import load_checkpoint
-from ibaml.cli import check_ranges, load_image_data
 from ibaml.data import DatasetError, EpisodeSampler, load_splits
 from ibaml.data.fixtures import write_stroke_fixture
-from ibaml.image_presets import image_learner_from_config
+from ibaml.experiments.cli import check_ranges, load_image_data
+from ibaml.recipes.image_presets import image_learner_from_config
+from ibaml.train.checkpoint import load_checkpoint
 
 from . import _protocol as P
 
@@ -125,7 +125,7 @@ def find_runs(root: Path, methods: Sequence[str] = ORDER) -> Tuple[List[dict], L
     return runs, incomplete
 
 
-#: the options of a run that decide its images (``ibaml.cli.add_image_data_options`` and the task sizes)
+#: the options of a run that decide its images (``ibaml.experiments.cli.add_image_data_options`` and the task sizes)
 DATA_OPTIONS = ("dataset", "data_root", "format", "fixture", "fixture_kind", "image_size", "rotations", "split_sizes",
                 "split_file", "data_seed", "workers", "ways", "shots", "query")
 
@@ -135,7 +135,7 @@ _DATA: dict = {}
 
 def run_splits(args: dict, device) -> dict:
     """The run's ``{"train", "val", "test"}`` image splits, as the example reads them
-    (:func:`ibaml.cli.load_image_data` of its options), kept for the next run with the same."""
+    (:func:`ibaml.experiments.cli.load_image_data` of its options), kept for the next run with the same."""
     key = ("run", str(device), json.dumps({k: v for k, v in sorted(args.items()) if k in DATA_OPTIONS}))
     if key not in _DATA:
         _DATA[key] = load_image_data(argparse.Namespace(**args), device)

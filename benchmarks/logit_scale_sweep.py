@@ -4,7 +4,7 @@
         --out docs/results/image_benchmark/logit_scale_sweep.json
 
 Each folder is an ``examples/miniimagenet.py`` run with its ``last.pt``. The learner is
-rebuilt from the checkpoint's configuration (:func:`ibaml.image_presets.image_learner_from_config`;
+rebuilt from the checkpoint's configuration (:func:`ibaml.recipes.image_presets.image_learner_from_config`;
 the same data, fixture included), adapts once to
 the run's test tasks (the example's seeds, so the same tasks and posterior draws as its
 report) and its predictions ``(1/S) Σ_s softmax(τ f_s)`` are scored at each scale ``τ``: the
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from ibaml.calibration import CalibrationReport
-from ibaml.checkpoint import load_checkpoint
-from ibaml.cli import add_image_data_options, load_image_data
 from ibaml.data import EpisodeSampler
-from ibaml.image_presets import image_learner_from_config
+from ibaml.experiments.cli import add_image_data_options, load_image_data
+from ibaml.recipes.image_presets import image_learner_from_config
+from ibaml.train.checkpoint import load_checkpoint
 
 from . import _harness as H
 
@@ -34,7 +34,7 @@ KEYS = ("accuracy", "ece", "ece_pooled", "confidence", "nll")
 
 
 def data_options(config: dict) -> argparse.Namespace:
-    """A run's configuration as the options of :func:`ibaml.cli.load_image_data`, the data
+    """A run's configuration as the options of :func:`ibaml.experiments.cli.load_image_data`, the data
     options it does not hold at their defaults."""
     parser = argparse.ArgumentParser()
     add_image_data_options(parser)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ibaml.implicit_function import implicit_vjp_at_solution
+from ibaml.core.implicit_function import implicit_vjp_at_solution
 
 from . import _harness as H
 

@@ -4,7 +4,7 @@
     python -m benchmarks.method_cost --methods imaml,ibaml,abml,maml --steps 2,10 --repeats 30
 
 Each method is built as ``examples/sine_regression.py`` builds it (``ibaml.build_learner``
-with the method's preset and its regression noise, ``ibaml.presets.REGRESSION_NOISE``: iBaML
+with the method's preset and its regression noise, ``ibaml.recipes.REGRESSION_NOISE``: iBaML
 and ABML with the per-task conjugate noise), on 10-shot sine with 10 query points, meta-batch
 25, MLP 1-40-40-1. Only the number of inner steps is set, the same for every method in a
 column (``--steps``); a column ``preset`` uses each method's own. A meta-iteration is
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 import ibaml
-from ibaml import presets
+from ibaml import recipes
+from ibaml.core.nets import MLP
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.nets import MLP
+from ibaml.recipes import presets
 
 from . import _harness as H
 
@@ -38,9 +39,9 @@ def sine_learner(method: str, steps, device, dtype, seed: int = 0) -> ibaml.Meta
     """``method``'s learner as the sine example builds it, with ``steps`` inner steps (``None``:
     the preset's)."""
     torch.manual_seed(seed)
-    noise = presets.REGRESSION_NOISE.get(method, "shared")
-    count, learn = presets.noise_prior_count(method) if noise == "conjugate" else (1.0, True)
-    likelihood = presets.regression_likelihood(noise, count, learn).to(device=device, dtype=dtype)
+    noise = recipes.REGRESSION_NOISE.get(method, "shared")
+    count, learn = recipes.noise_prior_count(method) if noise == "conjugate" else (1.0, True)
+    likelihood = recipes.regression_likelihood(noise, count, learn).to(device=device, dtype=dtype)
     net = MLP(1, HIDDEN, 1).to(device=device, dtype=dtype)
     return ibaml.build_learner(method, net, likelihood, inner_steps=steps, seed=seed)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ibaml.tree import FlatSpec
+from ibaml.core.tree import FlatSpec
 
 from . import _harness as H
 

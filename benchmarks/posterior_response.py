@@ -37,10 +37,10 @@ import torch
 
 import ibaml
 from ibaml.calibration import central_quantile
-from ibaml.checkpoint import load_checkpoint
-from ibaml.cli import TAIL_CHOICES, tail_family
+from ibaml.core.nets import MLP
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.nets import MLP
+from ibaml.experiments.cli import TAIL_CHOICES, tail_family
+from ibaml.train.checkpoint import load_checkpoint
 
 from . import _harness as H
 
@@ -63,7 +63,7 @@ def load_learner(folder: Path):
     torch.manual_seed(cfg["seed"])
     net = MLP(1, (40, 40), 1).to(dtype)
     if cfg.get("noise", "shared") == "conjugate":
-        likelihood = ibaml.presets.regression_likelihood(   # older runs learned a0
+        likelihood = ibaml.recipes.regression_likelihood(   # older runs learned a0
             "conjugate", cfg["noise_prior_count"], cfg.get("learn_noise_prior_count", True)).to(dtype)
     else:
         likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True).to(dtype)

@@ -3,7 +3,7 @@
     python -m benchmarks.sine_curve --method ibaml --seed 2 --out docs/results/sine/curves/ibaml_seed2.json
 
 Builds the learner exactly as ``examples/sine_regression.py`` does for ``--method`` and
-``--seed`` (:func:`ibaml.sine_presets.sine_run_config` at the example's defaults, its task
+``--seed`` (:func:`ibaml.recipes.sine_presets.sine_run_config` at the example's defaults, its task
 stream), meta-trains it for ``--meta-iters`` steps and every ``--every`` steps evaluates it on ``--val-tasks`` in-range tasks drawn from the example's
 evaluation seed (``10 000 + seed``): MSE, NLL and 90% coverage along the run. At the end, the
 MSE of those tasks by amplitude (bins of width 1 over ``A ∈ [0.1, 5]``) and the ten worst
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ibaml import training
-from ibaml.learner import meta_param_groups
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.sine_presets import sine_learner_from_config, sine_run_config
+from ibaml.recipes.sine_presets import sine_learner_from_config, sine_run_config
+from ibaml.train import training
+from ibaml.train.learner import meta_param_groups
 
 
 def main(argv=None):

@@ -56,12 +56,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ibaml import presets
+import ibaml
 from ibaml.calibration import CalibrationReport, fit_variance_scale
-from ibaml.checkpoint import load_checkpoint
-from ibaml.cli import tail_family
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.sine_presets import predictive_mean_var, sine_learner_from_config
+from ibaml.experiments.cli import tail_family
+from ibaml.recipes import presets
+from ibaml.recipes.sine_presets import predictive_mean_var, sine_learner_from_config
+from ibaml.train.checkpoint import load_checkpoint
 
 from . import _protocol as P
 
@@ -134,14 +135,14 @@ SGD_METHODS = ("maml", "anil", "fomaml", "lazy")
 
 def per_point_lr(method: str, cfg: dict) -> float:
     """The step on the mean support loss equal to the run's step on the summed loss at its
-    training support size: ``η N₀`` (:class:`ibaml.inference.MAP`, ``per_point``)."""
+    training support size: ``η N₀`` (:class:`ibaml.core.inference.MAP`, ``per_point``)."""
     lr = cfg.get("inner_lr") or presets.PRESETS[method].get("inner_lr", 0.002)
     return float(lr) * int(cfg["shots"])
 
 
 def rebuild(method: str, cfg: dict, device, per_point: bool = False) -> torch.nn.Module:
     """The learner (or deep-kernel GP) of a run's checkpoint configuration ``cfg``, built as the
-    example builds it (:func:`ibaml.sine_presets.sine_learner_from_config`), not yet loaded.
+    example builds it (:func:`ibaml.recipes.sine_presets.sine_learner_from_config`), not yet loaded.
     ``per_point``: an SGD method's inner step on the mean support loss (:func:`per_point_lr`),
     the same step at the training support size and one that does not grow with the support
     size elsewhere."""

@@ -52,7 +52,7 @@ def _label(name: str, config: dict, rows: dict) -> str:
 
     def value(cfg, k):   # an option left at the method's default is "preset" (the noise: the preset's name)
         if k == "noise" and cfg.get(k) is None:
-            return ibaml.presets.REGRESSION_NOISE.get(name, "shared")
+            return ibaml.recipes.REGRESSION_NOISE.get(name, "shared")
         return "preset" if cfg.get(k) is None else cfg.get(k)
 
     first = rows[name][1]

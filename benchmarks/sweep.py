@@ -7,8 +7,8 @@ validation tasks only.
 Each trial is one configuration (a point of the ``--grid`` product, each at every ``--seeds``
 seed) in a process of its own, one CPU and ``--threads`` torch threads each. A trial builds the
 method's recipe (:func:`ibaml.build_learner`, the grid's values overriding the preset), the
-network ``MLP(1, hidden, 1)`` and the method's noise model (:func:`ibaml.presets.regression_likelihood`),
-meta-trains it with :func:`ibaml.training.fit` on the training stream (seed ``S``) and reports
+network ``MLP(1, hidden, 1)`` and the method's noise model (:func:`ibaml.recipes.regression_likelihood`),
+meta-trains it with :func:`ibaml.train.training.fit` on the training stream (seed ``S``) and reports
 the training loss at each checkpoint to Tune (``fit``'s ``on_checkpoint``). It is then scored
 on ``--val-tasks`` **validation** tasks, the stream of seed ``40000 + S`` (the example's
 ``--eval-split val`` stream): MSE, NLL, 90 % coverage, calibration error, CRPS. The test streams
@@ -41,8 +41,9 @@ from typing import Dict, List, Mapping, Sequence
 import torch
 
 import ibaml
-from ibaml import presets, training
+from ibaml import recipes
 from ibaml.data import SineTaskDistribution
+from ibaml.train import training
 
 from . import _harness as H
 
@@ -162,10 +163,10 @@ def run_trial(config: dict) -> None:
     seed = int(config["seed"])
     torch.set_num_threads(run["threads"])
     dtype = getattr(torch, run["dtype"])
-    noise = presets.REGRESSION_NOISE.get(run["method"], "shared")
+    noise = recipes.REGRESSION_NOISE.get(run["method"], "shared")
     torch.manual_seed(seed)
-    net = ibaml.nets.MLP(1, tuple(run["hidden"]), 1, noise_head=noise.startswith("task")).to(dtype)
-    learner = ibaml.build_learner(run["method"], net, presets.regression_likelihood(noise).to(dtype), seed=seed,
+    net = ibaml.core.nets.MLP(1, tuple(run["hidden"]), 1, noise_head=noise.startswith("task")).to(dtype)
+    learner = ibaml.build_learner(run["method"], net, recipes.regression_likelihood(noise).to(dtype), seed=seed,
                                   **overrides)
     tasks = SineTaskDistribution(shots=run["shots"], query=run["query"])
     gen = torch.Generator().manual_seed(seed)

@@ -40,8 +40,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import ibaml
+from ibaml.core.nets import MLP
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.nets import MLP
 
 from . import _protocol as P
 from . import image_table
@@ -138,13 +138,13 @@ def run_row(name, method, options, args, seed):
     torch.manual_seed(seed)
     net = MLP(1, (40, 40), 1)
     likelihood = ibaml.GaussianLikelihood(noise=1.0, learn_noise=True)
-    eval_steps = 2 * ibaml.presets.PRESETS["maml"]["inner_steps"] if method == "maml" else None
+    eval_steps = 2 * ibaml.recipes.presets.PRESETS["maml"]["inner_steps"] if method == "maml" else None
     learner = ibaml.build_learner(method, net, likelihood, meta_lr=1e-3, seed=seed, nonfinite="skip",
                                   eval_inner_steps=eval_steps, **options)
     tasks = SineTaskDistribution(shots=10, query=10)
     gen = torch.Generator().manual_seed(seed)
     # the stationarity of the inner solutions, ||∇_b G|| per block, over the last tenth of the run
-    stationarity = ibaml.training.TailMeans("inner_grad_norm.", after=args.iters - max(1, args.iters // 10))
+    stationarity = ibaml.train.training.TailMeans("inner_grad_norm.", after=args.iters - max(1, args.iters // 10))
     losses = []
     start = time.perf_counter()
     for it in range(args.iters):

@@ -5,7 +5,7 @@ accuracy and calibration.
     python examples/miniimagenet.py --fixture --meta-iters 20 --eval-tasks 20 --out runs/mini_smoke
     python examples/miniimagenet.py --resume runs/mini          # continue from runs/mini/last.pt
 
-A Conv4 network is meta-trained on N-way K-shot tasks (ibaml.training.fit), validated every
+A Conv4 network is meta-trained on N-way K-shot tasks (ibaml.train.training.fit), validated every
 --val-every meta-iterations (best parameters in DIR/best.pt, training state in DIR/last.pt) and
 tested: DIR/metrics.json, DIR/report.md, DIR/reliability.png. docs/guide/data.md describes the
 data layouts and the fixtures (--data-seed draws a fixture apart from the training's --seed),
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ibaml import training
 from ibaml.calibration import CalibrationReport, fit_logit_scale
-from ibaml.checkpoint import CheckpointError
-from ibaml.cli import (IMAGE_DATA_MAY_CHANGE, RUN_MAY_CHANGE, add_image_data_options, add_run_options, check_ranges,
-                       check_image_data_options, check_run_options, exit_on, load_image_data, parse_resumable)
 from ibaml.data import DatasetError, EpisodeSampler
-from ibaml.image_presets import image_learner_from_config
-from ibaml.presets import RECIPES
+from ibaml.experiments.cli import (IMAGE_DATA_MAY_CHANGE, RUN_MAY_CHANGE, add_image_data_options, add_run_options, check_ranges,
+                                   check_image_data_options, check_run_options, exit_on, load_image_data, parse_resumable)
+from ibaml.recipes.image_presets import image_learner_from_config
+from ibaml.recipes.presets import RECIPES
+from ibaml.train import training
+from ibaml.train.checkpoint import CheckpointError
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
 #: options that may differ between a run and its resumption (everything else must agree)
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam", "prior", "newton", "hf"),
                       help="inner optimiser (default: the preset's, SGD for maml/fomaml, NewtonCG for the others)")
     task.add_argument("--inner-lr", type=float, default=None,
-                      help="inner learning rate on the summed support NLL (default: ibaml.image_presets.image_inner_lr)")
+                      help="inner learning rate on the summed support NLL (default: ibaml.recipes.image_presets.image_inner_lr)")
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     task.add_argument("--init-scale", type=float, default=None,
                       help="initial prior standard deviation for abml/ibaml (default: the preset's)")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="meta learning rate of the prior's scales and precision, in log coordinates")
     train.add_argument("--logit-scale", default=None, choices=("fixed", "learned", "predictive"),
                        help="the softmax's logit scale: 1 (fixed), a meta-parameter (learned), or a meta-parameter "
-                            "of the predictions only (predictive); default: ibaml.image_presets.LOGIT_SCALE")
+                            "of the predictions only (predictive); default: ibaml.recipes.image_presets.LOGIT_SCALE")
     train.add_argument("--logit-scale-init", type=float, default=None, help="initial logit scale (default: the preset's)")
     train.add_argument("--logit-scale-meta-lr", type=float, default=None,
                        help="meta learning rate of a learned logit scale, in log coordinates (default: the preset's)")

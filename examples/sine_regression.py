@@ -4,7 +4,7 @@
     python examples/sine_regression.py --compare maml,imaml,ibaml --out runs/sine_compare
 
 Tasks are y = A sin(x − φ) (ibaml.data.SineTaskDistribution). Each method is meta-trained by
-ibaml.training.fit (checkpoints in DIR/<method>/last.pt; --resume DIR continues the same
+ibaml.train.training.fit (checkpoints in DIR/<method>/last.pt; --resume DIR continues the same
 trajectory), adapted to --eval-tasks fresh tasks and evaluated in range (x in [−5, 5]) and out
 of range (x in [5, 10]): DIR/metrics.json, DIR/report.md, figures, a table.
 
@@ -26,14 +26,16 @@ from pathlib import Path
 import torch
 
 import ibaml
-from ibaml import distributed, presets, training
+from ibaml import recipes
 from ibaml.calibration import CalibrationReport, compare_markdown, plot_predictive_grid, recalibrated_metrics
-from ibaml.checkpoint import CheckpointError
-from ibaml.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
 from ibaml.data.sine import SineTaskDistribution
-from ibaml.nonfinite import check_finite_predictions
-from ibaml.sine_presets import (RUN_OPTIONS, predictive_mean_var, sine_learner_from_config, sine_run_config,
-                                sine_run_defaults)
+from ibaml.experiments.cli import TAIL_CHOICES, add_run_options, check_ranges, check_run_options, exit_on, tail_family
+from ibaml.recipes import presets
+from ibaml.recipes.sine_presets import (RUN_OPTIONS, predictive_mean_var, sine_learner_from_config, sine_run_config,
+                                        sine_run_defaults)
+from ibaml.train import distributed, training
+from ibaml.train.checkpoint import CheckpointError
+from ibaml.train.nonfinite import check_finite_predictions
 
 ALL_METHODS = ibaml.METHODS + tuple(presets.RECIPES) + ("dkt",)
 
@@ -49,7 +51,7 @@ def parse_args(argv=None):
                         "(default: --shots); evaluation stays at --shots")
     p.add_argument("--random-features", type=int, default=0, metavar="R",
                    help="R random Fourier features of the last hidden layer under the head (0: none), "
-                        "ibaml.nets.RandomFourierFeatures")
+                        "ibaml.core.nets.RandomFourierFeatures")
     p.add_argument("--noise-init", type=float, default=None, help="the likelihood's initial noise (default 1)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: the preset's)")
@@ -58,11 +60,11 @@ def parse_args(argv=None):
                    help="inner optimiser (default: the preset's; hf: Newton-CG with a line search, iMAML-HF)")
     p.add_argument("--prior", default=None, choices=("head", "all"),
                    help="the prior over the last layer or over every weight (default: the method's, "
-                        "ibaml.presets; the recipes imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all are over every weight)")
+                        "ibaml.recipes.presets; the recipes imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all are over every weight)")
     p.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     p.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
-    p.add_argument("--noise", default=None, choices=presets.NOISE_MODELS,
-                   help="observation noise (default: the method's, ibaml.presets.regression_likelihood)")
+    p.add_argument("--noise", default=None, choices=recipes.NOISE_MODELS,
+                   help="observation noise (default: the method's, ibaml.recipes.regression_likelihood)")
     p.add_argument("--noise-prior-count", type=float, default=None,
                    help="--noise conjugate: the inverse-gamma prior's pseudo-count a0 (default: the method's)")
     p.add_argument("--learn-noise-prior-count", choices=("yes", "no"), default=None,

@@ -232,7 +232,7 @@ class Prior(LocalPyroModule):
 
     def precision_matrix(self) -> Optional[Tensor]:
         """The dense ``[D, D]`` prior precision ``−∇² log p`` of a Gaussian prior, for a posterior
-        with a full covariance (:class:`ibaml.inference.FullCovariance`); default
+        with a full covariance (:class:`ibaml.core.inference.FullCovariance`); default
         ``diag(precision_diag())``, exact for a diagonal family (``None`` where that is unknown).
         Families with correlations override it."""
         diag = self.precision_diag()

@@ -1,7 +1,7 @@
 """``FlatSpec``: the layout of a parameter dict ``{name: tensor}`` as one flat vector.
 
 A prior holds its weights as one vector of length ``D``; :class:`FlatSpec` goes between that
-vector and the network's parameter dict (``ibaml.tree`` re-exports it). Pure tensor
+vector and the network's parameter dict (``ibaml.core.tree`` re-exports it). Pure tensor
 operations, so it runs under ``torch.func`` transforms.
 
 Example

@@ -60,7 +60,7 @@ def make_problem():
         prior = prior_cls.from_module(net, **prior_kw)
         model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5, learn_noise=True).to(DT))
         inference = ibaml.MAP() if method == "map" else ibaml.Variational(num_samples=2, num_outer_samples=3)
-        opt = ibaml.optim.SGD(lr=lr) if optimizer == "sgd" else ibaml.optim.Adam(lr=lr)
+        opt = ibaml.core.optim.SGD(lr=lr) if optimizer == "sgd" else ibaml.core.optim.Adam(lr=lr)
         problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(opt, steps))
         meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
         task = tiny_task(dim=prior.dim if method != "map" else None)

@@ -19,11 +19,11 @@ import torch
 
 import ibaml
 import priors
-from ibaml.checkpoint import CheckpointError
+from ibaml import NonFiniteError
+from ibaml.core.linalg import CG, SolveResult
 from ibaml.data import (DatasetError, EpisodeSampler, load_miniimagenet, load_omniglot, write_miniimagenet_fixture,
                         write_omniglot_fixture)
-from ibaml import NonFiniteError
-from ibaml.linalg import CG, SolveResult
+from ibaml.train.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
@@ -106,7 +106,7 @@ def broken_solver_learner(nonfinite):
     net = small_net()
     return ibaml.MetaLearner(net, priors.IsotropicGaussian.from_module(net, precision=100.0), lik(),
                              estimator=ibaml.Implicit(solver=BrokenCG(limit=1e3)), nonfinite=nonfinite,
-                             inner_optimizer=ibaml.optim.Adam(lr=0.01), inner_steps=5)
+                             inner_optimizer=ibaml.core.optim.Adam(lr=0.01), inner_steps=5)
 
 
 def broken_solver_batch():
@@ -124,7 +124,7 @@ def overflow(batch, tasks, key="support_y"):
 def nonfinite_step(batch, nonfinite="raise"):
     net = small_net()
     learner = ibaml.MetaLearner(net, priors.IsotropicGaussian.from_module(net, precision=100.0), lik(),
-                                nonfinite=nonfinite, inner_optimizer=ibaml.optim.Adam(lr=0.01), inner_steps=5)
+                                nonfinite=nonfinite, inner_optimizer=ibaml.core.optim.Adam(lr=0.01), inner_steps=5)
     learner.meta_step(batch)
 
 
@@ -273,7 +273,7 @@ CASES = [
      ValueError, "unknown inner optimizer 'lbfgs'; expected one of ['adam', 'hf', 'newton', 'prior', 'sgd']"),
     ("inner optimizer of neither shape (MetaLearner)",
      lambda t: ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), inner_optimizer=object()),
-     TypeError, re.compile(r"inner_optimizer must be an ibaml.optim optimiser .* or have init\(params\) and "
+     TypeError, re.compile(r"inner_optimizer must be an ibaml.core.optim optimiser .* or have init\(params\) and "
                            r"step\(objective, params, state\) or update\(params, grads, state\), got <object object at \w+>")),
     ("unknown inference method (MetaLearner)",
      lambda t: ibaml.MetaLearner(small_net(), priors.Flat.from_module(small_net()), lik(), method="laplace"),
@@ -447,7 +447,7 @@ def test_a_diverged_adaptation_is_reported_as_such_not_as_a_metric_error():
     loss) predicts NaN; evaluation names the tasks and what to change instead of failing inside
     the calibration metrics."""
     from ibaml.data.sine import SineTaskDistribution
-    from ibaml.nets import MLP
+    from ibaml.core.nets import MLP
 
     torch.manual_seed(0)
     learner = ibaml.build_learner("maml", MLP(1, (16,), 1), ibaml.GaussianLikelihood(1.0), inner_lr=5.0, inner_steps=5)
@@ -459,6 +459,6 @@ def test_a_diverged_adaptation_is_reported_as_such_not_as_a_metric_error():
 
 def test_sine_example_defaults_are_sine_run_configs():
     """The example's command-line defaults of every run option are sine_run_config's, held there only."""
-    from ibaml.sine_presets import sine_run_defaults
+    from ibaml.recipes.sine_presets import sine_run_defaults
     args = sine_regression.parse_args([])
     assert {k: getattr(args, k) for k in sine_run_defaults()} == sine_run_defaults()

@@ -1,6 +1,7 @@
-"""Calls go one way: the trainer (:class:`ibaml.MetaLearner`, :mod:`ibaml.training`) calls the pure
-problem (:class:`ibaml.meta_problem.MetaProblem`) and the update functions
-(:mod:`ibaml.meta_update`), which never import or call the trainer; the draws travel as arguments
+"""Calls go one way, packages too (data and calibration → core → train → recipes → experiments,
+no import cycle): the trainer (:class:`ibaml.MetaLearner`, :mod:`ibaml.train.training`) calls the pure
+problem (:class:`ibaml.core.meta_problem.MetaProblem`) and the update functions
+(:mod:`ibaml.train.meta_update`), which never import or call the trainer; the draws travel as arguments
 and the run state (step and skip counts, generator) stays with the trainer."""
 
 import ast
@@ -12,47 +13,127 @@ from conftest import sine_tasks
 
 import ibaml
 import priors
-from ibaml import meta_update
-from ibaml.nets import MLP
+from ibaml.core.nets import MLP
+from ibaml.train import meta_update
 
 IBAML = Path(ibaml.__file__).resolve().parent
 
-#: module → the ibaml modules it must not import (the trainer side, seen from below)
+#: the packages from the bottom up: each may import those before it, never those after
+LAYERS = (("data", "calibration"), ("core", "baselines"), ("train",), ("recipes",), ("experiments",))
+
+#: module → the ibaml modules it must not import, inside the layers (the trainer side, seen from below)
 FORBIDDEN = {
-    "meta_problem": {"learner", "training", "meta_update", "evaluation", "distributed", "checkpoint", "presets"},
-    "meta_update": {"learner", "training", "evaluation", "presets"},
-    "evaluation": {"learner", "training", "meta_update", "meta_problem", "presets"},
-    "inner_loop": {"learner", "training", "meta_update", "meta_problem", "evaluation"},
-    "inference": {"learner", "training", "meta_update", "meta_problem", "evaluation"},
+    "core.meta_problem": {"train", "recipes"},
+    "train.meta_update": {"train.learner", "train.training", "train.evaluation"},
+    "train.evaluation": {"train.learner", "train.training", "train.meta_update", "core.meta_problem"},
+    "core.inner_loop": {"core.meta_problem"},
+    "core.inference": {"core.meta_problem", "core.inner_loop"},
 }
 
 
+def module_names() -> list:
+    """Every module of the ``ibaml`` package, dotted below ``ibaml`` (``core.linalg``,
+    ``core.hypergrad``, ``core.hypergrad.base``, ...)."""
+    names = []
+    for path in sorted(IBAML.rglob("*.py")):
+        parts = list(path.relative_to(IBAML).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            names.append(".".join(parts))
+    return names
+
+
+def module_path(module: str) -> Path:
+    path = IBAML.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def ibaml_imports(module: str) -> set:
-    """The first-level ``ibaml`` modules that ``ibaml/<module>.py`` imports (relative or absolute)."""
-    tree = ast.parse((IBAML / f"{module}.py").read_text())
+    """The ``ibaml`` modules that ``module`` (dotted below ``ibaml``) imports, dotted below
+    ``ibaml``, relative or absolute, a name imported from a package counted as its module where
+    it is one."""
+    path = module_path(module)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    known = set(module_names())
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            parts = (node.module or "").split(".")
-            if node.level == 1 and node.module:
-                found.add(parts[0])
-            elif node.level == 1:
-                found.update(a.name for a in node.names)
-            elif parts[0] == "ibaml" and len(parts) > 1:
-                found.add(parts[1])
+            if node.level:
+                base = package[: len(package) - node.level + 1] + ((node.module or "").split(".") if node.module else [])
+            elif (node.module or "").split(".")[0] == "ibaml":
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            target = ".".join(base)
+            subs = {f"{target}.{a.name}".strip(".") for a in node.names} & known
+            found |= subs or ({target} if target else set())
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ibaml."))
-    return found
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("ibaml.")}
+    return found - {module, ""}
+
+
+def layer(module: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if module.split(".")[0] in names)
+
+
+def within(module: str, prefixes: set) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("module", [m for m in module_names() if "." in m or m in {n for l in LAYERS for n in l}])
+def test_a_package_imports_only_the_layers_below_it(module):
+    above = {m for m in ibaml_imports(module) if layer(m) > layer(module)}
+    assert not above, f"ibaml.{module} imports {sorted(above)}, from a layer above its own"
 
 
 @pytest.mark.parametrize("module", sorted(FORBIDDEN))
 def test_lower_modules_do_not_import_the_trainer(module):
-    assert not ibaml_imports(module) & FORBIDDEN[module], (module, ibaml_imports(module) & FORBIDDEN[module])
+    bad = {m for m in ibaml_imports(module) if within(m, FORBIDDEN[module])}
+    assert not bad, (module, bad)
+
+
+def find_cycle(graph: dict):
+    """A cycle of ``graph`` (node → the nodes it imports) as a list that starts and ends at the
+    same node, or ``None``."""
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return trail[trail.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt, trail + [nxt])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node, [node])
+            if found:
+                return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {m: ibaml_imports(m) for m in module_names()}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
 def test_import_detector_sees_relative_and_absolute_imports():
-    assert {"task_model", "hypergrad", "inner_loop"} <= ibaml_imports("meta_problem")
-    assert {"meta_problem", "meta_update", "evaluation"} <= ibaml_imports("learner")
+    assert {"core.task_model", "core.hypergrad", "core.inner_loop"} <= ibaml_imports("core.meta_problem")
+    assert {"core.meta_problem", "train.meta_update", "train.evaluation"} <= ibaml_imports("train.learner")
+    assert {"core.hypergrad.base"} <= ibaml_imports("core.hypergrad.explicit")
+    assert {"train.training", "train.learner"} <= ibaml_imports("train")
 
 
 def variational_learner():
@@ -80,7 +161,7 @@ def test_the_problem_is_a_function_of_theta_tasks_and_draws():
 
 
 def test_meta_update_moves_theta_and_leaves_the_counting_to_the_trainer():
-    """:func:`ibaml.meta_update.meta_step` with the problem, the optimiser and the draws given:
+    """:func:`ibaml.train.meta_update.meta_step` with the problem, the optimiser and the draws given:
     θ moves as ``MetaLearner.meta_step`` moves it, and the step and skip counts stay the
     caller's (the learner counts its own steps only)."""
     batch = sine_tasks(3, torch.Generator().manual_seed(2))
@@ -131,7 +212,7 @@ def test_an_inference_method_with_the_required_pieces_only_trains_and_predicts()
     net = MLP(1, (8,), 1).double()
     learner = ibaml.MetaLearner(net, priors.DiagonalGaussian.from_module(net, init_scale=0.3),
                                 ibaml.GaussianLikelihood(0.5).double(), method=MeanOnly(), inner_steps=3,
-                                inner_optimizer=ibaml.optim.PriorPreconditioned(lr=0.01))
+                                inner_optimizer=ibaml.core.optim.PriorPreconditioned(lr=0.01))
     batch = sine_tasks(3, torch.Generator().manual_seed(4))
     assert learner.meta_problem.noise_draws(3, learner.generator) == {}
     assert MeanOnly().curvature({"w": torch.zeros(2)}, torch.ones(2)) is None

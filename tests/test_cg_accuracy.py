@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import ibaml
-from ibaml import cli, presets
-from ibaml.nets import MLP
+from ibaml import recipes
+from ibaml.core.nets import MLP
+from ibaml.experiments import cli
 
 RESULT = Path(__file__).resolve().parents[1] / "docs" / "results" / "cg_accuracy" / "cg_accuracy.json"
 SINE = {"sine/imaml", "sine/ibaml"}
@@ -37,5 +38,5 @@ def test_the_defaults_are_the_measured_count():
     parser = argparse.ArgumentParser()
     cli.add_run_options(parser, meta_iters=1, meta_batch=1)
     assert parser.parse_args([]).cg_steps == 20
-    learner = ibaml.build_learner("imaml", MLP(1, (4,), 1), presets.regression_likelihood("shared"))
+    learner = ibaml.build_learner("imaml", MLP(1, (4,), 1), recipes.regression_likelihood("shared"))
     assert learner.estimator.solver.max_iter == 20

@@ -1,4 +1,4 @@
-"""Checkpoints: the file format (ibaml.checkpoint) and resuming the sine example after SIGKILL,
+"""Checkpoints: the file format (ibaml.train.checkpoint) and resuming the sine example after SIGKILL,
 between checkpoints and in the middle of writing one, on exactly the uninterrupted trajectory."""
 
 import os
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ibaml.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state,
-                              rng_state, save_checkpoint)
+from ibaml.train.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, restore_rng_state,
+                                    rng_state, save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sine_regression.py"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ibaml.checkpoint import load_checkpoint
-from ibaml.distributed import shard_bounds
+from ibaml.train.checkpoint import load_checkpoint
+from ibaml.train.distributed import shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 # one meta-iteration: the comparison with one process is only tight for the first Adam step (see
@@ -29,8 +29,8 @@ root = os.environ["IBAML_ROOT"]
 sys.path[:0] = [os.path.join(root, "tests"), os.path.join(root, "examples")]
 from conftest import sine_tasks
 import ibaml
-from ibaml import distributed
 from ibaml import NonFiniteError
+from ibaml.train import distributed
 
 torch.set_num_threads(1)
 ctx = distributed.init_from_env("cpu")

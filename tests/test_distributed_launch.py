@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ibaml import distributed
-from ibaml.checkpoint import load_checkpoint
+from ibaml.train import distributed
+from ibaml.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
@@ -34,15 +34,15 @@ import os, sys
 from pathlib import Path
 import torch
 import ibaml
-from ibaml import distributed, training
 from ibaml.data import SineTaskDistribution
+from ibaml.train import distributed, training
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
 TASKS = SineTaskDistribution(shots=5, query=5)
 
 def learner(group=None):
     torch.manual_seed(0)
-    net = ibaml.nets.MLP(1, (8,), 1).double()
+    net = ibaml.core.nets.MLP(1, (8,), 1).double()
     return ibaml.build_learner("imaml", net, ibaml.GaussianLikelihood(1.0).double(), inner_steps=2, meta_lr=1e-2,
                                process_group=group)
 

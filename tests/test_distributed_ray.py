@@ -18,15 +18,15 @@ import ray, ray.train
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 import ibaml
-from ibaml import distributed, training
 from ibaml.data import SineTaskDistribution
+from ibaml.train import distributed, training
 
 
 def train_loop(config):
     torch.set_num_threads(1)
     with distributed.data_parallel("cpu") as ctx:       # Ray's group: used, and left to Ray at the end
         torch.manual_seed(0)
-        net = ibaml.nets.MLP(1, (16,), 1)
+        net = ibaml.core.nets.MLP(1, (16,), 1)
         learner = ibaml.build_learner("imaml", net, ibaml.GaussianLikelihood(1.0), inner_steps=2,
                                       process_group=ctx.group)
         tasks, gen = SineTaskDistribution(shots=5, query=5), torch.Generator().manual_seed(0)

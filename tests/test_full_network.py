@@ -10,9 +10,10 @@ import torch
 
 import ibaml
 import priors
-from ibaml import presets
-from ibaml.nets import MLP
-from ibaml.optim import Adam, NewtonCG, backtrack
+from ibaml import recipes
+from ibaml.core.nets import MLP
+from ibaml.core.optim import Adam, NewtonCG, backtrack
+from ibaml.recipes import presets
 
 from conftest import DT, rel_err, sine_tasks
 from test_preset_gradients import check_preset_gradient
@@ -85,7 +86,7 @@ def test_adaptive_damping_without_line_search_never_increases_the_objective():
 def shared_noise_learner(name, **options):
     torch.manual_seed(0)
     net = MLP(1, (5, 5), 1, activation=torch.nn.Tanh).to(DT)
-    return ibaml.build_learner(name, net, presets.regression_likelihood("shared").to(DT), **options)
+    return ibaml.build_learner(name, net, recipes.regression_likelihood("shared").to(DT), **options)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, (_, r) in presets.RECIPES.items() if r.get("include") == "all"))
@@ -125,7 +126,7 @@ def test_imaml_hf_meta_gradient_is_exact():
     60 steps of 20 CG iterations rather than the recipe's 10 of 5, for the tight solution the check
     needs (with 5 CG iterations a step is an inexact Newton step, and one task still had
     ||∇G|| ≈ 10⁻⁹ after 100)."""
-    learner = shared_noise_learner("imaml-hf", inner_optimizer=presets.hessian_free(cg_iters=20), inner_steps=60,
+    learner = shared_noise_learner("imaml-hf", inner_optimizer=recipes.hessian_free(cg_iters=20), inner_steps=60,
                                    cg_steps=80)
     check_preset_gradient(learner, sine_tasks(2, torch.Generator().manual_seed(0)), per_entry=False)
 
@@ -136,7 +137,7 @@ def test_ibaml_over_every_weight_meta_gradient_is_exact():
     10 of 5, for the tight solution the check needs. At β = 1 and σ = 0.3 they reach ||∇G|| < 10⁻¹¹; with a KL
     weighted 0.05 one task's fixed-draw problem still had ||∇G|| ≈ 1 after 60 such steps (its
     variance block is not convex)."""
-    undamped = presets.hessian_free(cg_iters=20, initial_damping=0.0, damping_factor=0.0)
+    undamped = recipes.hessian_free(cg_iters=20, initial_damping=0.0, damping_factor=0.0)
     learner = shared_noise_learner("ibaml-hf", inner_optimizer=undamped, inner_steps=100, cg_steps=150, kl_weight=1.0,
                                    init_scale=0.3)
     check_preset_gradient(learner, sine_tasks(2, torch.Generator().manual_seed(0)), per_entry=False)
@@ -175,7 +176,7 @@ def test_per_point_inner_objective_keeps_the_solution_and_the_implicit_gradient(
     meta-gradient as ``G`` (float64, dense solve), and an SGD step ``η N`` on it equal to the
     step ``η`` on ``G``; with a 3× larger support it is the step that the summed objective
     would take at the original size, where the summed step is three times as long."""
-    from ibaml.linalg import Dense
+    from ibaml.core.linalg import Dense
     batch = sine_tasks(2, torch.Generator().manual_seed(0), shots=10)
     summed = shared_noise_learner("imaml", inner_steps=4, cg_steps=60)
     mean = shared_noise_learner("imaml", inner_steps=4, cg_steps=60, per_point=True)

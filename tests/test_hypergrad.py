@@ -7,10 +7,9 @@ import torch.nn.functional as Fn
 
 import ibaml
 import priors
-from ibaml.implicit_function import implicit_vjp
-from ibaml.inner_loop import newton_polish
-from ibaml.linalg import CG, Dense
-from ibaml.tree import tree_add
+from ibaml.core.implicit_function import implicit_gradient
+from ibaml.core.inner_loop import newton_polish
+from ibaml.core.linalg import CG, Dense
 
 from conftest import assert_matches_central_differences, rel_err
 
@@ -36,9 +35,8 @@ def polished_solution(problem, meta, task):
 
 
 def ift_gradient(problem, meta, task, v, solver=Dense()):
-    (gv, gm), _ = torch.func.grad_and_value(problem.outer, argnums=(0, 1))(v, meta, task)
-    cross, result = implicit_vjp(lambda vv, m: problem.inner(vv, m, task), v, meta, gv, solver=solver)
-    return tree_add(gm, cross), result
+    return implicit_gradient(lambda vv, m: problem.outer(vv, m, task), lambda vv, m: problem.inner(vv, m, task),
+                             v, meta, solver=solver)
 
 
 @pytest.mark.parametrize("method", ["map", "variational"])
@@ -206,7 +204,7 @@ def body_problem(method, family=priors.DiagonalGaussian, **prior_kw):
     prior = family.from_module(net, include=priors.last_layer(net), **prior_kw)
     model = ibaml.TaskModel(net, prior, ibaml.GaussianLikelihood(0.5, learn_noise=True).double())
     inference = ibaml.MAP() if method == "map" else ibaml.Variational(num_samples=2, num_outer_samples=3)
-    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.Adam(lr=0.01), 150))
+    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.core.optim.Adam(lr=0.01), 150))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
     assert {"net.0.weight", "net.0.bias"} <= set(meta) and not any(k.startswith("net.2") for k in meta)
     return problem, meta, tiny_task(dim=prior.dim if method != "map" else None)
@@ -215,7 +213,7 @@ def body_problem(method, family=priors.DiagonalGaussian, **prior_kw):
 def dense_formula_gradient(problem, meta, task, v):
     """``dF/dθ = ∂_θF − Bᵀ H⁻¹ ∂_vF`` with ``H = ∇²_vv G`` and ``B = ∇²_vθ G`` formed as dense
     matrices (``torch.func.hessian`` and ``jacrev``) and a dense solve."""
-    from ibaml.tree import FlatSpec
+    from ibaml.core.tree import FlatSpec
 
     vs, ms = FlatSpec.from_dict(v), FlatSpec.from_dict(meta)
     G = lambda vf, mf: problem.inner(vs.unflatten(vf), ms.unflatten(mf), task)  # noqa: E731

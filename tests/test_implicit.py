@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ibaml import implicit_diff
-from ibaml.linalg import CG, Dense
+from ibaml.core.linalg import CG, Dense
 
 DT = torch.float64
 

@@ -63,7 +63,7 @@ def test_scripts_use_public_names(path):
 @pytest.mark.parametrize("path", _files("benchmarks"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_benchmark_does_not_load_a_script(path):
     """A benchmark runs as ``python -m benchmarks.NAME``: it reaches the examples' models through
-    the library (``ibaml.sine_presets``, ``ibaml.image_presets``), runs an example only as a
+    the library (``ibaml.recipes.sine_presets``, ``ibaml.recipes.image_presets``), runs an example only as a
     subprocess, and leaves ``sys.path`` alone."""
     text = path.read_text()
     assert "spec_from_file_location" not in text and "sys.path" not in text, (
@@ -72,14 +72,14 @@ def test_benchmark_does_not_load_a_script(path):
 
 def test_private_use_detector_finds_them(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text("import ibaml\nfrom ibaml.learner import _x\nfrom ibaml._hidden import y\nibaml.training._masked\n"
+    script.write_text("import ibaml\nfrom ibaml.train.learner import _x\nfrom ibaml._hidden import y\nibaml.training._masked\n"
                       "from ibaml import training\nimport priors\nprint(priors.base)\n")
     assert [name for _, name in _private_uses(script)] == ["_x", "ibaml._hidden", "_masked"]
 
 
 def test_import_ibaml_exposes_its_run_modules():
-    """``import ibaml`` alone gives ``ibaml.training.fit`` (the notebooks' and README's spelling)."""
+    """``import ibaml`` alone gives ``ibaml.train.training.fit`` (the notebooks' and README's spelling)."""
     import subprocess
     import sys
-    code = "import ibaml; ibaml.training.fit; ibaml.meta_update.meta_step; ibaml.evaluation.over_chunks; ibaml.nets.MLP"
+    code = "import ibaml; ibaml.train.training.fit; ibaml.train.meta_update.meta_step; ibaml.train.evaluation.over_chunks; ibaml.core.nets.MLP"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

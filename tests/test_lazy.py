@@ -13,11 +13,11 @@ from torch.utils._pytree import tree_leaves
 
 import ibaml
 import priors
-from ibaml.hypergrad import Explicit, FirstOrder, Lazy
-from ibaml.inference import MAP, Variational
-from ibaml.inner_loop import InnerLoop, TaskProblem
-from ibaml.task_model import TaskModel
-from ibaml.optim import SGD, Adam
+from ibaml.core.hypergrad import Explicit, FirstOrder, Lazy
+from ibaml.core.inference import MAP, Variational
+from ibaml.core.inner_loop import InnerLoop, TaskProblem
+from ibaml.core.optim import SGD, Adam
+from ibaml.core.task_model import TaskModel
 
 DT = torch.float64
 
@@ -108,7 +108,7 @@ def test_loss_is_the_teacher_on_the_segment(gamma):
     assert torch.allclose(out.diagnostics["student_loss"], problem.outer(v_k, meta, task), rtol=1e-12)
 
 
-class Quadratic(ibaml.inference.InferenceMethod):
+class Quadratic(ibaml.core.inference.InferenceMethod):
     """``G(w, θ) = ½ (w − c)ᵀ A (w − c) + (λ/2) ‖w − θ‖²``, ``w₀ = θ``,
     ``F(w, θ) = ½ ‖w − b‖² + κ ⟨d, θ⟩``: ``∇²_vv G = A + λI`` and ``∇²_vθ G = −λI``, so the
     teacher's Jacobian is ``I − γα A`` and the lazy gradient ``κ d + (I − γαA)(φ_T − b)``."""

@@ -111,7 +111,7 @@ def test_nonfinite_policy_raise_and_skip():
     net = small_net()
     batch = sine_tasks(4, torch.Generator().manual_seed(7))
     batch["support_y"][:2] = batch["support_y"][:2] * 1e200  # the squared residual overflows in two tasks
-    common = dict(method="map", estimator=ibaml.Implicit(), inner_optimizer=ibaml.optim.SGD(lr=10.0), inner_steps=20)
+    common = dict(method="map", estimator=ibaml.Implicit(), inner_optimizer=ibaml.core.optim.SGD(lr=10.0), inner_steps=20)
     learner = ibaml.MetaLearner(net, priors.IsotropicGaussian.from_module(net), lik(), nonfinite="raise", **common)
     with pytest.raises(NonFiniteError, match="non-finite"):
         learner.meta_step(batch)

@@ -10,11 +10,11 @@ import torch
 
 import ibaml
 import priors
-from ibaml.inner_loop import newton_polish
-from ibaml.implicit_function import implicit_vjp
-from ibaml.linalg import Dense
-from ibaml.nets import MLP
-from ibaml.tree import tree_add
+from ibaml.core.implicit_function import implicit_vjp
+from ibaml.core.inner_loop import newton_polish
+from ibaml.core.linalg import Dense
+from ibaml.core.nets import MLP
+from ibaml.core.tree import tree_add
 
 from conftest import DT, assert_matches_central_differences, tiny_task
 
@@ -66,7 +66,7 @@ def task_noise_problem(scale_mean=False):
     prior = priors.DiagonalGaussian.from_module(net, include=priors.last_layer(net), init_scale=0.7)
     model = ibaml.TaskModel(net, prior, ibaml.TaskNoiseGaussianLikelihood(0.5, scale_mean=scale_mean).to(DT))
     inference = ibaml.Variational(expectation="linearized")
-    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30, max_step={"mean": 1.0, "rho": 1.0}), 30))
+    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.core.optim.NewtonCG(cg_iters=30, max_step={"mean": 1.0, "rho": 1.0}), 30))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
     return problem, meta, tiny_task(n=8)
 
@@ -123,7 +123,7 @@ def test_implicit_gradient_with_learned_logit_scale_matches_finite_differences(s
     prior = priors.IsotropicGaussian.from_module(net, include=priors.last_layer(net), precision=2.0)
     lik = ibaml.CategoricalLikelihood(scale=1.5, learn_scale=True, scale_inner=scale_inner).to(DT)
     model = ibaml.TaskModel(net, prior, lik)
-    problem = ibaml.TaskProblem(model, ibaml.MAP(), ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30), 10))
+    problem = ibaml.TaskProblem(model, ibaml.MAP(), ibaml.InnerLoop(ibaml.core.optim.NewtonCG(cg_iters=30), 10))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
     assert "likelihood.scale_unconstrained" in meta
     g = torch.Generator().manual_seed(1)
@@ -155,7 +155,7 @@ def conjugate_problem(method):
     lik = ibaml.ConjugateNoiseGaussianLikelihood(0.5, prior_count=1.5, prior_noise=0.7).to(DT)
     model = ibaml.TaskModel(net, prior, lik)
     inference = ibaml.MAP() if method == "map" else ibaml.Variational(expectation="linearized")
-    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.optim.NewtonCG(cg_iters=30), 10))
+    problem = ibaml.TaskProblem(model, inference, ibaml.InnerLoop(ibaml.core.optim.NewtonCG(cg_iters=30), 10))
     meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
     return problem, meta, tiny_task(n=8)
 
@@ -163,11 +163,11 @@ def conjugate_problem(method):
 def test_conjugate_noise_ratio_is_the_normal_inverse_gamma_posterior():
     """For a linear model with prior ``w | σ_t² ~ N(μ, (σ_t²/σ²) Σ)``, ``σ_t² ~ IG(a₀, a₀s₀²)``, the
     noise's exact posterior is ``IG(a₀ + N/2, b_N)``: ``b_N`` from the closed form against the ratio
-    that :func:`ibaml.inference.task_noise_ratio` computes at the solved posterior mean."""
+    that :func:`ibaml.core.inference.task_noise_ratio` computes at the solved posterior mean."""
     problem, meta, task = conjugate_problem("map")
     model = problem.model
     v = solution(problem, meta, task)
-    ratio = ibaml.inference.task_noise_ratio(model, meta, v["w"], task)
+    ratio = ibaml.core.inference.task_noise_ratio(model, meta, v["w"], task)
     # the textbook NIG update on the head's features (weights then bias)
     phi = torch.cat([model.net.embed(task["support_x"]), torch.ones(8, 1, dtype=DT)], 1)
     y = task["support_y"][:, 0]
@@ -239,7 +239,7 @@ def test_linearized_head_predictive_is_exact():
 
 
 def test_conjugate_noise_prior_count_can_be_held_fixed_while_the_rest_is_learned():
-    from ibaml import presets
+    from ibaml import recipes
     fixed = ibaml.ConjugateNoiseGaussianLikelihood(noise=1.0, prior_count=5.0, learn_prior_count=False)
     learned = {n for n, _ in fixed.named_parameters()}
     assert not any("prior_count" in n for n in learned)
@@ -250,9 +250,9 @@ def test_conjugate_noise_prior_count_can_be_held_fixed_while_the_rest_is_learned
     args = (torch.tensor(12.0), torch.tensor(3.0), 10)
     assert float(fixed.noise_ratio(*args)) == pytest.approx(float(free.noise_ratio(*args).detach()), rel=1e-6)
     # iBaML's preset holds it, the others learn it
-    lik = presets.regression_likelihood("conjugate", *presets.noise_prior_count("ibaml"))
+    lik = recipes.regression_likelihood("conjugate", *recipes.noise_prior_count("ibaml"))
     assert not any("prior_count" in n for n, _ in lik.named_parameters())
-    lik = presets.regression_likelihood("conjugate", *presets.noise_prior_count("abml"))
+    lik = recipes.regression_likelihood("conjugate", *recipes.noise_prior_count("abml"))
     assert any("prior_count" in n for n, _ in lik.named_parameters())
 
 

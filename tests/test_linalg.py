@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ibaml.linalg import CG, Dense, Neumann
+from ibaml.core.linalg import CG, Dense, Neumann
 
 DT = torch.float64
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ibaml.checkpoint import CheckpointError, load_checkpoint
 from ibaml.data import DatasetError, write_miniimagenet_fixture, write_omniglot_fixture
-from ibaml.image_presets import image_learner_from_config
+from ibaml.recipes.image_presets import image_learner_from_config
+from ibaml.train.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "miniimagenet.py"

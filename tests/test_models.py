@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from ibaml.nets import MLP, BatchNorm2d, Conv4, ConvBlock, batch_norm_batch_stats
+from ibaml.core.nets import MLP, BatchNorm2d, Conv4, ConvBlock, batch_norm_batch_stats
 
 DT = torch.float64
 T = 3
@@ -104,7 +104,7 @@ def test_batch_norm_uses_batch_statistics_and_keeps_no_buffers():
 def test_conv4_hessian_vector_products_under_vmap_match_the_written_out_norm(monkeypatch, mode):
     """Second-order derivatives through the fused batch norm, per task under vmap, in both
     Hessian-vector-product modes of the implicit gradient, equal those through the formula."""
-    import ibaml.nets as models
+    import ibaml.core.nets as models
 
     torch.manual_seed(0)
     net = Conv4(in_channels=1, hidden=4, out_dim=3, image_size=16).to(DT)

@@ -6,9 +6,9 @@ problem, and against the dense implicit solve.
 * image classification (``examples/miniimagenet.py``): a variational head prior at the
   classification settings (σ = 0.01, β = 3·10⁻³), Newton inner steps from the fixed-point
   variances, the linearised expectation, and a softmax whose logit scale is a meta-parameter of
-  the predictions only (:data:`ibaml.image_presets.LOGIT_SCALE`);
+  the predictions only (:data:`ibaml.recipes.image_presets.LOGIT_SCALE`);
 * sine regression (``examples/sine_regression.py``): the same inference with the conjugate task
-  noise, its pseudo-count held at 5 (:data:`ibaml.presets.NOISE_PRIOR_COUNT`).
+  noise, its pseudo-count held at 5 (:data:`ibaml.recipes.NOISE_PRIOR_COUNT`).
 
 The networks use ``tanh`` (the examples' MLP uses ReLU): a finite difference across a kink is not
 a derivative, and a tiny ReLU body leaves dead units whose gradients are exactly zero. Conv4 keeps
@@ -25,10 +25,11 @@ import dataclasses
 import torch
 
 import ibaml
-from ibaml import image_presets, presets
-from ibaml.inner_loop import newton_polish
-from ibaml.linalg import Dense
-from ibaml.nets import MLP, Conv4
+from ibaml import recipes
+from ibaml.core.inner_loop import newton_polish
+from ibaml.core.linalg import Dense
+from ibaml.core.nets import MLP, Conv4
+from ibaml.recipes import image_presets
 
 from conftest import DT, assert_matches_central_differences, rel_err, sine_tasks
 
@@ -44,7 +45,7 @@ def image_learner(net):
 
 def sine_learner():
     torch.manual_seed(0)
-    likelihood = presets.regression_likelihood("conjugate", *presets.noise_prior_count("ibaml")).to(DT)
+    likelihood = recipes.regression_likelihood("conjugate", *recipes.noise_prior_count("ibaml")).to(DT)
     return ibaml.build_learner("ibaml", MLP(1, (5, 5), 1, activation=torch.nn.Tanh).to(DT), likelihood, cg_steps=40)
 
 
@@ -139,9 +140,9 @@ def test_full_covariance_head_meta_gradient_is_exact():
     Bayesian linear regression posterior's."""
     torch.manual_seed(0)
     net = MLP(1, (5,), 1, activation=torch.nn.Tanh, random_features=6).to(DT)
-    likelihood = presets.regression_likelihood("shared").to(DT)
+    likelihood = recipes.regression_likelihood("shared").to(DT)
     learner = ibaml.build_learner("ibaml-fullcov", net, likelihood, cg_steps=40)
-    assert isinstance(learner.method, ibaml.inference.FullCovariance)
+    assert isinstance(learner.method, ibaml.core.inference.FullCovariance)
     batch = sine_tasks(2, torch.Generator().manual_seed(0))
     check_preset_gradient(learner, batch)
     # the posterior is Bayesian linear regression's: Σ = (Σ₀⁻¹ + ΦᵀΦ/σ²)⁻¹, m = Σ (Σ₀⁻¹ μ + Φᵀy/σ²)

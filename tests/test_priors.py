@@ -11,7 +11,7 @@ from torch.distributions import LowRankMultivariateNormal, Normal, StudentT as T
 
 import ibaml
 import priors
-from ibaml.linalg import Dense
+from ibaml.core.linalg import Dense
 
 from conftest import rel_err, sine_tasks
 
@@ -225,7 +225,7 @@ def test_log_prob_alone_meta_trains(method):
     net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(DT)
     learner = ibaml.MetaLearner(net, LogProbOnlyGaussian.from_module(net, init_scale=0.3),
                                 ibaml.GaussianLikelihood(0.5).to(DT), method=method,
-                                estimator=ibaml.Implicit(), inner_optimizer=ibaml.optim.Adam(lr=0.01), inner_steps=20)
+                                estimator=ibaml.Implicit(), inner_optimizer=ibaml.core.optim.Adam(lr=0.01), inner_steps=20)
     before = {k: v.clone() for k, v in learner.meta_params().items()}
     gen = torch.Generator().manual_seed(0)
     losses = [learner.meta_step(sine_tasks(4, gen))["loss"] for _ in range(3)]

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from ibaml.progress import ProgressLines, progress_bar
+from ibaml.train.progress import ProgressLines, progress_bar
 
 LINE = re.compile(r"^meta-train: (\d+)/(\d+) \((\d+)%\), (\d+:\d\d) elapsed, [\d.]+ it/s, "
                   r"(ETA \d+:\d\d|done), loss=([\d.]+)$")
@@ -76,9 +76,10 @@ def test_a_loop_without_a_length_writes_its_counter():
 
 
 def test_fit_logs_its_progress_as_lines(tmp_path):
-    from ibaml import build_learner, GaussianLikelihood, training
+    from ibaml import build_learner, GaussianLikelihood
+    from ibaml.train import training
     from ibaml.data.sine import SineTaskDistribution
-    from ibaml.nets import MLP
+    from ibaml.core.nets import MLP
 
     learner = build_learner("maml", MLP(1, (8,), 1), GaussianLikelihood(1.0))
     tasks, gen = SineTaskDistribution(shots=5), torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ DATA = ROOT / "docs" / "guide" / "data.md"
 PAGES = (README, API, CUSTOM_PRIORS, DATA)
 
 #: the inner problem counts as solved below this ``||∇_b G||`` per block (the presets'
-#: tolerance, ``ibaml.presets``; the API guide's printed stationarity)
+#: tolerance, ``ibaml.recipes.presets``; the API guide's printed stationarity)
 STATIONARY = 1e-3
 
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import ibaml
-from ibaml import cli, distributed, image_presets, training
 from ibaml.baselines.dkt import DeepKernelGP
 from ibaml.calibration import CalibrationReport
-from ibaml.checkpoint import CheckpointError
-from ibaml.conjugate_noise import ConjugateNoiseGaussianLikelihood
+from ibaml.core.conjugate_noise import ConjugateNoiseGaussianLikelihood
+from ibaml.core.nets import Conv4
 from ibaml.data import EpisodeSampler, SineTaskDistribution, load_splits, write_fixture
-from ibaml.nets import Conv4
+from ibaml.experiments import cli
+from ibaml.recipes import image_presets
+from ibaml.train import distributed, training
+from ibaml.train.checkpoint import CheckpointError
 
 
 def run_parser(**defaults):
@@ -79,7 +81,7 @@ def test_parse_resumable_merges_saved_options(tmp_path):
     p.add_argument("--ways", type=int, default=5)
     args, state = cli.parse_resumable(p, ["--resume", str(tmp_path)], may_change=cli.RUN_MAY_CHANGE)
     assert state is None and args.ways == 5                      # no checkpoint yet: the options as given
-    ibaml.checkpoint.save_checkpoint(tmp_path / training.LAST, {"config": {"ways": 3, "seed": 7, "meta_iters": 9}})
+    ibaml.train.checkpoint.save_checkpoint(tmp_path / training.LAST, {"config": {"ways": 3, "seed": 7, "meta_iters": 9}})
     args, state = cli.parse_resumable(p, ["--resume", str(tmp_path), "--meta-iters", "20"], cli.RUN_MAY_CHANGE)
     assert (args.ways, args.seed, args.meta_iters) == (3, 7, 20) and state["config"]["ways"] == 3
     with pytest.raises(CheckpointError, match="ways"):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ibaml.cli import load_image_data
 from ibaml.data import load_miniimagenet, load_miniimagenet_splits
 from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.data.miniimagenet import detect_format
+from ibaml.experiments.cli import load_image_data
 
 CLASSES = (4, 2, 3)
 PER_CLASS = 6

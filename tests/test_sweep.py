@@ -1,5 +1,5 @@
 """Sweeps on Ray Tune (``python -m benchmarks.sweep``) and the ``on_checkpoint`` hook of
-``ibaml.training.fit`` that reports to it."""
+``ibaml.train.training.fit`` that reports to it."""
 
 import json
 import os
@@ -12,15 +12,15 @@ import torch
 
 import ibaml
 from benchmarks import sweep
-from ibaml import training
 from ibaml.data import SineTaskDistribution
+from ibaml.train import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_on_checkpoint_sees_every_written_checkpoint(tmp_path):
     torch.manual_seed(0)
-    learner = ibaml.build_learner("imaml", ibaml.nets.MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), inner_steps=2)
+    learner = ibaml.build_learner("imaml", ibaml.core.nets.MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), inner_steps=2)
     tasks, gen = SineTaskDistribution(shots=5, query=5), torch.Generator().manual_seed(0)
     calls = []
 
@@ -77,4 +77,4 @@ def test_sweep_of_eight_trials_on_ray_tune_chooses_on_validation_tasks(tmp_path)
     assert best["split"].startswith("validation") and "test streams are not drawn" in best["split"]
     assert "chosen on validation tasks: imaml" in proc.stdout and "| precision | meta_lr |" in proc.stdout
     # the chosen configuration is a recipe's keyword arguments
-    ibaml.build_learner(best["method"], ibaml.nets.MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), **best["config"])
+    ibaml.build_learner(best["method"], ibaml.core.nets.MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), **best["config"])

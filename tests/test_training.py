@@ -1,12 +1,12 @@
-"""ibaml.training: fit (checkpoints, exact resume, refusal to overwrite a run), meta_step, chunked evaluation."""
+"""ibaml.train.training: fit (checkpoints, exact resume, refusal to overwrite a run), meta_step, chunked evaluation."""
 
 import pytest
 import torch
 from conftest import sine_tasks
 
 import ibaml
-from ibaml import training
-from ibaml.checkpoint import CheckpointError, load_checkpoint
+from ibaml.train import training
+from ibaml.train.checkpoint import CheckpointError, load_checkpoint
 
 
 def make_learner(method="imaml", seed=0):
@@ -141,7 +141,7 @@ def reference_adam_steps(batches, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
 
 
 def test_meta_step_is_the_learner_s_and_counts_steps():
-    """``MetaLearner.meta_step`` and :func:`ibaml.meta_update.meta_step` (the learner's problem and
+    """``MetaLearner.meta_step`` and :func:`ibaml.train.meta_update.meta_step` (the learner's problem and
     optimiser given explicitly, the step counted by the caller) against :func:`reference_adam_steps`:
     the gradient handed to the optimiser is the mean of the per-task meta-gradients, and two
     steps move θ as Adam does (the second step depends on the gradients' sizes, not only
@@ -152,7 +152,7 @@ def test_meta_step_is_the_learner_s_and_counts_steps():
     a, b = make_learner(), make_learner()
     for step, batch in enumerate(batches):
         sa = a.meta_step(batch)
-        sb = ibaml.meta_update.meta_step(b.meta_problem, b.meta_optimizer, *b.task_and_draws(batch))
+        sb = ibaml.train.meta_update.meta_step(b.meta_problem, b.meta_optimizer, *b.task_and_draws(batch))
         b.step_count += 1
         assert sa["loss"] == sb["loss"] and sa["loss"] == pytest.approx(losses[step], rel=1e-10)
         for learner in (a, b):
@@ -310,7 +310,7 @@ def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager(backend
     meta = {k: v.detach() for k, v in learner.meta_params().items()}
 
     def step(meta, task):
-        reduced = ibaml.meta_update.reduce_task_gradients(learner.task_gradients(task, meta))
+        reduced = ibaml.train.meta_update.reduce_task_gradients(learner.task_gradients(task, meta))
         return reduced.loss, reduced.grads, {k: meta[k] - 0.01 * reduced.grads[k] for k in meta}
 
     torch._dynamo.reset()
@@ -325,8 +325,8 @@ def test_meta_gradient_and_update_compile_with_fullgraph_and_match_eager(backend
 
 # ---------------------------------------------------------------------------------- vmap or a loop over tasks
 def test_task_batching_auto_loops_for_convolutions_on_the_cpu_and_both_agree():
-    from ibaml.nets import Conv4
-    from ibaml.meta_problem import loop_over_tasks
+    from ibaml.core.nets import Conv4
+    from ibaml.core.meta_problem import loop_over_tasks
 
     def conv_learner(batching):
         torch.manual_seed(0)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import CalibrationReport
-from ..nets import MLP
+from ibaml.core.nets import MLP
 
 
 class DeepKernelGP(nn.Module):
@@ -78,7 +78,7 @@ class DeepKernelGP(nn.Module):
         return float(loss.detach())
 
     def training_state(self) -> dict:
-        """Parameters and the optimiser's state (a copy), what :func:`ibaml.training.fit` checkpoints."""
+        """Parameters and the optimiser's state (a copy), what :func:`ibaml.train.training.fit` checkpoints."""
         return copy.deepcopy({"model": self.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_training_state(self, state: dict) -> None:

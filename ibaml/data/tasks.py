@@ -93,7 +93,7 @@ class TaskBatch:
         return self[start:stop]
 
     def as_dict(self) -> Dict[str, Tensor]:
-        """The four tensors as a dict (the form :mod:`ibaml.learner` also accepts)."""
+        """The four tensors as a dict (the form :mod:`ibaml.train.learner` also accepts)."""
         return {name: getattr(self, name) for name in _FIELDS}
 
 

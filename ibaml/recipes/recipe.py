@@ -2,7 +2,7 @@
 :func:`build_prior`), the task inference (:func:`build_inference`), the meta-gradient
 (:data:`ESTIMATORS`, :func:`build_estimator`) and the inner optimiser (:data:`INNER_OPTIMIZERS`,
 :func:`build_inner_optimizer`). The methods' recipes, their variants and
-:func:`ibaml.presets.build_learner`, which puts them together, are in :mod:`ibaml.presets`
+:func:`ibaml.recipes.presets.build_learner`, which puts them together, are in :mod:`ibaml.recipes.presets`
 (where these names can be imported from too).
 
 Example
@@ -23,16 +23,16 @@ from torch import nn
 import priors
 from priors.base import Prior, select_names
 
-from .hypergrad import Explicit, FirstOrder, Implicit, Lazy
-from .inference import MAP, FullCovariance, Variational
-from .linalg import CG
-from .optim import SGD, Adam, NewtonCG, PriorPreconditioned
-from .task_model import _head_only
+from ibaml.core.hypergrad import Explicit, FirstOrder, Implicit, Lazy
+from ibaml.core.inference import MAP, FullCovariance, Variational
+from ibaml.core.linalg import CG
+from ibaml.core.optim import SGD, Adam, NewtonCG, PriorPreconditioned
+from ibaml.core.task_model import _head_only
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One method as data: what :func:`ibaml.presets.build_learner` assembles and the numbers it uses.
+    """One method as data: what :func:`ibaml.recipes.presets.build_learner` assembles and the numbers it uses.
 
     Ingredients (each a key of the table that builds it):
         prior: the prior family over the task weights (:data:`PRIOR_FAMILIES`): ``"flat"``
@@ -42,7 +42,7 @@ class Recipe:
         inference: ``"map"`` (the mode ``w* = argmin_w NLL − log p(w)``), ``"variational"``
             (``q = N(m, diag s)`` minimising ``E_q[NLL] + β KL(q ‖ p)``) or
             ``"full_covariance"`` (``q = N(m, Σ)`` over a linear head, ``Σ`` in closed form,
-            :class:`ibaml.inference.FullCovariance`), see :mod:`ibaml.inference`.
+            :class:`ibaml.core.inference.FullCovariance`), see :mod:`ibaml.core.inference`.
         estimator: the meta-gradient (:data:`ESTIMATORS`): ``"explicit"`` (differentiated through
             the inner steps), ``"first_order"`` (``∂v*/∂θ`` dropped), ``"lazy"`` (teacher–student)
             or ``"implicit"`` (``dF/dθ = ∂_θ F − Bᵀ H⁻¹ ∂_v F`` at the inner solution, ``H⁻¹`` by CG).
@@ -67,7 +67,7 @@ class Recipe:
         rank, init_factor_scale: the low-rank prior's ``r`` and the standard deviation of its
             initial factor's entries.
         relative_scale: instead, ``σ`` per tensor as this fraction of its initial RMS weight.
-        noise_prior_scale: with a :class:`ibaml.nets.NoiseHead`, the initial ``σ`` of the prior
+        noise_prior_scale: with a :class:`ibaml.core.nets.NoiseHead`, the initial ``σ`` of the prior
             over its log noise (the weights keep ``init_scale``); ``None``: no own value.
 
     The variational inference's (:class:`Variational`):
@@ -79,7 +79,7 @@ class Recipe:
 
     The implicit gradient's:
         cg_steps, cg_damping: CG iterations and damping of ``H x = ∂_v F``
-            (:mod:`ibaml.presets` on the default 20).
+            (:mod:`ibaml.recipes.presets` on the default 20).
     """
 
     prior: str
@@ -121,7 +121,7 @@ class Recipe:
 def prior_preconditioned(lr: float) -> PriorPreconditioned:
     """The ``"prior"`` inner optimiser: a proximal step of size ``lr`` on the weights (MAP) or
     the variational means, and a half Newton step on the prior term, bounded by 0.5, on the
-    variational variance parameters ``ρ`` (see :class:`ibaml.optim.PriorPreconditioned`)."""
+    variational variance parameters ``ρ`` (see :class:`ibaml.core.optim.PriorPreconditioned`)."""
     return PriorPreconditioned(lr={"rho": float("inf")}, default_lr=lr, prior_step=0.5, max_step={"rho": 0.5})
 
 
@@ -141,7 +141,7 @@ def hessian_free(cg_iters: int = 5, line_search: int = 6, damping: float = 0.0, 
     """The ``"hf"`` inner optimiser (iMAML-HF): Newton-CG steps with ``cg_iters`` CG iterations
     on Hessian-vector products of ``∇²G + μP`` (``P`` the prior's curvature), the
     Levenberg–Marquardt damping ``μ`` adapted per task from ``initial_damping`` by the factor
-    ``damping_factor`` (:class:`ibaml.optim.NewtonCG`'s ``adaptive_damping``; ``0``: a fixed
+    ``damping_factor`` (:class:`ibaml.core.optim.NewtonCG`'s ``adaptive_damping``; ``0``: a fixed
     ``μ``), and a backtracking line search over ``line_search`` step sizes ``1, 1/2, …`` (and 0)
     on the inner objective, so that every step decreases ``G``."""
     return NewtonCG(cg_iters=cg_iters, damping=damping, line_search=line_search, prior_damping=initial_damping,
@@ -204,7 +204,7 @@ def build_scope(net: nn.Module, include):
 
 
 def _noise_prior_scales(net: nn.Module, names, init_scale, noise_prior_scale: float):
-    """``init_scale`` per tensor for a prior over a :class:`ibaml.nets.NoiseHead`: the log
+    """``init_scale`` per tensor for a prior over a :class:`ibaml.core.nets.NoiseHead`: the log
     noise starts at ``noise_prior_scale`` (close to one noise shared by all tasks, which the
     meta-learned scale can widen), the weights at ``init_scale``."""
     keys = _head_only(net, names)

@@ -148,7 +148,7 @@ class TaskNoiseGaussianLikelihood(Likelihood):
         log σ = c tanh(g / c) + log noise,   log p(y | f) = −½ Σ_d [(y_d − μ_d)²/σ_d² + 2 log σ_d + log 2π]
 
     (the bound keeps a task that its few points fit exactly from driving ``σ`` to zero). With
-    a :class:`ibaml.nets.NoiseHead` (``MLP(..., noise_head=True)``) ``g`` is a parameter of
+    a :class:`ibaml.core.nets.NoiseHead` (``MLP(..., noise_head=True)``) ``g`` is a parameter of
     the head that does not depend on the input, so a prior over the head makes the noise a
     per-task parameter, inferred with the weights: a task that the prior's mean function
     explains poorly gets a wider predictive than one it explains well. A noise scale shared

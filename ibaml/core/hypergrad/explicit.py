@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tree import tree_all_finite
-from .base import HypergradEstimator, TaskGradient
+from ibaml.core.hypergrad.base import HypergradEstimator, TaskGradient
+from ibaml.core.tree import tree_all_finite
 
 
 @dataclass

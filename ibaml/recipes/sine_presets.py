@@ -5,11 +5,11 @@ that fixes a run (:func:`sine_run_config`, the ``config`` its checkpoints hold),
 points (:func:`predictive_mean_var`). A script that reloads a run's ``last.pt`` rebuilds its
 model with these and loads the saved state.
 
-The network is an :class:`ibaml.nets.MLP` ``1 → hidden → 1`` (with a
-:class:`~ibaml.nets.NoiseHead` for a per-task noise in the head), named in the configuration
+The network is an :class:`ibaml.core.nets.MLP` ``1 → hidden → 1`` (with a
+:class:`~ibaml.core.nets.NoiseHead` for a per-task noise in the head), named in the configuration
 by :func:`sine_network` (``"MLP(1, (40, 40), 1)"``); the likelihood is the noise model's
-(:func:`ibaml.noise_presets.regression_likelihood`) and the learner the method's recipe
-(:func:`ibaml.presets.build_learner`) with the options the configuration records.
+(:func:`ibaml.recipes.noise_presets.regression_likelihood`) and the learner the method's recipe
+(:func:`ibaml.recipes.presets.build_learner`) with the options the configuration records.
 
 Example
 -------
@@ -32,11 +32,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .baselines.dkt import DeepKernelGP
-from .nets import MLP
-from .noise_presets import REGRESSION_NOISE, regression_likelihood
-from .noise_presets import noise_prior_count as preset_noise_prior_count
-from .presets import build_learner, inner_steps as preset_inner_steps
+from ibaml.baselines.dkt import DeepKernelGP
+from ibaml.core.nets import MLP
+from ibaml.recipes.noise_presets import REGRESSION_NOISE, regression_likelihood
+from ibaml.recipes.noise_presets import noise_prior_count as preset_noise_prior_count
+from ibaml.recipes.presets import build_learner, inner_steps as preset_inner_steps
 
 __all__ = ["SINE_HIDDEN", "RUN_OPTIONS", "sine_run_defaults", "sine_network", "hidden_widths", "random_features", "sine_run_config",
            "sine_learner_from_config", "predictive_mean_var"]
@@ -88,7 +88,7 @@ def hidden_widths(network: str) -> tuple:
     """
     found = re.search(r"\((?:1, |in_dim=1, hidden=)(\([0-9, ]*\))", network)
     if found is None:
-        raise ValueError(f"network {network!r}: not a sine network (ibaml.sine_presets.sine_network)")
+        raise ValueError(f"network {network!r}: not a sine network (ibaml.recipes.sine_presets.sine_network)")
     return tuple(ast.literal_eval(found.group(1)))
 
 
@@ -103,10 +103,10 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
     """The settings that fix a sine run's meta-training trajectory (a checkpoint must match them
     all), the defaults those of ``examples/sine_regression.py``: the task shape and seed, the
     network (:func:`sine_network`) and, but for ``"dkt"``, the noise model (default the method's,
-    :data:`ibaml.noise_presets.REGRESSION_NOISE`), the conjugate noise's pseudo-count
-    (:func:`ibaml.noise_presets.noise_prior_count`), the inner steps of meta-training and
-    evaluation (:func:`ibaml.presets.inner_steps`) and the options of
-    :func:`ibaml.presets.build_learner`; ``prior`` (its ``include``), ``inner_optimizer`` and
+    :data:`ibaml.recipes.noise_presets.REGRESSION_NOISE`), the conjugate noise's pseudo-count
+    (:func:`ibaml.recipes.noise_presets.noise_prior_count`), the inner steps of meta-training and
+    evaluation (:func:`ibaml.recipes.presets.inner_steps`) and the options of
+    :func:`ibaml.recipes.presets.build_learner`; ``prior`` (its ``include``), ``inner_optimizer`` and
     ``kl_weight`` only where given; ``train_shots = (low, high)`` (meta-training on support
     sizes drawn uniformly from ``low..high`` per meta-batch), ``random_features`` (the network's,
     :func:`sine_network`) and ``noise_init`` (the likelihood's initial noise, default 1) only
@@ -155,7 +155,7 @@ def sine_learner_from_config(config: dict, *, device=None, dtype: Optional[torch
     :class:`~ibaml.baselines.dkt.DeepKernelGP` for ``"dkt"``, else the method's
     :class:`~ibaml.MetaLearner` on :func:`sine_network`'s MLP with the noise model's likelihood
     and the options recorded. ``overrides`` (``per_point``, ``inner_lr``, ...) go to
-    :func:`ibaml.presets.build_learner` over those; ``process_group`` too (data-parallel
+    :func:`ibaml.recipes.presets.build_learner` over those; ``process_group`` too (data-parallel
     meta-training). A network name other than :func:`sine_network`'s for the method and noise
     raises ``ValueError``.
 

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from priors.base import Prior
 
-from .likelihoods import Likelihood
+from ibaml.core.likelihoods import Likelihood
 
 
 def _head_module(net: nn.Module) -> Optional[nn.Linear]:
@@ -53,7 +53,7 @@ def embed(net: nn.Module, x: Tensor) -> Tensor:
 
 class HeadKeys(NamedTuple):
     """Names of a linear head's tensors: ``weight``, ``bias`` (or ``None``) and, for a
-    :class:`ibaml.nets.NoiseHead`, ``log_noise`` (else ``None``)."""
+    :class:`ibaml.core.nets.NoiseHead`, ``log_noise`` (else ``None``)."""
 
     weight: str
     bias: Optional[str]
@@ -89,7 +89,7 @@ class TaskModel(nn.Module):
         net: any ``nn.Module`` that works with ``torch.func.functional_call`` (no running
             batch-norm statistics).
         prior: a :class:`priors.Prior` built over ``net``'s parameters.
-        likelihood: a :class:`ibaml.likelihoods.Likelihood`.
+        likelihood: a :class:`ibaml.core.likelihoods.Likelihood`.
     """
 
     def __init__(self, net: nn.Module, prior: Prior, likelihood: Likelihood):
@@ -205,7 +205,7 @@ class TaskModel(nn.Module):
     def net_outputs(self, meta, weights: Tensor, x: Tensor) -> Tensor:
         """``f(x; w_j, θ)`` for draws ``weights [S, D]``: ``[S, N, ...]``. Where the prior covers
         exactly the network's linear head (``net.head`` with ``net.embed(x)``, ``forward(x) =
-        head(embed(x))``, as in :class:`ibaml.nets.MLP` and :class:`ibaml.nets.Conv4`; or the
+        head(embed(x))``, as in :class:`ibaml.core.nets.MLP` and :class:`ibaml.core.nets.Conv4`; or the
         last layer of an ``nn.Sequential``), the shared features are computed once for all draws."""
         return self._call(meta, "_net_outputs", weights, x)
 
@@ -218,7 +218,7 @@ class TaskModel(nn.Module):
     def head_outputs(self, meta, mean: Tensor, var: Tensor, x: Tensor):
         """Mean and variance ``[N, C]`` of a linear head's outputs under ``N(mean, diag var)``:
         ``φ(x) m_W + m_b`` and ``φ(x)² s_W + s_b`` (``φ = net.embed``), followed for a
-        :class:`ibaml.nets.NoiseHead` by ``m_g`` and ``s_g``."""
+        :class:`ibaml.core.nets.NoiseHead` by ``m_g`` and ``s_g``."""
         return self._call(meta, "_head_statistics", mean, var, x)
 
     def head_jacobian(self, meta, x: Tensor) -> Tensor:

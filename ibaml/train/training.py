@@ -1,7 +1,7 @@
 """The training run: the loop of meta-steps with checkpoints and exact resume (:func:`fit`).
 
 One meta-step on a batch of ``T`` tasks (:meth:`ibaml.MetaLearner.meta_step`, the update of
-:mod:`ibaml.meta_update`)::
+:mod:`ibaml.train.meta_update`)::
 
     g = (1/N) Σ_{t finite} g_t,   θ ← meta_optimizer.step(θ, g − hyper_weight · ∇_θ log p_hyper(θ))
 
@@ -18,7 +18,7 @@ Example
 >>> from ibaml.data import SineTaskDistribution
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
->>> net = ibaml.nets.MLP(1, (8,), 1)
+>>> net = ibaml.core.nets.MLP(1, (8,), 1)
 >>> learner = ibaml.build_learner("imaml", net, ibaml.GaussianLikelihood(1.0), inner_steps=2)
 >>> tasks, gen = SineTaskDistribution(shots=5, query=5), torch.Generator().manual_seed(0)
 >>> folder = tempfile.mkdtemp()
@@ -39,9 +39,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_on_main, remove_stale_temporaries, restore_rng_state, rng_state, \
+from ibaml.train.checkpoint import CheckpointError, load_on_main, remove_stale_temporaries, restore_rng_state, rng_state, \
     save_checkpoint
-from .progress import progress_bar
+from ibaml.train.progress import progress_bar
 
 __all__ = ["fit", "FitResult", "TailMeans", "WindowMeans", "RunExistsError", "default_read_every", "GPU_READ_EVERY",
            "holds_run", "clean_folder"]
@@ -184,7 +184,7 @@ def fit(learner, sample_tasks: Callable[[], Any], steps: int, *, folder: Union[s
         folder: where ``last.pt`` and ``best.pt`` go (``None``: no checkpoints).
         config: the run's settings, saved in checkpoints; a checkpoint whose ``config``
             differs from this one on a key of ``must_match`` (default: every key of
-            ``config``) is refused (:class:`ibaml.checkpoint.CheckpointError`).
+            ``config``) is refused (:class:`ibaml.train.checkpoint.CheckpointError`).
         checkpoint_every: also write ``last.pt`` every ``N`` steps (it is always written at the end).
         resume: ``True``: continue from ``folder/last.pt``; a folder path: continue from
             that folder's ``last.pt`` (and ``best.pt``), writing to ``folder``. Where there is

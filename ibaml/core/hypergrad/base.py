@@ -2,7 +2,7 @@
 
 An estimator maps ``(problem, θ, task)`` to the task's outer loss, an estimate of
 ``dF(v*(θ), θ)/dθ`` and diagnostics, for ONE task; :class:`ibaml.MetaLearner` vmaps it
-over the tasks of a meta-batch. ``problem`` is a :class:`ibaml.inner_loop.TaskProblem`
+over the tasks of a meta-batch. ``problem`` is a :class:`ibaml.core.inner_loop.TaskProblem`
 (``init``, ``inner``, ``outer``, ``preconditioner``, ``solve``): estimators know no prior
 family and no dataset.
 """
@@ -13,7 +13,7 @@ from typing import Dict, NamedTuple
 
 from torch import Tensor
 
-from ..tree import ParamDict
+from ibaml.core.tree import ParamDict
 
 
 class TaskGradient(NamedTuple):

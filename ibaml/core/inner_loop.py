@@ -1,10 +1,10 @@
 """The inner loop: minimise a task's inner objective ``G(v, θ)`` over ``v`` with a functional
 optimiser, and the bilevel problem of one task that the meta-gradient estimators use.
 
-:class:`InnerLoop` runs any functional optimiser (:mod:`ibaml.optim`) for a fixed number of
+:class:`InnerLoop` runs any functional optimiser (:mod:`ibaml.core.optim`) for a fixed number of
 steps, ``v_{k+1} = update(v_k, ∇_v G(v_k, θ))``, either without a graph (implicit, first-order
 estimators; memory independent of the steps) or differentiably (explicit). :class:`TaskProblem`
-binds a :class:`ibaml.task_model.TaskModel`, an inference method of :mod:`ibaml.inference`
+binds a :class:`ibaml.core.task_model.TaskModel`, an inference method of :mod:`ibaml.core.inference`
 (which defines ``G`` and the outer ``F``) and an inner loop. Everything is a pure function of
 ``(v, θ, task)``, vmapped over tasks by the callers.
 
@@ -22,9 +22,9 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optim import SGD, as_inner_optimizer
-from .task_model import TaskModel
-from .tree import FlatSpec, ParamDict, tree_all_finite, tree_detach, tree_norm
+from ibaml.core.optim import SGD, as_inner_optimizer
+from ibaml.core.task_model import TaskModel
+from ibaml.core.tree import FlatSpec, ParamDict, tree_all_finite, tree_detach, tree_norm
 
 Task = Dict[str, Tensor]
 
@@ -45,7 +45,7 @@ class InnerLoop:
     """Runs ``steps`` updates of a functional optimiser on an inner objective.
 
     ``v_{k+1}, state_{k+1} = optimizer.step(G, v_k, state_k)`` (for a gradient method
-    ``update(v_k, ∇_v G(v_k), state_k)``; :class:`ibaml.optim.InnerOptimizer`); with
+    ``update(v_k, ∇_v G(v_k), state_k)``; :class:`ibaml.core.optim.InnerOptimizer`); with
     ``differentiable=False`` every iterate is detached (no graph, memory independent
     of ``steps``); with ``differentiable=True`` the whole path stays differentiable.
     The diagnostics (loss, gradient norm, finiteness at the last iterate) cost one more
@@ -65,7 +65,7 @@ class InnerLoop:
     def run(self, objective, v0: ParamDict, differentiable: bool = False,
             diagnose: bool = True, curvature=None) -> Tuple[ParamDict, Optional[InnerDiagnostics]]:
         """``curvature(v)``: the problem's diagonal prior curvature at ``v``, passed to an
-        optimiser that declares ``needs_curvature`` (:class:`ibaml.optim.PriorPreconditioned`)."""
+        optimiser that declares ``needs_curvature`` (:class:`ibaml.core.optim.PriorPreconditioned`)."""
         grad_fn = torch.func.grad_and_value(objective)
         optimizer = self.optimizer
         v = dict(v0) if differentiable else tree_detach(v0)
@@ -97,7 +97,7 @@ def _detach_state(state):
 @dataclass
 class TaskProblem:
     """The bilevel problem of one task: model, inference method (an
-    :class:`ibaml.inference.InferenceMethod`) and inner loop.
+    :class:`ibaml.core.inference.InferenceMethod`) and inner loop.
 
     Everything the hypergradient estimators need, as functions of ``(v, θ, task)``:
     ``init(θ)``, ``inner(v, θ, task) = G``, ``outer(v, θ, task) = F``,

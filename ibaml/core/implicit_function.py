@@ -12,7 +12,8 @@ outer loss ``F(v*(θ), θ)``::
 product: the gradient in θ of ``⟨∇_v G(v*, θ), x⟩`` with ``v*`` and ``x`` fixed.
 Nothing here knows what ``G`` is: any twice-differentiable inner objective works.
 
-Two entry points to the same formula. :func:`implicit_diff` attaches ``v*`` to autograd
+Two entry points to the same formula (and :func:`implicit_gradient`, the whole meta-gradient of
+an outer loss at a given solution, the reference of the tests and benchmarks). :func:`implicit_diff` attaches ``v*`` to autograd
 (an ``autograd.Function``): use it in your own code, where ``loss.backward()`` should simply
 see through a solver. :func:`implicit_vjp` / :func:`implicit_vjp_at_solution` take the
 cotangent ``∂_v F`` and return ``Bᵀ x`` explicitly, with the CG result and ``∇_v G(v*)`` for
@@ -35,8 +36,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .linalg import CG, SolveResult
-from .tree import FlatSpec, ParamDict
+from ibaml.core.linalg import CG, SolveResult
+from ibaml.core.tree import FlatSpec, ParamDict
 
 InnerObjective = Callable[[ParamDict, ParamDict], Tensor]
 
@@ -114,13 +115,35 @@ def implicit_vjp(inner_objective: InnerObjective, solution: Mapping[str, Tensor]
         solution: ``v*``, a dict at a stationary point of ``G`` in ``v``.
         meta_params: ``θ``.
         cotangent: dict shaped like ``solution``.
-        solver: a linear solver of :mod:`ibaml.linalg` (default ``CG(20, 1e-10)``).
+        solver: a linear solver of :mod:`ibaml.core.linalg` (default ``CG(20, 1e-10)``).
         preconditioner: optional dict of diagonal curvature estimates shaped like ``solution``.
         hvp_mode: ``"rev"`` (reverse-over-reverse) or ``"fwd"`` (forward-over-reverse).
     """
     out = implicit_vjp_at_solution(inner_objective, solution, meta_params, cotangent, solver, preconditioner,
                                    hvp_mode, at_solution=False)
     return out.meta_cotangent, out.solve
+
+
+def implicit_gradient(outer_objective: Callable, inner_objective: InnerObjective, solution: Mapping[str, Tensor],
+                      meta_params: Mapping[str, Tensor], solver=None) -> Tuple[ParamDict, SolveResult]:
+    """``(dF/dθ, solve result)`` at a stationary point ``v*`` of ``G``: the whole meta-gradient
+
+        dF/dθ = ∂_θ F(v*, θ) − Bᵀ H⁻¹ ∂_v F(v*, θ),
+
+    ``F = outer_objective(v, θ)``, ``G = inner_objective(v, θ)``. With ``solver=Dense()`` and a
+    solution polished to stationarity (``ibaml.core.inner_loop.newton_polish``) this is the
+    reference the estimators are checked against.
+
+    >>> A, b, lam = torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64), 1.0
+    >>> G = lambda v, m: 0.5 * ((A @ v["x"] - m["b"]) ** 2).sum() + 0.5 * lam * (v["x"] ** 2).sum()
+    >>> F = lambda v, m: v["x"].sum()
+    >>> grads, _ = implicit_gradient(F, G, {"x": b / 2}, {"b": b})   # v* = b / (1 + λ)
+    >>> grads["b"]
+    tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+    (grad_v, grad_meta) = torch.func.grad(outer_objective, argnums=(0, 1))(dict(solution), dict(meta_params))
+    cross, result = implicit_vjp(inner_objective, solution, meta_params, grad_v, solver=solver)
+    return {k: grad_meta[k] + cross[k] for k in grad_meta}, result
 
 
 class _ImplicitSolution(torch.autograd.Function):
@@ -164,7 +187,7 @@ def implicit_diff(inner_objective: InnerObjective, solution: Mapping[str, Tensor
         inner_objective: ``G(v, θ)``, two dicts of tensors → 0-d tensor, twice differentiable in ``v``.
         solution: ``v*`` (values only; it is detached).
         meta_params: ``θ``, a dict of tensors (the ones to differentiate should require grad).
-        solver: a solver from :mod:`ibaml.linalg`, e.g. ``CG(max_iter=20, tol=1e-10)``
+        solver: a solver from :mod:`ibaml.core.linalg`, e.g. ``CG(max_iter=20, tol=1e-10)``
             (the default) or ``Dense()``.
         hvp_mode: ``"rev"`` or ``"fwd"``.
     """

@@ -1,15 +1,15 @@
-"""Presets of few-shot image classification, on top of :func:`ibaml.presets.build_learner`:
+"""Presets of few-shot image classification, on top of :func:`ibaml.recipes.presets.build_learner`:
 the softmax's logit scale (:data:`LOGIT_SCALE`, :func:`logit_scale`,
 :func:`categorical_likelihood`, :func:`logit_scale_overrides`), MAML's inner step per dataset
 (:data:`MAML_IMAGE_STEP`, :func:`image_inner_lr`), and :func:`image_learner`, which puts them
-together with the method's classification prior (:data:`ibaml.presets.CLASSIFICATION`) into a
+together with the method's classification prior (:data:`ibaml.recipes.presets.CLASSIFICATION`) into a
 learner for ``ways``-way tasks; :func:`image_learner_from_config` builds the Conv4 learner of an
 image run's configuration (``examples/miniimagenet.py``'s options, the ``config`` of its
 checkpoints).
 
 Example
 -------
->>> from ibaml.nets import Conv4
+>>> from ibaml.core.nets import Conv4
 >>> learner = image_learner("ibaml", Conv4(hidden=8, out_dim=5, image_size=32), dataset="miniimagenet",
 ...                         ways=5, shots=1)
 >>> type(learner.likelihood).__name__, float(learner.likelihood.scale.detach()), learner.inner_loop.steps
@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .learner import MetaLearner
-from .likelihoods import CategoricalLikelihood
-from .nets import Conv4
-from .presets import METHODS, build_learner, method_recipe, resolve
-from .presets import inner_steps as preset_inner_steps
+from ibaml.core.likelihoods import CategoricalLikelihood
+from ibaml.core.nets import Conv4
+from ibaml.recipes.presets import METHODS, build_learner, method_recipe, resolve
+from ibaml.recipes.presets import inner_steps as preset_inner_steps
+from ibaml.train.learner import MetaLearner
 
 __all__ = ["LOGIT_SCALE", "MAML_IMAGE_STEP", "logit_scale", "categorical_likelihood", "logit_scale_overrides",
            "image_inner_lr", "image_learner", "image_learner_from_config"]
@@ -112,16 +112,16 @@ def image_learner(method: str, net: nn.Module, *, dataset: str, ways: int, shots
     (``"miniimagenet"`` or ``"omniglot"``) with the network ``net`` (``ways`` outputs), every
     setting left at ``None`` taken from the presets:
 
-    * the inner steps (:func:`ibaml.presets.inner_steps`) and the inner step size
+    * the inner steps (:func:`ibaml.recipes.presets.inner_steps`) and the inner step size
       (:func:`image_inner_lr`, MAML's step for SGD);
     * a softmax likelihood with the method's logit scale (:func:`logit_scale` from
       ``logit_scale_mode``, ``logit_scale_init``, ``logit_scale_meta_lr``; on the device and in
       the dtype of ``net``), its meta learning rate through ``meta_lr_overrides``;
     * ``prior_meta_lr``: the meta learning rate of the prior's scales and precision (default:
       ``meta_lr``);
-    * ``options`` go to :func:`ibaml.presets.build_learner` (``precision``, ``init_scale``,
+    * ``options`` go to :func:`ibaml.recipes.presets.build_learner` (``precision``, ``init_scale``,
       ``kl_weight``, ``cg_steps``, ``meta_lr``, ``seed``, ...; those given as ``None`` are left to
-      the method's classification preset, :data:`ibaml.presets.CLASSIFICATION`).
+      the method's classification preset, :data:`ibaml.recipes.presets.CLASSIFICATION`).
     """
     steps, eval_steps = preset_inner_steps(method, inner_steps, eval_inner_steps, options.get("include"))
     scale = logit_scale(method, logit_scale_mode, logit_scale_init, logit_scale_meta_lr)
@@ -142,7 +142,7 @@ def image_learner_from_config(config: dict, image_shape, device=None, dtype: Opt
                               nonfinite: str = "skip") -> MetaLearner:
     """The :func:`image_learner` of an image run's configuration (``examples/miniimagenet.py``'s
     options by name, as its checkpoints' ``config`` holds them) on images of ``image_shape``
-    ``(C, H, W)``: a :class:`~ibaml.nets.Conv4` with ``config["channels"]`` filters and
+    ``(C, H, W)``: a :class:`~ibaml.core.nets.Conv4` with ``config["channels"]`` filters and
     ``config["ways"]`` outputs, drawn from ``config["seed"]`` (the global torch generator seeded
     with it), in ``dtype`` (default the configuration's) on ``device``; the method's presets
     for every option the configuration leaves at ``None`` or does not hold, and ``nonfinite``

@@ -33,8 +33,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .linalg import CG
-from .tree import FlatSpec, ParamDict
+from ibaml.core.linalg import CG
+from ibaml.core.tree import FlatSpec, ParamDict
 
 
 class InnerOptimizer:
@@ -101,7 +101,7 @@ def as_inner_optimizer(optimizer) -> InnerOptimizer:
         return optimizer
     if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
         return _UpdateRule(optimizer)
-    raise TypeError(f"inner_optimizer must be an ibaml.optim optimiser (SGD(lr=...), Adam(lr=...), NewtonCG()) or "
+    raise TypeError(f"inner_optimizer must be an ibaml.core.optim optimiser (SGD(lr=...), Adam(lr=...), NewtonCG()) or "
                     f"have init(params) and step(objective, params, state) or update(params, grads, state), "
                     f"got {optimizer!r}")
 

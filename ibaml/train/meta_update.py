@@ -1,4 +1,4 @@
-"""One meta-update of a :class:`ibaml.meta_problem.MetaProblem` by an optimiser: the mean over
+"""One meta-update of a :class:`ibaml.core.meta_problem.MetaProblem` by an optimiser: the mean over
 the finite tasks by masks, the non-finite policy, the distributed all-reduce and the optimiser
 step. Everything the step needs comes in as an argument (the problem, the optimiser, the tasks
 and their draws, the policy, the process group); the caller (:class:`ibaml.MetaLearner`) keeps
@@ -10,7 +10,7 @@ the step and skip counts::
     θ ← meta_optimizer.step(θ, g)
 
 With a ``process_group`` each process computes ``g_t`` for its shard of the batch and the
-sums over tasks are all-reduced (:mod:`ibaml.distributed`): every process gets the
+sums over tasks are all-reduced (:mod:`ibaml.train.distributed`): every process gets the
 one-process meta-gradient.
 """
 
@@ -21,8 +21,8 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import distributed
-from .nonfinite import NonFiniteError, nonfinite_cause_counts, nonfinite_causes, nonfinite_message
+from ibaml.train import distributed
+from ibaml.train.nonfinite import NonFiniteError, nonfinite_cause_counts, nonfinite_causes, nonfinite_message
 
 __all__ = ["MetaGradient", "reduce_task_gradients", "meta_gradient", "meta_step", "read_stats", "apply_nonfinite_policy"]
 
@@ -50,7 +50,7 @@ def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
 
 
 def reduce_task_gradients(out) -> MetaGradient:
-    """The mean over the finite tasks of :meth:`ibaml.meta_problem.MetaProblem.task_gradients`' output, by
+    """The mean over the finite tasks of :meth:`ibaml.core.meta_problem.MetaProblem.task_gradients`' output, by
     masks alone (no host read; it compiles with ``torch.compile(fullgraph=True)``)::
 
         finite_t = finite(v_t*) ∧ finite(F_t),   N = max(1, Σ_t finite_t)
@@ -72,7 +72,7 @@ def meta_gradient(problem, task: Dict[str, Tensor], draws: Dict[str, Tensor], *,
 
         g = (1/N) Σ_{t finite} g_t,    loss = (1/N) Σ_{t finite} F_t
 
-    ``problem`` is a :class:`ibaml.meta_problem.MetaProblem`, ``task`` on its device, ``meta`` the
+    ``problem`` is a :class:`ibaml.core.meta_problem.MetaProblem`, ``task`` on its device, ``meta`` the
     meta-parameters (default the problem's, detached). With ``check`` non-finite tasks are
     handled by the policy ``nonfinite`` (``"raise"``: :class:`NonFiniteError` naming the stage
     that failed; ``"skip"``: dropped, unless every task failed), which reads one count on the
@@ -106,7 +106,7 @@ def meta_gradient(problem, task: Dict[str, Tensor], draws: Dict[str, Tensor], *,
 
 def meta_step(problem, optimizer, task: Dict[str, Tensor], draws: Dict[str, Tensor], *, nonfinite: str = "raise",
               process_group: Any = None, check: bool = True) -> Dict[str, Any]:
-    """One update of the meta-parameters of ``problem`` (a :class:`ibaml.meta_problem.MetaProblem`)
+    """One update of the meta-parameters of ``problem`` (a :class:`ibaml.core.meta_problem.MetaProblem`)
     by ``optimizer`` (a ``torch.optim`` optimiser over them) on ``task`` with the fixed ``draws``;
     returns summary statistics: ``loss`` (mean query loss of the finite tasks), ``skipped``
     (non-finite tasks dropped), the means of ``inner_grad_norm`` and ``residual_norm`` over the

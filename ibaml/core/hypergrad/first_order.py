@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tree import tree_add, tree_all_finite
-from .base import HypergradEstimator, TaskGradient
-from .implicit import _outer_value_and_grads
+from ibaml.core.hypergrad.base import HypergradEstimator, TaskGradient
+from ibaml.core.hypergrad.implicit import _outer_value_and_grads
+from ibaml.core.tree import tree_add, tree_all_finite
 
 
 @dataclass

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from ..implicit_function import implicit_vjp_at_solution
-from ..linalg import CG
-from ..tree import FlatSpec, tree_add, tree_all_finite
-from .base import HypergradEstimator, TaskGradient
+from ibaml.core.hypergrad.base import HypergradEstimator, TaskGradient
+from ibaml.core.implicit_function import implicit_vjp_at_solution
+from ibaml.core.linalg import CG
+from ibaml.core.tree import FlatSpec, tree_add, tree_all_finite
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Implicit(HypergradEstimator):
     a graph: memory does not grow with the number of inner steps).
 
     Args:
-        solver: linear solver from :mod:`ibaml.linalg` (``CG``, ``Neumann``, ``Dense``).
+        solver: linear solver from :mod:`ibaml.core.linalg` (``CG``, ``Neumann``, ``Dense``).
         precondition: pass the problem's diagonal curvature (the prior precision) to
             the solver.
         hvp_mode: ``"rev"`` or ``"fwd"`` Hessian-vector products.

@@ -1,10 +1,10 @@
 """Hypergradient estimators behind one interface (:class:`HypergradEstimator`):
 implicit (CG / Neumann / dense solve), explicit unrolled, first-order, lazy teacher–student."""
 
-from .base import HypergradEstimator, TaskGradient
-from .explicit import Explicit
-from .first_order import FirstOrder
-from .implicit import Implicit
-from .lazy import Lazy
+from ibaml.core.hypergrad.base import HypergradEstimator, TaskGradient
+from ibaml.core.hypergrad.explicit import Explicit
+from ibaml.core.hypergrad.first_order import FirstOrder
+from ibaml.core.hypergrad.implicit import Implicit
+from ibaml.core.hypergrad.lazy import Lazy
 
 __all__ = ["HypergradEstimator", "TaskGradient", "Implicit", "Explicit", "FirstOrder", "Lazy"]

@@ -24,7 +24,7 @@ For a task with support set S and query set Q, and meta-parameters θ:
   fixed while a solution is differentiated.
 
 Everything is a pure function of ``(v, θ, task)``, vmapped over tasks by the callers; the
-inner loop that minimises ``G`` is :mod:`ibaml.inner_loop`.
+inner loop that minimises ``G`` is :mod:`ibaml.core.inner_loop`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from .task_model import TaskModel
-from .tree import ParamDict
+from ibaml.core.task_model import TaskModel
+from ibaml.core.tree import ParamDict
 
 Task = Dict[str, Tensor]
 
@@ -265,7 +265,7 @@ class Variational(InferenceMethod):
         return self.expectation == "linearized"
 
     def head_outputs(self, model: TaskModel, v, meta, x: Tensor):
-        """``(φ(x) m, φ(x)² s)`` (:meth:`ibaml.task_model.TaskModel.head_outputs`)."""
+        """``(φ(x) m, φ(x)² s)`` (:meth:`ibaml.core.task_model.TaskModel.head_outputs`)."""
         return model.head_outputs(meta, self.point(v), self.variance(v), x)
 
     def __post_init__(self):

@@ -23,7 +23,7 @@ network's last layer
 (:func:`priors.last_layer`) and meta-learn the rest as shared weights (``net.*``
 meta-parameters, reached through ``B = ∇²_vθ G`` of the implicit gradient). For a Gaussian
 likelihood the inner problem is then a ridge regression on learned features (a Bayesian
-linear regression for the variational methods) and :class:`ibaml.optim.NewtonCG` solves it
+linear regression for the variational methods) and :class:`ibaml.core.optim.NewtonCG` solves it
 to ``||∇G|| < 10⁻³`` in a few steps; for a softmax head it is convex. ``include="all"``
 gives the prior over every weight of the papers, with the defaults of :data:`FULL_NETWORK`,
 and :data:`RECIPES` names them:
@@ -39,10 +39,10 @@ abml-all    ABML, σ = 0.01, β = 2·10⁻⁴, 4 antithetic draws, 10 SGD steps,
 ==========  ==========================================================================
 
 and one head recipe for regression, ``ibaml-fullcov``: iBaML with a Gaussian posterior of full
-covariance over the head (:class:`ibaml.inference.FullCovariance`, the covariance in closed
+covariance over the head (:class:`ibaml.core.inference.FullCovariance`, the covariance in closed
 form, the mean from its Gauss–Newton start and one Newton step) under a low-rank-plus-diagonal
 prior of rank 2 (:class:`priors.LowRankGaussian`), the implicit gradient through the mean; with
-:class:`ibaml.nets.RandomFourierFeatures` under the head its predictive variance returns to the
+:class:`ibaml.core.nets.RandomFourierFeatures` under the head its predictive variance returns to the
 prior's away from the training inputs (``docs/results/shift.md``).
 
 Whether their inner problems are solved is reported with every run (``inner_grad_norm``
@@ -62,7 +62,7 @@ ibaml       10           NewtonCG (10 CG iterations, |Δρ| ≤ 3) from the fixe
                          variances (``variance_start="fixed_point"``); σ = 1, β = 1, the
                          linearised expectation (exact for a linear-Gaussian head); in
                          regression a noise per task with its prior's pseudo-count held
-                         at 1 (:data:`NOISE_PRIOR_COUNT`)
+                         at 1 (:data:`ibaml.recipes.noise_presets.NOISE_PRIOR_COUNT`)
 abml        10           PriorPreconditioned (proximal step 0.002 on the means, half a
                          Newton step on ρ bounded by 0.5), differentiated through; the
                          model of ibaml (differentiating through Newton-CG iterations
@@ -88,7 +88,7 @@ many more support points than 20 needs more (``cg_steps``, ``--cg-steps``).
 For classification (a :class:`CategoricalLikelihood`) iMAML's ``λ`` is 30 and ABML's and
 iBaML's ``σ`` 0.01 with ``β = 10⁻³`` (ABML) and ``3·10⁻³`` (iBaML) (:data:`CLASSIFICATION`);
 every method gets a meta-learned logit scale on its predictions and, with SGD, MAML's inner
-step (:mod:`ibaml.image_presets`, whose :func:`~ibaml.image_presets.image_learner` builds an
+step (:mod:`ibaml.recipes.image_presets`, whose :func:`~ibaml.recipes.image_presets.image_learner` builds an
 image learner with all of them).
 
 ``β = 1`` with σ = 1 on the head is the exact (untempered) posterior of the model. The
@@ -108,7 +108,7 @@ one, :data:`CLASSIFICATION` for a :class:`CategoricalLikelihood` and :data:`TASK
 :class:`TaskNoiseGaussianLikelihood` (:func:`variants`); the arguments given to
 :func:`build_learner` override them all (:func:`method_recipe`). :func:`build_learner` then
 assembles the prior, the inference, the estimator and the inner optimiser from the recipe
-(:mod:`ibaml.recipe`). :data:`PRESETS` is the view of the recipes as the options each method
+(:mod:`ibaml.recipes.recipe`). :data:`PRESETS` is the view of the recipes as the options each method
 sets.
 
 Example
@@ -128,13 +128,10 @@ from torch import nn
 
 from priors.base import Prior
 
-from .learner import MetaLearner
-from .likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
-from .noise_presets import (NOISE_MODELS, NOISE_PRIOR_COUNT, REGRESSION_NOISE,  # noqa: F401  (ibaml.presets.*)
-                            noise_prior_count, regression_likelihood)
-from .recipe import (ESTIMATORS, INNER_OPTIMIZERS, PRIOR_FAMILIES, Recipe,  # noqa: F401  (ibaml.presets.*)
-                     build_estimator, build_inference, build_inner_optimizer, build_prior, build_scope,
-                     hessian_free, newton_cg, prior_preconditioned)
+from ibaml.core.likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
+from ibaml.recipes.recipe import (Recipe, build_estimator, build_inference, build_inner_optimizer, build_prior,
+                                  build_scope)
+from ibaml.train.learner import MetaLearner
 
 
 #: one recipe per method (see the module tables); :data:`METHODS` are their names
@@ -170,7 +167,7 @@ PRESETS = {method: _options(recipe) for method, recipe in METHOD_RECIPES.items()
 
 
 #: overrides of a recipe for a noise inferred per task (a :class:`TaskNoiseGaussianLikelihood`
-#: with a :class:`ibaml.nets.NoiseHead`): the inner problem is no longer quadratic in the
+#: with a :class:`ibaml.core.nets.NoiseHead`): the inner problem is no longer quadratic in the
 #: head (the mean's curvature ``1/σ²`` depends on the noise, and the Hessian in the mean and
 #: the log noise is indefinite wherever a residual is non-zero), and an unbounded Newton step
 #: from the prior can overshoot to a non-finite iterate; each weight's step is bounded by 1 and
@@ -190,8 +187,8 @@ TASK_NOISE = {
 #: (per-weight steps that do not depend on the scale of a learned noise or of the features),
 #: iMAML-HF replaces them by Newton-CG steps (5 CG iterations) on ``∇²G + μP`` with a
 #: Levenberg–Marquardt damping ``μ`` adapted per task and a backtracking line search on ``G``
-#: (:func:`ibaml.recipe.hessian_free`; ``adaptive_damping`` and ``line_search`` of
-#: :class:`ibaml.optim.NewtonCG`). iBaML and ABML over all weights follow
+#: (:func:`ibaml.recipes.recipe.hessian_free`; ``adaptive_damping`` and ``line_search`` of
+#: :class:`ibaml.core.optim.NewtonCG`). iBaML and ABML over all weights follow
 #: the published variational recipes (``../notes``: a prior scale far below the weights', the KL
 #: down-weighted against the summed NLL, several antithetic draws, the posterior started at the
 #: prior); their KL weight and scale set the pull on the mean to ``β/σ² = 2``, iMAML's λ. ABML,
@@ -322,8 +319,8 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         inner_lr: inner learning rate for ``"sgd"`` and ``"prior"`` (default 0.002 — on the
             summed Gaussian NLL with unit noise over 10 points this is the usual MAML step of
             0.01 on the mean squared error) and ``"adam"`` (default 0.01).
-        inner_optimizer: ``"sgd"``, ``"adam"``, ``"prior"`` (:class:`ibaml.optim.PriorPreconditioned`),
-            ``"newton"`` (:class:`ibaml.optim.NewtonCG`), ``"hf"`` (:func:`hessian_free`), or an
+        inner_optimizer: ``"sgd"``, ``"adam"``, ``"prior"`` (:class:`ibaml.core.optim.PriorPreconditioned`),
+            ``"newton"`` (:class:`ibaml.core.optim.NewtonCG`), ``"hf"`` (:func:`ibaml.recipes.recipe.hessian_free`), or an
             optimiser object.
         cg_steps, cg_damping: conjugate-gradient iterations and damping of the implicit
             meta-gradient (iMAML, iBaML; see the module docstring for the default 20).
@@ -349,7 +346,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
             variational inference and implicit gradient with ``MyPrior``. ``precision``,
             ``learn_precision``, ``init_scale`` and ``include`` then do not apply.
         per_point: MAP methods only: the inner objective on the mean over the support points
-            (:class:`ibaml.inference.MAP`), so that an inner step size means the same at every
+            (:class:`ibaml.core.inference.MAP`), so that an inner step size means the same at every
             support size; the step on the summed loss ``η`` at ``N₀`` points is ``η N₀`` here.
         learner_kwargs: passed to :class:`MetaLearner` (``meta_lr``, ``chunk_size``, ...).
     """

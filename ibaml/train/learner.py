@@ -3,7 +3,7 @@
 It owns what a run changes: the meta-optimiser, the step count (``step_count``), the skipped
 tasks (:attr:`MetaLearner.skipped_tasks`), the random generator of the Monte Carlo draws, the
 non-finite policy and the process group, and it calls the pure problem
-(:class:`ibaml.meta_problem.MetaProblem`: network, prior, likelihood, inference method, inner
+(:class:`ibaml.core.meta_problem.MetaProblem`: network, prior, likelihood, inference method, inner
 loop and estimator as functions of θ, the tasks and their draws), never the reverse::
 
     task, draws = prepare(batch), problem.noise_draws(T, generator)       once per step
@@ -13,16 +13,16 @@ loop and estimator as functions of θ, the tasks and their draws), never the rev
 :meth:`MetaLearner.adapt` and :meth:`MetaLearner.predict` infer and predict new tasks with
 draws from the learner's generator; :meth:`MetaLearner.evaluate`, :meth:`MetaLearner.task_outputs`
 and :meth:`MetaLearner.fit_noise_prior` do it a chunk of tasks at a time
-(:mod:`ibaml.evaluation`); the training loop with checkpoints is :func:`ibaml.training.fit`.
+(:mod:`ibaml.train.evaluation`); the training loop with checkpoints is :func:`ibaml.train.training.fit`.
 
 Example
 -------
 >>> import ibaml, priors
 >>> from ibaml.data import SineTaskDistribution
 >>> _ = torch.manual_seed(0)
->>> net = ibaml.nets.MLP(1, (8,), 1)
+>>> net = ibaml.core.nets.MLP(1, (8,), 1)
 >>> learner = MetaLearner(net, priors.IsotropicGaussian.from_module(net, precision=10.0),
-...                       ibaml.GaussianLikelihood(0.5), inner_optimizer=ibaml.optim.SGD(lr=0.01), inner_steps=3)
+...                       ibaml.GaussianLikelihood(0.5), inner_optimizer=ibaml.core.optim.SGD(lr=0.01), inner_steps=3)
 >>> batch = SineTaskDistribution(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
 >>> out = learner.task_gradients(batch)
 >>> out.loss.shape, out.grads["prior.loc_unconstrained"].shape     # [tasks], [tasks, D]
@@ -44,19 +44,19 @@ from torch import Tensor, nn
 
 from priors.base import Prior
 
-from . import distributed, meta_update
-from .calibration import CalibrationReport
-from .conjugate_noise import ConjugateNoiseGaussianLikelihood
-from .data.tasks import as_task_dict
-from .evaluation import noise_prior_refit, over_chunks, prediction_report, query_outputs
-from .hypergrad import HypergradEstimator, Implicit, TaskGradient
-from .inference import MAP, InferenceMethod, Variational
-from .inner_loop import InnerLoop, TaskProblem
-from .likelihoods import Likelihood
-from .meta_problem import TASK_BATCHING, MetaProblem, Posterior
-from .task_model import TaskModel
-from .optim import SGD
-from .nonfinite import NONFINITE_POLICIES
+from ibaml.calibration import CalibrationReport
+from ibaml.core.conjugate_noise import ConjugateNoiseGaussianLikelihood
+from ibaml.core.hypergrad import HypergradEstimator, Implicit, TaskGradient
+from ibaml.core.inference import MAP, InferenceMethod, Variational
+from ibaml.core.inner_loop import InnerLoop
+from ibaml.core.likelihoods import Likelihood
+from ibaml.core.meta_problem import TASK_BATCHING, MetaProblem, Posterior
+from ibaml.core.optim import SGD
+from ibaml.core.task_model import TaskModel
+from ibaml.data.tasks import as_task_dict
+from ibaml.train import distributed, meta_update
+from ibaml.train.evaluation import noise_prior_refit, over_chunks, prediction_report, query_outputs
+from ibaml.train.nonfinite import NONFINITE_POLICIES
 
 Task = Dict[str, Tensor]
 
@@ -82,7 +82,7 @@ def _problem_setting(name: str, writable: bool = True) -> property:
     """A property of :class:`MetaLearner` that reads (and, if ``writable``, sets) ``meta_problem.<name>``."""
     getter = lambda self: getattr(self.meta_problem, name)
     setter = (lambda self, value: setattr(self.meta_problem, name, value)) if writable else None
-    return property(getter, setter, doc=f"``meta_problem.{name}`` (:class:`ibaml.meta_problem.MetaProblem`).")
+    return property(getter, setter, doc=f"``meta_problem.{name}`` (:class:`ibaml.core.meta_problem.MetaProblem`).")
 
 
 class MetaLearner(nn.Module):
@@ -93,8 +93,8 @@ class MetaLearner(nn.Module):
         prior: a :class:`priors.Prior` over (some of) ``net``'s parameters.
         likelihood: :class:`GaussianLikelihood` (regression) or :class:`CategoricalLikelihood`.
         method: :class:`MAP` or :class:`Variational` (or ``"map"`` / ``"variational"``).
-        estimator: a :class:`ibaml.hypergrad.HypergradEstimator` (default :class:`Implicit`).
-        inner_optimizer: functional optimiser of :mod:`ibaml.optim`.
+        estimator: a :class:`ibaml.core.hypergrad.HypergradEstimator` (default :class:`Implicit`).
+        inner_optimizer: functional optimiser of :mod:`ibaml.core.optim`.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps in :meth:`adapt` (default ``inner_steps``).
         meta_lr: learning rate of the default meta-optimiser (Adam).
@@ -115,9 +115,9 @@ class MetaLearner(nn.Module):
             whose names match (first match wins), e.g. ``{r"prior\.scale": 1e-2}`` to move
             prior scales, which the meta-optimiser sees in log coordinates, faster than the
             network weights.
-        process_group: a ``torch.distributed`` process group (e.g. ``ibaml.distributed.init_from_env().group``):
+        process_group: a ``torch.distributed`` process group (e.g. ``ibaml.train.distributed.init_from_env().group``):
             each process solves its shard of every meta-batch and the meta-gradients are
-            summed across processes (:mod:`ibaml.distributed`); the result is the one-process
+            summed across processes (:mod:`ibaml.train.distributed`); the result is the one-process
             meta-gradient. ``None`` (default): one process.
 
     **Non-finite policy.** A task is *non-finite* when its inner solution (the iterate, the
@@ -140,7 +140,7 @@ class MetaLearner(nn.Module):
     -------
     >>> import ibaml, priors
     >>> from ibaml.data import SineTaskDistribution
-    >>> net = ibaml.nets.MLP(1, (8,), 1)
+    >>> net = ibaml.core.nets.MLP(1, (8,), 1)
     >>> learner = MetaLearner(net, priors.IsotropicGaussian.from_module(net, precision=100.0),
     ...                       ibaml.GaussianLikelihood(1.0), nonfinite="skip")
     >>> batch = SineTaskDistribution(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
@@ -224,7 +224,7 @@ class MetaLearner(nn.Module):
     # ------------------------------------------------------------------ tasks and their draws
     def task_and_draws(self, batch, validate: bool = True) -> Tuple[Task, Task]:
         """``(task, draws)``: the batch as a dict on the learner's device and dtype (integer
-        labels keep theirs), checked first (:meth:`ibaml.meta_problem.MetaProblem.check_tasks`,
+        labels keep theirs), checked first (:meth:`ibaml.core.meta_problem.MetaProblem.check_tasks`,
         which reads values on the host) unless ``validate=False``, and the inference method's
         draws of this step: those the batch carries (a dict from :meth:`prepare`), else new ones
         from the learner's generator."""
@@ -248,20 +248,20 @@ class MetaLearner(nn.Module):
         """Per-task losses ``F_t [T]``, meta-gradients ``g_t`` (each leaf ``[T, ...]``) and
         diagnostics (each ``[T]``) of the estimator at ``θ = meta`` (default: the current
         meta-parameters), with no host synchronisation and no update
-        (:meth:`ibaml.meta_problem.MetaProblem.task_gradients`). ``batch`` is not validated here;
+        (:meth:`ibaml.core.meta_problem.MetaProblem.task_gradients`). ``batch`` is not validated here;
         a dict from :meth:`prepare` keeps its draws."""
         task, draws = self.task_and_draws(batch, validate=False)
         return self.meta_problem.task_gradients(self.meta_params() if meta is None else meta, task, draws)
 
     def meta_gradient(self, batch, *, validate: bool = True, check: bool = True) -> meta_update.MetaGradient:
-        """The mean meta-gradient over the finite tasks, :func:`ibaml.meta_update.meta_gradient`
+        """The mean meta-gradient over the finite tasks, :func:`ibaml.train.meta_update.meta_gradient`
         with this learner's draws, non-finite policy and process group."""
         task, draws = self.task_and_draws(batch, validate)
         return meta_update.meta_gradient(self.meta_problem, task, draws, nonfinite=self.nonfinite,
                                          process_group=self.process_group, check=check)
 
     def meta_step(self, batch, *, validate: bool = True, check: bool = True) -> Dict[str, Any]:
-        """One meta-update (:func:`ibaml.meta_update.meta_step` with the learner's meta-optimiser),
+        """One meta-update (:func:`ibaml.train.meta_update.meta_step` with the learner's meta-optimiser),
         counted in ``step_count`` and, with ``check``, its skipped tasks in :attr:`skipped_tasks`;
         returns its statistics. ``validate=False, check=False`` reads nothing on the host
         (:meth:`read_stats` applies the policy later)."""
@@ -286,7 +286,7 @@ class MetaLearner(nn.Module):
     # ------------------------------------------------------------------ adaptation and prediction
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Posterior:
         """Task inference on support sets ``[T, S, ...]``: a :class:`Posterior` per task
-        (:meth:`ibaml.meta_problem.MetaProblem.adapt` with draws from the learner's generator)."""
+        (:meth:`ibaml.core.meta_problem.MetaProblem.adapt` with draws from the learner's generator)."""
         task, draws = self.task_and_draws({"support_x": support_x, "support_y": support_y})
         return self.meta_problem.adapt(self.meta_params(), task, draws, steps)
 
@@ -297,7 +297,7 @@ class MetaLearner(nn.Module):
 
     @torch.no_grad()
     def predict(self, posterior: Posterior, x: Tensor, num_samples: Optional[int] = None):
-        """Posterior predictive at ``x [T, N, ...]`` (:meth:`ibaml.meta_problem.MetaProblem.predict`,
+        """Posterior predictive at ``x [T, N, ...]`` (:meth:`ibaml.core.meta_problem.MetaProblem.predict`,
         with ``num_samples`` draws from the learner's generator where the predictive needs them):
         regression ``(mean, var)`` each ``[T, N, d]``, classification probabilities ``[T, N, C]``."""
         eps = None
@@ -307,7 +307,7 @@ class MetaLearner(nn.Module):
 
     # ------------------------------------------------------------------ chunked evaluation
     def _over_chunks(self, per_chunk, tasks, num_tasks, chunk, seed, generators, progress, desc, steps):
-        """:func:`ibaml.evaluation.over_chunks` of ``per_chunk(posterior, batch)`` after adapting to
+        """:func:`ibaml.train.evaluation.over_chunks` of ``per_chunk(posterior, batch)`` after adapting to
         each chunk's support sets, with the learner's generator reseeded too."""
         def adapted(batch):
             return per_chunk(self.adapt(batch["support_x"], batch["support_y"], steps=steps), batch)
@@ -366,7 +366,7 @@ class MetaLearner(nn.Module):
         the network) and under an objective in which they also weigh the tasks against each other;
         this is the closed-loop step that makes the predictive's width match the held-out errors.
 
-        >>> likelihood = ibaml.presets.regression_likelihood("conjugate", 5.0, False)
+        >>> likelihood = ibaml.recipes.regression_likelihood("conjugate", 5.0, False)
         >>> learner = ibaml.build_learner("ibaml", MLP(1, (8,), 1), likelihood, inner_steps=2)
         >>> held_out = tasks.sample(50, torch.Generator().manual_seed(0))
         >>> fitted = learner.fit_noise_prior(held_out, tails="lognormal")

@@ -21,12 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
-from .calibration import CalibrationReport
-from .calibration.recalibration import refit_noise_prior
-from .calibration.tails import describe
-from .data.tasks import as_task_dict
-from .nonfinite import check_finite_predictions
-from .progress import progress_bar
+from ibaml.calibration import CalibrationReport
+from ibaml.calibration.recalibration import refit_noise_prior
+from ibaml.calibration.tails import describe
+from ibaml.data.tasks import as_task_dict
+from ibaml.train.nonfinite import check_finite_predictions
+from ibaml.train.progress import progress_bar
 
 
 def _chunks(tasks, num_tasks: Optional[int], chunk: Optional[int]):

@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .calibration.tails import LogNormalScale, StudentTTails, describe
-from .likelihoods import GaussianLikelihood, _gaussian_log_prob, _positive_attribute
+from ibaml.calibration.tails import LogNormalScale, StudentTTails, describe
+from ibaml.core.likelihoods import GaussianLikelihood, _gaussian_log_prob, _positive_attribute
 
 __all__ = ["ConjugateNoiseGaussianLikelihood"]
 

@@ -1,7 +1,7 @@
 """``MetaProblem``: the meta-learning problem of a batch of tasks as pure functions of the
 meta-parameters θ, the tasks and their Monte Carlo draws.
 
-It binds a :class:`ibaml.task_model.TaskModel`, an inference method, an inner loop and a
+It binds a :class:`ibaml.core.task_model.TaskModel`, an inference method, an inner loop and a
 hypergradient estimator, and maps the per-task work over the tasks (``torch.func.vmap`` with an
 optional ``chunk_size``, or a Python loop, :func:`loop_over_tasks`)::
 
@@ -18,9 +18,9 @@ Example
 -------
 >>> import ibaml, priors
 >>> from ibaml.data import SineTaskDistribution
->>> net = ibaml.nets.MLP(1, (8,), 1)
+>>> net = ibaml.core.nets.MLP(1, (8,), 1)
 >>> model = ibaml.TaskModel(net, priors.IsotropicGaussian.from_module(net, precision=10.0), ibaml.GaussianLikelihood(0.5))
->>> problem = MetaProblem(model, ibaml.MAP(), ibaml.Implicit(), ibaml.InnerLoop(ibaml.optim.SGD(lr=0.01), 3))
+>>> problem = MetaProblem(model, ibaml.MAP(), ibaml.Implicit(), ibaml.InnerLoop(ibaml.core.optim.SGD(lr=0.01), 3))
 >>> task = problem.to_device(SineTaskDistribution(shots=5, query=5).sample(4, torch.Generator().manual_seed(0)))
 >>> draws = problem.noise_draws(4, torch.Generator().manual_seed(0))    # none for a point estimate
 >>> out = problem.task_gradients(problem.meta_params(), task, draws)
@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .data.tasks import as_task_dict, validate_labels, validate_tasks
-from .hypergrad import HypergradEstimator, TaskGradient
-from .inference import MAP, Variational, task_noise_ratio
-from .inner_loop import InnerLoop, TaskProblem
-from .likelihoods import CategoricalLikelihood
-from .task_model import TaskModel
+from ibaml.core.hypergrad import HypergradEstimator, TaskGradient
+from ibaml.core.inference import MAP, Variational, task_noise_ratio
+from ibaml.core.inner_loop import InnerLoop, TaskProblem
+from ibaml.core.likelihoods import CategoricalLikelihood
+from ibaml.core.task_model import TaskModel
+from ibaml.data.tasks import as_task_dict, validate_labels, validate_tasks
 
 __all__ = ["MetaProblem", "Posterior", "TASK_BATCHING", "loop_over_tasks"]
 
@@ -88,9 +88,9 @@ class MetaProblem:
     """Model, inference method, inner loop and estimator of a batch of tasks; see the module docstring.
 
     Args:
-        model: the :class:`ibaml.task_model.TaskModel` (network, prior, likelihood).
+        model: the :class:`ibaml.core.task_model.TaskModel` (network, prior, likelihood).
         method: :class:`ibaml.MAP` or :class:`ibaml.Variational`.
-        estimator: a :class:`ibaml.hypergrad.HypergradEstimator`.
+        estimator: a :class:`ibaml.core.hypergrad.HypergradEstimator`.
         inner_loop: the :class:`ibaml.InnerLoop` of meta-training.
         eval_inner_steps: inner steps in :meth:`adapt` (default the inner loop's).
         chunk_size: tasks per vmap chunk (``None``: all at once).
@@ -215,7 +215,7 @@ class MetaProblem:
     def exact_predictive(self, posterior: Posterior) -> bool:
         """Whether :meth:`predict` is exact with no draws: a posterior whose outputs are Gaussian
         (the method's ``exact_outputs``: a variational posterior over a linear head with the
-        linearised expectation, :class:`~ibaml.inference.FullCovariance`) and a likelihood with a
+        linearised expectation, :class:`~ibaml.core.inference.FullCovariance`) and a likelihood with a
         Gaussian-outputs predictive."""
         return posterior.method.exact_outputs and self.model.likelihood.gaussian_outputs_predictive
 

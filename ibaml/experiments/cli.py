@@ -8,7 +8,7 @@ Resuming a run from the command that started it works in three steps:
 
 1. :func:`given_options` tells the options typed on the command line from argparse's defaults;
 2. the checkpoint is read with the given options that shape the trajectory as the
-   configuration it must match (:func:`ibaml.checkpoint.load_checkpoint`);
+   configuration it must match (:func:`ibaml.train.checkpoint.load_checkpoint`);
 3. :func:`merge_saved_options` fills every option *not* given from the saved configuration.
 
 Example
@@ -38,12 +38,12 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .data.omniglot import parse_split_sizes
-from .data.splits import DATASETS, FIXTURE_KINDS, load_splits, write_fixture
-from .distributed import launch_world_size, launched_in_parallel
-from .nonfinite import NONFINITE_POLICIES
-from .training import LAST, holds_run
+from ibaml.data.omniglot import parse_split_sizes
+from ibaml.data.splits import DATASETS, FIXTURE_KINDS, load_splits, write_fixture
+from ibaml.train.checkpoint import load_checkpoint
+from ibaml.train.distributed import launch_world_size, launched_in_parallel
+from ibaml.train.nonfinite import NONFINITE_POLICIES
+from ibaml.train.training import LAST, holds_run
 
 __all__ = ["add_run_options", "check_run_options", "RUN_MAY_CHANGE", "add_image_data_options",
            "check_image_data_options", "load_image_data", "IMAGE_DATA_MAY_CHANGE", "parse_resumable", "given_options",
@@ -72,7 +72,7 @@ def add_run_options(parser, *, meta_iters: int, meta_batch: int, checkpoint_ever
     interval: ``--meta-iters --meta-batch --meta-lr --cg-steps --cg-damping --checkpoint-every
     --read-every --resume --overwrite --device --dtype --seed --threads --out --no-progress``,
     ``--nonfinite`` with ``nonfinite=True`` and ``--distributed`` (data-parallel under
-    ``torchrun``) with ``distributed=True``. They go to :func:`ibaml.training.fit` and
+    ``torchrun``) with ``distributed=True``. They go to :func:`ibaml.train.training.fit` and
     :func:`ibaml.build_learner`; :func:`check_run_options` checks them."""
     add = parser.add_argument
     add("--meta-iters", type=int, default=meta_iters, help="meta-iterations")
@@ -84,7 +84,7 @@ def add_run_options(parser, *, meta_iters: int, meta_batch: int, checkpoint_ever
         help="also write last.pt every N meta-iterations (0: only at the end, where it is always written)")
     add("--read-every", type=int, default=0, metavar="N",
         help="read the training statistics on the host every N meta-iterations (default: 1 on the CPU, "
-             "ibaml.training.GPU_READ_EVERY on a GPU, which then never waits between reads)")
+             "ibaml.train.training.GPU_READ_EVERY on a GPU, which then never waits between reads)")
     add("--resume", default=None, metavar="DIR",
         help="continue the run saved in DIR (a run killed before its first checkpoint starts from scratch)")
     add("--overwrite", action="store_true", help="replace the run that the output folder already holds")
@@ -194,7 +194,7 @@ def parse_resumable(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     """``(args, checkpoint)``: ``argv`` parsed; with ``--resume DIR`` where ``DIR/last.pt``
     exists, that checkpoint is read (``checkpoint``, else ``None``), the options given that are
     not in ``may_change`` must equal its saved configuration
-    (:class:`ibaml.checkpoint.CheckpointError` otherwise), and the options not given take their
+    (:class:`ibaml.train.checkpoint.CheckpointError` otherwise), and the options not given take their
     saved values (:func:`merge_saved_options`)."""
     args = parser.parse_args(argv)
     if args.resume is None or not (Path(args.resume) / LAST).is_file():

@@ -1,5 +1,5 @@
 """The observation-noise models of regression and their per-method defaults (also importable
-from :mod:`ibaml.presets`): :data:`REGRESSION_NOISE` (which model each method uses),
+from :mod:`ibaml.recipes.presets`): :data:`REGRESSION_NOISE` (which model each method uses),
 :data:`NOISE_PRIOR_COUNT` (the conjugate noise's pseudo-count), :func:`regression_likelihood`
 (the likelihood of a model) and :func:`noise_prior_count`.
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .conjugate_noise import ConjugateNoiseGaussianLikelihood
-from .likelihoods import GaussianLikelihood, Likelihood, TaskNoiseGaussianLikelihood
+from ibaml.core.conjugate_noise import ConjugateNoiseGaussianLikelihood
+from ibaml.core.likelihoods import GaussianLikelihood, Likelihood, TaskNoiseGaussianLikelihood
 
 #: the observation noise per method in regression (``examples/sine_regression.py``'s ``--noise``;
 #: a likelihood built by the caller): ``"shared"``, one learned noise scale for all tasks

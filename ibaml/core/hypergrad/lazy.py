@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from ..optim import SGD
-from ..tree import tree_all_finite, tree_detach
-from .base import HypergradEstimator, TaskGradient
+from ibaml.core.hypergrad.base import HypergradEstimator, TaskGradient
+from ibaml.core.optim import SGD
+from ibaml.core.tree import tree_all_finite, tree_detach
 
 VARIANTS = ("paper", "leap_then_step")
 
@@ -63,7 +63,7 @@ class Lazy(HypergradEstimator):
     Args:
         leap: ``γ``, the fraction of the student's displacement the teacher leaps.
         teacher_lr: ``α`` (default: the ``lr`` of the inner optimiser when it is
-            :class:`ibaml.optim.SGD`; required for any other inner optimiser).
+            :class:`ibaml.core.optim.SGD`; required for any other inner optimiser).
         student_steps: ``K`` (default: the problem's inner-loop steps).
         variant: ``"paper"`` or ``"leap_then_step"`` (see above).
 
