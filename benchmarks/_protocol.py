@@ -128,7 +128,7 @@ def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentPa
                    help="validation tasks of the post-hoc recalibration")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=None, metavar="A,B",
-                   help="only these methods, in this order: their final runs (and, for sine, their selection grids)")
+                   help="only these methods, in this order: their final runs and their selection grids")
     p.add_argument("--keep-runs", default=None, metavar="DIR",
                    help="keep the final runs' folders (checkpoints, figures) under DIR instead of removing them")
     return p

@@ -28,8 +28,9 @@ from . import _protocol as P
 METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: the papers' methods, a prior over every weight (``ibaml.recipes.presets.RECIPES``), at their published
 #: settings (``ibaml.recipes.presets.FULL_NETWORK``: λ = 2 and 20 Adam steps for iMAML-GD, 10 Hessian-free
-#: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), no grid:
-#: run by ``final --methods`` beside the head rows, in the same table
+#: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), iMAML-GD's Adam
+#: step chosen on validation (:data:`GRID`; ``select --methods imaml-gd``): run by ``final --methods``,
+#: gathered in a table of their own beside MAML
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: per method, the option chosen on validation and the values tried; ANIL's step as multiples
 #: of MAML's (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
@@ -37,6 +38,7 @@ GRID = {
     "anil": ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)]),
     "imaml": ("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0]),
     "ibaml": ("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2]),
+    "imaml-gd": ("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2]),   # Adam's step over every weight
 }
 DESCRIBE = {
     "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
@@ -62,6 +64,8 @@ def select(args) -> dict:
     out = Path(args.out)
     jobs, keys = [], []
     for method, (option, values) in GRID.items():
+        if args.methods and method not in args.methods:
+            continue
         for value in values(args.ways, args.shots):
             jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{option.strip('-')}_{value:g}",
                          ["--method", method, option, value, "--eval-split", "val", "--eval-tasks", args.val_eval_tasks,
@@ -73,11 +77,13 @@ def select(args) -> dict:
                                              "accuracy": m["accuracy"]["mean"], "nll": m["nll"]["mean"],
                                              "ece_pooled": m["ece_pooled"]["mean"]})
     chosen = {m: max(rows, key=lambda r: r["accuracy"]) for m, rows in tried.items()}
+    path = out / f"selection_{args.shots}shot.json"
+    before = json.loads(path.read_text()) if args.methods and path.is_file() else {"tried": {}, "chosen": {}}
     payload = {"criterion": f"highest accuracy on {args.val_eval_tasks} tasks of the validation classes, seed 0, "
                             f"data seed {args.data_seed}, {args.meta_iters} meta-iterations",
-               "shots": args.shots, "tried": tried,
-               "chosen": {m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}
-    P.write_json(out / f"selection_{args.shots}shot.json", payload)
+               "shots": args.shots, "tried": {**before["tried"], **tried},
+               "chosen": {**before["chosen"], **{m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}}
+    P.write_json(path, payload)
     for method, rows in tried.items():
         opt = GRID[method][0]
         print(f"{method}: " + ", ".join(f"{opt} {r[opt]:g}: acc {r['accuracy']:.3f}" for r in rows)
@@ -137,10 +143,14 @@ def summarize(out: Path) -> dict:
     return summary
 
 
-def markdown(summary: dict, describe: bool = True) -> str:
+def markdown(summary: dict, describe: bool = True, methods=METHODS) -> str:
     """One table per number of shots: mean ± std over the seeds of the accuracy (which temperature
     scaling does not change) and of NLL, per-task ECE and pooled ECE, raw and temperature-scaled
-    ("T-scaled"); ``describe=False`` leaves out the column that says what each row adapts."""
+    ("T-scaled"), the rows of ``methods`` that were run (the head methods and their controls by
+    default; :data:`FULL_NETWORK_METHODS` with MAML for the full-network table);
+    ``describe=False`` leaves out the column that says what each row adapts."""
+    summary = {shots: {m: rows[m] for m in methods if m in rows} for shots, rows in summary.items()}
+    summary = {shots: rows for shots, rows in summary.items() if rows}
     lines = []
     cols = [("accuracy", "raw", "accuracy")] + [(f"{k} {name}", kind, k) for k in METRICS[1:]
                                                 for kind, name in (("raw", "raw"), ("calibrated", "T-scaled"))]
@@ -199,12 +209,61 @@ def findings(summary: dict) -> str:
     return "\n".join(f"- {line}" for line in out)
 
 
+def full_network_findings(summary: dict) -> str:
+    """The sentences on the full-network rows, per number of shots where they were run, written
+    from the numbers whichever way they fall, each with its margin: iMAML-HF's accuracy against
+    MAML's (target: at or above), iMAML-GD's (target: at most 2 points below), iBaML's over every
+    weight (target: at most 3 points below MAML's and at or above ABML's over every weight, where
+    that was run) and its pooled ECE, raw and temperature-scaled, against MAML's and the
+    full-network iMAML rows' (target: below each), with the inner problem's stationarity beside
+    (the mean over seeds of ‖∇G‖ at the returned point, per block)."""
+    out = []
+    for folder, rows in summary.items():
+        k = folder[:-len("shot")]
+        shots = f"{k} shot" + ("" if k == "1" else "s")
+        if "maml" not in rows:
+            continue
+        acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}
+        for method, margin in (("imaml-hf", 0.0), ("imaml-gd", 0.02), ("ibaml-all", 0.03)):
+            if method not in rows:
+                continue
+            gap = acc[method] - acc["maml"]
+            target = "at or above" if margin == 0 else f"within {margin * 100:.0f} points of"
+            out.append(f"At {shots}, {method}'s accuracy is {acc[method]:.3f} against maml's {acc['maml']:.3f}: "
+                       f"{abs(gap) * 100:.1f} points {'above' if gap >= 0 else 'below'} "
+                       f"({'meets' if gap >= -margin - 1e-12 else 'misses'} the target: {target} maml's); "
+                       f"‖∇G‖ at the returned point {_grad_norms(rows[method])}.")
+        if "ibaml-all" in rows and "abml-all" in rows:
+            gap = acc["ibaml-all"] - acc["abml-all"]
+            out.append(f"At {shots}, ibaml-all's accuracy is {abs(gap) * 100:.1f} points "
+                       f"{'above' if gap >= 0 else 'below'} abml-all's ({acc['abml-all']:.3f}).")
+        if "ibaml-all" in rows:
+            for kind, name in (("raw", "raw"), ("calibrated", "temperature-scaled")):
+                mine = rows["ibaml-all"][kind]["ece_pooled"]["mean"]
+                others = {m: rows[m][kind]["ece_pooled"]["mean"] for m in ("maml", "imaml-gd", "imaml-hf") if m in rows}
+                above = [m for m, v in others.items() if v <= mine]
+                out.append(f"At {shots}, ibaml-all's {name} pooled ECE is {mine:.4f} against "
+                           + ", ".join(f"{m}'s {v:.4f}" for m, v in others.items())
+                           + (": below each." if not above else f": not below {', '.join(above)}'s."))
+    return "\n".join(f"- {line}" for line in out)
+
+
+def _grad_norms(entry: dict) -> str:
+    """``entry``'s ‖∇G‖ per block, the mean over its seeds (``"w 1.23"`` or ``"mean 4.3, rho 0.01"``)."""
+    blocks = entry["inner_grad_norm"][0].keys()
+    return ", ".join(f"{b} {sum(n[b] for n in entry['inner_grad_norm']) / len(entry['inner_grad_norm']):.3g}"
+                     for b in blocks)
+
+
 def table(args) -> dict:
     out = Path(args.out)
     summary = summarize(out)
-    return P.write_table(out, "settings from selection_<K>shot.json (validation classes only); test classes "
-                              "evaluated once per configuration; mean ± std over training seeds on one generated "
-                              "dataset", summary, markdown(summary))
+    text = markdown(summary)
+    if any(m in rows for rows in summary.values() for m in FULL_NETWORK_METHODS):
+        text += "\n## A prior over every weight\n\n" + markdown(summary, methods=("maml",) + FULL_NETWORK_METHODS)
+    return P.write_table(out, "settings from selection_<K>shot.json (validation classes only; the full-network "
+                              "methods at their published settings); test classes evaluated once per "
+                              "configuration; mean ± std over training seeds on one generated dataset", summary, text)
 
 
 def main(argv=None):

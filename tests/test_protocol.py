@@ -138,3 +138,19 @@ def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatc
     assert payload["chosen"]["imaml"] == {"--precision": 30.0}
     assert payload["chosen"]["ibaml"] == {"--kl-weight": 1e-3}
     assert json.loads((tmp_path / "selection_1shot.json").read_text())["shots"] == 1
+
+
+def test_image_selection_of_some_methods_keeps_the_others_choices(tmp_path, monkeypatch):
+    """``select --methods imaml-gd`` runs that method's grid only and adds its choice to the
+    selection file beside the choices already recorded."""
+    def fake_run_all(example, jobs, workers, **kwargs):
+        assert all(options[1] == "imaml-gd" for _, options in jobs)
+        return [{k: _metric(1 - float(options[3]) * (10 if float(options[3]) > 0.005 else -10))
+                 for k in ("accuracy", "nll", "ece_pooled")} for _, options in jobs]
+
+    monkeypatch.setattr(P, "run_all", fake_run_all)
+    (tmp_path / "selection_1shot.json").write_text(json.dumps(
+        {"shots": 1, "tried": {"imaml": [{"--precision": 10.0}]}, "chosen": {"imaml": {"--precision": 10.0}}}))
+    payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1", "--methods", "imaml-gd"])
+    assert payload["chosen"] == {"imaml": {"--precision": 10.0}, "imaml-gd": {"--inner-lr": 3e-3}}
+    assert set(payload["tried"]) == {"imaml", "imaml-gd"}
