@@ -32,13 +32,16 @@ METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: step chosen on validation (:data:`GRID`; ``select --methods imaml-gd``): run by ``final --methods``,
 #: gathered in a table of their own beside MAML
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
-#: per method, the option chosen on validation and the values tried; ANIL's step as multiples
-#: of MAML's (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy)
+#: per method, the option chosen on validation, the values tried and (optionally) options held
+#: fixed in every run of the grid and recorded with the choice; ANIL's step as multiples of
+#: MAML's (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy);
+#: iMAML-GD's prior precision over every weight at Adam's step 10⁻² (the step chosen first, at
+#: λ = 2, among 10⁻³, 3·10⁻³ and 10⁻²: ``docs/results/images.md``)
 GRID = {
     "anil": ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)]),
     "imaml": ("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0]),
     "ibaml": ("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2]),
-    "imaml-gd": ("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2]),   # Adam's step over every weight
+    "imaml-gd": ("--precision", lambda ways, shots: [2.0, 10.0, 30.0], {"--inner-lr": 1e-2}),
 }
 DESCRIBE = {
     "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
@@ -63,17 +66,18 @@ def data_options(args, shots: int) -> list:
 def select(args) -> dict:
     out = Path(args.out)
     jobs, keys = [], []
-    for method, (option, values) in GRID.items():
+    for method, (option, values, *held) in GRID.items():
         if args.methods and method not in args.methods:
             continue
+        held = [x for kv in (held[0] if held else {}).items() for x in kv]
         for value in values(args.ways, args.shots):
             jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{option.strip('-')}_{value:g}",
-                         ["--method", method, option, value, "--eval-split", "val", "--eval-tasks", args.val_eval_tasks,
-                          "--seed", 0, *data_options(args, args.shots)]))
+                         ["--method", method, option, value, *held, "--eval-split", "val",
+                          "--eval-tasks", args.val_eval_tasks, "--seed", 0, *data_options(args, args.shots)]))
             keys.append((method, option, value))
     tried = {}
     for (method, option, value), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
-        tried.setdefault(method, []).append({option: value, "split": "validation classes",
+        tried.setdefault(method, []).append({option: value, **(GRID[method][2:] or [{}])[0], "split": "validation classes",
                                              "accuracy": m["accuracy"]["mean"], "nll": m["nll"]["mean"],
                                              "ece_pooled": m["ece_pooled"]["mean"]})
     chosen = {m: max(rows, key=lambda r: r["accuracy"]) for m, rows in tried.items()}
@@ -81,8 +85,10 @@ def select(args) -> dict:
     before = json.loads(path.read_text()) if args.methods and path.is_file() else {"tried": {}, "chosen": {}}
     payload = {"criterion": f"highest accuracy on {args.val_eval_tasks} tasks of the validation classes, seed 0, "
                             f"data seed {args.data_seed}, {args.meta_iters} meta-iterations",
-               "shots": args.shots, "tried": {**before["tried"], **tried},
-               "chosen": {**before["chosen"], **{m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}}
+               "shots": args.shots,
+               "tried": {**before["tried"], **{m: before["tried"].get(m, []) + rows for m, rows in tried.items()}},
+               "chosen": {**before["chosen"], **{m: {GRID[m][0]: row[GRID[m][0]], **(GRID[m][2:] or [{}])[0]}
+                                                 for m, row in chosen.items()}}}
     P.write_json(path, payload)
     for method, rows in tried.items():
         opt = GRID[method][0]

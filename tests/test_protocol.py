@@ -144,13 +144,13 @@ def test_image_selection_of_some_methods_keeps_the_others_choices(tmp_path, monk
     """``select --methods imaml-gd`` runs that method's grid only and adds its choice to the
     selection file beside the choices already recorded."""
     def fake_run_all(example, jobs, workers, **kwargs):
-        assert all(options[1] == "imaml-gd" for _, options in jobs)
-        return [{k: _metric(1 - float(options[3]) * (10 if float(options[3]) > 0.005 else -10))
-                 for k in ("accuracy", "nll", "ece_pooled")} for _, options in jobs]
+        assert all(options[1] == "imaml-gd" and options[options.index("--inner-lr") + 1] == 1e-2 for _, options in jobs)
+        return [{k: _metric({2.0: 0.3, 10.0: 0.6, 30.0: 0.5}[options[3]]) for k in ("accuracy", "nll", "ece_pooled")}
+                for _, options in jobs]
 
     monkeypatch.setattr(P, "run_all", fake_run_all)
     (tmp_path / "selection_1shot.json").write_text(json.dumps(
         {"shots": 1, "tried": {"imaml": [{"--precision": 10.0}]}, "chosen": {"imaml": {"--precision": 10.0}}}))
     payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1", "--methods", "imaml-gd"])
-    assert payload["chosen"] == {"imaml": {"--precision": 10.0}, "imaml-gd": {"--inner-lr": 3e-3}}
-    assert set(payload["tried"]) == {"imaml", "imaml-gd"}
+    assert payload["chosen"] == {"imaml": {"--precision": 10.0}, "imaml-gd": {"--precision": 10.0, "--inner-lr": 1e-2}}
+    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 3
