@@ -32,16 +32,22 @@ METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: step chosen on validation (:data:`GRID`; ``select --methods imaml-gd``): run by ``final --methods``,
 #: gathered in a table of their own beside MAML
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
-#: per method, the option chosen on validation, the values tried and (optionally) options held
-#: fixed in every run of the grid and recorded with the choice; ANIL's step as multiples of
-#: MAML's (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy);
-#: iMAML-GD's prior precision over every weight at Adam's step 10⁻² (the step chosen first, at
-#: λ = 2, among 10⁻³, 3·10⁻³ and 10⁻²: ``docs/results/images.md``)
+#: per method, the stages of its selection on validation: ``(option, values, held)``, the option
+#: varied, the values tried and the options held fixed in every run of the stage; the method
+#: takes the most accurate setting over all its stages. ANIL's step as multiples of MAML's
+#: (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy).
+#: iMAML-GD over every weight: Adam's step at the preset's λ = 2, then λ at Adam's 10⁻², then
+#: plain gradient descent (the paper's solver) at λ = 10 on the summed NLL (the paper's λ = 2 on
+#: the mean of a 1-shot 5-way support) with MAML's step and five times it: a fixed Adam step
+#: cannot settle (each weight oscillates by about the step, so ‖∇G‖ stays near λ·lr·√P).
 GRID = {
-    "anil": ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)]),
-    "imaml": ("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0]),
-    "ibaml": ("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2]),
-    "imaml-gd": ("--precision", lambda ways, shots: [2.0, 10.0, 30.0], {"--inner-lr": 1e-2}),
+    "anil": [("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)], {})],
+    "imaml": [("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0], {})],
+    "ibaml": [("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2], {})],
+    "imaml-gd": [("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}),
+                 ("--precision", lambda ways, shots: [2.0, 10.0], {"--inner-lr": 1e-2}),
+                 ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 5)],
+                  {"--inner-optimizer": "sgd", "--precision": 10.0})],
 }
 DESCRIBE = {
     "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
@@ -63,37 +69,40 @@ def data_options(args, shots: int) -> list:
             "--val-tasks", args.val_tasks, "--data-seed", args.data_seed]
 
 
+def _label(settings: dict) -> str:
+    """``{"--inner-lr": 0.01, "--inner-optimizer": "sgd"}`` → ``"inner-lr_0.01_inner-optimizer_sgd"``."""
+    return "_".join(f"{k.strip('-')}_{v:g}" if isinstance(v, float) else f"{k.strip('-')}_{v}"
+                    for k, v in settings.items())
+
+
 def select(args) -> dict:
     out = Path(args.out)
     jobs, keys = [], []
-    for method, (option, values, *held) in GRID.items():
+    for method, stages in GRID.items():
         if args.methods and method not in args.methods:
             continue
-        held = [x for kv in (held[0] if held else {}).items() for x in kv]
-        for value in values(args.ways, args.shots):
-            jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{option.strip('-')}_{value:g}",
-                         ["--method", method, option, value, *held, "--eval-split", "val",
-                          "--eval-tasks", args.val_eval_tasks, "--seed", 0, *data_options(args, args.shots)]))
-            keys.append((method, option, value))
+        for option, values, held in stages:
+            for value in values(args.ways, args.shots):
+                settings = {option: value, **held}
+                jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{_label(settings)}",
+                             ["--method", method, *[x for kv in settings.items() for x in kv], "--eval-split", "val",
+                              "--eval-tasks", args.val_eval_tasks, "--seed", 0, *data_options(args, args.shots)]))
+                keys.append((method, settings))
     tried = {}
-    for (method, option, value), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
-        tried.setdefault(method, []).append({option: value, **(GRID[method][2:] or [{}])[0], "split": "validation classes",
-                                             "accuracy": m["accuracy"]["mean"], "nll": m["nll"]["mean"],
-                                             "ece_pooled": m["ece_pooled"]["mean"]})
-    chosen = {m: max(rows, key=lambda r: r["accuracy"]) for m, rows in tried.items()}
+    for (method, settings), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
+        tried.setdefault(method, []).append({**settings, "split": "validation classes", "accuracy": m["accuracy"]["mean"],
+                                             "nll": m["nll"]["mean"], "ece_pooled": m["ece_pooled"]["mean"]})
+    chosen = {m: {k: v for k, v in max(rows, key=lambda r: r["accuracy"]).items() if k.startswith("--")}
+              for m, rows in tried.items()}
     path = out / f"selection_{args.shots}shot.json"
     before = json.loads(path.read_text()) if args.methods and path.is_file() else {"tried": {}, "chosen": {}}
     payload = {"criterion": f"highest accuracy on {args.val_eval_tasks} tasks of the validation classes, seed 0, "
                             f"data seed {args.data_seed}, {args.meta_iters} meta-iterations",
-               "shots": args.shots,
-               "tried": {**before["tried"], **{m: before["tried"].get(m, []) + rows for m, rows in tried.items()}},
-               "chosen": {**before["chosen"], **{m: {GRID[m][0]: row[GRID[m][0]], **(GRID[m][2:] or [{}])[0]}
-                                                 for m, row in chosen.items()}}}
+               "shots": args.shots, "tried": {**before["tried"], **tried}, "chosen": {**before["chosen"], **chosen}}
     P.write_json(path, payload)
     for method, rows in tried.items():
-        opt = GRID[method][0]
-        print(f"{method}: " + ", ".join(f"{opt} {r[opt]:g}: acc {r['accuracy']:.3f}" for r in rows)
-              + f" -> {payload['chosen'][method]}")
+        print(f"{method}: " + ", ".join(f"{_label({k: v for k, v in r.items() if k.startswith('--')})}: "
+                                        f"acc {r['accuracy']:.3f}" for r in rows) + f" -> {chosen[method]}")
     return payload
 
 
@@ -105,7 +114,8 @@ def transferred(selection: dict, ways: int, shots: int) -> dict:
     {'anil': {'--inner-lr': 0.0012}, 'imaml': {'--precision': 10.0}}
     """
     ratio = selection["shots"] / shots
-    return {m: {o: (round(v * ratio, 12) if o == "--inner-lr" else v) for o, v in c.items()}
+    scaled = lambda m, c: m == "anil" or c.get("--inner-optimizer") == "sgd"   # SGD's step on the summed NLL
+    return {m: {o: (round(v * ratio, 12) if o == "--inner-lr" and scaled(m, c) else v) for o, v in c.items()}
             for m, c in selection["chosen"].items()}
 
 

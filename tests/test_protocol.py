@@ -141,16 +141,28 @@ def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatc
 
 
 def test_image_selection_of_some_methods_keeps_the_others_choices(tmp_path, monkeypatch):
-    """``select --methods imaml-gd`` runs that method's grid only and adds its choice to the
-    selection file beside the choices already recorded."""
+    """``select --methods imaml-gd`` runs that method's stages only, each run with its stage's
+    held options, takes the best setting over all the stages and adds it to the selection file
+    beside the choices already recorded."""
+    seen = []
+
     def fake_run_all(example, jobs, workers, **kwargs):
-        assert all(options[1] == "imaml-gd" and options[options.index("--inner-lr") + 1] == 1e-2 for _, options in jobs)
-        return [{k: _metric({2.0: 0.3, 10.0: 0.6, 30.0: 0.5}[options[3]]) for k in ("accuracy", "nll", "ece_pooled")}
-                for _, options in jobs]
+        out = []
+        for folder, options in jobs:
+            assert options[1] == "imaml-gd"
+            sgd = "--inner-optimizer" in options
+            seen.append((folder.name, sgd))
+            acc = 0.6 if sgd and options[3] == 0.01 else 0.3
+            out.append({k: _metric(acc) for k in ("accuracy", "nll", "ece_pooled")})
+        return out
 
     monkeypatch.setattr(P, "run_all", fake_run_all)
     (tmp_path / "selection_1shot.json").write_text(json.dumps(
         {"shots": 1, "tried": {"imaml": [{"--precision": 10.0}]}, "chosen": {"imaml": {"--precision": 10.0}}}))
     payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1", "--methods", "imaml-gd"])
-    assert payload["chosen"] == {"imaml": {"--precision": 10.0}, "imaml-gd": {"--precision": 10.0, "--inner-lr": 1e-2}}
-    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 3
+    assert payload["chosen"] == {"imaml": {"--precision": 10.0},
+                                 "imaml-gd": {"--inner-lr": 0.01, "--inner-optimizer": "sgd", "--precision": 10.0}}
+    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 7
+    assert ("imaml-gd_precision_2_inner-lr_0.01", False) in seen
+    assert ("imaml-gd_inner-lr_0.01_inner-optimizer_sgd_precision_10", True) in seen
+    assert image_protocol.transferred(payload, 5, 5)["imaml-gd"]["--inner-lr"] == 0.002
