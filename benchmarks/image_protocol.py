@@ -55,7 +55,8 @@ DESCRIBE = {
     "imaml": "the head (softmax, isotropic prior), Newton steps, implicit",
     "ibaml": "the head (softmax, mean-field, diagonal prior), Newton steps, implicit",
     "abml": "the head (mean-field), proximal steps, explicit",
-    "imaml-gd": "all weights (isotropic prior, λ = 2), 20 Adam steps, implicit",
+    "imaml-gd": "all weights (isotropic prior), 20 first-order steps (optimiser, step and λ from the selection), "
+                "implicit",
     "imaml-hf": "all weights (isotropic prior, λ = 2), 10 Hessian-free steps with a line search, implicit",
     "ibaml-all": "all weights (mean-field, diagonal prior), 20 Adam steps on 4 antithetic draws, implicit",
     "abml-all": "all weights (mean-field), 10 SGD steps on 4 antithetic draws, explicit",
@@ -205,6 +206,7 @@ def findings(summary: dict) -> str:
     lowest), and iMAML's accuracy against ANIL's (the target: at most 1 point below)."""
     out = []
     for folder, rows in summary.items():
+        rows = {m: e for m, e in rows.items() if m in METHODS}   # the head table's rows
         k = folder[:-len("shot")]
         shots = f"{k} shot" + ("" if k == "1" else "s")
         if not {"maml", "anil", "imaml", "ibaml"} <= set(rows):
@@ -223,6 +225,25 @@ def findings(summary: dict) -> str:
                    f"{abs(gap) * 100:.1f} points {'above' if gap >= 0 else 'below'}, "
                    f"{'within' if gap >= -0.01 else 'outside'} the 1-point margin.")
     return "\n".join(f"- {line}" for line in out)
+
+
+def selection_markdown(selection: dict, method: str) -> str:
+    """The settings ``method`` tried on validation (``selection["tried"][method]``), one row each
+    with its accuracy, NLL and pooled ECE on the validation classes, the chosen one marked."""
+    chosen = selection["chosen"][method]
+    lines = ["| setting | accuracy | nll | ece_pooled |", "|---|---|---|---|"]
+    for row in selection["tried"][method]:
+        options = {k: v for k, v in row.items() if k.startswith("--")}
+        mark = " (chosen)" if options == chosen else ""
+        lines.append(f"| {' '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in options.items())}"
+                     f"{mark} | {row['accuracy']:.3f} | {row['nll']:.3f} | {row['ece_pooled']:.3f} |")
+    return "\n".join(lines)
+
+
+def full_network_markdown(summary: dict) -> str:
+    """The full-network rows beside MAML's, at the numbers of shots where any was run."""
+    summary = {shots: rows for shots, rows in summary.items() if any(m in rows for m in FULL_NETWORK_METHODS)}
+    return markdown(summary, methods=("maml",) + FULL_NETWORK_METHODS)
 
 
 def full_network_findings(summary: dict) -> str:
@@ -276,7 +297,7 @@ def table(args) -> dict:
     summary = summarize(out)
     text = markdown(summary)
     if any(m in rows for rows in summary.values() for m in FULL_NETWORK_METHODS):
-        text += "\n## A prior over every weight\n\n" + markdown(summary, methods=("maml",) + FULL_NETWORK_METHODS)
+        text += "\n## A prior over every weight\n\n" + full_network_markdown(summary)
     return P.write_table(out, "settings from selection_<K>shot.json (validation classes only; the full-network "
                               "methods at their published settings); test classes evaluated once per "
                               "configuration; mean ± std over training seeds on one generated dataset", summary, text)

@@ -203,6 +203,23 @@ def test_image_protocol_sentences_hold_and_are_on_the_pages(page):
     assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
 
 
+def test_image_protocol_full_network_table_and_sentences_are_their_json():
+    """The full-network rows (the papers' iMAML and iBaML) have their own table and sentences on
+    the images page, written from the committed runs."""
+    from benchmarks import image_protocol
+    summary = image_protocol_summary()
+    assert any(m in rows for rows in summary.values() for m in image_protocol.FULL_NETWORK_METHODS)
+    assert_on_page(image_protocol.full_network_markdown(summary), IMAGES)
+    assert_on_page(image_protocol.full_network_findings(summary), IMAGES)
+    selection = json.loads((IMAGE_PROTOCOL / "selection_1shot.json").read_text())
+    assert_on_page(image_protocol.selection_markdown(selection, "imaml-gd"), IMAGES)
+    diagnostics = ROOT / "docs/results/image_benchmark/full_network_diagnostics"
+    text = IMAGES.read_text()
+    for name in ("fixed_scale", "cg_damping_1"):
+        accuracy = json.loads((diagnostics / name / "metrics.json").read_text())["accuracy"]["mean"]
+        assert f"{accuracy:.3f}" in text, (name, accuracy)
+
+
 SHIFT = ROOT / "docs/results/shift.md"
 SHIFT_RESULTS = ROOT / "docs/results/sine"
 
