@@ -28,9 +28,9 @@ from . import _protocol as P
 METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: the papers' methods, a prior over every weight (``ibaml.recipes.presets.RECIPES``), at their published
 #: settings (``ibaml.recipes.presets.FULL_NETWORK``: λ = 2 and 20 Adam steps for iMAML-GD, 10 Hessian-free
-#: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), iMAML-GD's Adam
-#: step chosen on validation (:data:`GRID`; ``select --methods imaml-gd``): run by ``final --methods``,
-#: gathered in a table of their own beside MAML
+#: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), iMAML-GD's
+#: optimiser, step and λ chosen on validation (:data:`GRID`; ``select --methods imaml-gd``): run by
+#: ``final --methods``, gathered in a table of their own beside MAML
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: per method, the stages of its selection on validation: ``(option, values, held)``, the option
 #: varied, the values tried and the options held fixed in every run of the stage; the method
@@ -70,10 +70,19 @@ def data_options(args, shots: int) -> list:
             "--val-tasks", args.val_tasks, "--data-seed", args.data_seed]
 
 
+def _value(value) -> str:
+    """An option's value as written in folder names and tables: ``1e-2`` → ``"0.01"``, ``"sgd"``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _label(settings: dict) -> str:
     """``{"--inner-lr": 0.01, "--inner-optimizer": "sgd"}`` → ``"inner-lr_0.01_inner-optimizer_sgd"``."""
-    return "_".join(f"{k.strip('-')}_{v:g}" if isinstance(v, float) else f"{k.strip('-')}_{v}"
-                    for k, v in settings.items())
+    return "_".join(f"{k.strip('-')}_{_value(v)}" for k, v in settings.items())
+
+
+def _options(row: dict) -> dict:
+    """The command-line options of a row of ``tried`` (its ``--`` keys), without its metrics."""
+    return {k: v for k, v in row.items() if k.startswith("--")}
 
 
 def select(args) -> dict:
@@ -93,8 +102,7 @@ def select(args) -> dict:
     for (method, settings), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
         tried.setdefault(method, []).append({**settings, "split": "validation classes", "accuracy": m["accuracy"]["mean"],
                                              "nll": m["nll"]["mean"], "ece_pooled": m["ece_pooled"]["mean"]})
-    chosen = {m: {k: v for k, v in max(rows, key=lambda r: r["accuracy"]).items() if k.startswith("--")}
-              for m, rows in tried.items()}
+    chosen = {m: _options(max(rows, key=lambda r: r["accuracy"])) for m, rows in tried.items()}
     path = out / f"selection_{args.shots}shot.json"
     before = json.loads(path.read_text()) if args.methods and path.is_file() else {"tried": {}, "chosen": {}}
     payload = {"criterion": f"highest accuracy on {args.val_eval_tasks} tasks of the validation classes, seed 0, "
@@ -102,8 +110,8 @@ def select(args) -> dict:
                "shots": args.shots, "tried": {**before["tried"], **tried}, "chosen": {**before["chosen"], **chosen}}
     P.write_json(path, payload)
     for method, rows in tried.items():
-        print(f"{method}: " + ", ".join(f"{_label({k: v for k, v in r.items() if k.startswith('--')})}: "
-                                        f"acc {r['accuracy']:.3f}" for r in rows) + f" -> {chosen[method]}")
+        print(f"{method}: " + ", ".join(f"{_label(_options(r))}: acc {r['accuracy']:.3f}" for r in rows)
+              + f" -> {chosen[method]}")
     return payload
 
 
@@ -182,6 +190,12 @@ def markdown(summary: dict, describe: bool = True, methods=METHODS) -> str:
     return "\n".join(lines)
 
 
+def _shots_in_words(folder: str) -> str:
+    """``"1shot"`` → ``"1 shot"``, ``"5shot"`` → ``"5 shots"``."""
+    k = folder[:-len("shot")]
+    return f"{k} shot" + ("" if k == "1" else "s")
+
+
 def _shots(folder: str) -> str:
     """``"1shot"`` → ``"1-shot"``."""
     return folder.replace("shot", "-shot")
@@ -207,8 +221,7 @@ def findings(summary: dict) -> str:
     out = []
     for folder, rows in summary.items():
         rows = {m: e for m, e in rows.items() if m in METHODS}   # the head table's rows
-        k = folder[:-len("shot")]
-        shots = f"{k} shot" + ("" if k == "1" else "s")
+        shots = _shots_in_words(folder)
         if not {"maml", "anil", "imaml", "ibaml"} <= set(rows):
             continue
         acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}
@@ -233,10 +246,10 @@ def selection_markdown(selection: dict, method: str) -> str:
     chosen = selection["chosen"][method]
     lines = ["| setting | accuracy | nll | ece_pooled |", "|---|---|---|---|"]
     for row in selection["tried"][method]:
-        options = {k: v for k, v in row.items() if k.startswith("--")}
+        options = _options(row)
         mark = " (chosen)" if options == chosen else ""
-        lines.append(f"| {' '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in options.items())}"
-                     f"{mark} | {row['accuracy']:.3f} | {row['nll']:.3f} | {row['ece_pooled']:.3f} |")
+        lines.append(f"| {' '.join(f'{k} {_value(v)}' for k, v in options.items())}{mark} | {row['accuracy']:.3f} "
+                     f"| {row['nll']:.3f} | {row['ece_pooled']:.3f} |")
     return "\n".join(lines)
 
 
@@ -256,8 +269,7 @@ def full_network_findings(summary: dict) -> str:
     (the mean over seeds of ‖∇G‖ at the returned point, per block)."""
     out = []
     for folder, rows in summary.items():
-        k = folder[:-len("shot")]
-        shots = f"{k} shot" + ("" if k == "1" else "s")
+        shots = _shots_in_words(folder)
         if "maml" not in rows:
             continue
         acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}
@@ -298,8 +310,8 @@ def table(args) -> dict:
     text = markdown(summary)
     if any(m in rows for rows in summary.values() for m in FULL_NETWORK_METHODS):
         text += "\n## A prior over every weight\n\n" + full_network_markdown(summary)
-    return P.write_table(out, "settings from selection_<K>shot.json (validation classes only; the full-network "
-                              "methods at their published settings); test classes evaluated once per "
+    return P.write_table(out, "settings from selection_<K>shot.json (validation classes only; a full-network "
+                              "method without a selection at its published settings); test classes evaluated once per "
                               "configuration; mean ± std over training seeds on one generated dataset", summary, text)
 
 

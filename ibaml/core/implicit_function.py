@@ -12,13 +12,14 @@ outer loss ``F(v*(θ), θ)``::
 product: the gradient in θ of ``⟨∇_v G(v*, θ), x⟩`` with ``v*`` and ``x`` fixed.
 Nothing here knows what ``G`` is: any twice-differentiable inner objective works.
 
-Two entry points to the same formula (and :func:`implicit_gradient`, the whole meta-gradient of
-an outer loss at a given solution, the reference of the tests and benchmarks). :func:`implicit_diff` attaches ``v*`` to autograd
-(an ``autograd.Function``): use it in your own code, where ``loss.backward()`` should simply
-see through a solver. :func:`implicit_vjp` / :func:`implicit_vjp_at_solution` take the
+Two entry points to the same formula. :func:`implicit_diff` attaches ``v*`` to autograd (an
+``autograd.Function``): use it in your own code, where ``loss.backward()`` should simply see
+through a solver. :func:`implicit_vjp` / :func:`implicit_vjp_at_solution` take the
 cotangent ``∂_v F`` and return ``Bᵀ x`` explicitly, with the CG result and ``∇_v G(v*)`` for
 diagnostics, as pure functions that compose with ``torch.func`` transforms: the library's
-:class:`ibaml.Implicit` estimator uses them, per task under ``vmap``.
+:class:`ibaml.Implicit` estimator uses them, per task under ``vmap``. :func:`implicit_gradient`
+adds ``∂_θ F`` to the latter: the whole meta-gradient of an outer loss at a given solution, the
+reference that the tests and benchmarks check the estimators against.
 
 Example
 -------
