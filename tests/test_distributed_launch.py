@@ -272,15 +272,39 @@ def test_a_one_process_run_refuses_several_srun_tasks(monkeypatch):
             pass
 
 
-def test_torchrun_on_two_nodes_is_one_job(tmp_path):
-    """Two torchrun agents, one per "node" (both on this machine), rendezvous at node 0's address."""
+def run_two_torchrun_nodes(args, timeout: float):
+    """Start two torchrun agents (node ranks 0 and 1) with ``args`` on a fresh port; wait at most
+    ``timeout`` seconds for both, kill any still running, and return ``[(returncode, stderr)]``."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     port = str(free_port())
-    args = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-            str(ROOT / "examples" / "sine_regression.py")] + EXAMPLE_ARGS + ["--out", str(tmp_path / "run")]
-    procs = [subprocess.Popen([torchrun, "--node_rank", str(node)] + args, env=clean_env(), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in range(2)]
-    for node, p in enumerate(procs):
-        out, err = p.communicate(timeout=150)
-        assert p.returncode == 0, (node, err[-3000:])
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+    procs = [subprocess.Popen([torchrun, "--node_rank", str(node), "--nnodes", "2", "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", port] + args, env=clean_env(),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in range(2)]
+    deadline, results = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            err = f"(killed after {timeout:.0f} s)\n" + err
+        results.append((p.returncode, err))
+    return results
+
+
+def test_torchrun_on_two_nodes_is_one_job(tmp_path):
+    """Two torchrun agents, one per "node" (both on this machine), rendezvous at node 0's address.
+
+    A second try on a fresh port is allowed: the free port can be taken by another process between
+    choosing and binding it, and torchrun's agents can miss each other in their exit barrier
+    (pytorch/pytorch#69520), neither of which is this library's behaviour."""
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        args = [str(ROOT / "examples" / "sine_regression.py")] + EXAMPLE_ARGS + ["--out", str(out)]
+        results = run_two_torchrun_nodes(args, timeout=90)
+        if all(code == 0 for code, _ in results):
+            break
+    for node, (code, err) in enumerate(results):
+        assert code == 0, (node, err[-3000:])
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
