@@ -38,15 +38,16 @@ FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy).
 #: iMAML-GD over every weight: Adam's step at the preset's λ = 2, then λ at Adam's 10⁻², then
 #: plain gradient descent (the paper's solver) at λ = 10 on the summed NLL (the paper's λ = 2 on
-#: the mean of a 1-shot 5-way support) with MAML's step and five times it: a fixed Adam step
-#: cannot settle (each weight oscillates by about the step, so ‖∇G‖ stays near λ·lr·√P).
+#: the mean of a 1-shot 5-way support) with MAML's step times 1, 5 and 10 (the paper's 0.1 on the
+#: mean loss): a fixed Adam step cannot settle (each weight oscillates by about the step, so ‖∇G‖
+#: stays near λ·lr·√P), and gradient descent with the paper's step does not settle either.
 GRID = {
     "anil": [("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)], {})],
     "imaml": [("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0], {})],
     "ibaml": [("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2], {})],
     "imaml-gd": [("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}),
                  ("--precision", lambda ways, shots: [2.0, 10.0], {"--inner-lr": 1e-2}),
-                 ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 5)],
+                 ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 5, 10)],
                   {"--inner-optimizer": "sgd", "--precision": 10.0})],
 }
 DESCRIBE = {
@@ -104,7 +105,9 @@ def select(args) -> dict:
                                              "nll": m["nll"]["mean"], "ece_pooled": m["ece_pooled"]["mean"]})
     chosen = {m: _options(max(rows, key=lambda r: r["accuracy"])) for m, rows in tried.items()}
     path = out / f"selection_{args.shots}shot.json"
-    before = json.loads(path.read_text()) if args.methods and path.is_file() else {"tried": {}, "chosen": {}}
+    before = json.loads(path.read_text()) if args.methods and path.is_file() else {}
+    if "tried" not in before:   # nothing chosen at these shots yet, or only values carried from other shots
+        before = {"tried": {}, "chosen": {}}
     payload = {"criterion": f"highest accuracy on {args.val_eval_tasks} tasks of the validation classes, seed 0, "
                             f"data seed {args.data_seed}, {args.meta_iters} meta-iterations",
                "shots": args.shots, "tried": {**before["tried"], **tried}, "chosen": {**before["chosen"], **chosen}}

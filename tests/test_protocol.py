@@ -162,7 +162,19 @@ def test_image_selection_of_some_methods_keeps_the_others_choices(tmp_path, monk
     payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1", "--methods", "imaml-gd"])
     assert payload["chosen"] == {"imaml": {"--precision": 10.0},
                                  "imaml-gd": {"--inner-lr": 0.01, "--inner-optimizer": "sgd", "--precision": 10.0}}
-    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 7
+    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 8
     assert ("imaml-gd_precision_2_inner-lr_0.01", False) in seen
     assert ("imaml-gd_inner-lr_0.01_inner-optimizer_sgd_precision_10", True) in seen
     assert image_protocol.transferred(payload, 5, 5)["imaml-gd"]["--inner-lr"] == 0.002
+
+
+def test_image_selection_at_a_size_that_had_only_carried_values_starts_afresh(tmp_path, monkeypatch):
+    """A selection file of values carried from another size (``final --selection-from``) records
+    no tried settings; ``select --methods`` at that size replaces it with its own choices."""
+    monkeypatch.setattr(P, "run_all", lambda example, jobs, workers, **kw:
+                        [{k: _metric(0.5) for k in ("accuracy", "nll", "ece_pooled")} for _ in jobs])
+    (tmp_path / "selection_5shot.json").write_text(json.dumps(
+        {"shots": 5, "selected_at_shots": 1, "chosen": {"anil": {"--inner-lr": 0.0012}}}))
+    payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "5", "--methods", "imaml"])
+    assert set(payload["chosen"]) == {"imaml"} and "selected_at_shots" not in payload
+    assert all(row["split"] == "validation classes" for row in payload["tried"]["imaml"])
