@@ -541,6 +541,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="models evaluated at a time (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--update", action="store_true",
+                   help="keep the models of the methods not in --methods from an existing OUT/shift.json measured "
+                        "with the same tasks, shots and shifted pool (after some methods' runs were redone)")
     args = p.parse_args(argv)
     try:
         args.shots = {"test": sorted(set(_values(args.shots))),
@@ -599,6 +602,25 @@ def evaluate_all(runs: List[dict], settings: dict, jobs: int) -> List[dict]:
         return list(pool.map(evaluate_run, runs, [settings] * len(runs)))
 
 
+#: the settings two measurements must share for their models to sit in one table
+SHARED_SETTINGS = ("tasks", "shots", "chunk", "pools")
+
+
+def kept_results(previous: dict, settings: dict, methods: Sequence[str], shifted: Optional[dict]) -> List[dict]:
+    """The per-seed results of ``previous`` (a ``shift.json``) for the methods not in
+    ``methods``, after checking that it measured the same conditions (:data:`SHARED_SETTINGS`
+    and the shifted pool's knobs) as ``settings`` and ``shifted`` do."""
+    for key in SHARED_SETTINGS:
+        if previous["settings"].get(key) != json.loads(json.dumps(settings[key])):
+            raise SystemExit(f"--update: the existing shift.json has {key} {previous['settings'].get(key)!r}, this "
+                             f"run {settings[key]!r}; measure every method again instead")
+    knobs = json.loads(json.dumps(P.rounded((shifted or {}).get("knobs"), 5)))
+    if (previous.get("shifted_pool") or {}).get("knobs") != knobs:
+        raise SystemExit("--update: the existing shift.json's shifted pool has other knobs; measure every method again")
+    return [r for method, entry in previous["models"].items() if method not in methods
+            for r in entry["per_seed"].values()]
+
+
 def render(payload: dict, out: Path) -> str:
     """``table.md`` and the figures in ``out`` from ``payload`` (``shift.json``'s content, so that
     the committed JSON renders the committed table); returns the table's text."""
@@ -638,7 +660,12 @@ def main(argv=None) -> dict:
     for r in results:
         print(f"{r['method']} seed {r['seed']}: {r['seconds']:.0f} s, fitted logit scale {r['logit_scale']['fitted']} "
               f"(run's {r['logit_scale']['fitted_in_run']})", flush=True)
-    models = gather(results)
+    out = Path(args.out)
+    shifted = shifted_record(knobs, [], None, []) if args.shots["shifted"] else None
+    previous = json.loads((out / "shift.json").read_text()) if args.update and (out / "shift.json").is_file() else None
+    kept = kept_results(previous, settings, args.methods, shifted) if previous else []
+    models = gather(results + kept)
+    results = results + kept
     train_shots = sorted({r["config"]["shots"] for r in results})
     data_seeds = sorted({r["data_seed"] for r in results}, key=str)
     payload = {
@@ -659,10 +686,14 @@ def main(argv=None) -> dict:
                                        sorted({str(r["config"]["image_size"]) for r in results}))
         if args.shots["shifted"] else None,
         "settings": {k: v for k, v in settings.items() if k not in ("check_tol", "shifted_root")},
-        "runs": str(args.runs), "incomplete_runs": incomplete, "seconds": time.perf_counter() - clock,
+        "runs": str(args.runs), "incomplete_runs": incomplete,
+        "seconds": time.perf_counter() - clock + (previous["seconds"] if previous else 0.0),
         "torch": torch.__version__, "models": models,
     }
-    saved, out = P.rounded(payload, 5), Path(args.out)
+    if previous:
+        payload["updated"] = {"measured_again": sorted({r["method"] for r in results} - {r["method"] for r in kept}),
+                              "kept": sorted({r["method"] for r in kept})}
+    saved = P.rounded(payload, 5)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shift.json").write_text(json.dumps(saved, separators=(",", ":")))
     notes = {"fitted logit scale differs from the run's own (rebuilt model not the run's?)":

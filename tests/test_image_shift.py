@@ -94,6 +94,27 @@ def test_temperature_refit_equals_the_runs(shift):
     assert payload["incomplete_runs"] == [str(runs / "seed1" / "imaml" / "last.pt")]
 
 
+def test_update_measures_some_methods_again_and_keeps_the_others(shift, tmp_path):
+    """``--update --methods ibaml`` measures iBaML's runs again and keeps iMAML's models from the
+    existing shift.json; an existing file of other conditions is refused."""
+    tmp, runs, payload = shift
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tmp / "out" / "shift.json", out / "shift.json")
+    common = ["--runs", str(tmp / "runs"), "--out", str(out), "--chunk", "2", "--shots", "1,5", "--shifted-shots", "1",
+              "--shifted-classes", "5", "--methods", "ibaml", "--update"]
+    updated = image_shift.main([*common, "--tasks", "3"])
+    assert list(updated["models"]) == list(METHODS)
+    assert updated["updated"] == {"measured_again": ["ibaml"], "kept": ["imaml"]}
+    saved = json.loads((out / "shift.json").read_text())
+    before = json.loads((tmp / "out" / "shift.json").read_text())
+    assert saved["models"]["imaml"]["per_seed"] == before["models"]["imaml"]["per_seed"]
+    again, first = (d["models"]["ibaml"]["per_seed"]["0"]["conditions"] for d in (saved, before))
+    assert again == first                                                 # the same tasks, measured again
+    with pytest.raises(SystemExit, match="--update: the existing shift.json has tasks 3, this run 2"):
+        image_shift.main([*common, "--tasks", "2"])
+
+
 class _Flaky:
     """A learner whose second chunk raises and whose third gives a NaN output."""
 
