@@ -256,6 +256,19 @@ def selection_markdown(selection: dict, method: str) -> str:
     return "\n".join(lines)
 
 
+def choices_markdown(selection: dict, methods=("anil", "imaml", "ibaml")) -> str:
+    """One row per method of ``methods`` in ``selection``: every value it tried on validation
+    with the validation accuracy (four digits, so that near ties show) and pooled ECE, and the
+    value kept (the most accurate)."""
+    lines = ["| method | tried: validation accuracy (pooled ECE) | chosen |", "|---|---|---|"]
+    for method in (m for m in methods if m in selection["tried"]):
+        tried = "; ".join(f"{' '.join(f'{k} {_value(v)}' for k, v in _options(r).items())}: {r['accuracy']:.4f} "
+                          f"({r['ece_pooled']:.3f})" for r in selection["tried"][method])
+        chosen = " ".join(f"{k} {_value(v)}" for k, v in selection["chosen"][method].items())
+        lines.append(f"| {method} | {tried} | {chosen} |")
+    return "\n".join(lines)
+
+
 def full_network_markdown(summary: dict) -> str:
     """The full-network rows beside MAML's, at the numbers of shots where any was run."""
     summary = {shots: rows for shots, rows in summary.items() if any(m in rows for m in FULL_NETWORK_METHODS)}

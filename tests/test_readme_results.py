@@ -190,6 +190,9 @@ def test_image_protocol_runs_use_the_selection_and_the_test_classes_once():
 
 def test_image_protocol_tables_are_their_json():
     from benchmarks import image_protocol
+    for shots in (1, 5):   # what each method tried on validation and kept, at each size
+        selection = json.loads((IMAGE_PROTOCOL / f"selection_{shots}shot.json").read_text())
+        assert_on_page(image_protocol.choices_markdown(selection), IMAGES)
     assert_on_page(image_protocol.markdown(image_protocol_summary()), IMAGES)
     assert_on_page(image_protocol.markdown(image_protocol_summary(), describe=False), README)
 
