@@ -216,6 +216,9 @@ def test_image_protocol_full_network_table_and_sentences_are_their_json():
     assert_on_page(image_protocol.full_network_findings(summary), IMAGES)
     selection = json.loads((IMAGE_PROTOCOL / "selection_1shot.json").read_text())
     assert_on_page(image_protocol.selection_markdown(selection, "imaml-gd"), IMAGES)
+    from benchmarks import full_network_gradients
+    gradients = json.loads((ROOT / "docs/results/image_benchmark/full_network_gradients/gradients.json").read_text())
+    assert_on_page(full_network_gradients.markdown(gradients["runs"], gradients["settings"]["cg_steps"]), IMAGES)
     diagnostics = ROOT / "docs/results/image_benchmark/full_network_diagnostics"
     text = IMAGES.read_text()
     for name in ("fixed_scale", "cg_damping_1"):

@@ -1,0 +1,159 @@
+"""Is the implicit meta-gradient of a full-network image run the gradient of its query loss?
+
+    python -m benchmarks.full_network_gradients --runs /work/runs/image_protocol/runs/1shot \\
+        --out docs/results/image_benchmark/full_network_gradients
+
+For every finished run of ``--methods`` under ``--runs`` (the image example's ``last.pt`` beside
+its ``metrics.json``, as ``python -m benchmarks.image_protocol final --keep-runs`` keeps them),
+rebuilt as :mod:`benchmarks.image_shift` rebuilds it, at two points — the meta-parameters it
+started from (the configuration's seed, nothing loaded) and the meta-trained ones — and on
+``--tasks`` tasks of its training classes (the run's way, shot and query sizes, stream
+``--stream``), three per-task meta-gradients ``g_t`` of the query loss ``F(v_K(θ), θ)``:
+
+* ``implicit``: the run's estimator as it meta-trained,
+  ``g = ∂_θF − (∂²_{vθ}G)ᵀ (∇²_vG)⁻¹ ∂_vF`` at the returned ``v_K``, with its CG iterations;
+* ``implicit CG N``: the same with ``--cg-steps`` iterations, so that the linear solve is not
+  what differs;
+* ``explicit``: backpropagation through the run's ``K`` inner steps (:class:`ibaml.core.hypergrad.Explicit`),
+  the exact gradient of ``F(v_K(θ), θ)``.
+
+The implicit formula is that gradient only where ``∇_vG(v_K) = 0``; the table gives, per run
+and point, the median over tasks of ``‖∇_vG(v_K)‖``, of the cosine between each implicit
+gradient and the explicit one, and of ``‖g_implicit − g_explicit‖ / ‖g_explicit‖``. A method
+whose inner optimiser cannot be differentiated through (a line search's branches) has no
+explicit gradient (``null``, its error in ``"explicit_error"``). Writes ``DIR/gradients.json``
+and prints the table (:func:`markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ibaml.core.hypergrad import Explicit
+from ibaml.core.linalg import CG
+from ibaml.data.episodes import EpisodeSampler
+from ibaml.recipes.image_presets import image_learner_from_config
+
+from . import _protocol as P
+from .image_shift import find_runs, rebuild
+
+METHODS = ("imaml-gd", "imaml-hf")
+
+
+def flat(grads: dict) -> torch.Tensor:
+    """Per-task meta-gradients ``{name: [T, ...]}`` as one ``[T, P]`` matrix (names sorted)."""
+    return torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in sorted(grads)], dim=1).double()
+
+
+def compare(g: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Per task: ``cos(g, ref)`` and ``‖g − ref‖ / ‖ref‖`` (rows of ``[T, P]`` matrices)."""
+    cos = torch.nn.functional.cosine_similarity(g, reference, dim=1)
+    rel = torch.linalg.vector_norm(g - reference, dim=1) / torch.linalg.vector_norm(reference, dim=1)
+    return {"cosine": cos.tolist(), "relative_error": rel.tolist()}
+
+
+def gradients_at(learner, batch, cg_steps: int) -> dict:
+    """The three meta-gradients of the module docstring at ``learner``'s meta-parameters."""
+    recipe = learner.estimator
+    tight = dataclasses.replace(recipe, solver=dataclasses.replace(recipe.solver, max_iter=cg_steps))
+    out, flats = {}, {}
+    for name, estimator in (("implicit", recipe), (f"implicit CG {cg_steps}", tight), ("explicit", Explicit())):
+        learner.estimator = estimator
+        try:
+            result = learner.task_gradients(batch)
+        except Exception as error:     # noqa: BLE001 - recorded: a solver that cannot be unrolled
+            out[f"{name}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            continue
+        finally:
+            learner.estimator = recipe
+        flats[name] = flat(result.grads)
+        if name == "implicit":
+            out["inner_grad_norm"] = result.diagnostics["inner_grad_norm"].tolist()
+            out["query_loss"] = result.loss.tolist()
+        out[f"{name}_norm"] = torch.linalg.vector_norm(flats[name], dim=1).tolist()
+    if "explicit" in flats:
+        for name in (n for n in flats if n != "explicit"):
+            out[f"{name} vs explicit"] = compare(flats[name], flats["explicit"])
+    tight_name = f"implicit CG {cg_steps}"
+    if tight_name in flats:
+        out[f"implicit vs {tight_name}"] = compare(flats["implicit"], flats[tight_name])
+    return out
+
+
+def measure(run: dict, args) -> dict:
+    device = torch.device("cpu")
+    learner, splits, checkpoint = rebuild(run, device)
+    cfg = checkpoint["config"]
+    dtype = getattr(torch, cfg["dtype"])
+    mean, std = splits["train"].channel_stats()
+    sampler = EpisodeSampler(splits["train"], int(cfg["ways"]), int(cfg["shots"]), int(cfg["query"]),
+                             seed=args.stream, mean=mean, std=std, dtype=dtype)
+    batch = sampler.sample(args.tasks)
+    initial = image_learner_from_config(cfg, splits["train"].image_shape, device)
+    points = {"initial": initial, "meta-trained": learner}
+    return {"folder": run["folder"], "method": run["method"], "seed": int(cfg["seed"]),
+            "checkpoint_step": int(checkpoint["step"]), "inner_steps": learner.inner_loop.steps,
+            "config": {k: cfg.get(k) for k in ("inner_optimizer", "inner_lr", "precision", "cg_steps", "cg_damping",
+                                               "shots", "ways", "query", "channels", "image_size", "dtype")},
+            "tasks": args.tasks, "stream": args.stream, "classes": "training classes of the run's dataset",
+            "points": {name: gradients_at(lrn, batch, args.cg_steps) for name, lrn in points.items()}}
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def markdown(results: list, cg_steps: int) -> str:
+    """Per run (by method and seed) and point: the medians over tasks of ‖∇G‖ and of each comparison."""
+    tight = f"implicit CG {cg_steps}"
+    lines = [f"| method | seed | point | ‖∇G‖ at v_K | cos(implicit, explicit) | rel. error (implicit) "
+             f"| cos({tight}, explicit) | cos(implicit, {tight}) |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+        for point, m in r["points"].items():
+            def cell(key, field="cosine"):
+                return f"{median(m[key][field]):.3f}" if key in m else "–"
+            lines.append(f"| {r['method']} | {r['seed']} | {point} | {median(m['inner_grad_norm']):.3g} "
+                         f"| {cell('implicit vs explicit')} | {cell('implicit vs explicit', 'relative_error')} "
+                         f"| {cell(tight + ' vs explicit')} | {cell('implicit vs ' + tight)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", required=True, metavar="DIR", help="folder searched for finished image runs")
+    p.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=METHODS, metavar="A,B")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="only the runs of these training seeds")
+    p.add_argument("--tasks", type=int, default=8, help="training tasks per run")
+    p.add_argument("--stream", type=int, default=50_000, help="seed of the task stream")
+    p.add_argument("--cg-steps", type=int, default=50, help="CG iterations of the tighter implicit solve")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="folder for gradients.json (default: print only)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs, _ = find_runs(Path(args.runs), args.methods)
+    runs = [r for r in runs if args.seeds is None or int(r["args"]["seed"]) in args.seeds]
+    if not runs:
+        raise SystemExit(f"no finished run of {', '.join(args.methods)} under {args.runs}")
+    clock = time.perf_counter()
+    results = [measure(r, args) for r in runs]
+    payload = {"what": "per-task meta-gradients of the query loss: the run's implicit estimator, the same with "
+                       f"{args.cg_steps} CG iterations, and backpropagation through the run's inner steps",
+               "settings": {k: getattr(args, k) for k in ("tasks", "stream", "cg_steps")},
+               "torch": torch.__version__, "seconds": time.perf_counter() - clock, "runs": results}
+    text = markdown(results, args.cg_steps)
+    if args.out:
+        P.write_json(Path(args.out) / "gradients.json", P.rounded(payload, 6))
+    print(text)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

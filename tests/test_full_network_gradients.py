@@ -1,0 +1,50 @@
+"""benchmarks/full_network_gradients.py on a tiny full-network iMAML run (2 meta-iterations on
+the stroke benchmark, kept as ``benchmarks.image_protocol final --keep-runs`` keeps it): the
+three meta-gradients are measured at both points, the comparison is the cosine and relative
+error it names, and a tighter solve with the recipe's own CG count is the recipe's gradient."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from benchmarks import _protocol as P
+from benchmarks import full_network_gradients as F
+from benchmarks import image_protocol
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fn_gradients")
+    data = image_protocol.data_options(argparse.Namespace(ways=5, meta_iters=2, val_tasks=4, data_seed=0), 1)
+    options = ["--method", "imaml-gd", "--inner-steps", 3, "--cg-steps", 3, "--eval-tasks", 3, "--seed", 0, *data,
+               "--channels", 8]
+    P.run_example("miniimagenet.py", tmp / "protocol", options, keep=tmp / "runs" / "seed0" / "imaml-gd")
+    return tmp
+
+
+def test_compare_is_the_cosine_and_the_relative_error():
+    g, ref = torch.tensor([[1.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 2.0], [3.0, 4.0]])
+    out = F.compare(g, ref)
+    assert out["cosine"] == pytest.approx([0.0, 1.0]) and out["relative_error"] == pytest.approx([5 ** 0.5 / 2, 0.0])
+
+
+def test_measures_three_gradients_at_both_points(run_root, tmp_path):
+    torch.set_num_threads(1)
+    payload = F.main(["--runs", str(run_root / "runs"), "--tasks", "2", "--cg-steps", "3", "--out", str(tmp_path)])
+    (run,) = payload["runs"]
+    assert run["method"] == "imaml-gd" and run["inner_steps"] == 3 and run["config"]["cg_steps"] == 3
+    for point in ("initial", "meta-trained"):
+        m = run["points"][point]
+        assert not any(k.endswith("_error") for k in m), m
+        assert len(m["inner_grad_norm"]) == 2 and all(n > 0 for n in m["explicit_norm"])
+        cos = m["implicit vs explicit"]["cosine"]
+        assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in cos)
+        # the "tighter" solve with the recipe's own CG count is the recipe's gradient
+        same = m["implicit vs implicit CG 3"]
+        assert same["cosine"] == pytest.approx([1.0, 1.0], abs=1e-6)
+        assert same["relative_error"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    saved = json.loads((tmp_path / "gradients.json").read_text())
+    assert saved["settings"] == {"tasks": 2, "stream": 50_000, "cg_steps": 3}
+    assert "| imaml-gd | 0 | meta-trained |" in F.markdown(payload["runs"], 3)
