@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from pathlib import Path
 import torch
 
 from ibaml.core.hypergrad import Explicit
-from ibaml.core.linalg import CG
 from ibaml.data.episodes import EpisodeSampler
 from ibaml.recipes.image_presets import image_learner_from_config
 
