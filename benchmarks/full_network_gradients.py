@@ -20,8 +20,8 @@ started from (the configuration's seed, nothing loaded) and the meta-trained one
 The implicit formula is that gradient only where ``∇_vG(v_K) = 0``; the table gives, per run
 and point, the median over tasks of ``‖∇_vG(v_K)‖``, of the cosine between each implicit
 gradient and the explicit one, and of ``‖g_implicit − g_explicit‖ / ‖g_explicit‖``. A method
-whose inner optimiser cannot be differentiated through (a line search's branches) has no
-explicit gradient (``null``, its error in ``"explicit_error"``). Writes ``DIR/gradients.json``
+whose inner optimiser cannot be differentiated through has no explicit gradient and no
+comparison with it (the error in ``"explicit_error"``, a dash in the table). Writes ``DIR/gradients.json``
 and prints the table (:func:`markdown`).
 """
 
@@ -104,10 +104,6 @@ def measure(run: dict, args) -> dict:
             "points": {name: gradients_at(lrn, batch, args.cg_steps) for name, lrn in points.items()}}
 
 
-def median(values) -> float:
-    return statistics.median(values)
-
-
 def markdown(results: list, cg_steps: int) -> str:
     """Per run (by method and seed) and point: the medians over tasks of ‖∇G‖ and of each comparison."""
     tight = f"implicit CG {cg_steps}"
@@ -116,8 +112,8 @@ def markdown(results: list, cg_steps: int) -> str:
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
         for point, m in r["points"].items():
             def cell(key, field="cosine"):
-                return f"{median(m[key][field]):.3f}" if key in m else "–"
-            lines.append(f"| {r['method']} | {r['seed']} | {point} | {median(m['inner_grad_norm']):.3g} "
+                return f"{statistics.median(m[key][field]):.3f}" if key in m else "–"
+            lines.append(f"| {r['method']} | {r['seed']} | {point} | {statistics.median(m['inner_grad_norm']):.3g} "
                          f"| {cell('implicit vs explicit')} | {cell('implicit vs explicit', 'relative_error')} "
                          f"| {cell(tight + ' vs explicit')} | {cell('implicit vs ' + tight)} |")
     return "\n".join(lines)

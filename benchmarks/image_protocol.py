@@ -81,6 +81,11 @@ def _label(settings: dict) -> str:
     return "_".join(f"{k.strip('-')}_{_value(v)}" for k, v in settings.items())
 
 
+def _setting(options: dict) -> str:
+    """``{"--inner-lr": 0.01, "--inner-optimizer": "sgd"}`` → ``"--inner-lr 0.01 --inner-optimizer sgd"``."""
+    return " ".join(f"{k} {_value(v)}" for k, v in options.items())
+
+
 def _options(row: dict) -> dict:
     """The command-line options of a row of ``tried`` (its ``--`` keys), without its metrics."""
     return {k: v for k, v in row.items() if k.startswith("--")}
@@ -251,7 +256,7 @@ def selection_markdown(selection: dict, method: str) -> str:
     for row in selection["tried"][method]:
         options = _options(row)
         mark = " (chosen)" if options == chosen else ""
-        lines.append(f"| {' '.join(f'{k} {_value(v)}' for k, v in options.items())}{mark} | {row['accuracy']:.3f} "
+        lines.append(f"| {_setting(options)}{mark} | {row['accuracy']:.3f} "
                      f"| {row['nll']:.3f} | {row['ece_pooled']:.3f} |")
     return "\n".join(lines)
 
@@ -262,10 +267,9 @@ def choices_markdown(selection: dict, methods=("anil", "imaml", "ibaml")) -> str
     value kept (the most accurate)."""
     lines = ["| method | tried: validation accuracy (pooled ECE) | chosen |", "|---|---|---|"]
     for method in (m for m in methods if m in selection["tried"]):
-        tried = "; ".join(f"{' '.join(f'{k} {_value(v)}' for k, v in _options(r).items())}: {r['accuracy']:.4f} "
-                          f"({r['ece_pooled']:.3f})" for r in selection["tried"][method])
-        chosen = " ".join(f"{k} {_value(v)}" for k, v in selection["chosen"][method].items())
-        lines.append(f"| {method} | {tried} | {chosen} |")
+        tried = "; ".join(f"{_setting(_options(r))}: {r['accuracy']:.4f} ({r['ece_pooled']:.3f})"
+                          for r in selection["tried"][method])
+        lines.append(f"| {method} | {tried} | {_setting(selection['chosen'][method])} |")
     return "\n".join(lines)
 
 

@@ -606,16 +606,16 @@ def evaluate_all(runs: List[dict], settings: dict, jobs: int) -> List[dict]:
 SHARED_SETTINGS = ("tasks", "shots", "chunk", "pools")
 
 
-def kept_results(previous: dict, settings: dict, methods: Sequence[str], shifted: Optional[dict]) -> List[dict]:
+def kept_results(previous: dict, settings: dict, methods: Sequence[str], knobs: Optional[dict]) -> List[dict]:
     """The per-seed results of ``previous`` (a ``shift.json``) for the methods not in
     ``methods``, after checking that it measured the same conditions (:data:`SHARED_SETTINGS`
-    and the shifted pool's knobs) as ``settings`` and ``shifted`` do."""
+    and the shifted pool's knobs, :func:`stroke_knobs`, ``None`` without a shifted pool) as
+    ``settings`` and ``knobs`` do."""
     for key in SHARED_SETTINGS:
         if previous["settings"].get(key) != json.loads(json.dumps(settings[key])):
             raise SystemExit(f"--update: the existing shift.json has {key} {previous['settings'].get(key)!r}, this "
                              f"run {settings[key]!r}; measure every method again instead")
-    knobs = json.loads(json.dumps(P.rounded((shifted or {}).get("knobs"), 5)))
-    if (previous.get("shifted_pool") or {}).get("knobs") != knobs:
+    if (previous.get("shifted_pool") or {}).get("knobs") != json.loads(json.dumps(P.rounded(knobs, 5))):
         raise SystemExit("--update: the existing shift.json's shifted pool has other knobs; measure every method again")
     return [r for method, entry in previous["models"].items() if method not in methods
             for r in entry["per_seed"].values()]
@@ -661,11 +661,12 @@ def main(argv=None) -> dict:
         print(f"{r['method']} seed {r['seed']}: {r['seconds']:.0f} s, fitted logit scale {r['logit_scale']['fitted']} "
               f"(run's {r['logit_scale']['fitted_in_run']})", flush=True)
     out = Path(args.out)
-    shifted = shifted_record(knobs, [], None, []) if args.shots["shifted"] else None
     previous = json.loads((out / "shift.json").read_text()) if args.update and (out / "shift.json").is_file() else None
-    kept = kept_results(previous, settings, args.methods, shifted) if previous else []
-    models = gather(results + kept)
-    results = results + kept
+    measured = sorted({r["method"] for r in results})
+    if previous:
+        results += kept_results(previous, settings, args.methods,
+                                stroke_knobs(**knobs) if args.shots["shifted"] else None)
+    models = gather(results)
     train_shots = sorted({r["config"]["shots"] for r in results})
     data_seeds = sorted({r["data_seed"] for r in results}, key=str)
     payload = {
@@ -691,8 +692,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "models": models,
     }
     if previous:
-        payload["updated"] = {"measured_again": sorted({r["method"] for r in results} - {r["method"] for r in kept}),
-                              "kept": sorted({r["method"] for r in kept})}
+        payload["updated"] = {"measured_again": measured, "kept": sorted(set(models) - set(measured))}
     saved = P.rounded(payload, 5)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shift.json").write_text(json.dumps(saved, separators=(",", ":")))
