@@ -63,6 +63,10 @@ DESCRIBE = {
     "abml-all": "all weights (mean-field), 10 SGD steps on 4 antithetic draws, explicit",
 }
 METRICS = ("accuracy", "nll", "ece", "ece_pooled")
+#: the ECE a calibrated predictive with each run's confidences shows on its test set
+#: (:func:`ibaml.calibration.ece_floor`), per task and pooled, and the ECE above it: the
+#: miscalibration the finite test set does not explain (``"<ece>_excess"``, per seed)
+FLOORS = {"ece": "ece_floor", "ece_pooled": "ece_pooled_floor"}
 
 
 def data_options(args, shots: int) -> list:
@@ -172,6 +176,12 @@ def summarize(out: Path) -> dict:
                                                      for d in data]),
                                        ci95_over_tasks=max((d if kind == "raw" else d["calibrated"])[k]["ci95"]
                                                            for d in data)) for k in METRICS}
+                blocks = [d if kind == "raw" else d["calibrated"] for d in data]
+                for metric, floor in FLOORS.items():
+                    if all(floor in b for b in blocks):
+                        entry[kind][floor] = P.seed_stats([b[floor]["mean"] for b in blocks])
+                        entry[kind][f"{metric}_excess"] = P.seed_stats([b[metric]["mean"] - b[floor]["mean"]
+                                                                        for b in blocks])
             summary.setdefault(shots_dir.name, {})[method] = entry
     return summary
 
@@ -194,6 +204,28 @@ def markdown(summary: dict, describe: bool = True, methods=METHODS) -> str:
             cells = [f"{e[kind][k]['mean']:.3f} ± {e[kind][k]['std']:.3f}" for _, kind, k in cols]
             lines.append("| " + " | ".join([method] + ([e["adapts"]] if describe else []) + [str(len(e["seeds"]))]
                                            + cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def excess_markdown(summary: dict, methods=METHODS) -> str:
+    """Per number of shots, the rows of ``methods`` whose runs hold the ECE floors: per-task and
+    pooled ECE minus the floor of a calibrated predictive with the same confidences, raw and
+    temperature-scaled, mean ± std over seeds, with the floor's mean in brackets."""
+    lines = []
+    cols = [(f"{label} {name}", kind, metric) for metric, label in (("ece", "per-task ECE − floor"),
+                                                                   ("ece_pooled", "pooled ECE − floor"))
+            for kind, name in (("raw", "raw"), ("calibrated", "T-scaled"))]
+    for shots, rows in summary.items():
+        rows = {m: rows[m] for m in methods if m in rows and "ece_excess" in rows[m]["raw"]}
+        if not rows:
+            continue
+        lines += [f"### 5-way {_shots(shots)}: ECE above its floor", "",
+                  "| method | accuracy | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for method, e in rows.items():
+            cells = [f"{e[kind][metric + '_excess']['mean']:.4f} ± {e[kind][metric + '_excess']['std']:.4f} "
+                     f"({e[kind][FLOORS[metric]]['mean']:.4f})" for _, kind, metric in cols]
+            lines.append(f"| {method} | {e['raw']['accuracy']['mean']:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -245,6 +277,27 @@ def findings(summary: dict) -> str:
         out.append(f"At {shots}, imaml's accuracy is {acc['imaml']:.3f} against anil's {acc['anil']:.3f}: "
                    f"{abs(gap) * 100:.1f} points {'above' if gap >= 0 else 'below'}, "
                    f"{'within' if gap >= -0.01 else 'outside'} the 1-point margin.")
+    return "\n".join(f"- {line}" for line in out)
+
+
+def floor_findings(summary: dict) -> str:
+    """Per number of shots where every head row holds the ECE floors: whether iBaML's per-task
+    and pooled ECE above its floor (:data:`FLOORS`), raw and temperature-scaled, is the lowest
+    of the rows, with the margin; and how far each row's per-task ECE is its floor (the share of
+    the floor in the mean over rows)."""
+    out = []
+    for folder, rows in summary.items():
+        rows = {m: e for m, e in rows.items() if m in METHODS}
+        if "ibaml" not in rows or not all("ece_excess" in e[k] for e in rows.values() for k in ("raw", "calibrated")):
+            continue
+        shots = _shots_in_words(folder)
+        for kind, name in (("raw", "raw"), ("calibrated", "temperature-scaled")):
+            for metric, label in (("ece_pooled", "pooled ECE"), ("ece", "per-task ECE")):
+                out.append(f"At {shots}, " + _lowest(rows, "ibaml", kind, f"{metric}_excess",
+                                                     f"{name} {label} above its floor"))
+        share = [e[k]["ece_floor"]["mean"] / e[k]["ece"]["mean"] for e in rows.values() for k in ("raw", "calibrated")]
+        out.append(f"At {shots}, the floor is {min(share) * 100:.0f}–{max(share) * 100:.0f} % of every row's per-task "
+                   f"ECE, raw and temperature-scaled.")
     return "\n".join(f"- {line}" for line in out)
 
 
@@ -328,6 +381,8 @@ def table(args) -> dict:
     out = Path(args.out)
     summary = summarize(out)
     text = markdown(summary)
+    if any("ece_excess" in e["raw"] for rows in summary.values() for e in rows.values()):
+        text += "\n## ECE above the floor of a calibrated predictive\n\n" + excess_markdown(summary)
     if any(m in rows for rows in summary.values() for m in FULL_NETWORK_METHODS):
         text += "\n## A prior over every weight\n\n" + full_network_markdown(summary)
     return P.write_table(out, "settings from selection_<K>shot.json (validation classes only; a full-network "

@@ -34,7 +34,7 @@ from ibaml.train.checkpoint import CheckpointError
 METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("eval_tasks", "eval_chunk", "val_every", "val_tasks", "calibrate_scale") + IMAGE_DATA_MAY_CHANGE + RUN_MAY_CHANGE
-METRICS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
+METRICS = ("accuracy", "nll", "ece", "ece_pooled", "ece_floor", "ece_pooled_floor", "mce", "brier", "confidence")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,37 @@ def test_pooled_ece_is_the_ece_of_all_points_and_near_zero_where_per_task_ece_is
     assert report.metrics["ece_pooled"] == pooled
 
 
+def test_ece_floor_is_the_ece_of_a_calibrated_predictor_and_not_of_a_miscalibrated_one():
+    """Labels drawn from the predictive (calibrated): the per-task and pooled ECEs lie within
+    their sampling error of the floors; labels from a sharpened predictive (under-confident
+    probabilities): both lie far above them. The floor depends only on the confidences, is 0
+    where every confidence is 1, and is reproducible from its seed; bad input is refused."""
+    g = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(400, 75, 5, generator=g, dtype=torch.float64) * 2.0, -1)
+    labels = torch.multinomial(probs.reshape(-1, 5), 1, generator=g).reshape(400, 75)
+    floor = cal.ece_floor(probs)
+    per_task = cal.ece(probs, labels)
+    assert floor["per_task"].shape == (400,)
+    assert float(per_task.mean()) == pytest.approx(float(floor["per_task"].mean()), abs=3 * float(per_task.std()) / 20)
+    assert float(floor["per_task"].mean()) > 0.1                     # 75 points in 15 bins: far from 0
+    pooled = cal.pooled_ece(probs, labels)
+    assert abs(pooled["mean"] - floor["pooled"]["mean"]) < pooled["ci95"] + floor["pooled"]["ci95"]
+    sharp = probs ** 3 / (probs ** 3).sum(-1, keepdim=True)
+    sharp_labels = torch.multinomial(sharp.reshape(-1, 5), 1, generator=g).reshape(400, 75)
+    assert float(cal.ece(probs, sharp_labels).mean()) > float(floor["per_task"].mean()) + 0.05
+    assert cal.pooled_ece(probs, sharp_labels)["mean"] > floor["pooled"]["mean"] + 0.05
+    assert torch.equal(cal.ece_floor(probs)["per_task"], floor["per_task"])
+    certain = torch.nn.functional.one_hot(torch.randint(0, 5, (3, 10), generator=g), 5).double()
+    assert float(cal.ece_floor(certain)["per_task"].abs().max()) == 0.0
+    report = cal.CalibrationReport.classification(probs, labels)
+    assert report.metrics["ece_floor"]["mean"] == pytest.approx(float(floor["per_task"].mean()))
+    assert report.metrics["ece_pooled_floor"] == floor["pooled"]
+    with pytest.raises(ValueError, match=r"\[T, Q, C\]"):
+        cal.ece_floor(probs[0])
+    with pytest.raises(ValueError, match="num_draws"):
+        cal.ece_floor(probs, num_draws=0)
+
+
 def test_fit_logit_scale_recovers_the_scale_of_the_labels():
     """Labels drawn from softmax(τ₀ f) at τ₀ = 3: the fitted τ is close to 3, from point outputs
     (S = 1) and from draws (S = 4) around them; bad shapes are refused."""
@@ -117,7 +148,8 @@ def test_reports_round_trip_and_figures(tmp_path):
     probs, labels = random_probs(seed=4)
     rep = cal.CalibrationReport.classification(probs, labels, name="m")
     data = json.loads(rep.to_json())
-    assert set(data["metrics"]) == {"accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence"}
+    assert set(data["metrics"]) == set(cal.CLASSIFICATION_KEYS) == {"accuracy", "nll", "ece", "ece_pooled", "ece_floor",
+                                                                     "ece_pooled_floor", "mce", "brier", "confidence"}
     assert sum(rep.bins["count"]) == probs.shape[0] * probs.shape[1]
     assert "| ece |" in rep.to_markdown()
     rep.plot_reliability_diagram().savefig(tmp_path / "rel.png")

@@ -24,8 +24,8 @@ _spec.loader.exec_module(example)
 # 3-way 1-shot tasks, Conv4 with 8 channels on 32x32 images, a few meta-iterations
 TINY = ["--ways", "3", "--shots", "1", "--query", "2", "--channels", "8", "--inner-steps", "2", "--cg-steps", "2",
         "--meta-batch", "2", "--val-tasks", "4", "--eval-tasks", "6", "--eval-chunk", "4", "--no-progress"]
-RANGES = {"accuracy": (0, 1), "nll": (0, math.inf), "ece": (0, 1), "ece_pooled": (0, 1), "mce": (0, 1), "brier": (0, 2),
-          "confidence": (0, 1)}
+RANGES = {"accuracy": (0, 1), "nll": (0, math.inf), "ece": (0, 1), "ece_pooled": (0, 1), "ece_floor": (0, 1),
+          "ece_pooled_floor": (0, 1), "mce": (0, 1), "brier": (0, 2), "confidence": (0, 1)}
 
 
 @pytest.fixture(scope="module")

@@ -178,3 +178,33 @@ def test_image_selection_at_a_size_that_had_only_carried_values_starts_afresh(tm
     payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "5", "--methods", "imaml"])
     assert set(payload["chosen"]) == {"imaml"} and "selected_at_shots" not in payload
     assert all(row["split"] == "validation classes" for row in payload["tried"]["imaml"])
+
+
+def test_image_table_gives_the_ece_above_its_floor_where_the_runs_hold_floors(tmp_path):
+    """Runs whose metrics hold the ECE floors: per seed, ``ece − ece_floor`` and ``ece_pooled −
+    ece_pooled_floor`` raw and temperature-scaled, their mean and std over the seeds, a table of
+    them and a sentence each on whether iBaML's is the lowest; rows without floors get none."""
+    per_task = {"maml": (0.16, 0.15), "anil": (0.15, 0.14), "imaml": (0.14, 0.137), "ibaml": (0.13, 0.125)}
+
+    def block(ece, floor, shift=0.0):
+        return {"accuracy": _metric(0.7), "nll": _metric(0.8), "ece": _metric(ece + shift), "ece_pooled": _metric(0.02),
+                "ece_floor": _metric(floor), "ece_pooled_floor": _metric(0.01 + shift)}
+
+    for seed in (0, 1):
+        for method, (ece, floor) in per_task.items():
+            run = dict(block(ece, floor), calibrated=block(ece, floor, shift=0.001 * seed), num_test_tasks=600,
+                       classes={"test": 20}, config={"seed": seed}, inner_grad_norm={})
+            P.write_json(tmp_path / "runs" / "1shot" / f"seed{seed}" / method / "metrics.json", run)
+    summary = image_protocol.summarize(tmp_path)
+    ibaml = summary["1shot"]["ibaml"]
+    assert ibaml["raw"]["ece_excess"]["per_seed"] == pytest.approx([0.005, 0.005])
+    assert ibaml["calibrated"]["ece_pooled_excess"]["mean"] == pytest.approx(0.0095)
+    assert ibaml["calibrated"]["ece_pooled_floor"]["per_seed"] == pytest.approx([0.01, 0.011])
+    table = image_protocol.excess_markdown(summary)
+    assert "| ibaml | 0.700 | 0.0050 ± 0.0000 (0.1250) | 0.0055 ± 0.0007 (0.1250) | 0.0100 ± 0.0000 (0.0100) |" in table
+    text = image_protocol.floor_findings(summary)
+    assert "- At 1 shot, ibaml's raw per-task ECE above its floor is not the lowest: 0.0050 against imaml's 0.0030." in text
+    assert "ibaml's raw pooled ECE above its floor is not the lowest: 0.0100 against maml's 0.0100." in text
+    assert "- At 1 shot, the floor is 93–98 % of every row's per-task ECE, raw and temperature-scaled." in text
+    del summary["1shot"]["maml"]["raw"]["ece_excess"]
+    assert image_protocol.floor_findings(summary) == ""

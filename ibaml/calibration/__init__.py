@@ -24,7 +24,7 @@ True
 
 from .metrics import (CLASSIFICATION_KEYS, DEFAULT_LEVELS, REGRESSION_KEYS, mse, gaussian_nll,
                       interval_coverage, calibration_curve, calibration_error, pooled_calibration_error,
-                      crps_gaussian, accuracy, nll, brier, ece, pooled_ece, mce,
+                      crps_gaussian, accuracy, nll, brier, ece, pooled_ece, ece_floor, mce,
                       reliability_bins, mean_ci95, central_quantile)
 from .recalibration import (fit_linear_noise_ratio, fit_linear_noise_ratio_lognormal,
                             fit_linear_noise_ratio_student_t, fit_logit_scale, fit_variance_scale,
@@ -35,4 +35,4 @@ from .tails import LogNormalScale, StudentTTails
 from .plots import plot_predictive_bands, plot_predictive_grid
 from .report import CalibrationReport, compare_markdown, recalibrated_metrics
 
-__all__ = ['CLASSIFICATION_KEYS', 'DEFAULT_LEVELS', 'REGRESSION_KEYS', 'mse', 'gaussian_nll', 'interval_coverage', 'calibration_curve', 'calibration_error', 'pooled_calibration_error', 'crps_gaussian', 'accuracy', 'nll', 'brier', 'ece', 'pooled_ece', 'fit_logit_scale', 'fit_variance_scale', 'fit_variance_scale_and_tails', 'fit_variance_bins', 'VarianceBinScale', 'fit_variance_power', 'VariancePowerScale', 'refit_noise_prior', 'mce', 'reliability_bins', 'mean_ci95', 'fit_linear_noise_ratio', 'fit_linear_noise_ratio_student_t', 'fit_linear_noise_ratio_lognormal', 'StudentTTails', 'LogNormalScale', 'student_t_nll', 'crps_student_t', 'central_quantile', 'plot_predictive_bands', 'plot_predictive_grid', 'CalibrationReport', 'compare_markdown', 'recalibrated_metrics']
+__all__ = ['CLASSIFICATION_KEYS', 'DEFAULT_LEVELS', 'REGRESSION_KEYS', 'mse', 'gaussian_nll', 'interval_coverage', 'calibration_curve', 'calibration_error', 'pooled_calibration_error', 'crps_gaussian', 'accuracy', 'nll', 'brier', 'ece', 'pooled_ece', 'ece_floor', 'fit_logit_scale', 'fit_variance_scale', 'fit_variance_scale_and_tails', 'fit_variance_bins', 'VarianceBinScale', 'fit_variance_power', 'VariancePowerScale', 'refit_noise_prior', 'mce', 'reliability_bins', 'mean_ci95', 'fit_linear_noise_ratio', 'fit_linear_noise_ratio_student_t', 'fit_linear_noise_ratio_lognormal', 'StudentTTails', 'LogNormalScale', 'student_t_nll', 'crps_student_t', 'central_quantile', 'plot_predictive_bands', 'plot_predictive_grid', 'CalibrationReport', 'compare_markdown', 'recalibrated_metrics']

@@ -26,6 +26,9 @@ gives ``ece_pooled`` (:func:`pooled_ece`), the ECE of all tasks' query points to
 usual definition over a test set): the ECE of one task's few points is dominated by the
 binomial noise of its bins, so a perfectly calibrated predictive has a per-task ECE well
 above zero, and that floor falls as the accuracy rises (the bins fill near confidence 1).
+:func:`ece_floor` measures it: the ECE that a calibrated predictive with the same confidences
+shows on as many points, per task (``ece_floor``) and pooled (``ece_pooled_floor``); an ECE
+minus its floor is the miscalibration that the finite test set does not explain.
 
 Fits of a predictive's scale to held-out data (temperature scaling, the regression noise) are in
 :mod:`ibaml.calibration.recalibration`.
@@ -36,16 +39,16 @@ Metrics are computed in float64 on the CPU, whatever the device and dtype of the
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 REGRESSION_KEYS = ("mse", "nll", "coverage_50", "coverage_90", "coverage_95", "calibration_error", "crps")
-CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "ece_pooled", "mce", "brier", "confidence")
+CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "ece_pooled", "ece_floor", "ece_pooled_floor", "mce", "brier",
+                       "confidence")
 
 # ----------------------------------------------------------------------------- checks
 def _as_float64(name: str, t) -> Tensor:
@@ -343,6 +346,40 @@ def pooled_ece(probs, labels, n_bins: int = 15, num_bootstrap: int = 1000, seed:
     boot = of(count[idx].sum(1), conf_sum[idx].sum(1), acc_sum[idx].sum(1))
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
     return {"mean": value, "ci95": (hi - lo) / 2}
+
+
+def ece_floor(probs, n_bins: int = 15, num_draws: int = 100, seed: int = 0) -> Dict[str, object]:
+    """The ECE of a calibrated predictive with the confidences of ``probs [T, Q, C]`` (consistency
+    resampling, Bröcker & Smith 2007): with each point's correctness drawn as
+    ``c_{t,q} ~ Bernoulli(max_c p_{t,q,c})``, so that ``acc(B) = conf(B)`` in expectation,
+    ``floor = E_c[Σ_b (|B_b|/n) |acc_c(B_b) − conf(B_b)|]`` over ``num_draws`` draws (generator
+    seeded with ``seed``). Returns ``{"per_task": [T], "pooled": {"mean", "ci95"}}``: the floor
+    of :func:`ece` per task and of :func:`pooled_ece` (``ci95``: the Monte Carlo error,
+    ``1.96 · std / √num_draws``).
+
+    A predictive that is calibrated has ``E[ece] = floor``; the floor grows as the confidences
+    spread over more bins and as the points per bin fall, whatever the calibration.
+
+    >>> floor = ece_floor(torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]), n_bins=2, num_draws=4000)
+    >>> floor["per_task"].shape, round(float(floor["per_task"]), 1)   # ½·|c − ½| with c ∈ {0, 1}
+    (torch.Size([1]), 0.2)
+    """
+    n_bins = _check_bins(n_bins)
+    probs = _as_float64("probs", probs)
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be [T, Q, C], got {tuple(probs.shape)}")
+    if int(num_draws) < 1:
+        raise ValueError(f"num_draws must be at least 1, got {num_draws}")
+    confidence = probs.max(-1).values                                                   # [T, Q]
+    onehot = torch.nn.functional.one_hot(_bin_index(confidence, n_bins), n_bins).double()  # [T, Q, B]
+    count, conf_sum = onehot.sum(-2), (onehot * confidence.unsqueeze(-1)).sum(-2)         # [T, B]
+    g = torch.Generator().manual_seed(int(seed))
+    correct = (torch.rand((int(num_draws), *confidence.shape), generator=g, dtype=torch.float64) < confidence).double()
+    acc_sum = torch.einsum("rtq,tqb->rtb", correct, onehot)                               # [R, T, B]
+    per_task = ((acc_sum - conf_sum).abs().sum(-1) / count.sum(-1)).mean(0)
+    pooled = (acc_sum.sum(1) - conf_sum.sum(0)).abs().sum(-1) / count.sum()               # [R]
+    spread = float(pooled.std()) if pooled.numel() > 1 else 0.0
+    return {"per_task": per_task, "pooled": {"mean": float(pooled.mean()), "ci95": 1.96 * spread / math.sqrt(pooled.numel())}}
 
 
 def mce(probs, labels, n_bins: int = 15) -> Tensor:

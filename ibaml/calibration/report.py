@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .metrics import (DEFAULT_LEVELS, _check_bins, _check_classification, _check_levels, _check_regression,
                       _coverage, _ece_mce, accuracy, brier, calibration_error, crps_gaussian, ece,
-                      gaussian_nll, mce, mean_ci95, mse, nll, pooled_calibration_error, pooled_ece,
+                      ece_floor, gaussian_nll, mce, mean_ci95, mse, nll, pooled_calibration_error, pooled_ece,
                       reliability_bins)
 from .plots import _figure_and_axes
 from .recalibration import fit_variance_scale, fit_variance_scale_and_tails
@@ -105,11 +105,14 @@ class CalibrationReport:
         n_bins = _check_bins(n_bins)
         probs, labels = _check_classification(probs, labels)
         e, m = _ece_mce(probs, labels, n_bins)
+        floor = ece_floor(probs, n_bins)
         metrics = {
             "accuracy": mean_ci95(accuracy(probs, labels)),
             "nll": mean_ci95(nll(probs, labels)),
             "ece": mean_ci95(e),
             "ece_pooled": pooled_ece(probs, labels, n_bins),
+            "ece_floor": mean_ci95(floor["per_task"]),
+            "ece_pooled_floor": floor["pooled"],
             "mce": mean_ci95(m),
             "brier": mean_ci95(brier(probs, labels)),
             "confidence": mean_ci95(probs.max(-1).values.mean(-1)),
