@@ -45,17 +45,43 @@ def run_example(example: str, folder: Path, options: Sequence[str], keep: Option
     return json.loads(metrics.read_text())
 
 
+#: what a run records of its meta-training, which a run evaluated again from its checkpoints
+#: (``--resume``, no meta-training) cannot measure: kept from the run that trained
+TRAINING_KEYS = ("train_seconds", "ms_per_meta_iter", "last_loss", "inner_grad_norm", "inner_grad_norm_trace",
+                 "validation", "command")
+
+
+def reevaluated(trained: dict, evaluated: dict) -> dict:
+    """The metrics of a run evaluated again from its checkpoints (``evaluated``) with the record
+    of its meta-training (:data:`TRAINING_KEYS`) from the run that trained (``trained``), and the
+    command of the evaluation as ``"reevaluated_with"``.
+
+    >>> reevaluated({"accuracy": 0.5, "last_loss": 0.1, "command": "a"}, {"accuracy": 0.6, "last_loss": None,
+    ...                                                                    "command": "a --resume d"})
+    {'accuracy': 0.6, 'last_loss': 0.1, 'command': 'a', 'reevaluated_with': 'a --resume d'}
+    """
+    return {**evaluated, **{k: trained[k] for k in TRAINING_KEYS if k in trained},
+            "reevaluated_with": evaluated.get("command")}
+
+
 def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Optional[Path] = None,
             out: Optional[Path] = None, reevaluate: bool = False) -> list:
     """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given. With
     ``keep_root``, each run's own folder is kept at ``keep_root / folder.relative_to(out)``; with
     ``reevaluate`` too, each run whose kept folder exists is evaluated again from its checkpoints
-    (``--resume``, no meta-training) and its metrics replaced."""
+    (``--resume``, no meta-training) and its metrics replaced, the record of its meta-training
+    kept (:func:`reevaluated`)."""
     def one(job):
         folder, options = job
         keep = None if keep_root is None else Path(keep_root) / Path(folder).relative_to(out)
         if reevaluate and keep is not None and keep.is_dir():
-            return run_example(example, folder, [*options, "--resume", keep], keep, force=True)
+            metrics = Path(folder) / "metrics.json"
+            trained = json.loads(metrics.read_text()) if metrics.is_file() else None
+            evaluated = run_example(example, folder, [*options, "--resume", keep], keep, force=True)
+            if trained is None:
+                return evaluated
+            write_json(metrics, reevaluated(trained, evaluated))
+            return json.loads(metrics.read_text())
         return run_example(example, folder, options, keep)
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, jobs))

@@ -65,6 +65,8 @@ def test_methods_restrict_a_stage_and_reevaluate_resumes_the_kept_runs(tmp_path,
     assert after["chosen"] == before["chosen"] and after["tried"] == before["tried"]
     kept = tmp_path / "kept"
     (kept / "runs" / "shared" / "seed0" / "imaml").mkdir(parents=True)
+    trained = dict(_sine_metrics(3.0, 1.0), train_seconds=12.0, command="python examples/sine_regression.py")
+    P.write_json(tmp_path / "runs" / "shared" / "seed0" / "imaml" / "metrics.json", trained)
     commands.clear()
     sine_protocol.main(["final", "--out", str(tmp_path), "--seeds", "0", "--methods", "imaml,maml",
                         "--keep-runs", str(kept), "--reevaluate"])
@@ -73,6 +75,9 @@ def test_methods_restrict_a_stage_and_reevaluate_resumes_the_kept_runs(tmp_path,
     options, keep, force = by_run[("shared", "imaml")]
     assert force and options[-2:] == ["--resume", str(kept / "runs" / "shared" / "seed0" / "imaml")]
     assert not by_run[("shared", "maml")][2] and "--resume" not in by_run[("shared", "maml")][0]
+    again = json.loads((tmp_path / "runs" / "shared" / "seed0" / "imaml" / "metrics.json").read_text())
+    assert again["mse"]["mean"] == 1.0 and again["train_seconds"] == 12.0   # evaluated anew, trained as recorded
+    assert again["command"] == "python examples/sine_regression.py" and "reevaluated_with" in again
 
 
 def test_sine_table_is_the_mean_and_std_over_seeds(tmp_path):

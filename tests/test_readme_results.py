@@ -206,6 +206,17 @@ def test_image_protocol_sentences_hold_and_are_on_the_pages(page):
     assert not missing, f"{page.name} lacks the sentences the JSON supports:\n" + "\n".join(missing)
 
 
+def test_image_protocol_ece_floors_are_their_json():
+    """Every head row's runs hold the ECE floor of a calibrated predictive with their confidences;
+    the table of the ECE above it and the sentences on it are on the images page."""
+    from benchmarks import image_protocol
+    summary = image_protocol_summary()
+    rows = [e for table in summary.values() for m, e in table.items() if m in image_protocol.METHODS]
+    assert rows and all("ece_excess" in e[k] and "ece_pooled_excess" in e[k] for e in rows for k in ("raw", "calibrated"))
+    assert_on_page(image_protocol.excess_markdown(summary), IMAGES)
+    assert_on_page(image_protocol.floor_findings(summary), IMAGES)
+
+
 def test_image_protocol_full_network_table_and_sentences_are_their_json():
     """The full-network rows (the papers' iMAML and iBaML) have their own table and sentences on
     the images page, written from the committed runs."""
