@@ -34,6 +34,8 @@ from ibaml.train.checkpoint import CheckpointError
 METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
 #: options that may differ between a run and its resumption (everything else must agree)
 MAY_CHANGE = ("eval_tasks", "eval_chunk", "val_every", "val_tasks", "calibrate_scale") + IMAGE_DATA_MAY_CHANGE + RUN_MAY_CHANGE
+#: what metrics.json records of the meta-training, which a resumed run that trains no step keeps
+TRAINED = ("ms_per_meta_iter", "last_loss", "inner_grad_norm", "inner_grad_norm_trace")
 METRICS = ("accuracy", "nll", "ece", "ece_pooled", "ece_floor", "ece_pooled_floor", "mce", "brier", "confidence")
 
 
@@ -183,6 +185,9 @@ def main(argv=None) -> dict:
         "classes": {s: splits[s].num_classes for s in splits}, "image_shape": list(splits["train"].image_shape),
         "config": config, "torch": torch.__version__,
     })
+    if run.steps_run == 0 and (out / "metrics.json").is_file():   # a finished run evaluated again: its training as recorded
+        trained = json.loads((out / "metrics.json").read_text())
+        result.update({k: trained[k] for k in TRAINED if k in trained})
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     write_report(out, args, learner, report, result)
     print(f"\n{report.to_markdown()}\n\nwrote {out / 'metrics.json'}, {out / 'report.md'} and {out / 'reliability.png'}")

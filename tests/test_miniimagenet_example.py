@@ -117,6 +117,20 @@ def test_resume_continues_the_same_trajectory(mini_roots, tmp_path):
         assert steps_b[h["step"]] == h
 
 
+def test_a_finished_run_evaluated_again_keeps_the_record_of_its_training(mini_roots, tmp_path):
+    """``--resume`` on a finished run trains nothing and evaluates again: the same test metrics,
+    and the timing and stationarity of the meta-training that produced them, not blanks."""
+    out = tmp_path / "run"
+    first = run("--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 2, "--val-every", 0,
+                "--out", out, *TINY)
+    again = run("--resume", out, "--no-progress")
+    assert again["accuracy"] == first["accuracy"] and again["ece_floor"] == first["ece_floor"]
+    assert first["ms_per_meta_iter"] is not None and first["inner_grad_norm"]
+    for key in example.TRAINED:
+        assert again[key] == first[key], key
+    assert json.loads((out / "metrics.json").read_text())["inner_grad_norm"] == first["inner_grad_norm"]
+
+
 def test_resume_checks_the_configuration(mini_roots, tmp_path):
     out = tmp_path / "run"
     run("--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 1, "--val-every", 0,
