@@ -80,8 +80,9 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
             evaluated = run_example(example, folder, [*options, "--resume", keep], keep, force=True)
             if trained is None:
                 return evaluated
-            write_json(metrics, reevaluated(trained, evaluated))
-            return json.loads(metrics.read_text())
+            merged = reevaluated(trained, evaluated)
+            write_json(metrics, merged)
+            return merged
         return run_example(example, folder, options, keep)
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, jobs))

@@ -172,11 +172,9 @@ def summarize(out: Path) -> dict:
                                                                       "cg_steps", "meta_iters", "data_seed")},
                      "inner_grad_norm": [d["inner_grad_norm"] for d in data]}
             for kind in ("raw", "calibrated"):
-                entry[kind] = {k: dict(P.seed_stats([(d if kind == "raw" else d["calibrated"])[k]["mean"]
-                                                     for d in data]),
-                                       ci95_over_tasks=max((d if kind == "raw" else d["calibrated"])[k]["ci95"]
-                                                           for d in data)) for k in METRICS}
                 blocks = [d if kind == "raw" else d["calibrated"] for d in data]
+                entry[kind] = {k: dict(P.seed_stats([b[k]["mean"] for b in blocks]),
+                                       ci95_over_tasks=max(b[k]["ci95"] for b in blocks)) for k in METRICS}
                 for metric, floor in FLOORS.items():
                     if all(floor in b for b in blocks):
                         entry[kind][floor] = P.seed_stats([b[floor]["mean"] for b in blocks])

@@ -285,13 +285,18 @@ def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
     return (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
 
 
+def _confidence_bins(confidence: Tensor, n_bins: int):
+    """Each point's bin as a one-hot ``[T, Q, B]``, and per task and bin the count and the
+    confidence sum, each ``[T, B]``."""
+    onehot = torch.nn.functional.one_hot(_bin_index(confidence, n_bins), n_bins).double()
+    return onehot, onehot.sum(-2), (onehot * confidence.unsqueeze(-1)).sum(-2)
+
+
 def _binned(probs: Tensor, labels: Tensor, n_bins: int):
     """Per-task, per-bin count, confidence sum and correct count, each ``[T, B]``."""
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
-    onehot = torch.nn.functional.one_hot(_bin_index(confidence, n_bins), n_bins).double()  # [T, Q, B]
-    count = onehot.sum(-2)
-    conf_sum = (onehot * confidence.unsqueeze(-1)).sum(-2)
+    onehot, count, conf_sum = _confidence_bins(confidence, n_bins)
     acc_sum = (onehot * correct.unsqueeze(-1)).sum(-2)
     return count, conf_sum, acc_sum
 
@@ -371,15 +376,15 @@ def ece_floor(probs, n_bins: int = 15, num_draws: int = 100, seed: int = 0) -> D
     if int(num_draws) < 1:
         raise ValueError(f"num_draws must be at least 1, got {num_draws}")
     confidence = probs.max(-1).values                                                   # [T, Q]
-    onehot = torch.nn.functional.one_hot(_bin_index(confidence, n_bins), n_bins).double()  # [T, Q, B]
-    count, conf_sum = onehot.sum(-2), (onehot * confidence.unsqueeze(-1)).sum(-2)         # [T, B]
+    onehot, count, conf_sum = _confidence_bins(confidence, n_bins)
     g = torch.Generator().manual_seed(int(seed))
     correct = (torch.rand((int(num_draws), *confidence.shape), generator=g, dtype=torch.float64) < confidence).double()
     acc_sum = torch.einsum("rtq,tqb->rtb", correct, onehot)                               # [R, T, B]
     per_task = ((acc_sum - conf_sum).abs().sum(-1) / count.sum(-1)).mean(0)
     pooled = (acc_sum.sum(1) - conf_sum.sum(0)).abs().sum(-1) / count.sum()               # [R]
     spread = float(pooled.std()) if pooled.numel() > 1 else 0.0
-    return {"per_task": per_task, "pooled": {"mean": float(pooled.mean()), "ci95": 1.96 * spread / math.sqrt(pooled.numel())}}
+    return {"per_task": per_task,
+            "pooled": {"mean": float(pooled.mean()), "ci95": 1.96 * spread / math.sqrt(pooled.numel())}}
 
 
 def mce(probs, labels, n_bins: int = 15) -> Tensor:
