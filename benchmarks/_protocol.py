@@ -23,17 +23,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(example: str, folder: Path, options: Sequence[str], keep: Optional[Path] = None,
-                force: bool = False) -> dict:
+                force: bool = False, tolerate_failure: bool = False) -> dict:
     """``python examples/<example> --out <run> --threads 1 --no-progress --overwrite <options>``
     unless ``folder/metrics.json`` exists (or with ``force``); returns that file's content. The
     run's own folder (checkpoints, figures) is ``keep`` when given and kept, else a scratch
-    folder removed after."""
-    metrics = folder / "metrics.json"
+    folder removed after. A run that fails raises ``RuntimeError`` with its error output; with
+    ``tolerate_failure`` it is recorded instead, ``{"failed": <its last error line>, "command":
+    ...}`` in ``folder/failed.json`` (returned, and returned again without a rerun)."""
+    metrics, failed = folder / "metrics.json", folder / "failed.json"
+    if tolerate_failure and failed.is_file() and not force:
+        return json.loads(failed.read_text())
     if force or not metrics.is_file():
         scratch = keep or folder.parent / f"{folder.name}.run"
         cmd = [sys.executable, str(ROOT / "examples" / example), "--out", str(scratch), "--threads", "1",
                "--no-progress", "--overwrite", *map(str, options)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0 and tolerate_failure:
+            record = {"failed": (done.stderr.strip().splitlines() or ["no error output"])[-1],
+                      "command": " ".join(["python", f"examples/{example}", *map(str, options)])}
+            write_json(failed, record)
+            if keep is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return record
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         data = json.loads((scratch / "metrics.json").read_text())
@@ -65,12 +76,13 @@ def reevaluated(trained: dict, evaluated: dict) -> dict:
 
 
 def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Optional[Path] = None,
-            out: Optional[Path] = None, reevaluate: bool = False) -> list:
+            out: Optional[Path] = None, reevaluate: bool = False, tolerate_failure: bool = False) -> list:
     """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given. With
     ``keep_root``, each run's own folder is kept at ``keep_root / folder.relative_to(out)``; with
     ``reevaluate`` too, each run whose kept folder exists is evaluated again from its checkpoints
     (``--resume``, no meta-training) and its metrics replaced, the record of its meta-training
-    kept (:func:`reevaluated`)."""
+    kept (:func:`reevaluated`). ``tolerate_failure``: a failed run gives its record
+    (:func:`run_example`) in place of metrics."""
     def one(job):
         folder, options = job
         keep = None if keep_root is None else Path(keep_root) / Path(folder).relative_to(out)
@@ -83,7 +95,7 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
             merged = reevaluated(trained, evaluated)
             write_json(metrics, merged)
             return merged
-        return run_example(example, folder, options, keep)
+        return run_example(example, folder, options, keep, tolerate_failure=tolerate_failure)
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, jobs))
 

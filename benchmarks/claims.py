@@ -23,9 +23,18 @@
   10⁻³, 3 seeds, 200 evaluation tasks (evaluated with the training ``K``). ``--runs
   method:K,...`` selects runs (to split them over processes) and ``--merge DIR ...`` joins
   the ``horizon.json`` of such parts into one table and figure.
+* ``recipes``: peak memory and time per meta-iteration versus ``K ∈ {5, 10, 20, 50, 100}``
+  for the library's sine recipes over every weight, as the example builds them
+  (:func:`ibaml.recipes.sine_presets.sine_learner_from_config` with ``inner_steps = K``, the
+  shared learned noise, meta-batch 25): MAML and ABML over all weights (explicit, the control)
+  beside iMAML-GD, iMAML-HF, iBaML over all weights and iBaML-HF (implicit, CG 20), with
+  each method's peak at ``K`` as a multiple of its peak at 5. Claim: the implicit recipes'
+  memory does not grow with ``K`` (at ``K = 100`` at most 1.1 times that at ``K = 5``), so
+  they can take as many inner steps as solving the problem needs.
 
     python -m benchmarks.claims                          # all three (the horizon alone: about 2 CPU-hours)
     python -m benchmarks.claims --claim memory --device cuda
+    python -m benchmarks.claims --claim recipes --out docs/results/claims
     python -m benchmarks.claims --quick                  # a smoke run (a minute or two)
 
 Each claim writes ``DIR/<claim>.json`` and ``DIR/<claim>.png`` (``--out``, default
@@ -63,7 +72,7 @@ from ibaml.core.task_model import TaskModel
 
 from . import _harness
 
-CLAIMS = ("memory", "accuracy", "horizon")
+CLAIMS = ("memory", "accuracy", "horizon", "recipes")
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
 
@@ -136,6 +145,8 @@ def memory_worker(cfg: dict) -> dict:
     warm = tasks.sample(1, gen, dtype=dtype).to(device)
     if cfg.get("kind") == "horizon":
         make = lambda K: horizon_learner(cfg["method"], K, seed=0, device=device, dtype=dtype, **cfg["build"])
+    elif cfg.get("kind") == "recipe":
+        make = lambda K: recipe_learner(cfg["method"], K, cfg["meta_batch"], device, dtype)
     else:
         make = lambda K: memory_learner(cfg["estimator"], cfg["method"], K, device, dtype)
     make(1).meta_step(warm)  # kernels, allocator
@@ -193,11 +204,7 @@ def memory_claim(args, out_dir: Path) -> dict:
                 res = run_memory_config(cfg)
                 rows.append(dict(estimator=estimator, method=method, K=K, **res))
                 log(f"memory {estimator:8s} {method:11s} K={K:3d}: {res['peak_mb']:8.1f} MB {res['seconds']:.3f} s")
-    measure = ("torch.cuda.max_memory_allocated above the allocation before the meta-iteration"
-               if args.device.startswith("cuda") else
-               "growth of peak resident set size (resource.getrusage ru_maxrss) of a fresh subprocess per "
-               "configuration, from after a warm-up meta-iteration (1 task, 1 inner step) to after the first "
-               "full meta-iteration")
+    measure = _memory_measure(args.device)
     summary = {}
     for method in ("map", "variational"):
         for estimator in ("explicit", "implicit"):
@@ -462,6 +469,141 @@ def horizon_table(rows):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- recipes
+#: the sine recipes over every weight: explicit controls first, then the implicit ones
+RECIPE_METHODS = ("maml", "abml-all", "imaml-gd", "imaml-hf", "ibaml-all", "ibaml-hf")
+RECIPE_KS = (5, 10, 20, 50, 100)
+#: the implicit recipes' memory at the largest K over that at the smallest: the claim's bound
+FLAT_MEMORY_BOUND = 1.1
+
+
+def recipe_learner(method: str, K: int, meta_batch: int, device, dtype):
+    """The sine example's learner for ``method`` with ``K`` inner steps in meta-training and
+    evaluation (the shared learned noise; the recipe's other settings as the example's
+    defaults)."""
+    from ibaml.recipes.sine_presets import sine_learner_from_config, sine_run_config
+
+    config = sine_run_config(method, noise="shared", inner_steps=K, eval_inner_steps=K, meta_batch=meta_batch,
+                             dtype=str(dtype).removeprefix("torch."))
+    return sine_learner_from_config(config, device=device, dtype=dtype)
+
+
+def recipes_claim(args, out_dir: Path) -> dict:
+    """Peak memory and time of one meta-iteration of each sine recipe over every weight against
+    ``K`` (:data:`RECIPE_KS`), each in ``--memory-trials`` fresh processes (as the memory claim;
+    the median peak and time, every trial's peak in ``peak_mb_trials``: the resident set moves by
+    a few MiB between identical processes): ``recipes.json``, ``recipes.png``, a table."""
+    Ks = (5, 20) if args.quick else RECIPE_KS
+    methods = ("maml", "imaml-hf") if args.quick else RECIPE_METHODS
+    meta_batch = 5 if args.quick else args.meta_batch
+    repeats = 1 if args.quick else 2
+    trials = 1 if args.quick else args.memory_trials
+    rows = []
+    for method in methods:
+        for K in Ks:
+            cfg = dict(kind="recipe", method=method, K=K, meta_batch=meta_batch, device=args.device, dtype="float32",
+                       threads=args.threads, repeats=repeats)
+            res = [run_memory_config(cfg) for _ in range(trials)]
+            peaks, seconds = sorted(r["peak_mb"] for r in res), sorted(r["seconds"] for r in res)
+            rows.append(dict(method=method, K=K, peak_mb=peaks[len(peaks) // 2], seconds=seconds[len(seconds) // 2],
+                             peak_mb_trials=[r["peak_mb"] for r in res], skipped_tasks=res[0]["skipped_tasks"]))
+            log(f"recipes {method:9s} K={K:3d}: {rows[-1]['peak_mb']:8.1f} MB (trials {peaks}) "
+                f"{rows[-1]['seconds']:.3f} s")
+    summary = recipe_summary(rows)
+    table = recipe_table(rows, summary)
+    payload = dict(claim="recipes", device=args.device, torch=torch.__version__,
+                   memory_measure=_memory_measure(args.device),
+                   config=dict(network="MLP 1-40-40-1", meta_batch=meta_batch, shots=10, query=10, dtype="float32",
+                               noise="shared", learners="benchmarks/claims.py recipe_learner "
+                               "(ibaml.recipes.sine_presets.sine_learner_from_config, inner_steps = eval_inner_steps = K)",
+                               Ks=list(Ks), repeats=repeats, memory_trials=trials, threads=args.threads,
+                               quick=args.quick,
+                               flat_memory_bound=FLAT_MEMORY_BOUND),
+                   rows=rows, summary=summary, table=table)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, method in enumerate(methods):
+        sel = [r for r in rows if r["method"] == method]
+        style = "--" if method in EXPLICIT_RECIPES else "-"
+        for ax, key in zip(axes, ("peak_mb", "seconds")):
+            ax.plot([r["K"] for r in sel], [r[key] for r in sel], style, color=f"C{i}", marker="o", label=method)
+    axes[0].set(xscale="log", xlabel="inner steps K", ylabel="peak memory growth (MiB)",
+                title="memory of a meta-iteration")
+    axes[1].set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="seconds",
+                title="time of a meta-iteration")
+    axes[0].legend(fontsize=8)
+    write(out_dir, "recipes", payload, fig)
+    print(table)
+    return payload
+
+
+#: the recipes that backpropagate through their inner steps
+EXPLICIT_RECIPES = ("maml", "abml-all")
+
+
+def recipe_summary(rows) -> dict:
+    """Per method: its peak at the smallest and the largest ``K``, their ratio, and (implicit
+    recipes) whether the ratio is within :data:`FLAT_MEMORY_BOUND`."""
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["K"])
+        first, last = sel[0], sel[-1]
+        ratio = last["peak_mb"] / first["peak_mb"] if first["peak_mb"] > 0 else float("inf")
+        entry = {"K_min": first["K"], "K_max": last["K"], "peak_mb_at_K_min": first["peak_mb"],
+                 "peak_mb_at_K_max": last["peak_mb"], "peak_ratio": ratio,
+                 "mb_per_step": _slope([(r["K"], r["peak_mb"]) for r in sel]),
+                 "trials_at_K_min": _span(first), "trials_at_K_max": _span(last),
+                 "estimator": "explicit" if method in EXPLICIT_RECIPES else "implicit"}
+        if method not in EXPLICIT_RECIPES:
+            entry["flat"] = ratio <= FLAT_MEMORY_BOUND
+        summary[method] = entry
+    return summary
+
+
+def _span(row) -> list:
+    """``[min, max]`` of a configuration's peaks over its trials."""
+    trials = row.get("peak_mb_trials", [row["peak_mb"]])
+    return [min(trials), max(trials)]
+
+
+def recipe_table(rows, summary) -> str:
+    Ks = sorted({r["K"] for r in rows})
+    lines = ["| method | estimator | " + " | ".join(f"K={K}: MiB / s" for K in Ks)
+             + " | peak at max K ÷ at min K | MiB per step |", "|---|---|" + "---:|" * (len(Ks) + 2)]
+    for method, entry in summary.items():
+        cells = []
+        for K in Ks:
+            r = next((r for r in rows if r["method"] == method and r["K"] == K), None)
+            cells.append("" if r is None else f"{r['peak_mb']:.1f} / {r['seconds']:.2f}")
+        lines.append(f"| {method} | {entry['estimator']} | " + " | ".join(cells)
+                     + f" | {entry['peak_ratio']:.3f} | {entry['mb_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
+def recipe_findings(summary: dict) -> str:
+    """One line per recipe: its peak at the smallest and the largest ``K`` and their ratio, and
+    for the implicit recipes whether memory is flat (within :data:`FLAT_MEMORY_BOUND`)."""
+    lines = []
+    for method, e in summary.items():
+        (a, b), (c, d) = e["trials_at_K_min"], e["trials_at_K_max"]
+        head = (f"- {method} ({e['estimator']}): {e['peak_mb_at_K_min']:.1f} MiB at K = {e['K_min']} (trials "
+                f"{a:.1f}–{b:.1f}), {e['peak_mb_at_K_max']:.1f} MiB at K = {e['K_max']} (trials {c:.1f}–{d:.1f}), "
+                f"{e['peak_ratio']:.3f}×, {e['mb_per_step']:.3f} MiB per step")
+        if "flat" in e:
+            verdict = "flat, held" if e["flat"] else "not flat, not held"
+            head += f": {verdict} (bound {FLAT_MEMORY_BOUND}×)"
+        lines.append(head + ".")
+    return "\n".join(lines)
+
+
+def _memory_measure(device: str) -> str:
+    return ("torch.cuda.max_memory_allocated above the allocation before the meta-iteration"
+            if device.startswith("cuda") else
+            "growth of peak resident set size (resource.getrusage ru_maxrss) of a fresh subprocess per "
+            "configuration, from after a warm-up "
+            "meta-iteration (1 task, 1 inner step) to after the first full meta-iteration")
+
+
 # ----------------------------------------------------------------------------- main
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -492,9 +634,11 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="horizon: comma-separated method:K pairs (default: all)")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="horizon: join the horizon.json of runs split with --runs into --out")
+    p.add_argument("--memory-trials", type=int, default=3,
+                   help="recipes: fresh processes per configuration (the median peak is reported)")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("threads", "meta_batch", "accuracy_width", "accuracy_tasks", "reference_steps", "meta_iters",
+    for name in ("threads", "meta_batch", "memory_trials", "accuracy_width", "accuracy_tasks", "reference_steps", "meta_iters",
                  "eval_tasks", "seeds", "horizon_meta_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -521,7 +665,8 @@ def main(argv=None):
     try:
         for claim in claims:
             start = time.perf_counter()
-            run = {"memory": memory_claim, "accuracy": accuracy_claim, "horizon": horizon_claim}[claim]
+            run = {"memory": memory_claim, "accuracy": accuracy_claim, "horizon": horizon_claim,
+                   "recipes": recipes_claim}[claim]
             results[claim] = run(args, out_dir)
             log(f"{claim}: {time.perf_counter() - start:.0f} s")
     finally:

@@ -9,7 +9,8 @@ training seeds, the test streams evaluated once per final configuration.
 ``select`` runs ``examples/sine_regression.py`` with ``--eval-split val`` (validation streams,
 never the test ones) for every value of each method's grid (:data:`GRID`) at seed 0 and
 ``--select-iters`` meta-iterations, and keeps the value with the lowest recalibrated
-validation NLL in range: ``DIR/selection.json``. ``final`` runs every method of both tables
+validation NLL in range: ``DIR/selection.json`` (a value whose run fails, non-finite
+predictions on some validation task for instance, is recorded with its error and not chosen). ``final`` runs every method of both tables
 (:data:`TABLES`: one learned noise shared by all tasks for every method, and a per-task
 conjugate noise for every method that can take one) at each seed with the selected values and
 ``--meta-iters`` meta-iterations, on the test streams: ``DIR/runs/<table>/seed<S>/<method>``.
@@ -26,6 +27,7 @@ Runs are subprocesses of the example (``--jobs`` at a time, one thread each); a 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import _protocol as P
@@ -38,10 +40,11 @@ GRID = {
     "ibaml": ("--noise-prior-count", (1.0, 5.0, 20.0)),
     "imaml-gd": ("--precision", (0.5, 2.0, 8.0, 32.0, 128.0, 512.0)),
     "ibaml-all": ("--kl-weight", (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)),
+    "abml-all": ("--kl-weight", (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)),
 }
 #: the noise model each value is chosen under (the table the method's headline row is in)
 SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "imaml-gd": "shared",
-                "ibaml-all": "shared"}
+                "ibaml-all": "shared", "abml-all": "shared"}
 #: a method that takes another's chosen value (iMAML-HF solves iMAML-GD's inner problem otherwise)
 SHARES_CHOICE = {"imaml-hf": "imaml-gd", "ibaml-hf": "ibaml-all"}
 #: the comparison tables: one noise model for every method of a table
@@ -70,19 +73,25 @@ METRICS = ("mse", "nll", "coverage_90", "calibration_error")
 FULL_NETWORK = ("imaml-gd", "imaml-hf", "ibaml-all", "ibaml-hf", "abml-all")
 
 
-def run_all(jobs: list, args, keep: bool = False) -> list:
+def run_all(jobs: list, args, keep: bool = False, tolerate_failure: bool = False) -> list:
     """``[(method, folder, options)]`` through the example, ``--jobs`` at a time, with the
     evaluation sizes of ``args``; their metrics in order (``keep``: the runs' folders kept under
-    ``--keep-runs``, and evaluated again from there with ``--reevaluate``)."""
+    ``--keep-runs``, and evaluated again from there with ``--reevaluate``; ``tolerate_failure``:
+    a failed run's record in place of its metrics, :func:`benchmarks._protocol.run_example`)."""
     sizes = ["--eval-tasks", args.eval_tasks, "--recalibration-tasks", args.val_tasks]
     return P.run_all("sine_regression.py", [(folder, ["--method", method, *sizes, *options])
                                             for method, folder, options in jobs], args.jobs,
-                     keep_root=args.keep_runs if keep else None, out=Path(args.out),
+                     tolerate_failure=tolerate_failure, keep_root=args.keep_runs if keep else None, out=Path(args.out),
                      reevaluate=keep and args.reevaluate)
 
 
 def noise_options(method: str, noise: str) -> list:
     return [] if method == "dkt" else ["--noise", noise]
+
+
+def _selection_score(row: dict) -> float:
+    """A tried value's validation score: its recalibrated NLL, ``inf`` where its run failed."""
+    return math.inf if row["nll_recalibrated"] is None else row["nll_recalibrated"]
 
 
 def select(args) -> dict:
@@ -96,23 +105,26 @@ def select(args) -> dict:
             jobs.append((method, folder, noise_options(method, SELECT_NOISE[method]) + [
                 option, str(value), "--eval-split", "val", "--meta-iters", str(args.select_iters), "--seed", "0"]))
             keys.append((method, option, value))
-    results = run_all(jobs, args)
+    results = run_all(jobs, args, tolerate_failure=True)
     tried = {}
     for (method, option, value), m in zip(keys, results):
-        tried.setdefault(method, []).append({option: value, "split": "validation",
-                                             "nll_recalibrated": m["recalibrated"]["nll"]["mean"],
-                                             "mse": m["mse"]["mean"], "nll_raw": m["nll"]["mean"]})
-    if args.methods:   # the other methods' choices stand as recorded
-        earlier = json.loads((out / "selection.json").read_text())["tried"]
+        row = ({option: value, "split": "validation", "nll_recalibrated": None, "failed": m["failed"]}
+               if "failed" in m else
+               {option: value, "split": "validation", "nll_recalibrated": m["recalibrated"]["nll"]["mean"],
+                "mse": m["mse"]["mean"], "nll_raw": m["nll"]["mean"]})
+        tried.setdefault(method, []).append(row)
+    if args.methods:   # the other methods' choices stand as recorded (none on a first selection)
+        recorded = out / "selection.json"
+        earlier = json.loads(recorded.read_text())["tried"] if recorded.is_file() else {}
         tried = {m: tried.get(m, earlier.get(m)) for m in GRID if m in tried or m in earlier}
-    chosen = {method: min(rows, key=lambda r: r["nll_recalibrated"]) for method, rows in tried.items()}
+    chosen = {method: min(rows, key=_selection_score) for method, rows in tried.items()}
     payload = {"criterion": "lowest recalibrated NLL in range on validation tasks (stream seeds 40000 + S), "
                             f"seed 0, {args.select_iters} meta-iterations",
                "noise": SELECT_NOISE, "tried": tried,
                "chosen": {m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}
     P.write_json(out / "selection.json", payload)
     for method, rows in tried.items():
-        print(f"{method}: " + ", ".join(f"{GRID[method][0]} {r[GRID[method][0]]:g}: NLL {r['nll_recalibrated']:.3f}"
+        print(f"{method}: " + ", ".join(f"{GRID[method][0]} {r[GRID[method][0]]:g}: NLL {_selection_score(r):.3f}"
                                          for r in rows) + f" -> {payload['chosen'][method]}")
     return payload
 

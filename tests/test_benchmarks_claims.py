@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m benchmarks.claims``: a --quick run writes the three JSON files and figures."""
+"""Smoke test of ``python -m benchmarks.claims``: a --quick run writes the four JSON files and figures."""
 
 import json
 
@@ -7,7 +7,7 @@ from benchmarks import claims
 
 def test_quick_run_writes_results(tmp_path):
     claims.main(["--quick", "--out", str(tmp_path)])
-    for name in ("memory", "accuracy", "horizon"):
+    for name in ("memory", "accuracy", "horizon", "recipes"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
     memory = json.loads((tmp_path / "memory.json").read_text())
     accuracy = json.loads((tmp_path / "accuracy.json").read_text())
@@ -40,3 +40,12 @@ def test_quick_run_writes_results(tmp_path):
 
     merged = claims.main(["--merge", str(tmp_path), "--out", str(tmp_path / "merged")])["horizon"]
     assert merged["rows"] == horizon["rows"] and merged["config"] == horizon["config"]
+
+    recipes = json.loads((tmp_path / "recipes.json").read_text())
+    assert recipes["claim"] == "recipes" and recipes["table"].startswith("|")
+    assert {(r["method"], r["K"]) for r in recipes["rows"]} == {(m, K) for m in ("maml", "imaml-hf") for K in (5, 20)}
+    maml, hf = recipes["summary"]["maml"], recipes["summary"]["imaml-hf"]
+    assert maml["estimator"] == "explicit" and "flat" not in maml
+    assert hf["estimator"] == "implicit" and hf["flat"] == (hf["peak_ratio"] <= claims.FLAT_MEMORY_BOUND)
+    assert maml["peak_ratio"] > hf["peak_ratio"], (maml, hf)   # unrolling 20 steps holds more than 5
+    assert maml["peak_ratio"] == maml["peak_mb_at_K_max"] / maml["peak_mb_at_K_min"]

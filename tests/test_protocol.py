@@ -50,7 +50,7 @@ def test_methods_restrict_a_stage_and_reevaluate_resumes_the_kept_runs(tmp_path,
     replacing metrics that exist, and runs the others from scratch."""
     commands = []
 
-    def fake_example(example, folder, options, keep=None, force=False):
+    def fake_example(example, folder, options, keep=None, force=False, tolerate_failure=False):
         commands.append((folder, list(map(str, options)), keep, force))
         option = sine_protocol.GRID.get(options[1], ("--none",))[0]
         value = float(options[options.index(option) + 1]) if option in options else 1.0
@@ -78,6 +78,37 @@ def test_methods_restrict_a_stage_and_reevaluate_resumes_the_kept_runs(tmp_path,
     again = json.loads((tmp_path / "runs" / "shared" / "seed0" / "imaml" / "metrics.json").read_text())
     assert again["mse"]["mean"] == 1.0 and again["train_seconds"] == 12.0   # evaluated anew, trained as recorded
     assert again["command"] == "python examples/sine_regression.py" and "reevaluated_with" in again
+
+
+def test_a_selection_run_that_fails_is_recorded_and_not_chosen(tmp_path, monkeypatch):
+    """A grid value whose run fails (non-finite predictions, say) is kept in ``tried`` with its
+    error and a ``None`` score; the choice is among the values that ran."""
+    def fake_example(example, folder, options, keep=None, force=False, tolerate_failure=False):
+        assert tolerate_failure
+        option = sine_protocol.GRID.get(options[1], ("--none",))[0]
+        value = float(options[options.index(option) + 1]) if option in options else 1.0
+        if options[1] == "abml-all" and value == 0.125:
+            return {"failed": "error: 2 of 1000 tasks have non-finite predictions", "command": "x"}
+        return _sine_metrics(1.0, -value if options[1] == "abml-all" else abs(value - 0.005))
+
+    monkeypatch.setattr(P, "run_example", fake_example)
+    payload = sine_protocol.main(["select", "--out", str(tmp_path), "--methods", "abml-all"])
+    rows = {r["--kl-weight"]: r for r in payload["tried"]["abml-all"]}
+    assert rows[0.125]["nll_recalibrated"] is None and "non-finite" in rows[0.125]["failed"]
+    assert payload["chosen"]["abml-all"] == {"--kl-weight": 0.025}      # the lowest NLL among those that ran
+    json.loads((tmp_path / "selection.json").read_text(), parse_constant=pytest.fail)   # plain JSON, no Infinity
+
+
+def test_run_example_records_a_failed_run_when_told_to(tmp_path):
+    """A run that fails raises with its error output, or with ``tolerate_failure`` is recorded in
+    ``failed.json`` and returned, again without a rerun."""
+    folder = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="meta-iters"):
+        P.run_example("sine_regression.py", folder, ["--meta-iters", "0"])
+    record = P.run_example("sine_regression.py", folder, ["--meta-iters", "0"], tolerate_failure=True)
+    assert "meta-iters" in record["failed"] and record["command"].endswith("--meta-iters 0")
+    assert json.loads((folder / "failed.json").read_text()) == record and not (folder / "metrics.json").exists()
+    assert P.run_example("sine_regression.py", folder, ["--meta-iters", "0", "--bogus"], tolerate_failure=True) == record
 
 
 def test_sine_table_is_the_mean_and_std_over_seeds(tmp_path):

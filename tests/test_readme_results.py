@@ -132,10 +132,32 @@ def test_image_seeds_table_is_its_json():
     assert payload["targets"] and all(check["met"] for check in payload["targets"])
 
 
-@pytest.mark.parametrize("claim", ["horizon"])
+@pytest.mark.parametrize("claim", ["horizon", "recipes"])
 def test_claim_tables_are_their_json(claim):
     payload = json.loads((ROOT / "docs/results/claims" / f"{claim}.json").read_text())
     assert_on_page(payload["table"], CLAIMS)
+
+
+def test_recipes_findings_are_their_json():
+    """The recipes' memory findings and the verdict under them match ``recipes.json``."""
+    from benchmarks import claims
+    payload = json.loads((ROOT / "docs/results/claims/recipes.json").read_text())
+    summary = payload["summary"]
+    assert summary == claims.recipe_summary(payload["rows"])
+    assert_on_page(claims.recipe_findings(summary), CLAIMS)
+    text = " ".join(CLAIMS.read_text().split())
+    assert "MAML 1.2 MiB per step, ABML over all weights 12.1 MiB per step" in text
+    assert round(summary["maml"]["mb_per_step"], 1) == 1.2 and round(summary["abml-all"]["mb_per_step"], 1) == 12.1
+    implicit = [m for m, e in summary.items() if e["estimator"] == "implicit"]
+    assert implicit and max(summary[m]["mb_per_step"] for m in implicit) <= 0.05   # "at most 0.05 MiB per step"
+    assert summary["imaml-gd"]["flat"] and summary["ibaml-all"]["flat"]             # "imaml-gd and ibaml-all hold"
+    assert not summary["imaml-hf"]["flat"] and f"{summary['imaml-hf']['peak_ratio']:.3f}" == "1.101"
+    assert not summary["ibaml-hf"]["flat"] and f"{summary['ibaml-hf']['peak_ratio']:.2f}" == "1.30"
+    overlap = {m: summary[m]["trials_at_K_min"][1] >= summary[m]["trials_at_K_max"][0] for m in ("imaml-hf", "ibaml-hf")}
+    assert overlap == {"imaml-hf": False, "ibaml-hf": True}   # "do not overlap" / "with trials that overlap"
+    growth = summary["imaml-hf"]["peak_mb_at_K_max"] - summary["imaml-hf"]["peak_mb_at_K_min"]
+    steps = summary["imaml-hf"]["K_max"] - summary["imaml-hf"]["K_min"]
+    assert round(growth, 1) == 0.7 and round(1024 * growth / steps) == 8   # "0.7 MiB ..., about 8 KiB per step"
 
 
 SPEED = ROOT / "docs/results/speed_memory.md"
