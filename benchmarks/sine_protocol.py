@@ -310,6 +310,15 @@ def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str
             margins = [theirs[s] - v for s, v in zip(e["seeds"], e["raw"]["in_range"]["mse"]["per_seed"]) if s in theirs]
             out.append(f"Seed by seed, {full}'s MSE is below maml's at {sum(m > 0 for m in margins)} of {len(margins)} "
                        f"seeds (maml's minus {full}'s: " + " / ".join(f"{m:.3f}" for m in margins) + ").")
+    if "abml-all" in rows:   # the variational rows over every weight: implicit (iBaML) against explicit (ABML)
+        theirs = rows["abml-all"]
+        for full in (m for m in ("ibaml-all", "ibaml-hf") if m in rows):
+            parts = []
+            for label, kind, metric in (("raw NLL", "raw", "nll"), ("MSE", "raw", "mse")):
+                mine, other = _mean(rows[full], kind, "in_range", metric), _mean(theirs, kind, "in_range", metric)
+                parts.append(f"its {label} {mine:.3f} against {other:.3f} ({'below' if mine < other else 'above'} "
+                             f"by {abs(mine - other):.3f})")
+            out.append(f"Over all weights, {full} against abml-all (explicit, mean-field): " + ", ".join(parts) + ".")
     oor = {m: _mean(e, "recalibrated", "out_of_range", "coverage_90") for m, e in rows.items()}
     top = max(oor, key=oor.get)
     out.append(f"Out of range (x in [5, 10]) no row's recalibrated 90% interval covers more than {oor[top]:.3f} of the "

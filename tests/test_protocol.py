@@ -158,6 +158,18 @@ def test_full_network_rows_report_their_seeds_and_stationarity(tmp_path):
             in sine_protocol.findings(summary, method="maml"))
 
 
+def test_full_network_ibaml_is_compared_with_full_network_abml(tmp_path):
+    """With ABML over every weight in the table, each iBaML row over every weight gets one sentence
+    against it, whichever way the numbers fall."""
+    for method, mse, nll in (("maml", 0.3, 0.9), ("ibaml-hf", 0.1, 0.2), ("ibaml-all", 0.9, 1.4), ("abml-all", 0.25, 0.85)):
+        P.write_json(tmp_path / "runs" / "shared" / "seed0" / method / "metrics.json", _sine_metrics(mse, nll))
+    text = sine_protocol.findings(sine_protocol.summarize(tmp_path), method="maml")
+    assert ("- Over all weights, ibaml-hf against abml-all (explicit, mean-field): its raw NLL 0.200 against 0.850 "
+            "(below by 0.650), its MSE 0.100 against 0.250 (below by 0.150).") in text
+    assert ("- Over all weights, ibaml-all against abml-all (explicit, mean-field): its raw NLL 1.400 against 0.850 "
+            "(above by 0.550), its MSE 0.900 against 0.250 (above by 0.650).") in text
+
+
 def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatch):
     def fake_run_all(example, jobs, workers, **kwargs):
         assert example == "miniimagenet.py"

@@ -153,6 +153,9 @@ def test_recipes_findings_are_their_json():
     assert summary["imaml-gd"]["flat"] and summary["ibaml-all"]["flat"]             # "imaml-gd and ibaml-all hold"
     assert not summary["imaml-hf"]["flat"] and f"{summary['imaml-hf']['peak_ratio']:.3f}" == "1.101"
     assert not summary["ibaml-hf"]["flat"] and f"{summary['ibaml-hf']['peak_ratio']:.2f}" == "1.30"
+    readme = " ".join(README.read_text().split())   # the README's sentence on the same runs
+    assert (f"goes {summary['imaml-hf']['peak_ratio']:.1f}× for `imaml-hf` and {summary['ibaml-hf']['peak_ratio']:.1f}× "
+            f"for `ibaml-hf` against {summary['maml']['peak_ratio']:.0f}× for MAML") in readme
     overlap = {m: summary[m]["trials_at_K_min"][1] >= summary[m]["trials_at_K_max"][0] for m in ("imaml-hf", "ibaml-hf")}
     assert overlap == {"imaml-hf": False, "ibaml-hf": True}   # "do not overlap" / "with trials that overlap"
     growth = summary["imaml-hf"]["peak_mb_at_K_max"] - summary["imaml-hf"]["peak_mb_at_K_min"]
