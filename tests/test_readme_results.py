@@ -76,6 +76,17 @@ def test_sine_protocol_table_json_is_its_runs():
     assert json.loads(json.dumps(sine_protocol.summarize(PROTOCOL))) == protocol_summary()
 
 
+def test_sine_full_network_abml_sentence_is_its_json():
+    """The sine page's sentence on ABML over every weight gives the table's means, and the
+    ordering it states against the two iBaML rows over every weight holds."""
+    rows = protocol_summary()["shared"]
+    mean = lambda m, k: rows[m]["raw"]["in_range"][k]["mean"]
+    text = " ".join(SINE.read_text().split())
+    assert (f"learns as far as MAML (MSE {mean('abml-all', 'mse'):.3f}, raw NLL {mean('abml-all', 'nll'):.3f}, "
+            f"against MAML's {mean('maml', 'mse'):.3f} and {mean('maml', 'nll'):.3f})") in text
+    assert all(mean("ibaml-hf", k) < mean("abml-all", k) < mean("ibaml-all", k) for k in ("mse", "nll"))
+
+
 def test_sine_protocol_tables_are_their_json():
     assert_on_page(sine_protocol.markdown(protocol_summary()), SINE)
     assert_on_page(sine_protocol.families_markdown(protocol_summary()), SINE)
