@@ -256,3 +256,14 @@ def test_image_table_gives_the_ece_above_its_floor_where_the_runs_hold_floors(tm
     assert "- At 1 shot, the floor is 93–98 % of every row's per-task ECE, raw and temperature-scaled." in text
     del summary["1shot"]["maml"]["raw"]["ece_excess"]
     assert image_protocol.floor_findings(summary) == ""
+
+
+def test_full_network_ibaml_on_images_is_compared_with_abml_on_the_seeds_both_have():
+    def entry(seeds, accuracies):
+        return {"seeds": seeds, "raw": {"accuracy": {"per_seed": accuracies}}, "inner_grad_norm": [{"w": 2.0}] * len(seeds)}
+    mine, theirs = entry([0, 1, 2], [0.40, 0.30, 0.35]), entry([0, 1], [0.30, 0.36])
+    assert image_protocol._against_abml("1 shot", mine, theirs) == (
+        "At 1 shot, ibaml-all's accuracy on the seeds both rows have (0, 1) is 0.350 against abml-all's 0.330: "
+        "2.0 points above (meets the target: at or above abml-all's); ‖∇G‖ of abml-all at its returned point w 2.")
+    same = image_protocol._against_abml("5 shots", entry([0, 1], [0.2, 0.3]), theirs)
+    assert same.startswith("At 5 shots, ibaml-all's accuracy is 0.250 against abml-all's 0.330: 8.0 points below (misses")
