@@ -324,3 +324,23 @@ def test_full_network_shift_table_is_its_json():
     payload = shift_models("shift_full_network")
     assert set(payload["models"]["shared"]) == {"maml", "dkt", "imaml-hf", "ibaml-hf"}
     assert_on_page(sine_shift.markdown(payload["models"], payload["settings"]), SHIFT)
+
+
+def test_full_network_image_sentences_are_their_json():
+    """The README's and the images page's sentences on the full-network rows at 1 shot give the
+    protocol table's means (ABML over every weight on its seeds, iBaML's on the same seeds)."""
+    rows = image_protocol_summary()["1shot"]
+    acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}
+    readme = " ".join(README.read_text().split())
+    assert (f"iMAML-GD {acc['imaml-gd']:.2f}, iMAML-HF {acc['imaml-hf']:.2f}, iBaML {acc['ibaml-all']:.2f}, "
+            f"MAML {acc['maml']:.2f}), while ABML over every weight") in readme
+    abml = rows["abml-all"]
+    assert f"reaches {acc['abml-all']:.2f} ({len(abml['seeds'])} seeds;" in readme
+    same = [v for s, v in zip(rows["ibaml-all"]["seeds"], rows["ibaml-all"]["raw"]["accuracy"]["per_seed"])
+            if s in abml["seeds"]]
+    page = " ".join(IMAGES.read_text().split())
+    assert (f"learns, to {acc['abml-all']:.3f} on its two seeds, above MAML's {acc['maml']:.3f}, where iBaML over every "
+            f"weight, the same model with the implicit gradient, stays at {sum(same) / len(same):.3f}") in page
+    assert len(abml["seeds"]) == 2 and acc["abml-all"] > acc["maml"]
+    means = [n["mean"] for n in abml["inner_grad_norm"]]
+    assert all(8 <= m <= 12 for m in means), means          # "‖∇G‖ of the means about 10"
