@@ -38,9 +38,9 @@ def run_example(example: str, folder: Path, options: Sequence[str], keep: Option
         cmd = [sys.executable, str(ROOT / "examples" / example), "--out", str(scratch), "--threads", "1",
                "--no-progress", "--overwrite", *map(str, options)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        command = " ".join(["python", f"examples/{example}", *map(str, options)])
         if done.returncode != 0 and tolerate_failure:
-            record = {"failed": (done.stderr.strip().splitlines() or ["no error output"])[-1],
-                      "command": " ".join(["python", f"examples/{example}", *map(str, options)])}
+            record = {"failed": (done.stderr.strip().splitlines() or ["no error output"])[-1], "command": command}
             write_json(failed, record)
             if keep is None:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -48,7 +48,7 @@ def run_example(example: str, folder: Path, options: Sequence[str], keep: Option
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         data = json.loads((scratch / "metrics.json").read_text())
-        data["command"] = " ".join(["python", f"examples/{example}", *map(str, options)])
+        data["command"] = command
         folder.mkdir(parents=True, exist_ok=True)
         metrics.write_text(json.dumps(data, indent=2))
         if keep is None:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from . import _protocol as P
 
+#: the KL weights tried for the variational methods over every weight, implicit and explicit alike
+FULL_NETWORK_KL_WEIGHTS = (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)
 #: per method, the option chosen on validation and the values tried
 GRID = {
     "maml": ("--inner-lr", (0.001, 0.002, 0.004)),
@@ -39,8 +41,8 @@ GRID = {
     "imaml": ("--precision", (0.1, 0.3, 1.0, 3.0)),
     "ibaml": ("--noise-prior-count", (1.0, 5.0, 20.0)),
     "imaml-gd": ("--precision", (0.5, 2.0, 8.0, 32.0, 128.0, 512.0)),
-    "ibaml-all": ("--kl-weight", (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)),
-    "abml-all": ("--kl-weight", (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)),
+    "ibaml-all": ("--kl-weight", FULL_NETWORK_KL_WEIGHTS),
+    "abml-all": ("--kl-weight", FULL_NETWORK_KL_WEIGHTS),
 }
 #: the noise model each value is chosen under (the table the method's headline row is in)
 SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "imaml-gd": "shared",
@@ -108,11 +110,10 @@ def select(args) -> dict:
     results = run_all(jobs, args, tolerate_failure=True)
     tried = {}
     for (method, option, value), m in zip(keys, results):
-        row = ({option: value, "split": "validation", "nll_recalibrated": None, "failed": m["failed"]}
-               if "failed" in m else
-               {option: value, "split": "validation", "nll_recalibrated": m["recalibrated"]["nll"]["mean"],
-                "mse": m["mse"]["mean"], "nll_raw": m["nll"]["mean"]})
-        tried.setdefault(method, []).append(row)
+        scores = ({"nll_recalibrated": None, "failed": m["failed"]} if "failed" in m else
+                  {"nll_recalibrated": m["recalibrated"]["nll"]["mean"], "mse": m["mse"]["mean"],
+                   "nll_raw": m["nll"]["mean"]})
+        tried.setdefault(method, []).append({option: value, "split": "validation", **scores})
     if args.methods:   # the other methods' choices stand as recorded (none on a first selection)
         recorded = out / "selection.json"
         earlier = json.loads(recorded.read_text())["tried"] if recorded.is_file() else {}
