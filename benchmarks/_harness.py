@@ -347,6 +347,32 @@ def peak_memory(fn: Callable, device: torch.device) -> Optional[int]:
     return max(0, cpu_peak_bytes() - base)
 
 
+def cpu_tensor_peak(fn: Callable) -> int:
+    """Bytes of tensor memory that one call of ``fn`` holds at its peak above what is allocated
+    before it, on the CPU: the CPU allocator's allocations ``+b`` and frees ``−b`` during the call,
+    as the profiler records them (``torch.profiler`` with ``profile_memory=True``), in time
+    order, and the highest running sum ``max_t Σ_{s ≤ t} b_s`` (``0`` if nothing is allocated).
+
+    The tensor-level count that ``torch.cuda.max_memory_allocated`` gives on CUDA: unlike the
+    resident set, it does not move with the allocator's caching and fragmentation or with Python
+    objects, so two calls of the same work give the same number.
+
+    >>> cpu_tensor_peak(lambda: torch.ones(1000) * 2) >= 8000   # two float32 buffers of 1000
+    True
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, OutOfMemoryError) or "out of memory" in str(err).lower()
 

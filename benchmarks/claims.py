@@ -28,9 +28,10 @@
   (:func:`ibaml.recipes.sine_presets.sine_learner_from_config` with ``inner_steps = K``, the
   shared learned noise, meta-batch 25): MAML and ABML over all weights (explicit, the control)
   beside iMAML-GD, iMAML-HF, iBaML over all weights and iBaML-HF (implicit, CG 20), with
-  each method's peak at ``K`` as a multiple of its peak at 5. Claim: the implicit recipes'
-  memory does not grow with ``K`` (at ``K = 100`` at most 1.1 times that at ``K = 5``), so
-  they can take as many inner steps as solving the problem needs.
+  each method's peak at ``K`` as a multiple of its peak at 5: the peak of its tensors (the
+  claim's measure) and of the process's resident set beside it. Claim: the implicit recipes'
+  tensor memory does not grow with ``K`` (at ``K = 100`` at most 1.1 times that at ``K = 5``),
+  so they can take as many inner steps as solving the problem needs.
 
     python -m benchmarks.claims                          # all three (the horizon alone: about 2 CPU-hours)
     python -m benchmarks.claims --claim memory --device cuda
@@ -43,7 +44,10 @@ Each claim writes ``DIR/<claim>.json`` and ``DIR/<claim>.png`` (``--out``, defau
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the allocation before the
 meta-iteration. On the CPU (where ``tracemalloc`` does not see torch's allocations), the
 growth of the peak resident set size ``ru_maxrss`` of a fresh child process, one per
-configuration, measured from after a warm-up meta-iteration on one task with one step.
+configuration, measured from after a warm-up meta-iteration on one task with one step; for
+``recipes`` also the tensors' own peak, which the resident set blurs by a few MiB: the CPU
+allocator's live bytes through one more meta-iteration under ``torch.profiler``
+(``profile_memory=True``; :func:`benchmarks._harness.cpu_tensor_peak`).
 """
 
 from __future__ import annotations
@@ -135,7 +139,9 @@ def peak_rss_bytes() -> int:
 
 
 def memory_worker(cfg: dict) -> dict:
-    """One configuration: peak memory of the first meta-iteration, median time of the rest."""
+    """One configuration: peak memory of the first meta-iteration, median time of the rest, and
+    with ``cfg["tensor_peak"]`` the peak of its tensors (``tensor_peak_mb``:
+    :func:`benchmarks._harness.cpu_tensor_peak` on the CPU)."""
     torch.set_num_threads(cfg["threads"])
     device, dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
     cuda = device.type == "cuda"
@@ -176,7 +182,13 @@ def memory_worker(cfg: dict) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"peak_mb": peak / 2 ** 20, "seconds": times[len(times) // 2], "skipped_tasks": learner.skipped_tasks}
+    result = {"peak_mb": peak / 2 ** 20, "seconds": times[len(times) // 2], "skipped_tasks": learner.skipped_tasks}
+    if cfg.get("tensor_peak"):
+        # the tensors' own peak: on CUDA the allocator's count above, on the CPU one more
+        # meta-iteration under the profiler's allocation record
+        tensor_peak = peak if cuda else _harness.cpu_tensor_peak(lambda: learner.meta_step(batch))
+        result["tensor_peak_mb"] = tensor_peak / 2 ** 20
+    return result
 
 
 def run_memory_config(cfg: dict) -> dict:
@@ -502,16 +514,18 @@ def recipes_claim(args, out_dir: Path) -> dict:
     for method in methods:
         for K in Ks:
             cfg = dict(kind="recipe", method=method, K=K, meta_batch=meta_batch, device=args.device, dtype="float32",
-                       threads=args.threads, repeats=repeats)
+                       threads=args.threads, repeats=repeats, tensor_peak=True)
             res = [run_memory_config(cfg) for _ in range(trials)]
-            peaks, seconds = sorted(r["peak_mb"] for r in res), sorted(r["seconds"] for r in res)
-            rows.append(dict(method=method, K=K, peak_mb=peaks[len(peaks) // 2], seconds=seconds[len(seconds) // 2],
+            median = lambda key: sorted(r[key] for r in res)[len(res) // 2]
+            rows.append(dict(method=method, K=K, tensor_peak_mb=median("tensor_peak_mb"), peak_mb=median("peak_mb"),
+                             seconds=median("seconds"), tensor_peak_mb_trials=[r["tensor_peak_mb"] for r in res],
                              peak_mb_trials=[r["peak_mb"] for r in res], skipped_tasks=res[0]["skipped_tasks"]))
-            log(f"recipes {method:9s} K={K:3d}: {rows[-1]['peak_mb']:8.1f} MB (trials {peaks}) "
-                f"{rows[-1]['seconds']:.3f} s")
+            log(f"recipes {method:9s} K={K:3d}: tensors {rows[-1]['tensor_peak_mb']:8.3f} MB, resident set "
+                f"{rows[-1]['peak_mb']:8.1f} MB (trials {sorted(rows[-1]['peak_mb_trials'])}) {rows[-1]['seconds']:.3f} s")
     summary = recipe_summary(rows)
     table = recipe_table(rows, summary)
     payload = dict(claim="recipes", device=args.device, torch=torch.__version__,
+                   tensor_memory_measure=_memory_measure(args.device, tensors=True),
                    memory_measure=_memory_measure(args.device),
                    config=dict(network="MLP 1-40-40-1", meta_batch=meta_batch, shots=10, query=10, dtype="float32",
                                noise="shared", learners="benchmarks/claims.py recipe_learner "
@@ -521,15 +535,17 @@ def recipes_claim(args, out_dir: Path) -> dict:
                                flat_memory_bound=FLAT_MEMORY_BOUND),
                    rows=rows, summary=summary, table=table)
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for i, method in enumerate(methods):
         sel = [r for r in rows if r["method"] == method]
         style = "--" if method in EXPLICIT_RECIPES else "-"
-        for ax, key in zip(axes, ("peak_mb", "seconds")):
+        for ax, key in zip(axes, ("tensor_peak_mb", "peak_mb", "seconds")):
             ax.plot([r["K"] for r in sel], [r[key] for r in sel], style, color=f"C{i}", marker="o", label=method)
-    axes[0].set(xscale="log", xlabel="inner steps K", ylabel="peak memory growth (MiB)",
-                title="memory of a meta-iteration")
-    axes[1].set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="seconds",
+    axes[0].set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="peak of the tensors (MiB)",
+                title="tensor memory of a meta-iteration")
+    axes[1].set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="peak resident set growth (MiB)",
+                title="process memory of a meta-iteration")
+    axes[2].set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="seconds",
                 title="time of a meta-iteration")
     axes[0].legend(fontsize=8)
     write(out_dir, "recipes", payload, fig)
@@ -542,64 +558,79 @@ EXPLICIT_RECIPES = ("maml", "abml-all")
 
 
 def recipe_summary(rows) -> dict:
-    """Per method: its peak at the smallest and the largest ``K``, their ratio, and (implicit
-    recipes) whether the ratio is within :data:`FLAT_MEMORY_BOUND`."""
+    """Per method: the peak of its tensors and of the process's resident set at the smallest
+    and the largest ``K``, their ratios ``peak(K_max) / peak(K_min)``, the least-squares slopes
+    on ``K``, and (implicit recipes) whether the tensors' ratio is within
+    :data:`FLAT_MEMORY_BOUND` (``flat``): the claim is about the memory the method's tensors
+    need; the resident set adds the allocator's caching and Python's objects, which move by a
+    few MiB between identical processes."""
     summary = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["K"])
         first, last = sel[0], sel[-1]
-        ratio = last["peak_mb"] / first["peak_mb"] if first["peak_mb"] > 0 else float("inf")
-        entry = {"K_min": first["K"], "K_max": last["K"], "peak_mb_at_K_min": first["peak_mb"],
-                 "peak_mb_at_K_max": last["peak_mb"], "peak_ratio": ratio,
-                 "mb_per_step": _slope([(r["K"], r["peak_mb"]) for r in sel]),
-                 "trials_at_K_min": _span(first), "trials_at_K_max": _span(last),
+        entry = {"K_min": first["K"], "K_max": last["K"],
                  "estimator": "explicit" if method in EXPLICIT_RECIPES else "implicit"}
+        for prefix, key in (("tensor_", "tensor_peak_mb"), ("", "peak_mb")):
+            ratio = last[key] / first[key] if first[key] > 0 else float("inf")
+            entry.update({f"{key}_at_K_min": first[key], f"{key}_at_K_max": last[key], f"{prefix}peak_ratio": ratio,
+                          f"{prefix}mb_per_step": _slope([(r["K"], r[key]) for r in sel]),
+                          f"{prefix}trials_at_K_min": _span(first, key), f"{prefix}trials_at_K_max": _span(last, key)})
         if method not in EXPLICIT_RECIPES:
-            entry["flat"] = ratio <= FLAT_MEMORY_BOUND
+            entry["flat"] = entry["tensor_peak_ratio"] <= FLAT_MEMORY_BOUND
         summary[method] = entry
     return summary
 
 
-def _span(row) -> list:
-    """``[min, max]`` of a configuration's peaks over its trials."""
-    trials = row.get("peak_mb_trials", [row["peak_mb"]])
+def _span(row, key: str) -> list:
+    """``[min, max]`` of a configuration's ``key`` (a peak) over its trials."""
+    trials = row.get(f"{key}_trials", [row[key]])
     return [min(trials), max(trials)]
 
 
 def recipe_table(rows, summary) -> str:
     Ks = sorted({r["K"] for r in rows})
-    lines = ["| method | estimator | " + " | ".join(f"K={K}: MiB / s" for K in Ks)
-             + " | peak at max K ÷ at min K | MiB per step |", "|---|---|" + "---:|" * (len(Ks) + 2)]
+    lines = ["| method | estimator | " + " | ".join(f"K={K}: tensors MiB / process MiB / s" for K in Ks)
+             + " | tensors at max K ÷ at min K | process at max K ÷ at min K |",
+             "|---|---|" + "---:|" * (len(Ks) + 2)]
     for method, entry in summary.items():
         cells = []
         for K in Ks:
             r = next((r for r in rows if r["method"] == method and r["K"] == K), None)
-            cells.append("" if r is None else f"{r['peak_mb']:.1f} / {r['seconds']:.2f}")
+            cells.append("" if r is None else f"{r['tensor_peak_mb']:.2f} / {r['peak_mb']:.1f} / {r['seconds']:.2f}")
         lines.append(f"| {method} | {entry['estimator']} | " + " | ".join(cells)
-                     + f" | {entry['peak_ratio']:.3f} | {entry['mb_per_step']:.3f} |")
+                     + f" | {entry['tensor_peak_ratio']:.3f} | {entry['peak_ratio']:.3f} |")
     return "\n".join(lines)
 
 
 def recipe_findings(summary: dict) -> str:
-    """One line per recipe: its peak at the smallest and the largest ``K`` and their ratio, and
-    for the implicit recipes whether memory is flat (within :data:`FLAT_MEMORY_BOUND`)."""
+    """One line per recipe: the peak of its tensors at the smallest and the largest ``K`` and
+    their ratio, for the implicit recipes whether that is flat (within
+    :data:`FLAT_MEMORY_BOUND`), and the process's resident set beside it."""
     lines = []
     for method, e in summary.items():
         (a, b), (c, d) = e["trials_at_K_min"], e["trials_at_K_max"]
-        head = (f"- {method} ({e['estimator']}): {e['peak_mb_at_K_min']:.1f} MiB at K = {e['K_min']} (trials "
-                f"{a:.1f}–{b:.1f}), {e['peak_mb_at_K_max']:.1f} MiB at K = {e['K_max']} (trials {c:.1f}–{d:.1f}), "
-                f"{e['peak_ratio']:.3f}×, {e['mb_per_step']:.3f} MiB per step")
+        head = (f"- {method} ({e['estimator']}): tensors {e['tensor_peak_mb_at_K_min']:.2f} MiB at K = {e['K_min']}, "
+                f"{e['tensor_peak_mb_at_K_max']:.2f} MiB at K = {e['K_max']}, {e['tensor_peak_ratio']:.3f}×, "
+                f"{e['tensor_mb_per_step']:.3f} MiB per step")
         if "flat" in e:
             verdict = "flat, held" if e["flat"] else "not flat, not held"
             head += f": {verdict} (bound {FLAT_MEMORY_BOUND}×)"
+        head += (f"; process {e['peak_mb_at_K_min']:.1f} MiB (trials {a:.1f}–{b:.1f}), then {e['peak_mb_at_K_max']:.1f} "
+                 f"MiB (trials {c:.1f}–{d:.1f}), {e['peak_ratio']:.3f}×")
         lines.append(head + ".")
     return "\n".join(lines)
 
 
-def _memory_measure(device: str) -> str:
-    return ("torch.cuda.max_memory_allocated above the allocation before the meta-iteration"
-            if device.startswith("cuda") else
-            "growth of peak resident set size (resource.getrusage ru_maxrss) of a fresh subprocess per "
+def _memory_measure(device: str, tensors: bool = False) -> str:
+    """What a peak means: on CUDA the allocator's count either way; on the CPU the resident set,
+    or with ``tensors`` the allocator's live bytes (:func:`benchmarks._harness.cpu_tensor_peak`)."""
+    if device.startswith("cuda"):
+        return "torch.cuda.max_memory_allocated above the allocation before the meta-iteration"
+    if tensors:
+        return ("peak of the CPU allocator's live bytes above those before a meta-iteration (one more "
+                "meta-iteration after the timed ones, its allocations and frees from torch.profiler with "
+                "profile_memory=True: benchmarks/_harness.py cpu_tensor_peak)")
+    return ("growth of peak resident set size (resource.getrusage ru_maxrss) of a fresh subprocess per "
             "configuration, from after a warm-up "
             "meta-iteration (1 task, 1 inner step) to after the first full meta-iteration")
 

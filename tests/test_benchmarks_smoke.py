@@ -103,6 +103,28 @@ def test_cg_curvature_test_is_not_autocast(tmp_path):
     assert precision.relative(grads, reference) < 1e-2
 
 
+def test_cpu_tensor_peak_counts_live_tensors():
+    """The tensor-level CPU peak is the most bytes alive at once: two megabyte buffers one after
+    the other (the first freed) peak at one, two held together at two, nothing allocated at zero."""
+    import torch
+
+    peak = load("_harness").cpu_tensor_peak
+    n = 2 ** 18   # float32: 1 MiB
+
+    def one_after_the_other():
+        for _ in range(2):
+            torch.ones(n).sum()
+
+    def together():
+        a, b = torch.ones(n), torch.ones(n)
+        return (a + b).sum()
+
+    mib = 2 ** 20
+    assert mib <= peak(one_after_the_other) < 1.01 * mib
+    assert 3 * mib <= peak(together) < 3.01 * mib     # a, b and a + b
+    assert peak(lambda: None) == 0
+
+
 def test_image_table_reads_runs(tmp_path, capsys):
     def run(name, method, accuracy, **config):
         folder = tmp_path / name
