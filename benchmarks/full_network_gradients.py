@@ -19,7 +19,15 @@ started from (the configuration's seed, nothing loaded) and the meta-trained one
 
 The implicit formula is that gradient only where ``∇_vG(v_K) = 0``; the table gives, per run
 and point, the median over tasks of ``‖∇_vG(v_K)‖``, of the cosine between each implicit
-gradient and the explicit one, and of ``‖g_implicit − g_explicit‖ / ‖g_explicit‖``. A method
+gradient and the explicit one, and of ``‖g_implicit − g_explicit‖ / ‖g_explicit‖``.
+
+``--as METHOD`` measures each run's meta-parameters with another method's inner loop and
+estimator over the same prior and inference (the run's configuration with ``method = METHOD``,
+its meta-trained state loaded; at the initial point the same seed's initialisation): ABML's runs
+over every weight measured as iBaML's (``--methods abml-all --as ibaml-all``) ask whether the
+implicit gradient of the variational model points where the explicit one that meta-trained
+those parameters does. The run's own meta-gradient is then a fourth, compared in the column
+``cos(implicit, run's own)``. A method
 whose inner optimiser cannot be differentiated through has no explicit gradient and no
 comparison with it (the error in ``"explicit_error"``, a dash in the table). Writes ``DIR/gradients.json``
 and prints the table (:func:`markdown`).
@@ -43,6 +51,8 @@ from . import _protocol as P
 from .image_shift import find_runs, rebuild
 
 METHODS = ("imaml-gd", "imaml-hf")
+#: the comparison of the measured implicit gradient with the run's own meta-gradient (``--as``)
+OWN = "implicit vs run's own"
 
 
 def flat(grads: dict) -> torch.Tensor:
@@ -94,28 +104,46 @@ def measure(run: dict, args) -> dict:
     sampler = EpisodeSampler(splits["train"], int(cfg["ways"]), int(cfg["shots"]), int(cfg["query"]),
                              seed=args.stream, mean=mean, std=std, dtype=dtype)
     batch = sampler.sample(args.tasks)
-    initial = image_learner_from_config(cfg, splits["train"].image_shape, device)
-    points = {"initial": initial, "meta-trained": learner}
-    return {"folder": run["folder"], "method": run["method"], "seed": int(cfg["seed"]),
-            "checkpoint_step": int(checkpoint["step"]), "inner_steps": learner.inner_loop.steps,
-            "config": {k: cfg.get(k) for k in ("inner_optimizer", "inner_lr", "precision", "cg_steps", "cg_damping",
-                                               "shots", "ways", "query", "channels", "image_size", "dtype")},
+    shape = splits["train"].image_shape
+    points = {"initial": image_learner_from_config(cfg, shape, device), "meta-trained": learner}
+    measured_cfg = cfg if args.as_method is None else {**cfg, "method": args.as_method}
+    measured = dict(points)
+    if args.as_method is not None:
+        measured = {name: image_learner_from_config(measured_cfg, shape, device) for name in points}
+        measured["meta-trained"].load_training_state(checkpoint["training"])
+    results = {name: gradients_at(measured[name], batch, args.cg_steps) for name in points}
+    if args.as_method is not None:
+        for name, own in points.items():
+            results[name][OWN] = compare(flat(measured[name].task_gradients(batch).grads),
+                                                             flat(own.task_gradients(batch).grads))
+    return {"folder": run["folder"], "method": run["method"], "measured_as": measured_cfg["method"],
+            "seed": int(cfg["seed"]), "checkpoint_step": int(checkpoint["step"]),
+            "inner_steps": measured["meta-trained"].inner_loop.steps,
+            "config": {k: measured_cfg.get(k) for k in ("inner_optimizer", "inner_lr", "precision", "cg_steps",
+                                                        "cg_damping", "shots", "ways", "query", "channels",
+                                                        "image_size", "dtype")},
             "tasks": args.tasks, "stream": args.stream, "classes": "training classes of the run's dataset",
-            "points": {name: gradients_at(lrn, batch, args.cg_steps) for name, lrn in points.items()}}
+            "points": results}
 
 
 def markdown(results: list, cg_steps: int) -> str:
-    """Per run (by method and seed) and point: the medians over tasks of ‖∇G‖ and of each comparison."""
+    """Per run (by method and seed) and point: the medians over tasks of ‖∇G‖ and of each
+    comparison (with a column for the run's own gradient where a run was measured as another
+    method, ``--as``; the method column then names both)."""
     tight = f"implicit CG {cg_steps}"
+    other = any(r.get("measured_as", r["method"]) != r["method"] for r in results)
     lines = [f"| method | seed | point | ‖∇G‖ at v_K | cos(implicit, explicit) | rel. error (implicit) "
-             f"| cos({tight}, explicit) | cos(implicit, {tight}) |", "|---|---|---|---|---|---|---|---|"]
+             f"| cos({tight}, explicit) | cos(implicit, {tight}) |" + (" cos(implicit, run's own) |" if other else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if other else "")]
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+        name = r["method"] if not other else f"{r['measured_as']} at {r['method']}'s θ"
         for point, m in r["points"].items():
             def cell(key, field="cosine"):
                 return f"{statistics.median(m[key][field]):.3f}" if key in m else "–"
-            lines.append(f"| {r['method']} | {r['seed']} | {point} | {statistics.median(m['inner_grad_norm']):.3g} "
+            lines.append(f"| {name} | {r['seed']} | {point} | {statistics.median(m['inner_grad_norm']):.3g} "
                          f"| {cell('implicit vs explicit')} | {cell('implicit vs explicit', 'relative_error')} "
-                         f"| {cell(tight + ' vs explicit')} | {cell('implicit vs ' + tight)} |")
+                         f"| {cell(tight + ' vs explicit')} | {cell('implicit vs ' + tight)} |"
+                         + (f" {cell(OWN)} |" if other else ""))
     return "\n".join(lines)
 
 
@@ -128,6 +156,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tasks", type=int, default=8, help="training tasks per run")
     p.add_argument("--stream", type=int, default=50_000, help="seed of the task stream")
     p.add_argument("--cg-steps", type=int, default=50, help="CG iterations of the tighter implicit solve")
+    p.add_argument("--as", dest="as_method", default=None, metavar="METHOD",
+                   help="measure the runs' meta-parameters with this method's inner loop and estimator "
+                        "(same prior and inference), beside the run's own meta-gradient")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for gradients.json (default: print only)")
     args = p.parse_args(argv)
@@ -139,8 +170,11 @@ def main(argv=None) -> dict:
     clock = time.perf_counter()
     results = [measure(r, args) for r in runs]
     payload = {"what": "per-task meta-gradients of the query loss: the run's implicit estimator, the same with "
-                       f"{args.cg_steps} CG iterations, and backpropagation through the run's inner steps",
-               "settings": {k: getattr(args, k) for k in ("tasks", "stream", "cg_steps")},
+                       f"{args.cg_steps} CG iterations, and backpropagation through the run's inner steps"
+                       + ("" if args.as_method is None else
+                          f" (the runs' meta-parameters measured as {args.as_method}, beside the run's own)"),
+               "settings": {k: getattr(args, k) for k in ("tasks", "stream", "cg_steps")
+                            } | ({} if args.as_method is None else {"as": args.as_method}),
                "torch": torch.__version__, "seconds": time.perf_counter() - clock, "runs": results}
     text = markdown(results, args.cg_steps)
     if args.out:

@@ -48,3 +48,20 @@ def test_measures_three_gradients_at_both_points(run_root, tmp_path):
     saved = json.loads((tmp_path / "gradients.json").read_text())
     assert saved["settings"] == {"tasks": 2, "stream": 50_000, "cg_steps": 3}
     assert "| imaml-gd | 0 | meta-trained |" in F.markdown(payload["runs"], 3)
+
+
+def test_measured_as_the_same_method_is_the_runs_own_gradient(run_root):
+    """``--as`` with the run's own method rebuilds the same learner at both points (the
+    meta-trained state loaded, the initial one from the same seed), so its implicit gradient is
+    the run's own; as iMAML-HF it is another inner loop over the same prior."""
+    torch.set_num_threads(1)
+    args = ["--runs", str(run_root / "runs"), "--tasks", "2", "--cg-steps", "3"]
+    (same,) = F.main(args + ["--as", "imaml-gd"])["runs"]
+    (hf,) = F.main(args + ["--as", "imaml-hf"])["runs"]
+    assert same["measured_as"] == "imaml-gd" and hf["measured_as"] == "imaml-hf" and hf["method"] == "imaml-gd"
+    for point in ("initial", "meta-trained"):
+        own = same["points"][point][F.OWN]
+        assert own["cosine"] == pytest.approx([1.0, 1.0], abs=1e-6) and own["relative_error"] == pytest.approx([0, 0], abs=1e-5)
+        assert hf["points"][point][F.OWN]["relative_error"][0] > 1e-3   # another inner loop, another gradient
+    table = F.markdown([hf], 3)
+    assert "| imaml-hf at imaml-gd's θ | 0 | meta-trained |" in table and "cos(implicit, run's own)" in table
