@@ -68,7 +68,10 @@ def compare(g: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def gradients_at(learner, batch, cg_steps: int) -> dict:
-    """The three meta-gradients of the module docstring at ``learner``'s meta-parameters."""
+    """The three meta-gradients of the module docstring at ``learner``'s meta-parameters, all
+    with the same Monte Carlo draws (``batch`` prepared by the learner once, its draws fixed:
+    a variational method's meta-gradient is otherwise a different random vector at each call)."""
+    batch = learner.prepare(batch)
     recipe = learner.estimator
     tight = dataclasses.replace(recipe, solver=dataclasses.replace(recipe.solver, max_iter=cg_steps))
     out, flats = {}, {}
@@ -111,11 +114,12 @@ def measure(run: dict, args) -> dict:
     if args.as_method is not None:
         measured = {name: image_learner_from_config(measured_cfg, shape, device) for name in points}
         measured["meta-trained"].load_training_state(checkpoint["training"])
-    results = {name: gradients_at(measured[name], batch, args.cg_steps) for name in points}
+    fixed = {name: measured[name].prepare(batch) for name in points}     # one set of draws per point
+    results = {name: gradients_at(measured[name], fixed[name], args.cg_steps) for name in points}
     if args.as_method is not None:
         for name, own in points.items():
-            results[name][OWN] = compare(flat(measured[name].task_gradients(batch).grads),
-                                                             flat(own.task_gradients(batch).grads))
+            results[name][OWN] = compare(flat(measured[name].task_gradients(fixed[name]).grads),
+                                         flat(own.task_gradients(fixed[name]).grads))
     return {"folder": run["folder"], "method": run["method"], "measured_as": measured_cfg["method"],
             "seed": int(cfg["seed"]), "checkpoint_step": int(checkpoint["step"]),
             "inner_steps": measured["meta-trained"].inner_loop.steps,

@@ -65,3 +65,22 @@ def test_measured_as_the_same_method_is_the_runs_own_gradient(run_root):
         assert hf["points"][point][F.OWN]["relative_error"][0] > 1e-3   # another inner loop, another gradient
     table = F.markdown([hf], 3)
     assert "| imaml-hf at imaml-gd's θ | 0 | meta-trained |" in table and "cos(implicit, run's own)" in table
+
+
+def test_a_variational_run_is_measured_with_one_set_of_draws(tmp_path):
+    """ABML over every weight measured as iBaML over every weight: every estimator sees the same
+    Monte Carlo draws, so the recipe's implicit gradient and the "tighter" solve with the
+    recipe's own CG count agree (with fresh draws at each call they would not)."""
+    torch.set_num_threads(1)
+    data = image_protocol.data_options(argparse.Namespace(ways=5, meta_iters=2, val_tasks=4, data_seed=0), 1)
+    options = ["--method", "abml-all", "--inner-steps", 2, "--cg-steps", 3, "--eval-tasks", 3, "--seed", 0, *data,
+               "--channels", 4, "--predictive-samples", 2]
+    P.run_example("miniimagenet.py", tmp_path / "protocol", options, keep=tmp_path / "runs" / "seed0" / "abml-all")
+    (run,) = F.main(["--runs", str(tmp_path / "runs"), "--methods", "abml-all", "--as", "ibaml-all", "--tasks", "2",
+                     "--cg-steps", "3"])["runs"]
+    assert run["method"] == "abml-all" and run["measured_as"] == "ibaml-all"
+    for point in ("initial", "meta-trained"):
+        m = run["points"][point]
+        assert not any(k.endswith("_error") for k in m), m
+        assert m["implicit vs implicit CG 3"]["cosine"] == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in m[F.OWN]["cosine"])
