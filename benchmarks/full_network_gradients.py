@@ -53,6 +53,8 @@ from .image_shift import find_runs, rebuild
 METHODS = ("imaml-gd", "imaml-hf")
 #: the comparison of the measured implicit gradient with the run's own meta-gradient (``--as``)
 OWN = "implicit vs run's own"
+#: the explicit gradient against itself on other Monte Carlo draws (``--as``, variational methods)
+OTHER_DRAWS = "explicit vs explicit, other draws"
 
 
 def flat(grads: dict) -> torch.Tensor:
@@ -61,16 +63,22 @@ def flat(grads: dict) -> torch.Tensor:
 
 
 def compare(g: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Per task: ``cos(g, ref)`` and ``‖g − ref‖ / ‖ref‖`` (rows of ``[T, P]`` matrices)."""
+    """Per task: ``cos(g, ref)`` and ``‖g − ref‖ / ‖ref‖`` (rows of ``[T, P]`` matrices); and
+    ``batch_cosine``, the cosine of the means over the tasks, the direction of a meta-batch of
+    all of them."""
     cos = torch.nn.functional.cosine_similarity(g, reference, dim=1)
     rel = torch.linalg.vector_norm(g - reference, dim=1) / torch.linalg.vector_norm(reference, dim=1)
-    return {"cosine": cos.tolist(), "relative_error": rel.tolist()}
+    batch = torch.nn.functional.cosine_similarity(g.mean(0), reference.mean(0), dim=0)
+    return {"cosine": cos.tolist(), "relative_error": rel.tolist(), "batch_cosine": float(batch)}
 
 
-def gradients_at(learner, batch, cg_steps: int) -> dict:
+def gradients_at(learner, batch, cg_steps: int, other_draws=None) -> dict:
     """The three meta-gradients of the module docstring at ``learner``'s meta-parameters, all
     with the same Monte Carlo draws (``batch`` prepared by the learner once, its draws fixed:
-    a variational method's meta-gradient is otherwise a different random vector at each call)."""
+    a variational method's meta-gradient is otherwise a different random vector at each call).
+    ``other_draws``: the same tasks with other draws (prepared), on which the explicit gradient
+    is taken again (``"explicit vs explicit, other draws"``): how far two draws of the exact
+    gradient are apart, the scale against which the estimators' disagreement is read."""
     batch = learner.prepare(batch)
     recipe = learner.estimator
     tight = dataclasses.replace(recipe, solver=dataclasses.replace(recipe.solver, max_iter=cg_steps))
@@ -95,6 +103,12 @@ def gradients_at(learner, batch, cg_steps: int) -> dict:
     tight_name = f"implicit CG {cg_steps}"
     if tight_name in flats:
         out[f"implicit vs {tight_name}"] = compare(flats["implicit"], flats[tight_name])
+    if other_draws is not None and "explicit" in flats:
+        learner.estimator = Explicit()
+        try:
+            out[OTHER_DRAWS] = compare(flats["explicit"], flat(learner.task_gradients(other_draws).grads))
+        finally:
+            learner.estimator = recipe
     return out
 
 
@@ -115,7 +129,9 @@ def measure(run: dict, args) -> dict:
         measured = {name: image_learner_from_config(measured_cfg, shape, device) for name in points}
         measured["meta-trained"].load_training_state(checkpoint["training"])
     fixed = {name: measured[name].prepare(batch) for name in points}     # one set of draws per point
-    results = {name: gradients_at(measured[name], fixed[name], args.cg_steps) for name in points}
+    drawn = any(k.startswith("eps_") for k in fixed["initial"])
+    other = {name: measured[name].prepare(batch) if drawn and args.as_method is not None else None for name in points}
+    results = {name: gradients_at(measured[name], fixed[name], args.cg_steps, other[name]) for name in points}
     if args.as_method is not None:
         for name, own in points.items():
             results[name][OWN] = compare(flat(measured[name].task_gradients(fixed[name]).grads),
@@ -132,23 +148,49 @@ def measure(run: dict, args) -> dict:
 
 def markdown(results: list, cg_steps: int) -> str:
     """Per run (by method and seed) and point: the medians over tasks of ‖∇G‖ and of each
-    comparison (with a column for the run's own gradient where a run was measured as another
-    method, ``--as``; the method column then names both)."""
+    comparison; runs measured as another method (``--as``) in :func:`as_markdown`'s layout."""
+    if any(r.get("measured_as", r["method"]) != r["method"] for r in results):
+        return as_markdown(results, cg_steps)
     tight = f"implicit CG {cg_steps}"
-    other = any(r.get("measured_as", r["method"]) != r["method"] for r in results)
     lines = [f"| method | seed | point | ‖∇G‖ at v_K | cos(implicit, explicit) | rel. error (implicit) "
-             f"| cos({tight}, explicit) | cos(implicit, {tight}) |" + (" cos(implicit, run's own) |" if other else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if other else "")]
+             f"| cos({tight}, explicit) | cos(implicit, {tight}) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
-        name = r["method"] if not other else f"{r['measured_as']} at {r['method']}'s θ"
         for point, m in r["points"].items():
-            def cell(key, field="cosine"):
-                return f"{statistics.median(m[key][field]):.3f}" if key in m else "–"
-            lines.append(f"| {name} | {r['seed']} | {point} | {statistics.median(m['inner_grad_norm']):.3g} "
+            cell = _cell(m)
+            lines.append(f"| {r['method']} | {r['seed']} | {point} | {statistics.median(m['inner_grad_norm']):.3g} "
                          f"| {cell('implicit vs explicit')} | {cell('implicit vs explicit', 'relative_error')} "
-                         f"| {cell(tight + ' vs explicit')} | {cell('implicit vs ' + tight)} |"
-                         + (f" {cell(OWN)} |" if other else ""))
+                         f"| {cell(tight + ' vs explicit')} | {cell('implicit vs ' + tight)} |")
     return "\n".join(lines)
+
+
+def as_markdown(results: list, cg_steps: int) -> str:
+    """Runs measured as another method: per run and point the median ‖∇G‖ and, for each
+    comparison, the median cosine over the tasks and the cosine of the batch's means
+    ("task / batch"), the implicit gradient against the explicit one, the tighter solve and the
+    run's own, and the explicit gradient against itself on other draws."""
+    tight = f"implicit CG {cg_steps}"
+    lines = [f"| measured as | at the meta-parameters of | seed | point | ‖∇G‖ at v_K | cos(implicit, explicit) "
+             f"| cos(implicit, {tight}) | cos(implicit, run's own) | cos(explicit, explicit on other draws) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+        for point, m in r["points"].items():
+            cell = _cell(m)
+            pair = lambda key: f"{cell(key)} / {cell(key, 'batch_cosine')}"
+            lines.append(f"| {r['measured_as']} | {r['method']} | {r['seed']} | {point} "
+                         f"| {statistics.median(m['inner_grad_norm']):.3g} | {pair('implicit vs explicit')} "
+                         f"| {pair('implicit vs ' + tight)} | {pair(OWN)} | {pair(OTHER_DRAWS)} |")
+    return "\n".join(lines)
+
+
+def _cell(m: dict):
+    """The cell of comparison ``key``'s ``field`` in a point's results: the median over the
+    tasks of a per-task list, a number as it is, a dash where it was not measured."""
+    def cell(key, field="cosine"):
+        if key not in m or field not in m[key]:
+            return "–"
+        value = m[key][field]
+        return f"{statistics.median(value) if isinstance(value, list) else value:.3f}"
+    return cell
 
 
 def main(argv=None) -> dict:

@@ -28,6 +28,7 @@ def test_compare_is_the_cosine_and_the_relative_error():
     g, ref = torch.tensor([[1.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 2.0], [3.0, 4.0]])
     out = F.compare(g, ref)
     assert out["cosine"] == pytest.approx([0.0, 1.0]) and out["relative_error"] == pytest.approx([5 ** 0.5 / 2, 0.0])
+    assert out["batch_cosine"] == pytest.approx((2 * 1.5 + 2 * 3) / (8 ** 0.5 * 11.25 ** 0.5))   # means (2, 2), (1.5, 3)
 
 
 def test_measures_three_gradients_at_both_points(run_root, tmp_path):
@@ -64,7 +65,9 @@ def test_measured_as_the_same_method_is_the_runs_own_gradient(run_root):
         assert own["cosine"] == pytest.approx([1.0, 1.0], abs=1e-6) and own["relative_error"] == pytest.approx([0, 0], abs=1e-5)
         assert hf["points"][point][F.OWN]["relative_error"][0] > 1e-3   # another inner loop, another gradient
     table = F.markdown([hf], 3)
-    assert "| imaml-hf at imaml-gd's θ | 0 | meta-trained |" in table and "cos(implicit, run's own)" in table
+    assert "| imaml-hf | imaml-gd | 0 | meta-trained |" in table and "cos(implicit, run's own)" in table
+    assert same["points"]["initial"][F.OWN]["batch_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert F.OTHER_DRAWS not in same["points"]["initial"]     # no draws to change
 
 
 def test_a_variational_run_is_measured_with_one_set_of_draws(tmp_path):
@@ -84,3 +87,5 @@ def test_a_variational_run_is_measured_with_one_set_of_draws(tmp_path):
         assert not any(k.endswith("_error") for k in m), m
         assert m["implicit vs implicit CG 3"]["cosine"] == pytest.approx([1.0, 1.0], abs=1e-5)
         assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in m[F.OWN]["cosine"])
+        # the explicit gradient on other draws is another vector (the draws were fixed, then changed)
+        assert all(e > 1e-3 for e in m[F.OTHER_DRAWS]["relative_error"])
