@@ -334,6 +334,31 @@ def test_full_network_shift_table_is_its_json():
     assert_on_page(sine_shift.markdown(payload["models"], payload["settings"]), SHIFT)
 
 
+def test_ibaml_gradient_study_is_its_json():
+    """iBaML's meta-gradients at ABML's meta-parameters (``--as``): the table and the ranges the
+    page reads from it (median cosines over the tasks, per seed, at each point)."""
+    import statistics
+    from benchmarks import full_network_gradients as F
+    payload = json.loads((ROOT / "docs/results/image_benchmark/full_network_gradients_ibaml/gradients.json").read_text())
+    runs = payload["runs"]
+    assert {r["seed"] for r in runs} == {0, 1, 2} and all(r["measured_as"] == "ibaml-all" for r in runs)
+    assert_on_page(F.markdown(runs, payload["settings"]["cg_steps"]), IMAGES)
+    text = " ".join(IMAGES.read_text().split())
+
+    def span(key, points=("initial", "meta-trained"), field="cosine"):
+        values = [r["points"][p][key][field] for r in runs for p in points]
+        values = [statistics.median(v) if isinstance(v, list) else v for v in values]
+        return f"{min(values):.2f} to {max(values):.2f}".replace("-", "−")
+
+    assert f"(median cosine {span('implicit vs explicit', ['initial'])} per task where meta-training starts, " \
+           f"{span('implicit vs explicit', ['meta-trained'])} at ABML's learned parameters)" in text
+    assert f"from ABML's gradient, which learns ({span(F.OWN)})" in text
+    assert f"(median cosine {span(F.OTHER_DRAWS, ['initial'])}, over the batch " \
+           f"{span(F.OTHER_DRAWS, ['initial'], 'batch_cosine')})" in text
+    assert all(c > 0.9999 for r in runs for m in r["points"].values()
+               for c in m["implicit vs implicit CG 50"]["cosine"])     # "CG 20 and 50 agree"
+
+
 def test_full_network_image_sentences_are_their_json():
     """The README's and the images page's sentences on the full-network rows at 1 shot give the
     protocol table's means (ABML over every weight on its seeds, iBaML's on the same seeds)."""
