@@ -276,9 +276,13 @@ def test_image_protocol_full_network_table_and_sentences_are_their_json():
     assert_on_page(full_network_gradients.markdown(gradients["runs"], gradients["settings"]["cg_steps"]), IMAGES)
     diagnostics = ROOT / "docs/results/image_benchmark/full_network_diagnostics"
     text = IMAGES.read_text()
-    for name in ("fixed_scale", "cg_damping_1"):
+    for name in ("fixed_scale", "cg_damping_1", "ibaml_all_abml_inner"):
         accuracy = json.loads((diagnostics / name / "metrics.json").read_text())["accuracy"]["mean"]
         assert f"{accuracy:.3f}" in text, (name, accuracy)
+    same_inner = json.loads((diagnostics / "ibaml_all_abml_inner" / "metrics.json").read_text())
+    assert same_inner["config"]["inner_optimizer"] == "sgd" and same_inner["config"]["inner_steps"] == 10
+    assert same_inner["config"]["eval_split"] == "val"
+    assert f"means {same_inner['inner_grad_norm']['mean']:.1f} at the returned point" in " ".join(text.split())
 
 
 SHIFT = ROOT / "docs/results/shift.md"
