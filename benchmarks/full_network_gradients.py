@@ -72,13 +72,15 @@ def compare(g: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"cosine": cos.tolist(), "relative_error": rel.tolist(), "batch_cosine": float(batch)}
 
 
-def gradients_at(learner, batch, cg_steps: int, other_draws=None) -> dict:
+def gradients_at(learner, batch, cg_steps: int, other_draws=None, own=None) -> dict:
     """The three meta-gradients of the module docstring at ``learner``'s meta-parameters, all
     with the same Monte Carlo draws (``batch`` prepared by the learner once, its draws fixed:
     a variational method's meta-gradient is otherwise a different random vector at each call).
     ``other_draws``: the same tasks with other draws (prepared), on which the explicit gradient
     is taken again (``"explicit vs explicit, other draws"``): how far two draws of the exact
-    gradient are apart, the scale against which the estimators' disagreement is read."""
+    gradient are apart, the scale against which the estimators' disagreement is read. ``own``:
+    the run's learner, whose meta-gradient on the same draws the implicit one is compared with
+    (:data:`OWN`, ``--as``)."""
     batch = learner.prepare(batch)
     recipe = learner.estimator
     tight = dataclasses.replace(recipe, solver=dataclasses.replace(recipe.solver, max_iter=cg_steps))
@@ -109,6 +111,8 @@ def gradients_at(learner, batch, cg_steps: int, other_draws=None) -> dict:
             out[OTHER_DRAWS] = compare(flats["explicit"], flat(learner.task_gradients(other_draws).grads))
         finally:
             learner.estimator = recipe
+    if own is not None and "implicit" in flats:
+        out[OWN] = compare(flats["implicit"], flat(own.task_gradients(batch).grads))
     return out
 
 
@@ -131,11 +135,8 @@ def measure(run: dict, args) -> dict:
     fixed = {name: measured[name].prepare(batch) for name in points}     # one set of draws per point
     drawn = any(k.startswith("eps_") for k in fixed["initial"])
     other = {name: measured[name].prepare(batch) if drawn and args.as_method is not None else None for name in points}
-    results = {name: gradients_at(measured[name], fixed[name], args.cg_steps, other[name]) for name in points}
-    if args.as_method is not None:
-        for name, own in points.items():
-            results[name][OWN] = compare(flat(measured[name].task_gradients(fixed[name]).grads),
-                                         flat(own.task_gradients(fixed[name]).grads))
+    results = {name: gradients_at(measured[name], fixed[name], args.cg_steps, other[name],
+                                  own=None if args.as_method is None else points[name]) for name in points}
     return {"folder": run["folder"], "method": run["method"], "measured_as": measured_cfg["method"],
             "seed": int(cfg["seed"]), "checkpoint_step": int(checkpoint["step"]),
             "inner_steps": measured["meta-trained"].inner_loop.steps,
