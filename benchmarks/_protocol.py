@@ -107,6 +107,34 @@ def seed_stats(values: Sequence[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def paired_difference(mine: dict, theirs: dict) -> Optional[dict]:
+    """Two rows' metric paired by training seed (each ``{"seeds": [...], "per_seed": [...]}``):
+    on the seeds both have, the differences ``mine − theirs``, their mean, sample standard
+    deviation and 95 % Student-t interval ``mean ± t₀.₉₇₅,ₙ₋₁ · sd / √n``, whether that interval
+    excludes 0 (``ordered``: the seeds order the rows), and ``seeds_to_order``: about how many
+    seeds a difference of this mean and spread would need before its 95 % interval excludes 0,
+    the least ``n`` with ``t₀.₉₇₅,ₙ₋₁ · sd / √n < |mean|`` (``None`` where that takes more than
+    10 000). ``None`` for fewer than 2 common seeds.
+
+    >>> d = paired_difference({"seeds": [0, 1, 2], "per_seed": [0.02, 0.03, 0.01]},
+    ...                       {"seeds": [0, 1, 2], "per_seed": [0.01, 0.01, 0.02]})
+    >>> round(d["mean"], 4), d["ordered"], d["seeds_to_order"]
+    (0.0067, False, 23)
+    """
+    from scipy import stats
+
+    theirs_by_seed = dict(zip(theirs["seeds"], theirs["per_seed"]))
+    diffs = [v - theirs_by_seed[s] for s, v in zip(mine["seeds"], mine["per_seed"]) if s in theirs_by_seed]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    return {"differences": diffs, "mean": mean, "std": sd, "ci95": [mean - half, mean + half],
+            "ordered": mean - half > 0 or mean + half < 0,
+            "seeds_to_order": next((n for n in range(2, 10_001)
+                                    if float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) < abs(mean)), None)}
+
+
 def summarize_conditions(per_seed: dict, kinds: Sequence[str], metrics: Sequence[str]) -> dict:
     """Over the seeds of a shift benchmark (``per_seed[seed]["conditions"][group][label][kind][metric]``
     each ``{"mean", ...}`` over tasks, or ``cell[kind] = None`` where no task was finite): per

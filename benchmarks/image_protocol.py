@@ -240,14 +240,33 @@ def _shots(folder: str) -> str:
 
 
 def _lowest(rows: dict, method: str, kind: str, metric: str, label: str) -> str:
-    """Whether ``method``'s ``metric`` (``kind``: raw or calibrated) is the lowest of ``rows``."""
+    """Whether ``method``'s ``metric`` (``kind``: raw or calibrated) is the lowest of ``rows``, and
+    whether the training seeds order it and the nearest other row (:func:`_paired`)."""
     mine = rows[method][kind][metric]["mean"]
     others = {m: e[kind][metric]["mean"] for m, e in rows.items() if m != method}
     best = min(others, key=others.get)
     if mine < others[best]:
         return (f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.4f} against the next, {best}, "
-                f"at {others[best]:.4f}.")
-    return f"{method}'s {label} is not the lowest: {mine:.4f} against {best}'s {others[best]:.4f}."
+                f"at {others[best]:.4f}" + _paired(rows, method, best, kind, metric) + ".")
+    return (f"{method}'s {label} is not the lowest: {mine:.4f} against {best}'s {others[best]:.4f}"
+            + _paired(rows, method, best, kind, metric) + ".")
+
+
+def _paired(rows: dict, method: str, other: str, kind: str, metric: str) -> str:
+    """``"; paired by seed, ... "`` (:func:`benchmarks._protocol.paired_difference`): the mean
+    difference of ``method``'s ``metric`` and ``other``'s over the seeds both rows have, its 95 %
+    interval, and whether the seeds order the two (if not, about how many seeds would); ``""``
+    with fewer than 2 common seeds."""
+    d = P.paired_difference(*({"seeds": rows[m]["seeds"], "per_seed": rows[m][kind][metric]["per_seed"]}
+                              for m in (method, other)))
+    if d is None:
+        return ""
+    low, high = d["ci95"]
+    verdict = ("the seeds order them" if d["ordered"] else
+               "the seeds do not order them" + (f"; about {d['seeds_to_order']} seeds would at this spread"
+                                                if d["seeds_to_order"] else ""))
+    return (f"; paired by seed, {method}'s minus {other}'s is {d['mean']:+.4f} (95 % interval {low:+.4f} to "
+            f"{high:+.4f} over {len(d['differences'])} seeds: {verdict})")
 
 
 def findings(summary: dict) -> str:

@@ -284,6 +284,18 @@ def _mean(entry: dict, kind: str, where: str, metric: str) -> float:
     return entry[kind][where][metric]["mean"]
 
 
+def _paired(mine: dict, theirs: dict, kind: str, metric: str) -> str:
+    """``"; paired by seed ..."``: two rows' in-range ``metric`` compared seed by seed
+    (:func:`benchmarks._protocol.paired_difference`), ``""`` with fewer than 2 common seeds."""
+    d = P.paired_difference(*({"seeds": e["seeds"], "per_seed": e[kind]["in_range"][metric]["per_seed"]}
+                              for e in (mine, theirs)))
+    if d is None:
+        return ""
+    low, high = d["ci95"]
+    return (f"; paired by seed, {d['mean']:+.3f} with a 95 % interval of {low:+.3f} to {high:+.3f} over "
+            f"{len(d['differences'])} seeds, " + ("which orders them" if d["ordered"] else "which does not order them"))
+
+
 def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str:
     """The comparative sentences the docs make about ``method`` in the ``noise`` table, each with
     its margin, written from the numbers, whichever way they fall (the docs test requires the
@@ -295,12 +307,13 @@ def findings(summary: dict, noise: str = "shared", method: str = "ibaml") -> str
     for label, kind, metric in (("MSE", "raw", "mse"), ("raw NLL", "raw", "nll"), ("recalibrated NLL", "recalibrated", "nll")):
         best_other = min(others, key=lambda m: _mean(others[m], kind, "in_range", metric))
         mine, theirs = _mean(me, kind, "in_range", metric), _mean(others[best_other], kind, "in_range", metric)
+        paired = _paired(me, others[best_other], kind, metric)
         if mine < theirs:
             out.append(f"{method}'s {label} is the lowest of the {len(rows)} rows: {mine:.3f} against the next, "
-                       f"{best_other}, at {theirs:.3f} (a margin of {theirs - mine:.3f}).")
+                       f"{best_other}, at {theirs:.3f} (a margin of {theirs - mine:.3f}{paired}).")
         else:
             out.append(f"{method}'s {label} is not the lowest: {mine:.3f} against {best_other}'s {theirs:.3f} "
-                       f"(above it by {mine - theirs:.3f}).")
+                       f"(above it by {mine - theirs:.3f}{paired}).")
     raw, recal = _mean(me, "raw", "in_range", "coverage_90"), _mean(me, "recalibrated", "in_range", "coverage_90")
     def against_nominal(c: float) -> str:
         return "within 0.02 of 0.90" if abs(c - 0.9) <= 0.02 else "too wide" if c > 0.9 else "too narrow"
@@ -365,9 +378,10 @@ def chosen_findings(with_families: dict, rows: dict, method: str) -> list:
     chosen = with_families[method]["recalibrated_chosen"]
     cov = chosen["in_range"]["coverage_90"]["mean"]
     lowest = mine < theirs
+    paired = _paired(with_families[method], with_families[best_other], "recalibrated_chosen", "nll")
     order = (f"the lowest of the {len(nll)} rows: {mine:.3f} against the next, {best_other}, at {theirs:.3f} "
-             f"(a margin of {theirs - mine:.3f})" if lowest else
-             f"not the lowest: {mine:.3f} against {best_other}'s {theirs:.3f} (above it by {mine - theirs:.3f})")
+             f"(a margin of {theirs - mine:.3f}{paired})" if lowest else
+             f"not the lowest: {mine:.3f} against {best_other}'s {theirs:.3f} (above it by {mine - theirs:.3f}{paired})")
     out = [f"With the recalibration each run chooses on its validation tasks (the family of lowest validation NLL, "
            f"for every row; {method}'s: " + " / ".join(FAMILY_NAMES[f] for f in chosen["family"])
            + f"), {method}'s NLL is {order}, and its 90% intervals cover {cov:.3f} of the queries."]

@@ -167,7 +167,8 @@ def test_sine_recalibration_chosen_on_validation_per_run(tmp_path):
     assert chosen["in_range"]["coverage_90"]["mean"] == pytest.approx(0.875)
     text = sine_protocol.findings(summary)
     assert ("ibaml's: Student-t / log-normal mixture), ibaml's NLL is the lowest of the 3 rows: -1.250 against the "
-            "next, imaml, at -0.750 (a margin of 0.500), and its 90% intervals cover 0.875 of the queries.") in text
+            "next, imaml, at -0.750 (a margin of 0.500; paired by seed, -0.500 with a 95 % interval of -0.500 to -0.500 over "
+            "2 seeds, which orders them), and its 90% intervals cover 0.875 of the queries.") in text
     assert ("Under that recalibration the results target for ibaml is not met: its NLL the lowest holds; its 90% "
             "coverage 0.875 within 0.88–0.92 does not hold; its MSE 0.010 at or below anil's 0.005 does not hold; "
             "its MSE 0.010 at or below imaml's 0.020 holds.") in text
@@ -280,8 +281,12 @@ def test_image_table_gives_the_ece_above_its_floor_where_the_runs_hold_floors(tm
     table = image_protocol.excess_markdown(summary)
     assert "| ibaml | 0.700 | 0.0050 ± 0.0000 (0.1250) | 0.0055 ± 0.0007 (0.1250) | 0.0100 ± 0.0000 (0.0100) |" in table
     text = image_protocol.floor_findings(summary)
-    assert "- At 1 shot, ibaml's raw per-task ECE above its floor is not the lowest: 0.0050 against imaml's 0.0030." in text
-    assert "ibaml's raw pooled ECE above its floor is not the lowest: 0.0100 against maml's 0.0100." in text
+    assert ("- At 1 shot, ibaml's raw per-task ECE above its floor is not the lowest: 0.0050 against imaml's 0.0030; "
+            "paired by seed, ibaml's minus imaml's is +0.0020 (95 % interval +0.0020 to +0.0020 over 2 seeds: the seeds "
+            "order them).") in text
+    assert ("ibaml's raw pooled ECE above its floor is not the lowest: 0.0100 against maml's 0.0100; paired by seed, "
+            "ibaml's minus maml's is +0.0000 (95 % interval +0.0000 to +0.0000 over 2 seeds: the seeds do not order "
+            "them).") in text
     assert "- At 1 shot, the floor is 93–98 % of every row's per-task ECE, raw and temperature-scaled." in text
     del summary["1shot"]["maml"]["raw"]["ece_excess"]
     assert image_protocol.floor_findings(summary) == ""
@@ -296,3 +301,16 @@ def test_full_network_ibaml_on_images_is_compared_with_abml_on_the_seeds_both_ha
         "2.0 points above (meets the target: at or above abml-all's); ‖∇G‖ of abml-all at its returned point w 2.")
     same = image_protocol._against_abml("5 shots", entry([0, 1], [0.2, 0.3]), theirs)
     assert same.startswith("At 5 shots, ibaml-all's accuracy is 0.250 against abml-all's 0.330: 8.0 points below (misses")
+
+
+def test_paired_difference_uses_the_common_seeds_and_says_when_they_order_the_rows():
+    """Differences on the seeds both rows have; a t interval that excludes 0 orders the rows, and
+    the seeds needed grow as the mean difference shrinks against its spread."""
+    mine = {"seeds": [0, 1, 2, 3], "per_seed": [0.10, 0.12, 0.11, 9.0]}
+    theirs = {"seeds": [2, 0, 1], "per_seed": [0.13, 0.12, 0.15]}
+    d = P.paired_difference(mine, theirs)
+    assert d["differences"] == pytest.approx([-0.02, -0.03, -0.02]) and d["ordered"]
+    assert d["ci95"][1] < 0 and d["seeds_to_order"] <= 3
+    noisy = P.paired_difference({"seeds": [0, 1, 2], "per_seed": [0.0, 0.3, -0.25]}, {"seeds": [0, 1, 2], "per_seed": [0.0] * 3})
+    assert not noisy["ordered"] and noisy["ci95"][0] < 0 < noisy["ci95"][1] and noisy["seeds_to_order"] > 100
+    assert P.paired_difference(mine, {"seeds": [3, 7], "per_seed": [1.0, 2.0]}) is None
