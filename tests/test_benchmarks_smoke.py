@@ -247,3 +247,26 @@ def test_cg_accuracy_quick(tmp_path):
             assert point["cg"]["20"]["max_task_rel_error"] < min(1e-8, point["cg"]["5"]["max_task_rel_error"])
             assert point["cg"]["20"]["mean_rel_error"] <= point["cg"]["20"]["max_task_rel_error"] * (1 + 1e-9)
     assert all(entry["holds"] for entry in payload["summary"])
+
+
+def test_sine_error_map_reads_a_run(tmp_path):
+    """The error map of a run: its bins partition the queries and the summed error, the MSE is the
+    mean over all queries, and the features' non-affine share lies in [0, 1] per bin."""
+    spec = importlib.util.spec_from_file_location("sine_regression", ROOT / "examples" / "sine_regression.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--method", "imaml", "--meta-iters", "2", "--meta-batch", "2", "--eval-tasks", "4",
+                  "--no-progress", "--out", str(tmp_path / "run")])
+    payload = load("sine_error_map").main([str(tmp_path / "run" / "imaml"), "--tasks", "30",
+                                          "--out", str(tmp_path / "map.json")])
+    assert json.loads((tmp_path / "map.json").read_text()) == payload
+    (run,) = payload["runs"]
+    assert run["stream_seed"] == 40_000 and run["tasks"] == 30
+    for bins in (run["by_x"], run["by_distance"]):
+        assert sum(b["queries"] for b in bins.values()) == 300
+        assert abs(sum(b["share"] for b in bins.values()) - 1) < 1e-5
+        mean = sum(b["mse"] * b["queries"] for b in bins.values() if b["queries"]) / 300
+        assert abs(mean - run["mse"]) < 1e-5 * max(1.0, run["mse"])
+    inside, outside = run["inside_support_span"], run["outside_support_span"]
+    assert inside["queries"] + outside["queries"] == 300 and 0 < outside["queries"] < 300
+    assert all(0 <= v <= 1 for v in run["features_non_affine_share"].values())
