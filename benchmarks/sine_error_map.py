@@ -93,7 +93,10 @@ def error_map(folder: Path, num_tasks: int) -> dict:
     outside = (qx < sx.min(-1, keepdim=True).values) | (qx > sx.max(-1, keepdim=True).values)
     flat = errors.reshape(-1)
     span = binned(flat, outside.reshape(-1).float(), ((0.0, 0.5), (0.5, 1.5)))
-    payload = {"run": str(folder), "method": config["method"], "noise": config.get("noise"), "seed": config["seed"],
+    metrics = folder / "metrics.json"   # the example's record of the run, with the command that trained it
+    trained_by = json.loads(metrics.read_text()).get("command") if metrics.exists() else None
+    payload = {"run": str(folder), "trained_by": trained_by, "method": config["method"], "noise": config.get("noise"),
+               "seed": config["seed"],
                "tasks": num_tasks, "stream_seed": VALIDATION_STREAM + config["seed"], "mse": float(flat.mean()),
                "by_x": binned(flat, qx.reshape(-1), X_BINS),
                "by_distance": binned(flat, distance.reshape(-1), DISTANCE_BINS),

@@ -169,7 +169,7 @@ def test_sine_recalibration_chosen_on_validation_per_run(tmp_path):
     assert ("ibaml's: Student-t / log-normal mixture), ibaml's NLL is the lowest of the 3 rows: -1.250 against the "
             "next, imaml, at -0.750 (a margin of 0.500; paired by seed, -0.500 with a 95 % interval of -0.500 to -0.500 over "
             "2 seeds, which orders them), and its 90% intervals cover 0.875 of the queries.") in text
-    assert ("Under that recalibration the results target for ibaml is not met: its NLL the lowest holds; its 90% "
+    assert ("Under the recalibration chosen on validation the results target for ibaml is not met: its NLL the lowest holds; its 90% "
             "coverage 0.875 within 0.88–0.92 does not hold; its MSE 0.010 at or below anil's 0.005 does not hold; "
             "its MSE 0.010 at or below imaml's 0.020 holds.") in text
     assert "| Student-t / log-normal mixture | -1.250 ± 0.212 | 0.875 ± 0.035 |" in sine_protocol.families_markdown(summary)
