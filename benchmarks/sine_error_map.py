@@ -93,9 +93,7 @@ def error_map(folder: Path, num_tasks: int) -> dict:
     outside = (qx < sx.min(-1, keepdim=True).values) | (qx > sx.max(-1, keepdim=True).values)
     flat = errors.reshape(-1)
     span = binned(flat, outside.reshape(-1).float(), ((0.0, 0.5), (0.5, 1.5)))
-    metrics = folder / "metrics.json"   # the example's record of the run, with the command that trained it
-    trained_by = json.loads(metrics.read_text()).get("command") if metrics.exists() else None
-    payload = {"run": str(folder), "trained_by": trained_by, "method": config["method"], "noise": config.get("noise"),
+    payload = {"run": str(folder), "config": config, "method": config["method"], "noise": config.get("noise"),
                "seed": config["seed"],
                "tasks": num_tasks, "stream_seed": VALIDATION_STREAM + config["seed"], "mse": float(flat.mean()),
                "by_x": binned(flat, qx.reshape(-1), X_BINS),
@@ -122,7 +120,7 @@ def markdown(maps: list) -> str:
     for m in maps:
         out = m["outside_support_span"]
         total = out["queries"] + m["inside_support_span"]["queries"]
-        cells = [f"{m['method']} {m['noise']} seed {m['seed']}", f"{m['mse']:.4f}",
+        cells = [f"{m['method']} {m['noise']} seed {m['seed']}, meta-lr {m['config'].get('meta_lr', 0):g}", f"{m['mse']:.4f}",
                  f"{out['mse']:.4f} ({out['share']:.2f}, {out['queries'] / total:.2f})"]
         for b, v in m["by_x"].items():
             bend = m.get("features_non_affine_share", {}).get(b)
