@@ -120,7 +120,9 @@ def markdown(maps: list) -> str:
     for m in maps:
         out = m["outside_support_span"]
         total = out["queries"] + m["inside_support_span"]["queries"]
-        cells = [f"{m['method']} {m['noise']} seed {m['seed']}, meta-lr {m['config'].get('meta_lr', 0):g}", f"{m['mse']:.4f}",
+        label = (f"{m['method']} {m['noise']} seed {m['seed']}, meta-lr {m['config'].get('meta_lr', 0):g}"
+                 + (f", outer {m['config']['outer']}" if "outer" in m["config"] else ""))
+        cells = [label, f"{m['mse']:.4f}",
                  f"{out['mse']:.4f} ({out['share']:.2f}, {out['queries'] / total:.2f})"]
         for b, v in m["by_x"].items():
             bend = m.get("features_non_affine_share", {}).get(b)

@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     task.add_argument("--init-scale", type=float, default=None,
                       help="initial prior standard deviation for abml/ibaml (default: the preset's)")
-    task.add_argument("--outer", choices=("predictive", "elbo"), default="predictive",
-                      help="outer objective of abml/ibaml: the query predictive, or ABML's support-and-query ELBO")
+    task.add_argument("--outer", choices=("predictive", "elbo", "expected"), default="predictive",
+                      help="outer objective of abml/ibaml: the query predictive, ABML's support-and-query ELBO, "
+                           "or the query NLL expected under the posterior")
     task.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
     task.add_argument("--predictive-samples", type=int, default=20, help="posterior draws per prediction (abml, ibaml)")
     task.add_argument("--outer-samples", type=int, default=None,

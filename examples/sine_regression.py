@@ -63,6 +63,9 @@ def parse_args(argv=None):
                         "ibaml.recipes.presets; the recipes imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all are over every weight)")
     p.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     p.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
+    p.add_argument("--outer", choices=("predictive", "elbo", "expected"), default=None,
+                   help="outer objective of abml/ibaml: the query predictive density (default), ABML's "
+                        "support-and-query ELBO, or the query NLL expected under the posterior")
     p.add_argument("--noise", default=None, choices=recipes.NOISE_MODELS,
                    help="observation noise (default: the method's, ibaml.recipes.regression_likelihood)")
     p.add_argument("--noise-prior-count", type=float, default=None,

@@ -99,11 +99,14 @@ CASES = [("map", "predictive", {}), ("variational", "predictive", dict(init_scal
          ("variational", "elbo", dict(init_scale=0.5)),
          ("variational", "predictive", dict(init_scale=0.5, expectation="linearized")),
          ("variational", "elbo", dict(init_scale=0.5, expectation="linearized")),
-         ("variational", "predictive", dict(init_scale=0.5, variance_param="std"))]
+         ("variational", "predictive", dict(init_scale=0.5, variance_param="std")),
+         ("variational", "expected", dict(init_scale=0.5)),
+         ("variational", "expected", dict(init_scale=0.5, expectation="linearized"))]
 
 
 @pytest.mark.parametrize("method, outer, kw", CASES, ids=["map", "variational", "variational-elbo", "linearized",
-                                                         "linearized-elbo", "std-antithetic"])
+                                                         "linearized-elbo", "std-antithetic", "variational-expected",
+                                                         "linearized-expected"])
 def test_head_prior_meta_gradient_matches_finite_differences(method, outer, kw):
     """The body is shared (meta-parameters ``net.0.*``): its gradient flows through ``B = ∇²_vθ G``."""
     problem, meta, task = head_problem(method, NewtonCG(cg_iters=12), steps=6, outer=outer, **kw)
@@ -262,3 +265,26 @@ def test_every_inner_optimiser_takes_one_step_on_the_objective():
     assert torch.allclose(wrapped.step(objective, v, {})[0]["w"], -0.5 * grads["w"])
     newton = NewtonCG(cg_iters=2)
     assert torch.allclose(newton.step(objective, v, newton.init(v))[0]["w"], target)
+
+
+@pytest.mark.parametrize("noise", ["shared", "conjugate"])
+def test_expected_outer_objective_is_the_posterior_average_of_the_query_nll(noise):
+    """``outer="expected"``: the closed form over a linear-Gaussian head's outputs (``log N(y; μ_f, R)
+    − v_f/(2R)``, with the weights' spread under the task noise for a conjugate one) against the
+    sampled form on a large antithetic set of draws, and below the log predictive density's loss
+    by Jensen's inequality (``E_q[−log p] ≥ −log E_q[p]``)."""
+    problem, meta, task = head_problem("variational", NewtonCG(cg_iters=12, max_step={"rho": 3.0}), steps=6,
+                                       outer="expected", expectation="linearized", init_scale=0.5)
+    model = problem.model
+    if noise == "conjugate":
+        model = ibaml.TaskModel(model.net, model.prior,
+                                ibaml.ConjugateNoiseGaussianLikelihood(0.5, prior_count=2.0, prior_noise=0.3).to(DT))
+        meta = {k: v.detach().clone() for k, v in model.meta_parameters().items()}
+    v, _ = ibaml.TaskProblem(model, problem.method, problem.inner_loop).solve(meta, task)
+    exact = problem.method.outer_objective(model, v, meta, task)
+    sampled = ibaml.Variational(num_outer_samples=2, antithetic=True, outer="expected")
+    draws = dict(task, eps_outer=sampled.draws(1, 200_000, model.prior.dim, torch.Generator().manual_seed(1), dtype=DT)[0])
+    mc = sampled.outer_objective(model, v, meta, draws)
+    assert float(exact) == pytest.approx(float(mc), rel=2e-3)
+    predictive = ibaml.Variational(outer="predictive", expectation="linearized").outer_objective(model, v, meta, task)
+    assert float(exact) > float(predictive)

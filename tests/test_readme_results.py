@@ -110,7 +110,8 @@ def test_sine_error_map_is_its_json_and_backs_the_sentences():
     from benchmarks import sine_error_map
     runs = json.loads((ROOT / "docs/results/sine/error_map/conjugate.json").read_text())["runs"]
     assert_on_page(sine_error_map.markdown(runs), SINE)
-    ibaml = {r["seed"]: r for r in runs if r["method"] == "ibaml" and r["config"]["meta_lr"] == 1e-3}
+    ibaml = {r["seed"]: r for r in runs if r["method"] == "ibaml" and r["config"]["meta_lr"] == 1e-3
+             and "outer" not in r["config"]}
     imaml = [r for r in runs if r["method"] == "imaml"]
     test_mse = protocol_summary()["conjugate"]["ibaml"]["raw"]["in_range"]["mse"]["per_seed"]
     failing = [s for s in (0, 1, 2) if test_mse[s] > 0.01] + [s for s in (3, 4) if ibaml[s]["mse"] > 0.01]
@@ -122,6 +123,12 @@ def test_sine_error_map_is_its_json_and_backs_the_sentences():
     assert all(0.44 <= round(i["outside_support_span"]["share"], 2) <= 0.51 for i in imaml)
     larger_step = [r for r in runs if r["method"] == "ibaml" and r["config"]["meta_lr"] == 3e-3]
     assert larger_step and all(r["mse"] > ibaml[r["seed"]]["mse"] for r in larger_step)
+    expected = {r["seed"]: r for r in runs if r["config"].get("outer") == "expected"}
+    assert expected[2]["mse"] < 0.007 < 0.05 < expected[3]["mse"]
+    nll = {name: json.loads((ROOT / f"docs/results/sine/error_map/runs/{name}_ibaml.json").read_text())["nll"]["mean"]
+           for name in ("conj_seed2", "conj_seed3", "conj_expected_seed2", "conj_expected_seed3")}
+    assert [round(nll[n], 2) for n in ("conj_expected_seed2", "conj_expected_seed3", "conj_seed2", "conj_seed3")] == [
+        -1.21, -0.41, -1.85, -1.66]
 
 
 @pytest.mark.parametrize("noise", ["shared", "conjugate"])

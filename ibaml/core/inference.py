@@ -20,11 +20,17 @@ For a task with support set S and query set Q, and meta-parameters θ:
 
       F(v, θ) = (1/(|S|+|Q|)) [(1/M') Σ_j Σ_{n∈S∪Q} −log p(y_n | f(x_n; m + √s ⊙ ε'_j)) + β KL(q ‖ p(·; θ))]
 
-  whose KL term gives the prior scales a direct empirical-Bayes gradient. The draws ``ε [M, D]`` and ``ε' [M', D]`` are part of the task data,
-  fixed while a solution is differentiated.
+  whose KL term gives the prior scales a direct empirical-Bayes gradient; or with ``outer="expected"``
+  the query NLL expected under the posterior, ``−(1/|Q|) Σ_{n∈Q} (1/M') Σ_j log p(y_n | f(x_n; m + √s ⊙ ε'_j))``,
+  which charges the posterior's spread at a query to the loss where the predictive density lets
+  it excuse the error (Gaussian outputs ``N(μ_f, v_f)``, noise ``R``: ``½ log 2πR + ((y − μ_f)² + v_f)/(2R)``
+  against ``½ log 2π(R + v_f) + (y − μ_f)²/(2(R + v_f))``). The draws ``ε [M, D]`` and ``ε' [M', D]``
+  are part of the task data, fixed while a solution is differentiated.
 
 Everything is a pure function of ``(v, θ, task)``, vmapped over tasks by the callers; the
-inner loop that minimises ``G`` is :mod:`ibaml.core.inner_loop`.
+inner loop that minimises ``G`` is :mod:`ibaml.core.inner_loop`. Why this file is long: it is
+the contract of task inference with its three methods (MAP, mean-field, full covariance), which
+share the task-noise and the draws' helpers.
 """
 
 from __future__ import annotations
@@ -204,8 +210,9 @@ class Variational(InferenceMethod):
         init_variance: starting variance of ``q`` where the prior reports no precision
             (otherwise ``q`` starts at the prior's marginal variance ``1/precision``).
         min_variance: floor added to ``softplus(ρ)``.
-        outer: ``"predictive"`` (the query log predictive density, default) or ``"elbo"``
-            (ABML's support-and-query negative ELBO, see the module docstring).
+        outer: ``"predictive"`` (the query log predictive density, default), ``"elbo"``
+            (ABML's support-and-query negative ELBO) or ``"expected"`` (the query NLL expected
+            under the posterior), see the module docstring.
         variance_param: the coordinates of the variances, ``"softplus"`` (``s = softplus(ρ)``, block
             ``"rho"``) or ``"std"`` (``s = u²``, block ``"std"``). In ``u`` the fixed-draw
             objective of weights that enter the output linearly is convex (a positive
@@ -277,8 +284,8 @@ class Variational(InferenceMethod):
             raise ValueError(f"Variational expectation must be 'sampled' or 'linearized', got {self.expectation!r}")
         if self.variance_start not in ("prior", "fixed_point"):
             raise ValueError(f"Variational variance_start must be 'prior' or 'fixed_point', got {self.variance_start!r}")
-        if self.outer not in ("predictive", "elbo"):
-            raise ValueError(f"Variational outer must be 'predictive' or 'elbo', got {self.outer!r}")
+        if self.outer not in ("predictive", "elbo", "expected"):
+            raise ValueError(f"Variational outer must be 'predictive', 'elbo' or 'expected', got {self.outer!r}")
         for arg in ("num_samples", "num_outer_samples"):
             value = getattr(self, arg)
             if int(value) != value or value < 1:
@@ -366,11 +373,18 @@ class Variational(InferenceMethod):
         ratio = task_noise_ratio(model, meta, v["mean"], task)
         if self.exact_outputs and model.likelihood.gaussian_outputs_log_prob:
             mean, var = self.head_outputs(model, v, meta, qx)
+            if self.outer == "expected":   # E_f[log N(y; f, R)] = log N(y; μ_f, R) − v_f/(2R), v_f under σ_t
+                var, zero = (var if ratio is None else ratio * var), torch.zeros_like(var)
+                _, noise_var = model.likelihood_predictive_gaussian_outputs(meta, mean, zero, *_ratio_args(ratio))
+                at_mean = model.likelihood_log_prob_gaussian_outputs(meta, mean, zero, qy, *_ratio_args(ratio))
+                return -(at_mean - (var / (2 * noise_var)).reshape(var.shape[0], -1).sum(-1)).mean()
             return -model.likelihood_log_prob_gaussian_outputs(meta, mean, var, qy, *_ratio_args(ratio)).mean()
         eps = task["eps_outer"] if ratio is None else torch.sqrt(ratio) * task["eps_outer"]   # draws under σ_t
         samples = self.weight_samples(v, eps)
         loglik = model.log_likelihood_samples(meta, samples, qx, qy, predictive=True, **_ratio_kwargs(ratio))
-        return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()             # [M', Q] → scalar
+        if self.outer == "expected":                                                            # [M', Q] → scalar
+            return -loglik.mean()
+        return -(torch.logsumexp(loglik, 0) - math.log(samples.shape[0])).mean()
 
     def point(self, v) -> Tensor:
         """The task weights' point estimate: the posterior mean ``m``."""

@@ -333,7 +333,8 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         num_samples: reparameterised draws in the variational inner objective (default 1; 4 over
             every weight).
         antithetic: draws in pairs ``(ε, −ε)`` (default on over every weight).
-        outer: ``"predictive"`` or ``"elbo"`` (ABML's outer objective), see :class:`Variational`.
+        outer: ``"predictive"``, ``"elbo"`` (ABML's outer objective) or ``"expected"`` (the query
+            NLL expected under the posterior), see :class:`Variational`.
         num_outer_samples: draws in the variational outer objective.
         newton_prior_damping: :class:`NewtonCG`'s ``prior_damping`` for ``"newton"``.
         variance_param, expectation, variance_start: see :class:`Variational` (ABML, iBaML).

@@ -48,7 +48,7 @@ SINE_HIDDEN = (40, 40)
 #: command line under the same names (``--learn-noise-prior-count`` apart: a yes/no there)
 RUN_OPTIONS = ("shots", "train_shots", "random_features", "noise_init", "query", "meta_batch", "dtype", "seed", "noise", "noise_prior_count", "inner_steps",
                "eval_inner_steps", "inner_lr", "precision", "prior", "inner_optimizer", "kl_weight", "cg_steps",
-               "cg_damping", "meta_lr", "nonfinite")
+               "cg_damping", "meta_lr", "nonfinite", "outer")
 
 
 def sine_network(method: str, noise: Optional[str] = None, hidden: Tuple[int, ...] = SINE_HIDDEN,
@@ -99,7 +99,8 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
                     eval_inner_steps: Optional[int] = None, inner_lr: Optional[float] = None,
                     precision: Optional[float] = None, prior: Optional[str] = None, inner_optimizer=None,
                     kl_weight: Optional[float] = None, cg_steps: int = 20, cg_damping: float = 0.0,
-                    meta_lr: float = 1e-3, nonfinite: str = "skip", hidden: Tuple[int, ...] = SINE_HIDDEN) -> dict:
+                    meta_lr: float = 1e-3, nonfinite: str = "skip", outer: Optional[str] = None,
+                    hidden: Tuple[int, ...] = SINE_HIDDEN) -> dict:
     """The settings that fix a sine run's meta-training trajectory (a checkpoint must match them
     all), the defaults those of ``examples/sine_regression.py``: the task shape and seed, the
     network (:func:`sine_network`) and, but for ``"dkt"``, the noise model (default the method's,
@@ -107,7 +108,8 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
     (:func:`ibaml.recipes.noise_presets.noise_prior_count`), the inner steps of meta-training and
     evaluation (:func:`ibaml.recipes.presets.inner_steps`) and the options of
     :func:`ibaml.recipes.presets.build_learner`; ``prior`` (its ``include``), ``inner_optimizer`` and
-    ``kl_weight`` only where given; ``train_shots = (low, high)`` (meta-training on support
+    ``kl_weight`` and ``outer`` (the variational outer objective, :class:`ibaml.Variational`) only
+    where given; ``train_shots = (low, high)`` (meta-training on support
     sizes drawn uniformly from ``low..high`` per meta-batch), ``random_features`` (the network's,
     :func:`sine_network`) and ``noise_init`` (the likelihood's initial noise, default 1) only
     where given.
@@ -127,7 +129,8 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
         common["noise_prior_count"], common["learn_noise_prior_count"] = preset_noise_prior_count(
             method, noise_prior_count, learn_noise_prior_count)
     chosen = {k: v for k, v in (("prior", prior), ("inner_optimizer", inner_optimizer),
-                                ("kl_weight", kl_weight), ("noise_init", noise_init)) if v is not None}
+                                ("kl_weight", kl_weight), ("noise_init", noise_init), ("outer", outer))
+              if v is not None}
     if train_shots is not None:
         common["train_shots"] = [int(train_shots[0]), int(train_shots[1])]
     return dict(common, network=sine_network(method, noise, hidden, random_features), noise=noise, inner_steps=steps,
@@ -183,6 +186,8 @@ def sine_learner_from_config(config: dict, *, device=None, dtype: Optional[torch
                    include=config.get("prior"), inner_optimizer=config.get("inner_optimizer"),
                    kl_weight=config.get("kl_weight"), cg_damping=config["cg_damping"], meta_lr=config["meta_lr"],
                    seed=config["seed"], nonfinite=config.get("nonfinite", "raise"), process_group=process_group)
+    if "outer" in config:
+        options["outer"] = config["outer"]
     return build_learner(method, net, likelihood, **{**options, **overrides})
 
 
