@@ -312,6 +312,8 @@ def test_image_protocol_full_network_table_and_sentences_are_their_json():
     assert same_inner["config"]["inner_optimizer"] == "sgd" and same_inner["config"]["inner_steps"] == 10
     assert same_inner["config"]["eval_split"] == "val"
     assert f"means {same_inner['inner_grad_norm']['mean']:.1f} at the returned point" in " ".join(text.split())
+    assert (f"iBaML over every weight still stays near chance ({same_inner['accuracy']['mean']:.3f} on the validation "
+            "classes, one seed)") in README.read_text()
 
 
 SHIFT = ROOT / "docs/results/shift.md"
