@@ -21,7 +21,8 @@ configuration (:func:`ibaml.recipes.sine_presets.sine_learner_from_config`) and 
   linear function of the features, so where this share is near 0 the predictive mean can only
   continue a straight line from the nearest support input.
 
-Writes the JSON and prints a table per run.
+Writes the JSON and a figure beside it (the same name, ``.png``: the MSE by input and by
+distance to the support, a line per run) and prints a table.
 """
 
 from __future__ import annotations
@@ -131,6 +132,34 @@ def markdown(maps: list) -> str:
     return "\n".join(lines)
 
 
+def plot(maps: list, path: Path) -> Path:
+    """Two panels, a line per run: the MSE per bin of the query's input, and per bin of its
+    distance to the nearest support input (log scale), to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in maps:
+        label = f"{m['method']} seed {m['seed']}" + (f", meta-lr {m['config']['meta_lr']:g}"
+                                                     if m["config"].get("meta_lr", 1e-3) != 1e-3 else "")
+        label += f", outer {m['config']['outer']}" if "outer" in m["config"] else ""
+        style = "-" if m["method"] == "ibaml" else "--"
+        for ax, key in zip(axes, ("by_x", "by_distance")):
+            bins = [b for b, v in m[key].items() if v["mse"] is not None]
+            ax.plot(range(len(bins)), [m[key][b]["mse"] for b in bins], style, marker="o", label=label)
+            ax.set_xticks(range(len(bins)), bins, fontsize=8)
+    axes[0].set(xlabel="query input x", ylabel="MSE", yscale="log", title="error by input")
+    axes[1].set(xlabel="distance to the nearest support input", yscale="log", title="error by distance")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders holding last.pt")
@@ -144,8 +173,9 @@ def main(argv=None):
                "runs": maps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1))
+    figure = plot(maps, Path(args.out).with_suffix(".png"))
     print(markdown(maps))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and {figure}")
     return payload
 
 

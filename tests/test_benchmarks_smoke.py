@@ -260,6 +260,7 @@ def test_sine_error_map_reads_a_run(tmp_path):
     payload = load("sine_error_map").main([str(tmp_path / "run" / "imaml"), "--tasks", "30",
                                           "--out", str(tmp_path / "map.json")])
     assert json.loads((tmp_path / "map.json").read_text()) == payload
+    assert (tmp_path / "map.png").read_bytes().startswith(b"\x89PNG")
     (run,) = payload["runs"]
     assert run["stream_seed"] == 40_000 and run["tasks"] == 30
     for bins in (run["by_x"], run["by_distance"]):
