@@ -112,6 +112,16 @@ def error_map(folder: Path, num_tasks: int) -> dict:
     return payload
 
 
+def run_label(m: dict) -> str:
+    """``"ibaml seed 2"``, with the options that set the run apart from the example's defaults
+    (a meta step other than 10⁻³, an outer objective, a KL weight)."""
+    config = m["config"]
+    return (f"{m['method']} seed {m['seed']}"
+            + (f", meta-lr {config['meta_lr']:g}" if config.get("meta_lr", 1e-3) != 1e-3 else "")
+            + (f", outer {config['outer']}" if "outer" in config else "")
+            + (f", β {config['kl_weight']:g}" if config.get("kl_weight") is not None else ""))
+
+
 def markdown(maps: list) -> str:
     """One row per run: its MSE, the error outside its support's span, and per ``x`` bin the
     MSE (the features' non-affine share in brackets)."""
@@ -121,9 +131,7 @@ def markdown(maps: list) -> str:
     for m in maps:
         out = m["outside_support_span"]
         total = out["queries"] + m["inside_support_span"]["queries"]
-        label = (f"{m['method']} {m['noise']} seed {m['seed']}, meta-lr {m['config'].get('meta_lr', 0):g}"
-                 + (f", outer {m['config']['outer']}" if "outer" in m["config"] else ""))
-        cells = [label, f"{m['mse']:.4f}",
+        cells = [run_label(m) + f" ({m['noise']} noise)", f"{m['mse']:.4f}",
                  f"{out['mse']:.4f} ({out['share']:.2f}, {out['queries'] / total:.2f})"]
         for b, v in m["by_x"].items():
             bend = m.get("features_non_affine_share", {}).get(b)
@@ -142,9 +150,7 @@ def plot(maps: list, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m in maps:
-        label = f"{m['method']} seed {m['seed']}" + (f", meta-lr {m['config']['meta_lr']:g}"
-                                                     if m["config"].get("meta_lr", 1e-3) != 1e-3 else "")
-        label += f", outer {m['config']['outer']}" if "outer" in m["config"] else ""
+        label = run_label(m)
         style = "-" if m["method"] == "ibaml" else "--"
         for ax, key in zip(axes, ("by_x", "by_distance")):
             bins = [b for b, v in m[key].items() if v["mse"] is not None]

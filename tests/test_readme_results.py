@@ -111,7 +111,7 @@ def test_sine_error_map_is_its_json_and_backs_the_sentences():
     runs = json.loads((ROOT / "docs/results/sine/error_map/conjugate.json").read_text())["runs"]
     assert_on_page(sine_error_map.markdown(runs), SINE)
     ibaml = {r["seed"]: r for r in runs if r["method"] == "ibaml" and r["config"]["meta_lr"] == 1e-3
-             and "outer" not in r["config"]}
+             and "outer" not in r["config"] and "kl_weight" not in r["config"]}
     imaml = [r for r in runs if r["method"] == "imaml"]
     test_mse = protocol_summary()["conjugate"]["ibaml"]["raw"]["in_range"]["mse"]["per_seed"]
     failing = [s for s in (0, 1, 2) if test_mse[s] > 0.01] + [s for s in (3, 4) if ibaml[s]["mse"] > 0.01]
@@ -129,6 +129,20 @@ def test_sine_error_map_is_its_json_and_backs_the_sentences():
            for name in ("conj_seed2", "conj_seed3", "conj_expected_seed2", "conj_expected_seed3")}
     assert [round(nll[n], 2) for n in ("conj_expected_seed2", "conj_expected_seed3", "conj_seed2", "conj_seed3")] == [
         -1.21, -0.41, -1.85, -1.66]
+    # the weaker KL weight: MSE and NLL at seeds 0 / 2 / 3 / 4, and the selection's scores by β
+    weak = {r["seed"]: r for r in runs if r["config"].get("kl_weight") == 0.05}
+    assert [round(weak[s]["mse"], 4) for s in (0, 2, 3, 4)] == [0.0018, 0.0012, 0.0095, 0.0064]
+    assert [round(ibaml[s]["mse"], 4) for s in (0, 2, 3, 4)] == [0.0017, 0.0241, 0.0202, 0.0252]
+    runs_dir = ROOT / "docs/results/sine/error_map/runs"
+    weak_nll = [json.loads((runs_dir / f"conj_kl05_seed{s}_ibaml.json").read_text())["nll"]["mean"] for s in (0, 2, 3, 4)]
+    base_nll = [json.loads((runs_dir / f"conj_seed{s}_ibaml.json").read_text())["nll"]["mean"] for s in (0, 2, 3, 4)]
+    assert [round(v, 2) for v in weak_nll] == [-2.03, -2.09, -1.46, -1.91]
+    assert [round(v, 2) for v in base_nll] == [-1.95, -1.85, -1.66, -1.68]
+    score = {b: json.loads((runs_dir / f"select_kl{b}_seed0_ibaml.json").read_text())["recalibrated"]["nll"]["mean"]
+             for b in ("0.2", "0.05", "0.01")}
+    score["1"] = json.loads((PROTOCOL / "selection.json").read_text())["tried"]["ibaml"][0]["nll_recalibrated"]
+    assert [round(score[b], 3) for b in ("1", "0.2", "0.05", "0.01")] == [-0.913, -1.187, -1.381, -1.249]
+    assert min(score, key=score.get) == "0.05"
 
 
 @pytest.mark.parametrize("noise", ["shared", "conjugate"])
