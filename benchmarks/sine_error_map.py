@@ -149,12 +149,14 @@ def plot(maps: list, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m in maps:
-        label = run_label(m)
-        style = "-" if m["method"] == "ibaml" else "--"
+    colors = plt.cm.tab20(range(20))
+    for k, m in enumerate(maps):
+        label = run_label(m)   # the example's defaults solid, other options dotted, other methods dashed
+        style = dict(linestyle="--" if m["method"] != maps[0]["method"] else ":" if "," in label else "-",
+                     color=colors[k % 20])
         for ax, key in zip(axes, ("by_x", "by_distance")):
             bins = [b for b, v in m[key].items() if v["mse"] is not None]
-            ax.plot(range(len(bins)), [m[key][b]["mse"] for b in bins], style, marker="o", label=label)
+            ax.plot(range(len(bins)), [m[key][b]["mse"] for b in bins], marker="o", label=label, **style)
             ax.set_xticks(range(len(bins)), bins, fontsize=8)
     axes[0].set(xlabel="query input x", ylabel="MSE", yscale="log", title="error by input")
     axes[1].set(xlabel="distance to the nearest support input", yscale="log", title="error by distance")
