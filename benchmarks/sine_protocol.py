@@ -172,8 +172,8 @@ def chosen_family(run: dict) -> str:
 
 def chosen_summary(runs: list) -> dict:
     """:func:`family_summary` of each run's :func:`chosen_family`, with the families chosen per seed."""
-    return dict(family_summary([_family(r, chosen_family(r)) for r in runs]),
-                family=[chosen_family(r) for r in runs])
+    families = [chosen_family(r) for r in runs]
+    return dict(family_summary([_family(r, f) for r, f in zip(runs, families)]), family=families)
 
 
 def _family(entry: dict, family: str) -> dict:
