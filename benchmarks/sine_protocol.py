@@ -7,8 +7,8 @@ training seeds, the test streams evaluated once per final configuration.
     python -m benchmarks.sine_protocol table --out docs/results/sine/protocol
 
 ``select`` runs ``examples/sine_regression.py`` with ``--eval-split val`` (validation streams,
-never the test ones) for every value of each method's grid (:data:`GRID`) at seed 0 and
-``--select-iters`` meta-iterations, and keeps the value with the lowest recalibrated
+never the test ones) for every value of each stage of each method's grid (:data:`GRID`) at seed 0
+and ``--select-iters`` meta-iterations, and keeps the setting with the lowest recalibrated
 validation NLL in range: ``DIR/selection.json`` (a value whose run fails, non-finite
 predictions on some validation task for instance, is recorded with its error and not chosen). ``final`` runs every method of both tables
 (:data:`TABLES`: one learned noise shared by all tasks for every method, and a per-task
@@ -36,17 +36,26 @@ from . import _protocol as P
 
 #: the KL weights tried for the variational methods over every weight, implicit and explicit alike
 FULL_NETWORK_KL_WEIGHTS = (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)
-#: per method, the option chosen on validation and the values tried
+#: per method, the stages of its selection on validation: ``(option, values)``, each stage run
+#: with the best setting of the stages before it held fixed; the method takes the best setting
+#: over all its stages. iBaML: the noise pseudo-count a₀, then the weight β of the KL term of
+#: its outer objective at that a₀ (β = 1, the default, is the first stage's best run). A key
+#: ``"<method>/<noise>"`` is a choice that the ``noise`` table makes for itself, under its own
+#: noise model, over the method's (:func:`table_options`): β interacts with the noise model (with
+#: one shared noise the weak pull chosen under the per-task noise let one seed's extrapolation
+#: run away), so the shared-noise table chooses iBaML's β again (a₀ plays no part there).
 GRID = {
-    "maml": ("--inner-lr", (0.001, 0.002, 0.004)),
-    "anil": ("--inner-lr", (0.002, 0.005, 0.01, 0.02, 0.05)),
-    "imaml": ("--precision", (0.1, 0.3, 1.0, 3.0)),
-    "ibaml": ("--noise-prior-count", (1.0, 5.0, 20.0)),
-    "imaml-gd": ("--precision", (0.5, 2.0, 8.0, 32.0, 128.0, 512.0)),
-    "ibaml-all": ("--kl-weight", FULL_NETWORK_KL_WEIGHTS),
-    "abml-all": ("--kl-weight", FULL_NETWORK_KL_WEIGHTS),
+    "maml": [("--inner-lr", (0.001, 0.002, 0.004))],
+    "anil": [("--inner-lr", (0.002, 0.005, 0.01, 0.02, 0.05))],
+    "imaml": [("--precision", (0.1, 0.3, 1.0, 3.0))],
+    "ibaml": [("--noise-prior-count", (1.0, 5.0, 20.0)), ("--kl-weight", (0.2, 0.05, 0.01))],
+    "ibaml/shared": [("--kl-weight", (1.0, 0.2, 0.05, 0.01))],
+    "imaml-gd": [("--precision", (0.5, 2.0, 8.0, 32.0, 128.0, 512.0))],
+    "ibaml-all": [("--kl-weight", FULL_NETWORK_KL_WEIGHTS)],
+    "abml-all": [("--kl-weight", FULL_NETWORK_KL_WEIGHTS)],
 }
-#: the noise model each value is chosen under (the table the method's headline row is in)
+#: the noise model each value is chosen under (the table the method's headline row is in; a
+#: ``"<method>/<noise>"`` key of :data:`GRID`, under that noise)
 SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "imaml-gd": "shared",
                 "ibaml-all": "shared", "abml-all": "shared"}
 #: a method that takes another's chosen value (iMAML-HF solves iMAML-GD's inner problem otherwise)
@@ -98,37 +107,66 @@ def _selection_score(row: dict) -> float:
     return math.inf if row["nll_recalibrated"] is None else row["nll_recalibrated"]
 
 
+def _options(row: dict) -> dict:
+    """The command-line options of a row of ``tried`` (its ``--`` keys), without its scores."""
+    return {k: v for k, v in row.items() if k.startswith("--")}
+
+
+def _label(settings: dict) -> str:
+    """``{"--noise-prior-count": 1.0, "--kl-weight": 0.05}`` → ``"noise-prior-count_1_kl-weight_0.05"``."""
+    return "_".join(f"{k.strip('-')}_{v:g}" for k, v in settings.items())
+
+
+def _method_and_noise(key: str) -> tuple:
+    """``"ibaml/shared"`` → ``("ibaml", "shared")``; ``"anil"`` → ``("anil", SELECT_NOISE["anil"])``."""
+    method, _, noise = key.partition("/")
+    return method, noise or SELECT_NOISE[method]
+
+
+def table_options(chosen: dict, method: str, noise: str) -> dict:
+    """The options ``method`` runs with in the ``noise`` table: its choice, with the table's own
+    choice (a ``"<method>/<noise>"`` key) over it.
+
+    >>> table_options({"ibaml": {"--a": 1, "--b": 1}, "ibaml/shared": {"--b": 2}}, "ibaml", "shared")
+    {'--a': 1, '--b': 2}
+    """
+    return {**chosen.get(SHARES_CHOICE.get(method, method), {}), **chosen.get(f"{method}/{noise}", {})}
+
+
 def select(args) -> dict:
     out = Path(args.out)
-    jobs, keys = [], []
-    for method, (option, values) in GRID.items():
-        if args.methods and method not in args.methods:
-            continue
-        for value in values:
-            folder = out / "select" / f"{method}_{option.strip('-')}_{value:g}"
-            jobs.append((method, folder, noise_options(method, SELECT_NOISE[method]) + [
-                option, str(value), "--eval-split", "val", "--meta-iters", str(args.select_iters), "--seed", "0"]))
-            keys.append((method, option, value))
-    results = run_all(jobs, args, tolerate_failure=True)
+    methods = [m for m in GRID if not args.methods or m.partition("/")[0] in args.methods]
     tried = {}
-    for (method, option, value), m in zip(keys, results):
-        scores = ({"nll_recalibrated": None, "failed": m["failed"]} if "failed" in m else
-                  {"nll_recalibrated": m["recalibrated"]["nll"]["mean"], "mse": m["mse"]["mean"],
-                   "nll_raw": m["nll"]["mean"]})
-        tried.setdefault(method, []).append({option: value, "split": "validation", **scores})
+    for stage in range(max(len(GRID[m]) for m in methods)):
+        jobs, keys = [], []
+        for key in (k for k in methods if stage < len(GRID[k])):
+            option, values = GRID[key][stage]
+            method, noise = _method_and_noise(key)
+            held = _options(min(tried[key], key=_selection_score)) if stage else {}
+            for value in values:
+                settings = {**held, option: value}
+                jobs.append((method, out / "select" / f"{key.replace('/', '-')}_{_label(settings)}",
+                             noise_options(method, noise) + [str(x) for kv in settings.items() for x in kv]
+                             + ["--eval-split", "val", "--meta-iters", str(args.select_iters), "--seed", "0"]))
+                keys.append((key, settings))
+        for (method, settings), m in zip(keys, run_all(jobs, args, tolerate_failure=True)):
+            scores = ({"nll_recalibrated": None, "failed": m["failed"]} if "failed" in m else
+                      {"nll_recalibrated": m["recalibrated"]["nll"]["mean"], "mse": m["mse"]["mean"],
+                       "nll_raw": m["nll"]["mean"]})
+            tried.setdefault(method, []).append({**settings, "split": "validation", **scores})
     if args.methods:   # the other methods' choices stand as recorded (none on a first selection)
         recorded = out / "selection.json"
         earlier = json.loads(recorded.read_text())["tried"] if recorded.is_file() else {}
         tried = {m: tried.get(m, earlier.get(m)) for m in GRID if m in tried or m in earlier}
-    chosen = {method: min(rows, key=_selection_score) for method, rows in tried.items()}
+    chosen = {method: _options(min(rows, key=_selection_score)) for method, rows in tried.items()}
     payload = {"criterion": "lowest recalibrated NLL in range on validation tasks (stream seeds 40000 + S), "
-                            f"seed 0, {args.select_iters} meta-iterations",
-               "noise": SELECT_NOISE, "tried": tried,
-               "chosen": {m: {GRID[m][0]: row[GRID[m][0]]} for m, row in chosen.items()}}
+                            f"seed 0, {args.select_iters} meta-iterations; a method's later stages hold its "
+                            "best setting of the earlier ones",
+               "noise": SELECT_NOISE, "tried": tried, "chosen": chosen}
     P.write_json(out / "selection.json", payload)
     for method, rows in tried.items():
-        print(f"{method}: " + ", ".join(f"{GRID[method][0]} {r[GRID[method][0]]:g}: NLL {_selection_score(r):.3f}"
-                                         for r in rows) + f" -> {payload['chosen'][method]}")
+        print(f"{method}: " + ", ".join(f"{_label(_options(r))}: NLL {_selection_score(r):.3f}" for r in rows)
+              + f" -> {chosen[method]}")
     return payload
 
 
@@ -139,7 +177,7 @@ def final(args) -> dict:
     for noise, methods in TABLES.items():
         for seed in args.seeds:
             for method in (m for m in args.methods or methods if m in methods):
-                options = [str(x) for option_value in chosen.get(SHARES_CHOICE.get(method, method), {}).items()
+                options = [str(x) for option_value in table_options(chosen, method, noise).items()
                            for x in option_value]
                 jobs.append((method, out / "runs" / noise / f"seed{seed}" / method,
                              noise_options(method, noise) + options + [

@@ -19,6 +19,12 @@ def _sine_metrics(mse, nll, cov=0.9, seed=0):
                 config={"seed": seed})
 
 
+def _grid_value(options):
+    """The value of the last stage's option of the method's grid that ``options`` set (1.0 if none)."""
+    set_options = [o for o, _ in sine_protocol.GRID.get(options[1], []) if o in options]
+    return float(options[options.index(set_options[-1]) + 1]) if set_options else 1.0
+
+
 def test_sine_selection_uses_validation_runs_and_the_test_runs_take_the_choice(tmp_path, monkeypatch):
     calls = []
 
@@ -26,15 +32,17 @@ def test_sine_selection_uses_validation_runs_and_the_test_runs_take_the_choice(t
         calls.append(jobs)
         out = []
         for folder, options in jobs:
-            option = sine_protocol.GRID.get(options[1], ("--none",))[0]
-            value = float(options[options.index(option) + 1]) if option in options else 1.0
-            out.append(_sine_metrics(1.0, abs(value - 0.005)))        # the grid value nearest 0.005 wins
+            out.append(_sine_metrics(1.0, abs(_grid_value(options) - 0.005)))   # the grid value nearest 0.005 wins
         return out
 
     monkeypatch.setattr(P, "run_all", fake_run_all)
     chosen = sine_protocol.main(["select", "--out", str(tmp_path), "--select-iters", "7"])["chosen"]
     assert all("--eval-split" in o and o[o.index("--eval-split") + 1] == "val" for _, o in calls[0])
     assert chosen["anil"] == {"--inner-lr": 0.005} and chosen["maml"] == {"--inner-lr": 0.004}
+    # a later stage holds the best setting of the earlier ones, and the best over all stages is taken
+    later = [o for _, o in calls[1]]
+    assert {o[1] for o in later} == {"ibaml"} and all(o[o.index("--noise-prior-count") + 1] == "1.0" for o in later)
+    assert chosen["ibaml"] == {"--noise-prior-count": 1.0, "--kl-weight": 0.01}
     calls.clear()
     sine_protocol.main(["final", "--out", str(tmp_path), "--seeds", "0,1"])
     runs = calls[0]
@@ -42,6 +50,7 @@ def test_sine_selection_uses_validation_runs_and_the_test_runs_take_the_choice(t
     anil = [o for f, o in runs if f.name == "anil"]
     assert len(anil) == 2 * len(sine_protocol.TABLES) and all(o[o.index("--inner-lr") + 1] == "0.005" for o in anil)
     assert {o[o.index("--noise") + 1] for f, o in runs if f.name == "ibaml"} == set(sine_protocol.TABLES)
+    assert all(o[o.index("--kl-weight") + 1] == "0.01" for f, o in runs if f.name == "ibaml")
 
 
 def test_methods_restrict_a_stage_and_reevaluate_resumes_the_kept_runs(tmp_path, monkeypatch):
@@ -52,8 +61,7 @@ def test_methods_restrict_a_stage_and_reevaluate_resumes_the_kept_runs(tmp_path,
 
     def fake_example(example, folder, options, keep=None, force=False, tolerate_failure=False):
         commands.append((folder, list(map(str, options)), keep, force))
-        option = sine_protocol.GRID.get(options[1], ("--none",))[0]
-        value = float(options[options.index(option) + 1]) if option in options else 1.0
+        value = _grid_value(options)
         return _sine_metrics(1.0, abs(value - 0.005))
 
     monkeypatch.setattr(P, "run_example", fake_example)
@@ -85,8 +93,7 @@ def test_a_selection_run_that_fails_is_recorded_and_not_chosen(tmp_path, monkeyp
     error and a ``None`` score; the choice is among the values that ran."""
     def fake_example(example, folder, options, keep=None, force=False, tolerate_failure=False):
         assert tolerate_failure
-        option = sine_protocol.GRID.get(options[1], ("--none",))[0]
-        value = float(options[options.index(option) + 1]) if option in options else 1.0
+        value = _grid_value(options)
         if options[1] == "abml-all" and value == 0.125:
             return {"failed": "error: 2 of 1000 tasks have non-finite predictions", "command": "x"}
         return _sine_metrics(1.0, -value if options[1] == "abml-all" else abs(value - 0.005))
