@@ -43,20 +43,25 @@ FULL_NETWORK_KL_WEIGHTS = (2e-4, 1e-3, 5e-3, 2.5e-2, 0.125)
 #: ``"<method>/<noise>"`` is a choice that the ``noise`` table makes for itself, under its own
 #: noise model, over the method's (:func:`table_options`): β interacts with the noise model (with
 #: one shared noise the weak pull chosen under the per-task noise let one seed's extrapolation
-#: run away), so the shared-noise table chooses iBaML's β again (a₀ plays no part there).
+#: run away), so the shared-noise table chooses iBaML's β again (a₀ plays no part there). ABML,
+#: the same model differentiated through its inner steps, has β chosen on the same grid and the
+#: same way.
 GRID = {
     "maml": [("--inner-lr", (0.001, 0.002, 0.004))],
     "anil": [("--inner-lr", (0.002, 0.005, 0.01, 0.02, 0.05))],
     "imaml": [("--precision", (0.1, 0.3, 1.0, 3.0))],
     "ibaml": [("--noise-prior-count", (1.0, 5.0, 20.0)), ("--kl-weight", (0.2, 0.05, 0.01))],
     "ibaml/shared": [("--kl-weight", (1.0, 0.2, 0.05, 0.01))],
+    "abml": [("--kl-weight", (1.0, 0.2, 0.05, 0.01))],
+    "abml/shared": [("--kl-weight", (1.0, 0.2, 0.05, 0.01))],
     "imaml-gd": [("--precision", (0.5, 2.0, 8.0, 32.0, 128.0, 512.0))],
     "ibaml-all": [("--kl-weight", FULL_NETWORK_KL_WEIGHTS)],
     "abml-all": [("--kl-weight", FULL_NETWORK_KL_WEIGHTS)],
 }
 #: the noise model each value is chosen under (the table the method's headline row is in; a
 #: ``"<method>/<noise>"`` key of :data:`GRID`, under that noise)
-SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "imaml-gd": "shared",
+SELECT_NOISE = {"maml": "shared", "anil": "shared", "imaml": "shared", "ibaml": "conjugate", "abml": "conjugate",
+                "imaml-gd": "shared",
                 "ibaml-all": "shared", "abml-all": "shared"}
 #: a method that takes another's chosen value (iMAML-HF solves iMAML-GD's inner problem otherwise)
 SHARES_CHOICE = {"imaml-hf": "imaml-gd", "ibaml-hf": "ibaml-all"}

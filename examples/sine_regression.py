@@ -62,7 +62,8 @@ def parse_args(argv=None):
                    help="the prior over the last layer or over every weight (default: the method's, "
                         "ibaml.recipes.presets; the recipes imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all are over every weight)")
     p.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
-    p.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's)")
+    p.add_argument("--kl-weight", type=float, default=None, help="KL weight beta for abml/ibaml (default: the preset's; on the head, "
+                   "ibaml.recipes.sine_presets.SINE_KL_WEIGHT's per noise model)")
     p.add_argument("--outer", choices=("predictive", "elbo", "expected"), default=None,
                    help="outer objective of abml/ibaml: the query predictive density (default), ABML's "
                         "support-and-query ELBO, or the query NLL expected under the posterior")

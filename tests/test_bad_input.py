@@ -330,7 +330,7 @@ CASES = [
                       "(shots: saved 10, now 5, meta_batch: saved 4, now 8)"),
     ("checkpoint of another method", other_method_checkpoint,
      CheckpointError, "{tmp}/run/ibaml/last.pt: checkpoint from an incompatible configuration (method: saved 'imaml', "
-                      "now 'ibaml')"),
+                      "now 'ibaml', kl_weight: saved None, now 0.2)"),
     ("checkpoint with other inner steps", lambda t: resume(t, "--inner-steps", "2"),
      CheckpointError, "{tmp}/run/imaml/last.pt: checkpoint from an incompatible configuration "
                       "(inner_steps: saved 1, now 2, eval_inner_steps: saved 1, now 2)"),

@@ -145,6 +145,27 @@ def test_sine_error_map_is_its_json_and_backs_the_sentences():
              if row["--noise-prior-count"] == 1.0}
     assert [round(score[b], 3) for b in (1.0, 0.2, 0.05, 0.01)] == [-0.913, -1.187, -1.381, -1.249]
     assert selection["chosen"]["ibaml"] == {"--noise-prior-count": 1.0, "--kl-weight": 0.05}
+    # the KL weight chosen per table: the per-task-noise runs with it and without, the shared-noise
+    # runs that took it first, the shared table's own choice, ABML's (the sentences on the page)
+    page = " ".join(SINE.read_text().split())
+
+    def per_seed(name, metric="mse", digits=4):
+        return " / ".join(f"{json.loads((runs_dir / name.format(s)).read_text())[metric]['mean']:.{digits}f}"
+                          for s in (0, 1, 2)).replace("-", "−")
+
+    conjugate = protocol_summary()["conjugate"]["ibaml"]
+    assert conjugate["seeds"] == [0, 1, 2] and conjugate["config"]["kl_weight"] == 0.05
+    assert (" / ".join(f"{v:.4f}" for v in conjugate["raw"]["in_range"]["mse"]["per_seed"]) + " at seeds 0 / 1 / 2, "
+            f"against {per_seed('protocol_kl1_conjugate_seed{}_ibaml.json')} with β = 1") in page
+    assert (f"{per_seed('protocol_kl0.05_shared_seed{}_ibaml.json')} at seeds 0 / 1 / 2, NLL "
+            f"{per_seed('protocol_kl0.05_shared_seed{}_ibaml.json', 'nll', 2)}, against "
+            f"{per_seed('protocol_kl1_shared_seed{}_ibaml.json')} with β = 1") in page
+    shared = {row["--kl-weight"]: row["nll_recalibrated"] for row in selection["tried"]["ibaml/shared"]}
+    assert ("score " + ", ".join(f"{shared[b]:.3f}" for b in (1.0, 0.2, 0.05)).replace("-", "−")
+            + f" and {shared[0.01]:.3f}".replace("-", "−") + ", and the shared-noise table above uses β = 0.2") in page
+    assert min(shared, key=shared.get) == 0.2 == protocol_summary()["shared"]["ibaml"]["config"]["kl_weight"]
+    for key in ("abml", "abml/shared"):
+        assert selection["chosen"][key] == {"--kl-weight": 0.05}
 
 
 @pytest.mark.parametrize("noise", ["shared", "conjugate"])
