@@ -456,6 +456,26 @@ def in_range_findings(models: dict, method: str, shots: str = "10", noise: str =
     return "\n".join(lines)
 
 
+#: the conditions :func:`change_findings` reads: ``(words, family, label)``
+CHANGE_CONDITIONS = (("1 shot", "shots", "1"), ("3 shots", "shots", "3"), ("10 shots", "shots", "10"),
+                     ("x < −5", "x_regions", "left"), ("x > 5", "x_regions", "right"))
+
+
+def change_findings(new: dict, old: dict, method: str, new_label: str, old_label: str) -> str:
+    """Markdown list items, per noise model that both payloads' ``models`` hold and condition of
+    :data:`CHANGE_CONDITIONS`, ``method``'s raw 90 % coverage and NLL in ``new`` against ``old``
+    (two models of one method on the same task streams, a setting changed)."""
+    lines = []
+    for noise in (n for n in new if n in old and method in new[n] and method in old[n]):
+        a, b = new[noise][method], old[noise][method]
+        for words, family, label in CHANGE_CONDITIONS:
+            cov, cov_old = _mean(a, family, label, "coverage_90"), _mean(b, family, label, "coverage_90")
+            nll, nll_old = _mean(a, family, label, "nll"), _mean(b, family, label, "nll")
+            lines.append(f"- {noise} noise, {method}, {words}: 90 % coverage {cov:.3f} {new_label} against "
+                         f"{cov_old:.3f} {old_label}; NLL {nll:.2f} against {nll_old:.2f}.")
+    return "\n".join(lines)
+
+
 def _series(entry: dict, family: str, kind: str, metric: str):
     labels = list(entry["summary"][family])
     stats = [entry["summary"][family][label][kind][metric] for label in labels]

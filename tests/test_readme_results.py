@@ -406,6 +406,32 @@ def test_full_network_shift_table_is_its_json():
     assert_on_page(sine_shift.markdown(payload["models"], payload["settings"]), SHIFT)
 
 
+def test_kl_weight_shift_table_and_changes_are_their_json():
+    """The head models with the KL weight chosen on validation, away from the training condition:
+    the table and the comparison with the β = 1 models rendered from the JSON, and the page's
+    reading of it (iBaML's coverage lower and NLL higher at 1 and 3 shots and out of range under
+    both noise models; ABML's coverage lower at 1 and 3 shots, higher out of range per task)."""
+    sine_shift = load("sine_shift")
+    payload = shift_models("shift_kl")
+    new = payload["models"]
+    old = {"shared": shift_models("shift")["models"]["shared"],
+           "conjugate": shift_models("shift_conjugate")["models"]["conjugate"]}
+    assert all(e["rebuilt_as_run"] for rows in new.values() for e in rows.values())
+    assert_on_page(sine_shift.markdown(new, payload["settings"]), SHIFT)
+    for method in ("ibaml", "abml"):
+        assert_on_page(sine_shift.change_findings(new, old, method, "with the β chosen", "with β = 1"), SHIFT)
+    mean = lambda rows, m, family, label, metric: rows[m]["summary"][family][label]["raw"][metric]["mean"]
+    away = [("shots", "1"), ("shots", "3"), ("x_regions", "left"), ("x_regions", "right")]
+    for noise in ("shared", "conjugate"):
+        for where in away:
+            assert mean(new[noise], "ibaml", *where, "coverage_90") < mean(old[noise], "ibaml", *where, "coverage_90")
+            assert mean(new[noise], "ibaml", *where, "nll") > mean(old[noise], "ibaml", *where, "nll")
+        for where in away[:2]:
+            assert mean(new[noise], "abml", *where, "coverage_90") < mean(old[noise], "abml", *where, "coverage_90")
+    for where in away[2:]:
+        assert mean(new["conjugate"], "abml", *where, "coverage_90") > mean(old["conjugate"], "abml", *where, "coverage_90")
+
+
 def test_ibaml_gradient_study_is_its_json():
     """iBaML's meta-gradients at ABML's meta-parameters (``--as``): the table and the ranges the
     page reads from it (median cosines over the tasks, per seed, at each point)."""
