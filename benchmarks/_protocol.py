@@ -100,6 +100,22 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
         return list(pool.map(one, jobs))
 
 
+def option_value(value) -> str:
+    """An option's value as written in folder names and tables: ``1e-2`` → ``"0.01"``, ``"sgd"``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_label(settings: dict) -> str:
+    """``{"--inner-lr": 0.01, "--inner-optimizer": "sgd"}`` → ``"inner-lr_0.01_inner-optimizer_sgd"``
+    (a selection run's folder name)."""
+    return "_".join(f"{k.strip('-')}_{option_value(v)}" for k, v in settings.items())
+
+
+def row_options(row: dict) -> dict:
+    """The command-line options of a row of a selection's ``tried`` (its ``--`` keys), without its scores."""
+    return {k: v for k, v in row.items() if k.startswith("--")}
+
+
 def seed_stats(values: Sequence[float]) -> dict:
     """``{"per_seed", "mean", "std"}`` (sample standard deviation; 0 for one seed)."""
     values = list(values)

@@ -75,24 +75,9 @@ def data_options(args, shots: int) -> list:
             "--val-tasks", args.val_tasks, "--data-seed", args.data_seed]
 
 
-def _value(value) -> str:
-    """An option's value as written in folder names and tables: ``1e-2`` → ``"0.01"``, ``"sgd"``."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _label(settings: dict) -> str:
-    """``{"--inner-lr": 0.01, "--inner-optimizer": "sgd"}`` → ``"inner-lr_0.01_inner-optimizer_sgd"``."""
-    return "_".join(f"{k.strip('-')}_{_value(v)}" for k, v in settings.items())
-
-
 def _setting(options: dict) -> str:
     """``{"--inner-lr": 0.01, "--inner-optimizer": "sgd"}`` → ``"--inner-lr 0.01 --inner-optimizer sgd"``."""
-    return " ".join(f"{k} {_value(v)}" for k, v in options.items())
-
-
-def _options(row: dict) -> dict:
-    """The command-line options of a row of ``tried`` (its ``--`` keys), without its metrics."""
-    return {k: v for k, v in row.items() if k.startswith("--")}
+    return " ".join(f"{k} {P.option_value(v)}" for k, v in options.items())
 
 
 def select(args) -> dict:
@@ -104,7 +89,7 @@ def select(args) -> dict:
         for option, values, held in stages:
             for value in values(args.ways, args.shots):
                 settings = {option: value, **held}
-                jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{_label(settings)}",
+                jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{P.settings_label(settings)}",
                              ["--method", method, *[x for kv in settings.items() for x in kv], "--eval-split", "val",
                               "--eval-tasks", args.val_eval_tasks, "--seed", 0, *data_options(args, args.shots)]))
                 keys.append((method, settings))
@@ -112,7 +97,7 @@ def select(args) -> dict:
     for (method, settings), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
         tried.setdefault(method, []).append({**settings, "split": "validation classes", "accuracy": m["accuracy"]["mean"],
                                              "nll": m["nll"]["mean"], "ece_pooled": m["ece_pooled"]["mean"]})
-    chosen = {m: _options(max(rows, key=lambda r: r["accuracy"])) for m, rows in tried.items()}
+    chosen = {m: P.row_options(max(rows, key=lambda r: r["accuracy"])) for m, rows in tried.items()}
     path = out / f"selection_{args.shots}shot.json"
     before = json.loads(path.read_text()) if args.methods and path.is_file() else {}
     if "tried" not in before:   # nothing chosen at these shots yet, or only values carried from other shots
@@ -122,7 +107,7 @@ def select(args) -> dict:
                "shots": args.shots, "tried": {**before["tried"], **tried}, "chosen": {**before["chosen"], **chosen}}
     P.write_json(path, payload)
     for method, rows in tried.items():
-        print(f"{method}: " + ", ".join(f"{_label(_options(r))}: acc {r['accuracy']:.3f}" for r in rows)
+        print(f"{method}: " + ", ".join(f"{P.settings_label(P.row_options(r))}: acc {r['accuracy']:.3f}" for r in rows)
               + f" -> {chosen[method]}")
     return payload
 
@@ -324,7 +309,7 @@ def selection_markdown(selection: dict, method: str) -> str:
     chosen = selection["chosen"][method]
     lines = ["| setting | accuracy | nll | ece_pooled |", "|---|---|---|---|"]
     for row in selection["tried"][method]:
-        options = _options(row)
+        options = P.row_options(row)
         mark = " (chosen)" if options == chosen else ""
         lines.append(f"| {_setting(options)}{mark} | {row['accuracy']:.3f} "
                      f"| {row['nll']:.3f} | {row['ece_pooled']:.3f} |")
@@ -337,7 +322,7 @@ def choices_markdown(selection: dict, methods=("anil", "imaml", "ibaml")) -> str
     value kept (the most accurate)."""
     lines = ["| method | tried: validation accuracy (pooled ECE) | chosen |", "|---|---|---|"]
     for method in (m for m in methods if m in selection["tried"]):
-        tried = "; ".join(f"{_setting(_options(r))}: {r['accuracy']:.4f} ({r['ece_pooled']:.3f})"
+        tried = "; ".join(f"{_setting(P.row_options(r))}: {r['accuracy']:.4f} ({r['ece_pooled']:.3f})"
                           for r in selection["tried"][method])
         lines.append(f"| {method} | {tried} | {_setting(selection['chosen'][method])} |")
     return "\n".join(lines)

@@ -112,16 +112,6 @@ def _selection_score(row: dict) -> float:
     return math.inf if row["nll_recalibrated"] is None else row["nll_recalibrated"]
 
 
-def _options(row: dict) -> dict:
-    """The command-line options of a row of ``tried`` (its ``--`` keys), without its scores."""
-    return {k: v for k, v in row.items() if k.startswith("--")}
-
-
-def _label(settings: dict) -> str:
-    """``{"--noise-prior-count": 1.0, "--kl-weight": 0.05}`` → ``"noise-prior-count_1_kl-weight_0.05"``."""
-    return "_".join(f"{k.strip('-')}_{v:g}" for k, v in settings.items())
-
-
 def _method_and_noise(key: str) -> tuple:
     """``"ibaml/shared"`` → ``("ibaml", "shared")``; ``"anil"`` → ``("anil", SELECT_NOISE["anil"])``."""
     method, _, noise = key.partition("/")
@@ -147,30 +137,30 @@ def select(args) -> dict:
         for key in (k for k in methods if stage < len(GRID[k])):
             option, values = GRID[key][stage]
             method, noise = _method_and_noise(key)
-            held = _options(min(tried[key], key=_selection_score)) if stage else {}
+            held = P.row_options(min(tried[key], key=_selection_score)) if stage else {}
             for value in values:
                 settings = {**held, option: value}
-                jobs.append((method, out / "select" / f"{key.replace('/', '-')}_{_label(settings)}",
+                jobs.append((method, out / "select" / f"{key.replace('/', '-')}_{P.settings_label(settings)}",
                              noise_options(method, noise) + [str(x) for kv in settings.items() for x in kv]
                              + ["--eval-split", "val", "--meta-iters", str(args.select_iters), "--seed", "0"]))
                 keys.append((key, settings))
-        for (method, settings), m in zip(keys, run_all(jobs, args, tolerate_failure=True)):
+        for (key, settings), m in zip(keys, run_all(jobs, args, tolerate_failure=True)):
             scores = ({"nll_recalibrated": None, "failed": m["failed"]} if "failed" in m else
                       {"nll_recalibrated": m["recalibrated"]["nll"]["mean"], "mse": m["mse"]["mean"],
                        "nll_raw": m["nll"]["mean"]})
-            tried.setdefault(method, []).append({**settings, "split": "validation", **scores})
+            tried.setdefault(key, []).append({**settings, "split": "validation", **scores})
     if args.methods:   # the other methods' choices stand as recorded (none on a first selection)
         recorded = out / "selection.json"
         earlier = json.loads(recorded.read_text())["tried"] if recorded.is_file() else {}
         tried = {m: tried.get(m, earlier.get(m)) for m in GRID if m in tried or m in earlier}
-    chosen = {method: _options(min(rows, key=_selection_score)) for method, rows in tried.items()}
+    chosen = {method: P.row_options(min(rows, key=_selection_score)) for method, rows in tried.items()}
     payload = {"criterion": "lowest recalibrated NLL in range on validation tasks (stream seeds 40000 + S), "
                             f"seed 0, {args.select_iters} meta-iterations; a method's later stages hold its "
                             "best setting of the earlier ones",
                "noise": SELECT_NOISE, "tried": tried, "chosen": chosen}
     P.write_json(out / "selection.json", payload)
     for method, rows in tried.items():
-        print(f"{method}: " + ", ".join(f"{_label(_options(r))}: NLL {_selection_score(r):.3f}" for r in rows)
+        print(f"{method}: " + ", ".join(f"{P.settings_label(P.row_options(r))}: NLL {_selection_score(r):.3f}" for r in rows)
               + f" -> {chosen[method]}")
     return payload
 

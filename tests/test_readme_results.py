@@ -420,7 +420,7 @@ def test_kl_weight_shift_table_and_changes_are_their_json():
     assert_on_page(sine_shift.markdown(new, payload["settings"]), SHIFT)
     for method in ("ibaml", "abml"):
         assert_on_page(sine_shift.change_findings(new, old, method, "with the β chosen", "with β = 1"), SHIFT)
-    mean = lambda rows, m, family, label, metric: rows[m]["summary"][family][label]["raw"][metric]["mean"]
+    mean = lambda rows, m, family, label, metric: sine_shift._mean(rows[m], family, label, metric)
     away = [("shots", "1"), ("shots", "3"), ("x_regions", "left"), ("x_regions", "right")]
     for noise in ("shared", "conjugate"):
         for where in away:
