@@ -1,6 +1,7 @@
 """Shared pieces of the protocol benchmarks (``sine_protocol``, ``image_protocol``): an example
 run as a subprocess into a folder of its own (skipped when its metrics exist, so an interrupted
-stage resumes), several at a time, and statistics over training seeds.
+stage resumes), several at a time (threads on this machine, or trials on Ray Tune with
+``--engine ray``), and statistics over training seeds.
 
 Each finished run leaves ``FOLDER/metrics.json``: the example's metrics with the command that
 produced them (``"command"``); the example's other outputs (checkpoints, figures) are removed.
@@ -76,16 +77,25 @@ def reevaluated(trained: dict, evaluated: dict) -> dict:
 
 
 def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Optional[Path] = None,
-            out: Optional[Path] = None, reevaluate: bool = False, tolerate_failure: bool = False) -> list:
+            out: Optional[Path] = None, reevaluate: bool = False, tolerate_failure: bool = False,
+            engine: str = "threads", address: Optional[str] = None) -> list:
     """``[(folder, options)]`` run ``workers`` at a time; their metrics in the order given. With
     ``keep_root``, each run's own folder is kept at ``keep_root / folder.relative_to(out)``; with
     ``reevaluate`` too, each run whose kept folder exists is evaluated again from its checkpoints
     (``--resume``, no meta-training) and its metrics replaced, the record of its meta-training
     kept (:func:`reevaluated`). ``tolerate_failure``: a failed run gives its record
-    (:func:`run_example`) in place of metrics."""
+    (:func:`run_example`) in place of metrics. ``engine``: ``"threads"`` (this machine) or
+    ``"ray"`` (each run a Ray Tune trial, :func:`run_on_ray`; ``address`` a running cluster)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
+    # absolute paths: a Ray trial runs in a working folder of its own
+    jobs = [(Path(folder).resolve(), list(options)) for folder, options in jobs]
+    out = None if out is None else Path(out).resolve()
+    keep_root = None if keep_root is None else Path(keep_root).resolve()
+
     def one(job):
         folder, options = job
-        keep = None if keep_root is None else Path(keep_root) / Path(folder).relative_to(out)
+        keep = None if keep_root is None else keep_root / folder.relative_to(out)
         if reevaluate and keep is not None and keep.is_dir():
             metrics = Path(folder) / "metrics.json"
             trained = json.loads(metrics.read_text()) if metrics.is_file() else None
@@ -96,8 +106,55 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
             write_json(metrics, merged)
             return merged
         return run_example(example, folder, options, keep, tolerate_failure=tolerate_failure)
+    if engine == "ray":
+        return run_on_ray(one, jobs, workers, address)
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, jobs))
+
+
+#: how :func:`run_all` runs its jobs: threads of this process, or trials on Ray Tune
+ENGINES = ("threads", "ray")
+
+
+def _ray_trial(config: dict, run=None, jobs=()) -> None:
+    """A Ray Tune trial: ``run(jobs[config["index"]])``, its result reported as JSON text."""
+    from ray import tune
+
+    tune.report({"done": True, "result": json.dumps(run(jobs[config["index"]]))})
+
+
+def run_on_ray(run, jobs: Sequence, workers: int, address: Optional[str] = None) -> list:
+    """``[run(job) for job in jobs]``, each a Ray Tune trial of one CPU, ``workers`` at a time,
+    in the order given (``run(job)`` returns JSON-serialisable data, carried back in the trial's
+    report, so no folder need be shared with the driver). Ray starts on this machine and stops
+    after, or joins the cluster at ``address``. A trial that raises raises ``RuntimeError`` here
+    with its error. Ray Tune is the ``sweep`` extra (``pip install -e ".[sweep]"``)."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError:
+        raise RuntimeError('--engine ray needs Ray Tune: pip install -e ".[sweep]"') from None
+    import tempfile
+
+    ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+             log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if address is None else None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="protocol-ray-") as storage:
+            tuner = tune.Tuner(
+                tune.with_resources(tune.with_parameters(_ray_trial, run=run, jobs=list(jobs)), {"cpu": 1}),
+                param_space={"index": tune.grid_search(list(range(len(jobs))))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=workers),
+                run_config=tune.RunConfig(name="protocol", storage_path=storage, verbose=0))
+            results = tuner.fit()
+            by_index = {}
+            for result in results:
+                if result.error is not None or not (result.metrics or {}).get("done"):
+                    raise RuntimeError(f"a run on Ray failed: {result.error}")
+                by_index[result.config["index"]] = json.loads(result.metrics["result"])
+    finally:
+        ray.shutdown()
+    return [by_index[i] for i in range(len(jobs))]
 
 
 def option_value(value) -> str:
@@ -210,6 +267,10 @@ def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentPa
     p.add_argument("--val-tasks", type=int, default=defaults["val_tasks"],
                    help="validation tasks of the post-hoc recalibration")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--engine", choices=ENGINES, default="threads",
+                   help="run the runs as threads of this process, or as Ray Tune trials (the 'sweep' extra)")
+    p.add_argument("--address", default=None,
+                   help="--engine ray: a running Ray cluster (default: a local Ray on this machine)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=None, metavar="A,B",
                    help="only these methods, in this order: their final runs and their selection grids")
     p.add_argument("--keep-runs", default=None, metavar="DIR",

@@ -15,7 +15,9 @@ method of :data:`METHODS` at each seed with the selected values on the test clas
 ``DIR/runs/<K>shot/seed<S>/<method>``. ``table`` gathers them: per shots and method, the mean
 and standard deviation over seeds of accuracy, NLL, per-task and pooled ECE, raw (the learned
 logit scale) and temperature-scaled (the scale fitted to validation tasks), with the test set's
-size: ``DIR/table.json`` and ``DIR/table.md``.
+size: ``DIR/table.json`` and ``DIR/table.md``. Runs go ``--jobs`` at a time, as threads of this
+process or, with ``--engine ray`` (``--address`` for a cluster), as Ray Tune trials
+(``benchmarks/_protocol.py``).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def select(args) -> dict:
                               "--eval-tasks", args.val_eval_tasks, "--seed", 0, *data_options(args, args.shots)]))
                 keys.append((method, settings))
     tried = {}
-    for (method, settings), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs)):
+    for (method, settings), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs, engine=args.engine, address=args.address)):
         tried.setdefault(method, []).append({**settings, "split": "validation classes", "accuracy": m["accuracy"]["mean"],
                                              "nll": m["nll"]["mean"], "ece_pooled": m["ece_pooled"]["mean"]})
     chosen = {m: P.row_options(max(rows, key=lambda r: r["accuracy"])) for m, rows in tried.items()}
@@ -139,7 +141,8 @@ def final(args) -> dict:
              ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
               "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
             for seed in args.seeds for method in (m for m in args.methods or METHODS if m in METHODS + FULL_NETWORK_METHODS)]
-    P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out, reevaluate=args.reevaluate)
+    P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out, reevaluate=args.reevaluate,
+              engine=args.engine, address=args.address)
     return table(args)
 
 

@@ -21,7 +21,8 @@ method; the same factor with a Student-t's or a log-normal mixture's shape; and 
 three each run chooses by its validation NLL, :func:`chosen_family`), beside the widest 95 %
 interval over tasks of one run: ``DIR/table.json`` and ``DIR/table.md``.
 
-Runs are subprocesses of the example (``--jobs`` at a time, one thread each); a run whose
+Runs are subprocesses of the example (``--jobs`` at a time, one thread each; threads of this
+process, or Ray Tune trials with ``--engine ray`` and ``--address`` for a cluster); a run whose
 ``metrics.json`` exists is not run again, so an interrupted stage resumes where it stopped
 (``benchmarks/_protocol.py``).
 """
@@ -100,7 +101,7 @@ def run_all(jobs: list, args, keep: bool = False, tolerate_failure: bool = False
     return P.run_all("sine_regression.py", [(folder, ["--method", method, *sizes, *options])
                                             for method, folder, options in jobs], args.jobs,
                      tolerate_failure=tolerate_failure, keep_root=args.keep_runs if keep else None, out=Path(args.out),
-                     reevaluate=keep and args.reevaluate)
+                     reevaluate=keep and args.reevaluate, engine=args.engine, address=args.address)
 
 
 def noise_options(method: str, noise: str) -> list:
