@@ -355,13 +355,23 @@ def summarize(per_seed: Dict[str, dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- table and figures
+def _number(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or in powers of ten from 10⁵ on (a diverged method's
+    mean is not a row of digits).
+
+    >>> _number(0.12345, 3), _number(2.41e70, 2)
+    ('0.123', '2.41e+70')
+    """
+    return f"{value:.{digits}e}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
+
+
 def _cell(summary: dict, family: str, label: str, kind: str, metric: str, digits: int) -> str:
     cell = summary.get(family, {}).get(label)
     if cell is None:
         return "–"
     bad = {s: n for s, n in cell["nonfinite_tasks"].items() if n}
     stats = cell[kind][metric]
-    text = "non-finite" if stats is None else f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    text = "non-finite" if stats is None else f"{_number(stats['mean'], digits)} ± {_number(stats['std'], digits)}"
     if bad:
         text += " (non-finite: " + ", ".join(f"seed {s} {n}" for s, n in bad.items()) + ")"
     return text
