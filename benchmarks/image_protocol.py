@@ -35,18 +35,27 @@ METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: ``final --methods``, gathered in a table of their own beside MAML
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: per method, the stages of its selection on validation: ``(option, values, held)``, the option
-#: varied, the values tried and the options held fixed in every run of the stage; the method
-#: takes the most accurate setting over all its stages. ANIL's step as multiples of MAML's
+#: varied, the values tried and the options held fixed in every run of the stage (:data:`BEST`:
+#: the method's most accurate setting of the stages before); the method takes the most accurate
+#: setting over all its stages. Every head method's last stage is the meta learning rate of the
+#: logit scale (:data:`LOGIT_SCALE_META_LRS`; the recipe's 3·10⁻², ``ibaml.recipes.image_presets.LOGIT_SCALE``,
+#: is its earlier stages' runs), the one choice of the likelihood every row shares. ANIL's step as multiples of MAML's
 #: (``ibaml.recipes.image_presets.image_inner_lr``: 0.01 on the mean support cross-entropy).
 #: iMAML-GD over every weight: Adam's step at the preset's λ = 2, then λ at Adam's 10⁻², then
 #: plain gradient descent (the paper's solver) at λ = 10 on the summed NLL (the paper's λ = 2 on
 #: the mean of a 1-shot 5-way support) with MAML's step times 1, 5 and 10 (the paper's 0.1 on the
 #: mean loss): a fixed Adam step cannot settle (each weight oscillates by about the step, so ‖∇G‖
 #: stays near λ·lr·√P), and gradient descent with the paper's step does not settle either.
+BEST = "best of the earlier stages"
+#: the logit scale's meta learning rates tried: around the recipe's 3·10⁻² (a stage of every head method)
+LOGIT_SCALE_META_LRS = (1e-2, 3e-2, 1e-1)
+_LOGIT_STAGE = ("--logit-scale-meta-lr", lambda ways, shots: [v for v in LOGIT_SCALE_META_LRS if v != 3e-2], BEST)
 GRID = {
-    "anil": [("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)], {})],
-    "imaml": [("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0], {})],
-    "ibaml": [("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2], {})],
+    "maml": [("--logit-scale-meta-lr", lambda ways, shots: list(LOGIT_SCALE_META_LRS), {})],
+    "anil": [("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)], {}), _LOGIT_STAGE],
+    "imaml": [("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0], {}), _LOGIT_STAGE],
+    "ibaml": [("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}), _LOGIT_STAGE],
+    "abml": [("--logit-scale-meta-lr", lambda ways, shots: list(LOGIT_SCALE_META_LRS), {})],
     "imaml-gd": [("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}),
                  ("--precision", lambda ways, shots: [2.0, 10.0], {"--inner-lr": 1e-2}),
                  ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 5, 10)],
@@ -84,21 +93,27 @@ def _setting(options: dict) -> str:
 
 def select(args) -> dict:
     out = Path(args.out)
-    jobs, keys = [], []
-    for method, stages in GRID.items():
-        if args.methods and method not in args.methods:
-            continue
-        for option, values, held in stages:
+    methods = [m for m in GRID if not args.methods or m in args.methods]
+    tried = {}
+    for stage in range(max((len(GRID[m]) for m in methods), default=0)):
+        jobs, keys = [], []
+        for method in (m for m in methods if stage < len(GRID[m])):
+            option, values, held = GRID[method][stage]
+            best = held == BEST
+            if best:
+                held = P.row_options(max(tried[method], key=lambda r: r["accuracy"]))
             for value in values(args.ways, args.shots):
-                settings = {option: value, **held}
+                held_now = {k: v for k, v in held.items() if k != option}
+                settings = {**held_now, option: value} if best else {option: value, **held_now}
                 jobs.append((out / "select" / f"{args.shots}shot" / f"{method}_{P.settings_label(settings)}",
                              ["--method", method, *[x for kv in settings.items() for x in kv], "--eval-split", "val",
                               "--eval-tasks", args.val_eval_tasks, "--seed", 0, *data_options(args, args.shots)]))
                 keys.append((method, settings))
-    tried = {}
-    for (method, settings), m in zip(keys, P.run_all("miniimagenet.py", jobs, args.jobs, engine=args.engine, address=args.address)):
-        tried.setdefault(method, []).append({**settings, "split": "validation classes", "accuracy": m["accuracy"]["mean"],
-                                             "nll": m["nll"]["mean"], "ece_pooled": m["ece_pooled"]["mean"]})
+        runs = P.run_all("miniimagenet.py", jobs, args.jobs, engine=args.engine, address=args.address)
+        for (method, settings), m in zip(keys, runs):
+            tried.setdefault(method, []).append({**settings, "split": "validation classes",
+                                                 "accuracy": m["accuracy"]["mean"], "nll": m["nll"]["mean"],
+                                                 "ece_pooled": m["ece_pooled"]["mean"]})
     chosen = {m: P.row_options(max(rows, key=lambda r: r["accuracy"])) for m, rows in tried.items()}
     path = out / f"selection_{args.shots}shot.json"
     before = json.loads(path.read_text()) if args.methods and path.is_file() else {}

@@ -208,20 +208,34 @@ def test_full_network_ibaml_is_compared_with_full_network_abml(tmp_path):
 
 
 def test_image_selection_takes_the_best_validation_accuracy(tmp_path, monkeypatch):
+    """Each method's stages in turn: its regulariser or step, then the logit scale's meta
+    learning rate at the best of those (MAML and ABML: the logit stage alone, the recipe's rate
+    among its values); the most accurate setting over all stages."""
+    logit_runs = []
+
     def fake_run_all(example, jobs, workers, **kwargs):
         assert example == "miniimagenet.py"
         out = []
         for folder, options in jobs:
             assert options[options.index("--eval-split") + 1] == "val"
-            value = float(options[3])
+            method, value = options[1], float(options[3])
             acc = {10.0: 0.5, 30.0: 0.7, 100.0: 0.6}.get(value, 1 - value)
+            if "--logit-scale-meta-lr" in options:
+                rate = options[options.index("--logit-scale-meta-lr") + 1]
+                logit_runs.append((method, folder.name))
+                acc = 0.6 + {"imaml": {0.01: 0.2}, "maml": {0.03: 0.1}}.get(method, {}).get(rate, 0.0)
             out.append({k: _metric(acc) for k in ("accuracy", "nll", "ece_pooled")})
         return out
 
     monkeypatch.setattr(P, "run_all", fake_run_all)
     payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1"])
-    assert payload["chosen"]["imaml"] == {"--precision": 30.0}
+    assert payload["chosen"]["imaml"] == {"--precision": 30.0, "--logit-scale-meta-lr": 0.01}
     assert payload["chosen"]["ibaml"] == {"--kl-weight": 1e-3}
+    assert payload["chosen"]["maml"] == {"--logit-scale-meta-lr": 0.03}
+    # the logit stage holds the best earlier setting; the recipe's 3e-2 is the earlier stage's runs
+    assert ("ibaml", "ibaml_kl-weight_0.001_logit-scale-meta-lr_0.01") in logit_runs
+    assert ("imaml", "imaml_precision_30_logit-scale-meta-lr_0.1") in logit_runs
+    assert len([r for r in logit_runs if r[0] == "anil"]) == 2 and len([r for r in logit_runs if r[0] == "abml"]) == 3
     assert json.loads((tmp_path / "selection_1shot.json").read_text())["shots"] == 1
 
 

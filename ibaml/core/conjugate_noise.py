@@ -76,8 +76,8 @@ class ConjugateNoiseGaussianLikelihood(GaussianLikelihood):
         learn_prior: learn ``a₀``, ``s₀`` and ``γ`` as positive meta-parameters.
         learn_prior_count: learn ``a₀`` (default: ``learn_prior``). Held fixed, ``a₀`` is how
             many observations' worth of weight the meta-learned noise ``s₀`` keeps against each
-            task's own evidence; learned by the query likelihood, it falls towards 0 (measured on
-            sine, 1 → 0.10–0.12 in 3000 meta-iterations), the noise becomes the task's alone,
+            task's own evidence; learned by the query likelihood, it falls towards 0 (on sine:
+            ``docs/results/sine.md``, "The studies behind the presets"), the noise becomes the task's alone,
             and tasks with large errors are down-weighted in the meta-objective by ``1/r``.
 
     Example

@@ -251,8 +251,8 @@ class CategoricalLikelihood(Likelihood):
             outer objective and :meth:`predictive`): a learned calibration of the predictive
             that leaves the inner problem, and so its solution and its conditioning, as they
             are (a learned ``τ`` inside the inner problem also weakens the prior against the
-            data by ``τ²``, which feeds back: measured on the stroke benchmark with iBaML,
-            ``τ`` ran to 126 in 300 meta-iterations and the inner problem went unsolved).
+            data by ``τ²``, which feeds back: on the stroke benchmark iBaML's ``τ`` ran away and
+            the inner problem went unsolved, ``docs/results/images.md``, the logit-scale study).
 
     Example
     -------

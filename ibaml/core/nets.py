@@ -175,8 +175,8 @@ def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight:
     Computed as ``relu(maxpool₂(·))``: the two commute exactly (ReLU is monotone, so the largest
     of four rectified values is the rectified largest, and a window whose largest value is not
     positive gets gradient 0 either way), and rectifying the pooled map instead of the full one
-    keeps one full-resolution activation fewer for the backward pass (measured: the query pass
-    of a Conv4-64 84×84 task 0.84 GB against 1.01, ``benchmarks/memory_profile.py``).
+    keeps one full-resolution activation fewer for the backward pass (measured by
+    ``benchmarks/memory_profile.py``: ``docs/results/speed_memory.md``).
 
     Example
     -------

@@ -39,7 +39,7 @@ __all__ = ["LOGIT_SCALE", "MAML_IMAGE_STEP", "logit_scale", "categorical_likelih
 #: learn_scale=True, scale_inner=False)``), ``init`` and the meta learning rate ``meta_lr``.
 #: Every method gets the same, as every method gets a learned noise in regression. A prior
 #: strong enough to make the inner problem of a softmax head well posed shrinks its logits
-#: (iBaML at ``λ = β/σ² = 10`` with τ = 1: mean confidence 0.50 at accuracy 0.68), and a
+#: (with τ = 1 the head-prior methods are under-confident: ``docs/results/images.md``), and a
 #: predictive scale undoes that without touching the inner problem. From τ = 2 at ``meta_lr``
 #: 3·10⁻² every method's scale settles within the stroke benchmark's 300 meta-iterations; at
 #: 10⁻² it was still rising, from τ = 1 a fast rate collapsed it, and a scale inside the inner

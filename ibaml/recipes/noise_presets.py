@@ -25,19 +25,17 @@ from ibaml.core.likelihoods import GaussianLikelihood, Likelihood, TaskNoiseGaus
 #: model with a meta-learned evidence scale; its inner problem, and so its posterior mean, is
 #: that of a fixed noise). One shared noise cannot follow the task: the predictive variance of a
 #: linear-Gaussian head does not depend on the observed values, so tasks whose errors differ
-#: five-fold (sine amplitudes 0.1–5) get one width. Measured on 10-shot sine (3000
-#: meta-iterations, 1000 evaluation tasks, README, the noise prior and a log-normal scale mixture
-#: fitted to held-out tasks): iBaML's 90% coverage 0.901 with the conjugate noise against 0.947
-#: with the shared one (MSE 0.008 and 0.012, NLL −1.60 and −0.79, calibration error 0.004 and
-#: 0.261); ABML's 0.889 (MSE 0.33, NLL 0.19). iBaML's variances start at their fixed point
+#: five-fold (sine amplitudes 0.1–5) get one width. Both noise models are measured side by side,
+#: every method under each, in ``docs/results/sine.md`` ("Under the validation protocol": a table
+#: per noise model). iBaML's variances start at their fixed point
 #: (``variance_start="fixed_point"``): from the prior, its variance block was not solved by ten
 #: Newton steps once the features had grown, and the meta-training diverged.
 REGRESSION_NOISE = {"maml": "shared", "fomaml": "shared", "lazy": "shared", "imaml": "shared",
                     "ibaml": "conjugate", "abml": "conjugate"}
 
 #: the conjugate noise's pseudo-count ``a₀`` per method, ``(value, learned)`` (default ``(1, True)``,
-#: :func:`noise_prior_count`). iBaML holds ``a₀`` fixed: learned, it fell from 1 to 0.10–0.12,
-#: each task's noise became its own, and the query likelihood weighed a task by the inverse of
+#: :func:`noise_prior_count`). iBaML holds ``a₀`` fixed: learned, it fell towards 0
+#: (``docs/results/sine.md``, "The studies behind the presets"), each task's noise became its own, and the query likelihood weighed a task by the inverse of
 #: its noise, so the tasks with the largest errors (the largest amplitudes) counted least. The
 #: value held, 1, is the one of 1, 5 and 20 with the lowest recalibrated NLL on validation tasks
 #: (``benchmarks/sine_protocol.py``; ``docs/results/sine/protocol/selection.json``).
