@@ -38,7 +38,7 @@ def run_example(example: str, folder: Path, options: Sequence[str], keep: Option
         scratch = keep or folder.parent / f"{folder.name}.run"
         cmd = [sys.executable, str(ROOT / "examples" / example), "--out", str(scratch), "--threads", "1",
                "--no-progress", "--overwrite", *map(str, options)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(cmd, capture_output=True, text=True)   # in this working folder, as the paths are
         command = " ".join(["python", f"examples/{example}", *map(str, options)])
         if done.returncode != 0 and tolerate_failure:
             record = {"failed": (done.stderr.strip().splitlines() or ["no error output"])[-1], "command": command}
@@ -88,14 +88,11 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
     ``"ray"`` (each run a Ray Tune trial, :func:`run_on_ray`; ``address`` a running cluster)."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
-    # absolute paths: a Ray trial runs in a working folder of its own
-    jobs = [(Path(folder).resolve(), list(options)) for folder, options in jobs]
-    out = None if out is None else Path(out).resolve()
-    keep_root = None if keep_root is None else Path(keep_root).resolve()
+    jobs = [(Path(folder), list(options)) for folder, options in jobs]
 
     def one(job):
         folder, options = job
-        keep = None if keep_root is None else keep_root / folder.relative_to(out)
+        keep = None if keep_root is None else Path(keep_root) / folder.relative_to(out)
         if reevaluate and keep is not None and keep.is_dir():
             metrics = Path(folder) / "metrics.json"
             trained = json.loads(metrics.read_text()) if metrics.is_file() else None
@@ -116,10 +113,15 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
 ENGINES = ("threads", "ray")
 
 
-def _ray_trial(config: dict, run=None, jobs=()) -> None:
-    """A Ray Tune trial: ``run(jobs[config["index"]])``, its result reported as JSON text."""
+def _ray_trial(config: dict, run=None, jobs=(), cwd: str = ".") -> None:
+    """A Ray Tune trial: ``run(jobs[config["index"]])`` in the driver's working folder ``cwd``
+    (Tune starts a trial in a folder of its own; the jobs' paths are relative to the driver's),
+    its result reported as JSON text."""
+    import os
+
     from ray import tune
 
+    os.chdir(cwd)
     tune.report({"done": True, "result": json.dumps(run(jobs[config["index"]]))})
 
 
@@ -127,8 +129,9 @@ def run_on_ray(run, jobs: Sequence, workers: int, address: Optional[str] = None)
     """``[run(job) for job in jobs]``, each a Ray Tune trial of one CPU, ``workers`` at a time,
     in the order given (``run(job)`` returns JSON-serialisable data, carried back in the trial's
     report, so no folder need be shared with the driver). Ray starts on this machine and stops
-    after, or joins the cluster at ``address``. A trial that raises raises ``RuntimeError`` here
-    with its error. Ray Tune is the ``sweep`` extra (``pip install -e ".[sweep]"``)."""
+    after, or joins the cluster at ``address`` (each node runs a trial in the driver's working
+    folder, so the repository sits at the same path on every node). A trial that raises raises
+    ``RuntimeError`` here with its error. Ray Tune is the ``sweep`` extra (``pip install -e ".[sweep]"``)."""
     try:
         import ray
         from ray import tune
@@ -142,7 +145,8 @@ def run_on_ray(run, jobs: Sequence, workers: int, address: Optional[str] = None)
     try:
         with tempfile.TemporaryDirectory(prefix="protocol-ray-") as storage:
             tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(_ray_trial, run=run, jobs=list(jobs)), {"cpu": 1}),
+                tune.with_resources(tune.with_parameters(_ray_trial, run=run, jobs=list(jobs), cwd=str(Path.cwd())),
+                                    {"cpu": 1}),
                 param_space={"index": tune.grid_search(list(range(len(jobs))))},
                 tune_config=tune.TuneConfig(max_concurrent_trials=workers),
                 run_config=tune.RunConfig(name="protocol", storage_path=storage, verbose=0))

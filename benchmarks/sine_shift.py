@@ -140,22 +140,37 @@ def per_point_lr(method: str, cfg: dict) -> float:
     return float(lr) * int(cfg["shots"])
 
 
-def rebuild(method: str, cfg: dict, device, per_point: bool = False) -> torch.nn.Module:
+#: the methods whose inner loop takes gradient steps (``--backtracking`` applies to them)
+GRADIENT_METHODS = SGD_METHODS + ("abml", "abml-all", "imaml-gd", "ibaml-all")
+
+
+def rebuild(method: str, cfg: dict, device, per_point: bool = False, backtracking: int = 0,
+            support_scaled: bool = False) -> torch.nn.Module:
     """The learner (or deep-kernel GP) of a run's checkpoint configuration ``cfg``, built as the
     example builds it (:func:`ibaml.recipes.sine_presets.sine_learner_from_config`), not yet loaded.
     ``per_point``: an SGD method's inner step on the mean support loss (:func:`per_point_lr`),
     the same step at the training support size and one that does not grow with the support
-    size elsewhere."""
+    size elsewhere. ``backtracking``: a gradient method's inner steps halved, up to that many
+    times, where they would raise the inner objective (:class:`ibaml.core.optim.Backtracking`).
+    ``support_scaled``: a gradient method's inner objective scaled by ``min(1, N₀/N)`` on a
+    support of ``N`` points, ``N₀`` the training support size (``MetaLearner(inner_support_size=N₀)``):
+    the trained step at ``N ≤ N₀``, the step per point of ``N₀`` beyond."""
+    overrides = {}
+    if support_scaled and method in GRADIENT_METHODS:
+        overrides.update(inner_support_size=int(cfg["shots"]))
     if per_point and method in SGD_METHODS:
-        return sine_learner_from_config(cfg, device=device, per_point=True, inner_lr=per_point_lr(method, cfg))
-    return sine_learner_from_config(cfg, device=device)
+        overrides.update(per_point=True, inner_lr=per_point_lr(method, cfg))
+    if backtracking and method in GRADIENT_METHODS:
+        overrides.update(inner_backtracking=backtracking)
+    return sine_learner_from_config(cfg, device=device, **overrides)
 
 
-def load_run(run: dict, device, per_point: bool = False) -> Tuple[torch.nn.Module, dict]:
+def load_run(run: dict, device, per_point: bool = False, backtracking: int = 0,
+             support_scaled: bool = False) -> Tuple[torch.nn.Module, dict]:
     """``(model, state)``: a run's learner rebuilt (:func:`rebuild`) with its meta-trained state
     loaded, and the checkpoint (``state["config"]`` its configuration)."""
     state = load_checkpoint(run["checkpoint"], map_location="cpu")
-    model = rebuild(run["method"], state["config"], device, per_point)
+    model = rebuild(run["method"], state["config"], device, per_point, backtracking, support_scaled)
     model.load_training_state(state["training"])
     return model, state
 
@@ -267,7 +282,8 @@ def evaluate_run(run: dict, settings: dict) -> dict:
     clock = time.perf_counter()
     torch.set_num_threads(settings["threads"])
     device, method = torch.device(settings["device"]), run["method"]
-    model, state = load_run(run, device, settings.get("per_point", False))
+    model, state = load_run(run, device, settings.get("per_point", False), settings.get("backtracking", 0),
+                            settings.get("support_scaled", False))
     cfg, args = state["config"], run["args"]
     dtype, seed, chunk = getattr(torch, cfg["dtype"]), int(cfg["seed"]), settings["chunk"]
     train = SineTaskDistribution(shots=cfg["shots"], query=cfg["query"])
@@ -589,6 +605,12 @@ def parse_args(argv=None):
     p.add_argument("--per-point-step", action="store_true",
                    help="adapt the SGD methods (maml, anil, fomaml, lazy) with their step on the mean support loss "
                         "(the run's step times its training support size), so the step does not grow with the shots")
+    p.add_argument("--backtracking", type=int, default=0, metavar="N",
+                   help="adapt the gradient methods (maml, anil, fomaml, lazy, abml, ...) with each inner step halved, "
+                        "up to N times, where it would raise the inner objective (ibaml.core.optim.Backtracking)")
+    p.add_argument("--support-scaled-step", action="store_true",
+                   help="adapt the gradient methods with the inner objective scaled by min(1, N0/N) on N support points "
+                        "(N0 the training support size; MetaLearner(inner_support_size=N0))")
     args = p.parse_args(argv)
     try:
         args.shots = sorted({int(k) for k in args.shots.split(",")})
@@ -598,6 +620,8 @@ def parse_args(argv=None):
         p.error(f"--shots, --x-bins or --amplitudes: {e}")
     if min(args.shots) < 1 or any(len(r) != 2 or not 0 <= r[0] < r[1] for r in args.amplitudes):
         p.error("--shots must be positive and each --amplitudes range LOW:HIGH with 0 <= LOW < HIGH")
+    if args.backtracking < 0:
+        p.error(f"--backtracking must be 0 (off) or a positive number of halvings, got {args.backtracking}")
     for name in ("tasks", "query", "chunk", "jobs", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -618,6 +642,7 @@ def main(argv=None) -> dict:
     settings = {"tasks": args.tasks, "query": args.query, "shots": args.shots, "x_bins": args.x_bins,
                 "amplitudes": args.amplitudes, "chunk": args.chunk, "check_tol": args.check_tol,
                 "threads": args.threads, "device": args.device, "per_point": args.per_point_step,
+                "backtracking": args.backtracking, "support_scaled": args.support_scaled_step,
                 "stream_offset": VALIDATION_OFFSET if args.streams == "validation" else 0}
     clock = time.perf_counter()
     if args.jobs > 1:

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     p.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation (default: the preset's)")
     p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--inner-support-size", type=int, default=None, metavar="N0", help="scale the inner objective by "
+                   "N0/N on supports of N > N0 points, so a gradient step does not grow with N (ibaml.MetaLearner)")
     p.add_argument("--inner-optimizer", default=None, choices=("sgd", "adam", "prior", "newton", "hf"),
                    help="inner optimiser (default: the preset's; hf: Newton-CG with a line search, iMAML-HF)")
     p.add_argument("--prior", default=None, choices=("head", "all"),
@@ -100,7 +102,7 @@ def parse_args(argv=None):
             p.error(f"--train-shots: expected 1 <= LOW <= HIGH, got {args.train_shots!r}")
         args.train_shots = (low, high)
     check_ranges(p, args, minimum={**dict.fromkeys(("shots", "query", "eval_tasks", "inner_steps",
-                                                    "eval_inner_steps", "recalibration_tasks"), 1),
+                                                    "eval_inner_steps", "recalibration_tasks", "inner_support_size"), 1),
                                                  "noise_fit_tasks": 0, "random_features": 0},
                  positive=("inner_lr", "noise_prior_count", "precision", "kl_weight", "noise_init"))
     check_run_options(p, args, "runs/sine", runs=args.methods)

@@ -4,7 +4,7 @@
   gradient, Neumann and dense solves on Hessian-vector products.
 - :mod:`~ibaml.core.implicit_function`: the implicit-function rule ``dv*/dθ = −A⁻¹B`` for any
   inner objective ``G(v, θ)``, as a vector-Jacobian product or an autograd function.
-- :mod:`~ibaml.core.optim`: the inner optimisers (SGD, Adam, Newton-CG, Hessian-free).
+- :mod:`~ibaml.core.optim`: the inner optimisers (SGD, Adam, Newton-CG, Hessian-free) and a backtracking safeguard for any of them.
 - :mod:`~ibaml.core.nets`, :mod:`~ibaml.core.likelihoods`, :mod:`~ibaml.core.conjugate_noise`,
   :mod:`~ibaml.core.task_model`: a network, a likelihood and a prior as one task model.
 - :mod:`~ibaml.core.inference`, :mod:`~ibaml.core.inner_loop`: MAP and variational task

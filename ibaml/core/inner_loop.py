@@ -16,7 +16,7 @@ Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -51,14 +51,25 @@ class InnerLoop:
     The diagnostics (loss, gradient norm, finiteness at the last iterate) cost one more
     gradient evaluation; ``diagnose=False`` skips it and returns ``None`` in their place,
     for callers that evaluate the gradient at the solution anyway.
+
+    ``support_size``: the number of support points ``N₀`` the optimiser's step was chosen at.
+    On a task with ``N > N₀`` support points the optimiser sees the inner objective scaled by
+    ``N₀/N`` (:meth:`TaskProblem.solve`): a gradient step on the summed loss, whose curvature
+    grows with ``N``, keeps the size per point it had at ``N₀`` instead of growing ``N/N₀``-fold
+    and diverging; at ``N ≤ N₀``, where the summed loss is flatter, it is left as it is. Scaling
+    ``G`` moves none of its stationary points, so the solution the loop aims at, and the implicit
+    meta-gradient, are unchanged; Newton steps are invariant to it.
     """
 
     optimizer: Any = field(default_factory=lambda: SGD(lr=0.01))
     steps: int = 10
+    support_size: Optional[int] = None
 
     def __post_init__(self):
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"inner steps must be a non-negative integer, got {self.steps!r}")
+        if self.support_size is not None and (int(self.support_size) != self.support_size or self.support_size < 1):
+            raise ValueError(f"support_size must be a positive integer or None, got {self.support_size!r}")
         # one shape from here on (refused, naming what it lacks, if it has neither)
         object.__setattr__(self, "optimizer", as_inner_optimizer(self.optimizer))
 
@@ -125,14 +136,31 @@ class TaskProblem:
         """``(v*, diagnostics)`` after the inner loop from ``v0`` (default the method's
         ``task_init(θ, task)``); an optimiser that declares ``needs_curvature`` gets the method's
         ``curvature(v, precision_diag(θ))``; see :meth:`InnerLoop.run` for ``diagnose``."""
-        loop = self.inner_loop if steps is None else InnerLoop(self.inner_loop.optimizer, steps)
+        loop = self.inner_loop if steps is None else replace(self.inner_loop, steps=steps)
         start = self.method.task_init(self.model, meta, task) if v0 is None else v0
+        scale = step_scale(loop.support_size, task["support_x"].shape[0])
         curvature = None
         if loop.optimizer.needs_curvature:
             precision = self.model.prior_precision_diag(meta)   # θ is fixed during the solve
-            curvature = lambda v: self.method.curvature(v, precision)
-        return loop.run(lambda v: self.inner(v, meta, task), start, differentiable=differentiable, diagnose=diagnose,
-                        curvature=curvature)
+            curvature = lambda v: _scaled(self.method.curvature(v, precision), scale)
+        objective = (lambda v: self.inner(v, meta, task)) if scale == 1.0 else (lambda v: scale * self.inner(v, meta, task))
+        return loop.run(objective, start, differentiable=differentiable, diagnose=diagnose, curvature=curvature)
+
+
+def step_scale(support_size: Optional[int], num_points: int) -> float:
+    """The factor on the inner objective that an :class:`InnerLoop` with ``support_size`` ``N₀``
+    applies on a task of ``num_points`` support points ``N``: ``min(1, N₀/N)`` (1 for ``None``).
+
+    >>> step_scale(10, 30), step_scale(10, 1), step_scale(None, 30)
+    (0.3333333333333333, 1.0, 1.0)
+    """
+    return 1.0 if support_size is None else min(1.0, support_size / num_points)
+
+
+def _scaled(curvature: Optional[ParamDict], scale: float) -> Optional[ParamDict]:
+    if curvature is None or scale == 1.0:
+        return curvature
+    return {k: None if c is None else scale * c for k, c in curvature.items()}
 
 
 def newton_polish(objective, v: ParamDict, steps: int = 5, max_halvings: int = 30) -> ParamDict:

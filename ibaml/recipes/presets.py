@@ -133,6 +133,7 @@ from torch import nn
 from priors.base import Prior
 
 from ibaml.core.likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
+from ibaml.core.optim import Backtracking
 from ibaml.recipes.recipe import (Recipe, build_estimator, build_inference, build_inner_optimizer, build_prior,
                                   build_scope)
 from ibaml.train.learner import MetaLearner
@@ -310,7 +311,7 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
                   num_outer_samples: int = 5, relative_scale: Optional[float] = None,
                   newton_prior_damping: Optional[float] = None, variance_param: Optional[str] = None,
                   expectation: Optional[str] = None, variance_start: Optional[str] = None,
-                  prior: Optional[Prior] = None, per_point: bool = False,
+                  prior: Optional[Prior] = None, per_point: bool = False, inner_backtracking: int = 0,
                   **learner_kwargs) -> MetaLearner:
     """A :class:`MetaLearner` for a named method (see the module tables): its recipe
     (:func:`method_recipe`, with the variants for ``likelihood`` and the scope), every argument
@@ -353,6 +354,10 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         per_point: MAP methods only: the inner objective on the mean over the support points
             (:class:`ibaml.core.inference.MAP`), so that an inner step size means the same at every
             support size; the step on the summed loss ``η`` at ``N₀`` points is ``η N₀`` here.
+        inner_backtracking: ``N > 0`` wraps the inner optimiser in
+            :class:`ibaml.core.optim.Backtracking`: a step that would raise the inner objective is
+            halved, up to ``N`` times (kept whole where it lowers it), so that a gradient step
+            tuned at one support size stays finite at larger ones.
         learner_kwargs: passed to :class:`MetaLearner` (``meta_lr``, ``chunk_size``, ...).
     """
     unknown = sorted(set(learner_kwargs) - _PASSED_ON)
@@ -368,6 +373,8 @@ def build_learner(method: str, net: nn.Module, likelihood: Likelihood, *, inner_
         variance_start=variance_start or None)
     scope = build_scope(net, recipe.include)
     optimizer = build_inner_optimizer(recipe)
+    if inner_backtracking:
+        optimizer = Backtracking(optimizer, halvings=inner_backtracking)
     prior = build_prior(recipe, net, scope, prior)
     inference = build_inference(recipe, net, prior, expectation, per_point)
     return MetaLearner(net, prior(), likelihood, method=inference,

@@ -58,7 +58,7 @@ SINE_KL_WEIGHT = {("ibaml", "conjugate"): 0.05, ("ibaml", "shared"): 0.2,
 #: command line under the same names (``--learn-noise-prior-count`` apart: a yes/no there)
 RUN_OPTIONS = ("shots", "train_shots", "random_features", "noise_init", "query", "meta_batch", "dtype", "seed", "noise", "noise_prior_count", "inner_steps",
                "eval_inner_steps", "inner_lr", "precision", "prior", "inner_optimizer", "kl_weight", "cg_steps",
-               "cg_damping", "meta_lr", "nonfinite", "outer")
+               "cg_damping", "meta_lr", "nonfinite", "outer", "inner_support_size")
 
 
 def sine_network(method: str, noise: Optional[str] = None, hidden: Tuple[int, ...] = SINE_HIDDEN,
@@ -110,7 +110,7 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
                     precision: Optional[float] = None, prior: Optional[str] = None, inner_optimizer=None,
                     kl_weight: Optional[float] = None, cg_steps: int = 20, cg_damping: float = 0.0,
                     meta_lr: float = 1e-3, nonfinite: str = "skip", outer: Optional[str] = None,
-                    hidden: Tuple[int, ...] = SINE_HIDDEN) -> dict:
+                    inner_support_size: Optional[int] = None, hidden: Tuple[int, ...] = SINE_HIDDEN) -> dict:
     """The settings that fix a sine run's meta-training trajectory (a checkpoint must match them
     all), the defaults those of ``examples/sine_regression.py``: the task shape and seed, the
     network (:func:`sine_network`) and, but for ``"dkt"``, the noise model (default the method's,
@@ -119,8 +119,8 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
     evaluation (:func:`ibaml.recipes.presets.inner_steps`) and the options of
     :func:`ibaml.recipes.presets.build_learner`; ``kl_weight`` where given, else on the head
     :data:`SINE_KL_WEIGHT`'s for the method and noise where it has one; ``prior`` (its
-    ``include``), ``inner_optimizer`` and ``outer`` (the variational outer objective,
-    :class:`ibaml.Variational`) only where given; ``train_shots = (low, high)`` (meta-training on support
+    ``include``), ``inner_optimizer``, ``outer`` (the variational outer objective,
+    :class:`ibaml.Variational`) and ``inner_support_size`` (:class:`ibaml.MetaLearner`'s) only where given; ``train_shots = (low, high)`` (meta-training on support
     sizes drawn uniformly from ``low..high`` per meta-batch), ``random_features`` (the network's,
     :func:`sine_network`) and ``noise_init`` (the likelihood's initial noise, default 1) only
     where given.
@@ -144,7 +144,8 @@ def sine_run_config(method: str, *, shots: int = 10, train_shots: Optional[Tuple
         common["noise_prior_count"], common["learn_noise_prior_count"] = preset_noise_prior_count(
             method, noise_prior_count, learn_noise_prior_count)
     chosen = {k: v for k, v in (("prior", prior), ("inner_optimizer", inner_optimizer),
-                                ("kl_weight", kl_weight), ("noise_init", noise_init), ("outer", outer))
+                                ("kl_weight", kl_weight), ("noise_init", noise_init), ("outer", outer),
+                                ("inner_support_size", inner_support_size))
               if v is not None}
     if train_shots is not None:
         common["train_shots"] = [int(train_shots[0]), int(train_shots[1])]
@@ -203,6 +204,8 @@ def sine_learner_from_config(config: dict, *, device=None, dtype: Optional[torch
                    seed=config["seed"], nonfinite=config.get("nonfinite", "raise"), process_group=process_group)
     if "outer" in config:
         options["outer"] = config["outer"]
+    if "inner_support_size" in config:
+        options["inner_support_size"] = config["inner_support_size"]
     return build_learner(method, net, likelihood, **{**options, **overrides})
 
 

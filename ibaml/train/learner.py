@@ -105,6 +105,11 @@ class MetaLearner(nn.Module):
             where a vmapped convolution becomes a grouped one that is slower than one
             convolution per task (measured: ``benchmarks/scaling.py``, Conv4), else ``"vmap"``.
         num_predictive_samples: posterior draws in :meth:`predict`.
+        inner_support_size: the support size ``N₀`` the inner step was chosen at: on tasks with
+            more support points the inner optimiser sees its objective scaled by ``N₀/N``, so
+            that a gradient step on the summed loss does not grow with the support size
+            (:class:`ibaml.core.inner_loop.InnerLoop`; the solution and the implicit
+            meta-gradient are unchanged). Default ``None``: no scaling.
         hyper_weight: weight of the hyperprior term in the meta-objective.
         nonfinite: what to do with a task whose values are not finite (see below):
             ``"raise"`` (default) or ``"skip"``.
@@ -154,7 +159,7 @@ class MetaLearner(nn.Module):
                  chunk_size: Optional[int] = None, num_predictive_samples: int = 20, hyper_weight: float = 1.0,
                  nonfinite: str = "raise", num_classes: Optional[int] = None, seed: int = 0,
                  process_group: Any = None, meta_lr_overrides: Optional[Dict[str, float]] = None,
-                 task_batching: str = "auto"):
+                 task_batching: str = "auto", inner_support_size: Optional[int] = None):
         super().__init__()
         if isinstance(method, str):
             table = {"map": MAP, "variational": Variational}
@@ -179,7 +184,7 @@ class MetaLearner(nn.Module):
         self.model = TaskModel(net, prior, likelihood)
         self.meta_problem = MetaProblem(
             self.model, method, Implicit() if estimator is None else estimator,
-            InnerLoop(SGD(lr=0.01) if inner_optimizer is None else inner_optimizer, inner_steps),
+            InnerLoop(SGD(lr=0.01) if inner_optimizer is None else inner_optimizer, inner_steps, inner_support_size),
             eval_inner_steps=eval_inner_steps, chunk_size=chunk_size, task_batching=task_batching,
             num_predictive_samples=num_predictive_samples, hyper_weight=hyper_weight, num_classes=num_classes)
         self.nonfinite = nonfinite
