@@ -356,3 +356,15 @@ def test_protocol_runs_on_ray_tune_are_the_runs_of_threads(tmp_path, monkeypatch
     assert json.loads((tmp_path / "ray" / "c" / "metrics.json").read_text()) == on_ray[2]
     with pytest.raises(ValueError, match="engine 'dask': choose from threads, ray"):
         P.run_all("sine_regression.py", [], 1, engine="dask")
+
+
+def test_the_selection_on_ray_is_the_selection_on_threads():
+    """The committed run of ABML's selection stages on Ray Tune (the distributed guide) tried the
+    values of the threads run and scored them the same, to the last digit."""
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[1] / "docs" / "results" / "sine"
+    on_ray = json.loads((results / "protocol_ray" / "selection.json").read_text())
+    on_threads = json.loads((results / "protocol" / "selection.json").read_text())
+    assert set(on_ray["tried"]) == {"abml", "abml/shared"}
+    for key in on_ray["tried"]:
+        assert on_ray["tried"][key] == on_threads["tried"][key] and on_ray["chosen"][key] == on_threads["chosen"][key]
