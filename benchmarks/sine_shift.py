@@ -502,6 +502,29 @@ def change_findings(new: dict, old: dict, method: str, new_label: str, old_label
     return "\n".join(lines)
 
 
+def support_size_findings(new: dict, old: dict, method: str, new_label: str, old_label: str) -> str:
+    """Markdown list items, per noise model that both payloads' ``models`` hold: the support
+    sizes at which ``method``'s raw metrics in ``new`` equal those in ``old`` (every seed's, to
+    the digit recorded), and at each other size its MSE, 90 % coverage and NLL in both (the same
+    models adapted two ways on the same tasks)."""
+    lines = []
+    for noise in (n for n in new if n in old and method in new[n] and method in old[n]):
+        a, b = new[noise][method], old[noise][method]
+        same, changed = [], []
+        for label in a["summary"]["shots"]:
+            cells = [[s["conditions"]["shots"][label]["raw"] for s in e["per_seed"].values()] for e in (a, b)]
+            (same if cells[0] == cells[1] else changed).append(label)
+        text = f"- {noise} noise, {method}: the same at {', '.join(same) or 'no'} shots (every seed)"
+        for label in changed:
+            mse, mse_old = _mean(a, "shots", label, "mse"), _mean(b, "shots", label, "mse")
+            cov, cov_old = _mean(a, "shots", label, "coverage_90"), _mean(b, "shots", label, "coverage_90")
+            nll, nll_old = _mean(a, "shots", label, "nll"), _mean(b, "shots", label, "nll")
+            text += (f"; at {label} shots MSE {_number(mse, 3)} {new_label} against {_number(mse_old, 3)} {old_label}, "
+                     f"90 % coverage {cov:.3f} against {cov_old:.3f}, NLL {_number(nll, 2)} against {_number(nll_old, 2)}")
+        lines.append(text + ".")
+    return "\n".join(lines)
+
+
 def _series(entry: dict, family: str, kind: str, metric: str):
     labels = list(entry["summary"][family])
     stats = [entry["summary"][family][label][kind][metric] for label in labels]

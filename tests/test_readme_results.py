@@ -475,3 +475,27 @@ def test_full_network_image_sentences_are_their_json():
     assert len(abml["seeds"]) == 3 and abml["seeds"] == rows["ibaml-all"]["seeds"] and acc["abml-all"] > acc["maml"]
     means = [n["mean"] for n in abml["inner_grad_norm"]]
     assert all(8 <= m <= 12 for m in means), means          # "‖∇G‖ of the means about 10"
+
+
+def test_support_scaled_step_findings_are_their_json():
+    """ABML's protocol models adapted with the inner objective scaled by min(1, N₀/N) and with
+    the backtracking safeguard, against the same models as trained: the page's findings rendered
+    from the JSON, and what it says of them (the scaled step: the same up to the training size and
+    finite with MSE below 0.2 beyond it; backtracking: different at 10 shots)."""
+    sine_shift = load("sine_shift")
+    old = shift_models("shift_kl")["models"]
+    for name, label in (("shift_support_scaled", "with the scaled step"), ("shift_backtracking", "with backtracking")):
+        new = shift_models(name)["models"]
+        assert_on_page(sine_shift.support_size_findings(new, old, "abml", label, "as trained"), SHIFT)
+    scaled = shift_models("shift_support_scaled")["models"]
+    for noise in ("shared", "conjugate"):
+        entry = scaled[noise]["abml"]
+        for label in ("1", "3", "5", "10"):
+            assert all(entry["per_seed"][s]["conditions"]["shots"][label]["raw"]
+                       == old[noise]["abml"]["per_seed"][s]["conditions"]["shots"][label]["raw"] for s in entry["per_seed"])
+        assert all(sine_shift._mean(entry, "shots", k, "mse") < 0.2 for k in ("20", "30"))
+        assert sine_shift._mean(old[noise]["abml"], "shots", "30", "mse") > 1e6
+    backtracked = shift_models("shift_backtracking")["models"]
+    for noise in ("shared", "conjugate"):
+        cells = lambda models: [r["conditions"]["shots"]["10"]["raw"] for r in models[noise]["abml"]["per_seed"].values()]
+        assert cells(backtracked) != cells(old)
