@@ -499,3 +499,6 @@ def test_support_scaled_step_findings_are_their_json():
     for noise in ("shared", "conjugate"):
         cells = lambda models: [r["conditions"]["shots"]["10"]["raw"] for r in models[noise]["abml"]["per_seed"].values()]
         assert cells(backtracked) != cells(old)
+    # under the per-task noise, ten shortened steps at 30 shots stay far from what the scaled step reaches
+    mse = lambda models: sine_shift._mean(models["conjugate"]["abml"], "shots", "30", "mse")
+    assert mse(backtracked) > 10 * mse(scaled)
