@@ -334,7 +334,7 @@ def selection_markdown(selection: dict, method: str) -> str:
     return "\n".join(lines)
 
 
-def choices_markdown(selection: dict, methods=("anil", "imaml", "ibaml")) -> str:
+def choices_markdown(selection: dict, methods=("maml", "anil", "imaml", "ibaml", "abml")) -> str:
     """One row per method of ``methods`` in ``selection``: every value it tried on validation
     with the validation accuracy (four digits, so that near ties show) and pooled ECE, and the
     value kept (the most accurate)."""

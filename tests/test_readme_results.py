@@ -291,7 +291,11 @@ def test_image_protocol_runs_use_the_selection_and_the_test_classes_once():
         run = json.loads(path.read_text())
         chosen = json.loads((IMAGE_PROTOCOL / f"selection_{path.parts[-4]}.json").read_text())["chosen"]
         for option, value in chosen.get(path.parent.name, {}).items():
-            assert run["config"][option.strip("-").replace("-", "_")] == pytest.approx(value), path
+            recorded = run["config"][option.strip("-").replace("-", "_")]
+            if recorded is None and option == "--logit-scale-meta-lr":   # the run took the recipe's
+                from ibaml.recipes.image_presets import LOGIT_SCALE
+                recorded = LOGIT_SCALE[path.parent.name]["meta_lr"]
+            assert recorded == pytest.approx(value), path
         assert run["config"]["eval_split"] == "test" and run["num_test_tasks"] >= 600, path
         assert run["splits"]["evaluated"].startswith("test classes"), path
     selection = json.loads((IMAGE_PROTOCOL / "selection_1shot.json").read_text())
@@ -495,6 +499,12 @@ def test_support_scaled_step_findings_are_their_json():
                        == old[noise]["abml"]["per_seed"][s]["conditions"]["shots"][label]["raw"] for s in entry["per_seed"])
         assert all(sine_shift._mean(entry, "shots", k, "mse") < 0.2 for k in ("20", "30"))
         assert sine_shift._mean(old[noise]["abml"], "shots", "30", "mse") > 1e6
+    maml, maml_old = shift_models("shift_maml_support_scaled")["models"], shift_models("shift_maml_as_trained")["models"]
+    assert_on_page(sine_shift.support_size_findings(maml, maml_old, "maml", "with the scaled step", "as trained"), SHIFT)
+    counts = maml_old["shared"]["maml"]["summary"]["shots"]["30"]["nonfinite_tasks"]
+    assert f"{counts['0']}, {counts['1']} and {counts['2']} of the 500 tasks" in SHIFT.read_text()
+    assert all(n == 0 for cell in maml["shared"]["maml"]["summary"]["shots"].values()
+               for n in cell["nonfinite_tasks"].values())
     backtracked = shift_models("shift_backtracking")["models"]
     for noise in ("shared", "conjugate"):
         cells = lambda models: [r["conditions"]["shots"]["10"]["raw"] for r in models[noise]["abml"]["per_seed"].values()]
