@@ -266,7 +266,7 @@ CASES = [
      ValueError, "unknown method 'reptile'; expected one of maml, anil, fomaml, imaml, abml, ibaml, lazy, imaml-gd, imaml-hf, ibaml-all, ibaml-hf, abml-all, ibaml-fullcov"),
     ("unknown option (build_learner)", lambda t: ibaml.build_learner("imaml", small_net(), lik(), cg_iters=5),
      TypeError, "build_learner got unknown option(s) ['cg_iters']; MetaLearner options it passes on are "
-                "['chunk_size', 'eval_inner_steps', 'hyper_weight', 'meta_lr', 'meta_lr_overrides', 'meta_optimizer', 'nonfinite', "
+                "['chunk_size', 'eval_inner_steps', 'hyper_weight', 'inner_support_size', 'meta_lr', 'meta_lr_overrides', 'meta_optimizer', 'nonfinite', "
                 "'num_classes', 'num_predictive_samples', 'process_group', 'seed', 'task_batching']"),
     ("unknown inner optimizer (build_learner)",
      lambda t: ibaml.build_learner("imaml", small_net(), lik(), inner_optimizer="lbfgs"),
