@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="inner optimiser (default: the preset's, SGD for maml/fomaml, NewtonCG for the others)")
     task.add_argument("--inner-lr", type=float, default=None,
                       help="inner learning rate on the summed support NLL (default: ibaml.recipes.image_presets.image_inner_lr)")
+    task.add_argument("--inner-support-size", type=int, default=None, metavar="N0", help="scale the inner objective "
+                      "by N0/N on supports of N > N0 images, so a gradient step does not grow with N (ibaml.MetaLearner)")
     task.add_argument("--precision", type=float, default=None, help="iMAML's lambda (default: the preset's)")
     task.add_argument("--init-scale", type=float, default=None,
                       help="initial prior standard deviation for abml/ibaml (default: the preset's)")
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args) -> None:
     check_ranges(p, args, minimum={
         **dict.fromkeys(("shots", "query", "channels", "val_tasks", "eval_tasks", "eval_chunk", "predictive_samples",
-                         "inner_steps", "eval_inner_steps", "chunk_size", "outer_samples"), 1), "val_every": 0, "ways": 2},
+                         "inner_steps", "eval_inner_steps", "chunk_size", "outer_samples", "inner_support_size"), 1),
+        "val_every": 0, "ways": 2},
         positive=("inner_lr", "precision", "init_scale", "kl_weight", "logit_scale_init", "logit_scale_meta_lr"))
     if args.image_size is not None and args.image_size < 16:
         p.error(f"--image-size must be at least 16 (four 2x2 poolings in Conv4), got {args.image_size}")

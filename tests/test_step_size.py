@@ -116,3 +116,15 @@ def test_backtracking_is_validated_and_passed_through_build_learner():
     optimizer = learner.inner_loop.optimizer
     assert isinstance(optimizer, Backtracking) and optimizer.halvings == 5 and optimizer.needs_curvature
     assert torch.isfinite(adapted(learner, 10)).all()
+
+
+def test_the_image_and_sine_run_configurations_carry_the_reference_size():
+    from ibaml.recipes.image_presets import image_learner_from_config
+    from ibaml.recipes.sine_presets import sine_learner_from_config, sine_run_config
+    config = {"method": "maml", "dataset": "omniglot", "ways": 5, "shots": 1, "channels": 8, "dtype": "float64",
+              "seed": 0, "inner_support_size": 5}
+    assert image_learner_from_config(config, (1, 28, 28)).inner_loop.support_size == 5
+    assert image_learner_from_config(dict(config, inner_support_size=None), (1, 28, 28)).inner_loop.support_size is None
+    sine = sine_run_config("abml", inner_support_size=10)
+    assert sine["inner_support_size"] == 10 and "inner_support_size" not in sine_run_config("abml")
+    assert sine_learner_from_config(sine).inner_loop.support_size == 10

@@ -168,4 +168,5 @@ def image_learner_from_config(config: dict, image_shape, device=None, dtype: Opt
         init_scale=option("init_scale"), kl_weight=option("kl_weight"), include=option("prior"),
         num_outer_samples=option("outer_samples"), outer=option("outer"), cg_steps=option("cg_steps"),
         cg_damping=option("cg_damping"), meta_lr=option("meta_lr"), chunk_size=option("chunk_size"),
+        inner_support_size=option("inner_support_size"),
         seed=config["seed"], nonfinite=nonfinite)
