@@ -239,13 +239,22 @@ def run_test(metrics: dict, seed: int) -> dict:
             **{kind: {k: m.get(k, {}).get("mean") for k in ("accuracy", "ece_pooled")} for kind, m in kinds.items()}}
 
 
-def rebuild(run: dict, device):
+#: the methods whose inner loop takes gradient steps (``--support-scaled-step`` applies to them)
+GRADIENT_METHODS = ("maml", "anil", "fomaml", "lazy", "abml")
+
+
+def rebuild(run: dict, device, support_scaled: bool = False):
     """``(learner, splits, checkpoint)``: the run's learner built from its checkpoint's
     configuration as the example builds it, with the meta-trained state loaded, and the run's
-    image splits."""
+    image splits. ``support_scaled``: a gradient method's inner objective scaled by
+    ``min(1, N₀/N)`` on ``N`` support images, ``N₀ = ways · shots`` of meta-training
+    (``MetaLearner(inner_support_size=N₀)``)."""
     checkpoint = load_checkpoint(run["checkpoint"], map_location="cpu")
     splits = run_splits(run["args"], device)
-    learner = image_learner_from_config(checkpoint["config"], splits["train"].image_shape, device)
+    config = dict(checkpoint["config"])
+    if support_scaled and config["method"] in GRADIENT_METHODS:
+        config["inner_support_size"] = int(config["ways"]) * int(config["shots"])
+    learner = image_learner_from_config(config, splits["train"].image_shape, device)
     learner.load_training_state(checkpoint["training"])
     return learner, splits, checkpoint
 
@@ -254,7 +263,7 @@ def evaluate_run(run: dict, settings: dict) -> dict:
     """The temperature fit and every condition of ``settings`` for one run: see the module docstring."""
     clock, device = time.perf_counter(), torch.device(settings["device"])
     torch.set_num_threads(settings["threads"])
-    learner, splits, state = rebuild(run, device)
+    learner, splits, state = rebuild(run, device, settings.get("support_scaled", False))
     cfg, args, method = state["config"], run["args"], run["method"]
     dtype, seed = getattr(torch, cfg["dtype"]), int(cfg["seed"])
     ways, shots, query = int(cfg["ways"]), int(cfg["shots"]), int(cfg["query"])
@@ -544,6 +553,9 @@ def parse_args(argv=None):
     p.add_argument("--update", action="store_true",
                    help="keep the models of the methods not in --methods from an existing OUT/shift.json measured "
                         "with the same tasks, shots and shifted pool (after some methods' runs were redone)")
+    p.add_argument("--support-scaled-step", action="store_true",
+                   help="adapt the gradient methods (maml, anil, abml, ...) with the inner objective scaled by "
+                        "min(1, N0/N) on N support images, N0 = ways x shots of meta-training")
     args = p.parse_args(argv)
     try:
         args.shots = {"test": sorted(set(_values(args.shots))),
@@ -648,7 +660,7 @@ def main(argv=None) -> dict:
     if args.shots["shifted"]:
         write_shifted_pool(root, knobs)
     settings = {"tasks": args.tasks, "shots": args.shots, "chunk": args.chunk, "check_tol": args.check_tol,
-                "threads": args.threads, "device": args.device,
+                "threads": args.threads, "device": args.device, "support_scaled": args.support_scaled_step,
                 "shifted_root": str(root) if args.shots["shifted"] else None,
                 "pools": ["test"] + (["shifted"] if args.shots["shifted"] else [])}
     clock = time.perf_counter()

@@ -163,3 +163,25 @@ def test_committed_table_and_page_are_the_json():
                 + image_shift.findings(models, settings))
     missing = [line for line in rendered if line not in page]
     assert not missing, "shift.md lines that differ from the committed JSON:\n" + "\n".join(missing)
+
+
+def test_support_scaled_step_gives_a_gradient_method_its_training_support_size(shift, monkeypatch):
+    """``--support-scaled-step``: a gradient method (MAML, ANIL, ABML) rebuilt with
+    ``inner_support_size = ways · shots`` of its meta-training; an implicit method as it was."""
+    tmp, runs, _ = shift
+    run = next(r for r in image_shift.find_runs(tmp / "runs")[0] if r["method"] == "imaml")
+    assert image_shift.rebuild(run, torch.device("cpu"), support_scaled=True)[0].inner_loop.support_size is None
+    real = image_shift.load_checkpoint
+
+    def as_anil(path, **kw):   # the same checkpoint read as an ANIL run's configuration
+        state = real(path, **kw)
+        return {**state, "config": {**state["config"], "method": "anil"}}
+
+    seen = []
+    monkeypatch.setattr(image_shift, "load_checkpoint", as_anil)
+    monkeypatch.setattr(image_shift, "image_learner_from_config",
+                        lambda config, shape, device: seen.append(config) or argparse.Namespace(
+                            load_training_state=lambda state: None))
+    image_shift.rebuild(run, torch.device("cpu"), support_scaled=True)
+    image_shift.rebuild(run, torch.device("cpu"))
+    assert seen[0]["inner_support_size"] == 25 and seen[1].get("inner_support_size") is None
