@@ -337,27 +337,6 @@ def test_paired_difference_uses_the_common_seeds_and_says_when_they_order_the_ro
     assert P.paired_difference(mine, {"seeds": [3, 7], "per_seed": [1.0, 2.0]}) is None
 
 
-def test_protocol_runs_on_ray_tune_are_the_runs_of_threads(tmp_path, monkeypatch):
-    """``--engine ray``: each run a Ray Tune trial, its metrics carried back in the trial's
-    report, in the order given; the same runs as the threads engine, and a failed run recorded."""
-    pytest.importorskip("ray.tune", reason="Ray Tune is the optional 'sweep' extra (pip install -e '.[sweep]')")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.chdir(tmp_path)          # relative folders, as the benchmarks' --out gives them
-    small = ["--meta-batch", "2", "--eval-tasks", "8", "--recalibration-tasks", "8", "--seed", "0"]
-    jobs = lambda root: [(f"{root}/a", ["--method", "maml", "--meta-iters", "2", *small]),
-                         (f"{root}/b", ["--method", "maml", "--meta-iters", "0"]),
-                         (f"{root}/c", ["--method", "imaml", "--meta-iters", "3", *small])]
-    threads = P.run_all("sine_regression.py", jobs("threads"), 2, tolerate_failure=True)
-    on_ray = P.run_all("sine_regression.py", jobs("ray"), 2, tolerate_failure=True, engine="ray")
-    assert "meta-iters" in on_ray[1]["failed"] and (tmp_path / "ray" / "b" / "failed.json").is_file()
-    for a, b in zip(threads[::2], on_ray[::2]):
-        assert a["mse"] == b["mse"] and a["nll"] == b["nll"] and a["command"] == b["command"]
-    assert [m["command"].split()[3] for m in on_ray[::2]] == ["maml", "imaml"]
-    assert json.loads((tmp_path / "ray" / "c" / "metrics.json").read_text()) == on_ray[2]
-    with pytest.raises(ValueError, match="engine 'dask': choose from threads, ray"):
-        P.run_all("sine_regression.py", [], 1, engine="dask")
-
-
 def test_the_selection_on_ray_is_the_selection_on_threads():
     """The committed run of ABML's selection stages on Ray Tune (the distributed guide) tried the
     values of the threads run and scored them the same, to the last digit."""

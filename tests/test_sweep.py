@@ -1,5 +1,6 @@
-"""Sweeps on Ray Tune (``python -m benchmarks.sweep``) and the ``on_checkpoint`` hook of
-``ibaml.train.training.fit`` that reports to it."""
+"""Sweeps on Ray Tune (``python -m benchmarks.sweep``), the ``on_checkpoint`` hook of
+``ibaml.train.training.fit`` that reports to it, and the protocol benchmarks' runs as Ray Tune
+trials (one file, so that its Ray instances run one after the other)."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import ibaml
+from benchmarks import _protocol as P
 from benchmarks import sweep
 from ibaml.data import SineTaskDistribution
 from ibaml.train import training
@@ -78,3 +80,24 @@ def test_sweep_of_eight_trials_on_ray_tune_chooses_on_validation_tasks(tmp_path)
     assert "chosen on validation tasks: imaml" in proc.stdout and "| precision | meta_lr |" in proc.stdout
     # the chosen configuration is a recipe's keyword arguments
     ibaml.build_learner(best["method"], ibaml.core.nets.MLP(1, (8,), 1), ibaml.GaussianLikelihood(1.0), **best["config"])
+
+
+def test_protocol_runs_on_ray_tune_are_the_runs_of_threads(tmp_path, monkeypatch):
+    """``--engine ray``: each run a Ray Tune trial, its metrics carried back in the trial's
+    report, in the order given; the same runs as the threads engine, and a failed run recorded."""
+    pytest.importorskip("ray.tune", reason="Ray Tune is the optional 'sweep' extra (pip install -e '.[sweep]')")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)          # relative folders, as the benchmarks' --out gives them
+    small = ["--meta-batch", "2", "--eval-tasks", "8", "--recalibration-tasks", "8", "--seed", "0"]
+    jobs = lambda root: [(f"{root}/a", ["--method", "maml", "--meta-iters", "2", *small]),
+                         (f"{root}/b", ["--method", "maml", "--meta-iters", "0"]),
+                         (f"{root}/c", ["--method", "imaml", "--meta-iters", "3", *small])]
+    threads = P.run_all("sine_regression.py", jobs("threads"), 2, tolerate_failure=True)
+    on_ray = P.run_all("sine_regression.py", jobs("ray"), 2, tolerate_failure=True, engine="ray")
+    assert "meta-iters" in on_ray[1]["failed"] and (tmp_path / "ray" / "b" / "failed.json").is_file()
+    for a, b in zip(threads[::2], on_ray[::2]):
+        assert a["mse"] == b["mse"] and a["nll"] == b["nll"] and a["command"] == b["command"]
+    assert [m["command"].split()[3] for m in on_ray[::2]] == ["maml", "imaml"]
+    assert json.loads((tmp_path / "ray" / "c" / "metrics.json").read_text()) == on_ray[2]
+    with pytest.raises(ValueError, match="engine 'dask': choose from threads, ray"):
+        P.run_all("sine_regression.py", [], 1, engine="dask")

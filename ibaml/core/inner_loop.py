@@ -138,7 +138,7 @@ class TaskProblem:
         ``curvature(v, precision_diag(θ))``; see :meth:`InnerLoop.run` for ``diagnose``."""
         loop = self.inner_loop if steps is None else replace(self.inner_loop, steps=steps)
         start = self.method.task_init(self.model, meta, task) if v0 is None else v0
-        scale = step_scale(loop.support_size, task["support_x"].shape[0])
+        scale = 1.0 if loop.support_size is None else step_scale(loop.support_size, task["support_x"].shape[0])
         curvature = None
         if loop.optimizer.needs_curvature:
             precision = self.model.prior_precision_diag(meta)   # θ is fixed during the solve
