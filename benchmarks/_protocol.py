@@ -94,7 +94,7 @@ def run_all(example: str, jobs: Sequence[tuple], workers: int, keep_root: Option
         folder, options = job
         keep = None if keep_root is None else Path(keep_root) / folder.relative_to(out)
         if reevaluate and keep is not None and keep.is_dir():
-            metrics = Path(folder) / "metrics.json"
+            metrics = folder / "metrics.json"
             trained = json.loads(metrics.read_text()) if metrics.is_file() else None
             evaluated = run_example(example, folder, [*options, "--resume", keep], keep, force=True)
             if trained is None:

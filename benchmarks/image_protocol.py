@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ibaml.recipes.image_presets import LOGIT_SCALE
+
 from . import _protocol as P
 
 METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
@@ -49,12 +51,21 @@ FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 BEST = "best of the earlier stages"
 #: the logit scale's meta learning rates tried: around the recipe's 3·10⁻² (a stage of every head method)
 LOGIT_SCALE_META_LRS = (1e-2, 3e-2, 1e-1)
-_LOGIT_STAGE = ("--logit-scale-meta-lr", lambda ways, shots: [v for v in LOGIT_SCALE_META_LRS if v != 3e-2], BEST)
+
+
+def _logit_stage(method: str) -> tuple:
+    """The logit-scale stage of a method with earlier stages: the rates other than its recipe's
+    (``LOGIT_SCALE[method]["meta_lr"]``, which the earlier stages' runs used), at their best setting."""
+    return ("--logit-scale-meta-lr",
+            lambda ways, shots: [v for v in LOGIT_SCALE_META_LRS if v != LOGIT_SCALE[method]["meta_lr"]], BEST)
+
+
 GRID = {
     "maml": [("--logit-scale-meta-lr", lambda ways, shots: list(LOGIT_SCALE_META_LRS), {})],
-    "anil": [("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)], {}), _LOGIT_STAGE],
-    "imaml": [("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0], {}), _LOGIT_STAGE],
-    "ibaml": [("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}), _LOGIT_STAGE],
+    "anil": [("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 3, 10)], {}),
+             _logit_stage("anil")],
+    "imaml": [("--precision", lambda ways, shots: [3.0, 10.0, 30.0, 100.0], {}), _logit_stage("imaml")],
+    "ibaml": [("--kl-weight", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}), _logit_stage("ibaml")],
     "abml": [("--logit-scale-meta-lr", lambda ways, shots: list(LOGIT_SCALE_META_LRS), {})],
     "imaml-gd": [("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}),
                  ("--precision", lambda ways, shots: [2.0, 10.0], {"--inner-lr": 1e-2}),
