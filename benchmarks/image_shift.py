@@ -76,6 +76,7 @@ from ibaml.data import DatasetError, EpisodeSampler, load_splits
 from ibaml.data.fixtures import write_stroke_fixture
 from ibaml.experiments.cli import check_ranges, load_image_data
 from ibaml.recipes.image_presets import image_learner_from_config
+from ibaml.recipes.presets import takes_gradient_steps
 from ibaml.train.checkpoint import load_checkpoint
 
 from . import _protocol as P
@@ -239,10 +240,6 @@ def run_test(metrics: dict, seed: int) -> dict:
             **{kind: {k: m.get(k, {}).get("mean") for k in ("accuracy", "ece_pooled")} for kind, m in kinds.items()}}
 
 
-#: the methods whose inner loop takes gradient steps (``--support-scaled-step`` applies to them)
-GRADIENT_METHODS = ("maml", "anil", "fomaml", "lazy", "abml")
-
-
 def rebuild(run: dict, device, support_scaled: bool = False):
     """``(learner, splits, checkpoint)``: the run's learner built from its checkpoint's
     configuration as the example builds it, with the meta-trained state loaded, and the run's
@@ -252,7 +249,7 @@ def rebuild(run: dict, device, support_scaled: bool = False):
     checkpoint = load_checkpoint(run["checkpoint"], map_location="cpu")
     splits = run_splits(run["args"], device)
     config = dict(checkpoint["config"])
-    if support_scaled and config["method"] in GRADIENT_METHODS:
+    if support_scaled and takes_gradient_steps(config["method"], config.get("inner_optimizer"), config.get("prior")):
         config["inner_support_size"] = int(config["ways"]) * int(config["shots"])
     learner = image_learner_from_config(config, splits["train"].image_shape, device)
     learner.load_training_state(checkpoint["training"])

@@ -140,10 +140,6 @@ def per_point_lr(method: str, cfg: dict) -> float:
     return float(lr) * int(cfg["shots"])
 
 
-#: the methods whose inner loop takes gradient steps (``--backtracking`` applies to them)
-GRADIENT_METHODS = SGD_METHODS + ("abml", "abml-all", "imaml-gd", "ibaml-all")
-
-
 def rebuild(method: str, cfg: dict, device, per_point: bool = False, backtracking: int = 0,
             support_scaled: bool = False) -> torch.nn.Module:
     """The learner (or deep-kernel GP) of a run's checkpoint configuration ``cfg``, built as the
@@ -156,11 +152,13 @@ def rebuild(method: str, cfg: dict, device, per_point: bool = False, backtrackin
     support of ``N`` points, ``N₀`` the training support size (``MetaLearner(inner_support_size=N₀)``):
     the trained step at ``N ≤ N₀``, the step per point of ``N₀`` beyond."""
     overrides = {}
-    if support_scaled and method in GRADIENT_METHODS:
+    gradient = (method in presets.METHODS + tuple(presets.RECIPES)   # the deep-kernel GP takes no inner steps
+                and presets.takes_gradient_steps(method, cfg.get("inner_optimizer"), cfg.get("prior")))
+    if support_scaled and gradient:
         overrides.update(inner_support_size=int(cfg["shots"]))
     if per_point and method in SGD_METHODS:
         overrides.update(per_point=True, inner_lr=per_point_lr(method, cfg))
-    if backtracking and method in GRADIENT_METHODS:
+    if backtracking and gradient:
         overrides.update(inner_backtracking=backtracking)
     return sine_learner_from_config(cfg, device=device, **overrides)
 

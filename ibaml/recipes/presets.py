@@ -134,7 +134,7 @@ from priors.base import Prior
 
 from ibaml.core.likelihoods import CategoricalLikelihood, Likelihood, TaskNoiseGaussianLikelihood
 from ibaml.core.optim import Backtracking
-from ibaml.recipes.recipe import (Recipe, build_estimator, build_inference, build_inner_optimizer, build_prior,
+from ibaml.recipes.recipe import (GRADIENT_OPTIMIZERS, Recipe, build_estimator, build_inference, build_inner_optimizer, build_prior,
                                   build_scope)
 from ibaml.train.learner import MetaLearner
 
@@ -271,6 +271,21 @@ def inner_steps(method: str, steps: Optional[int] = None, eval_steps: Optional[i
     """
     steps = int(method_recipe(method, include=include, inner_steps=steps or None).inner_steps)
     return steps, int(eval_steps or EVAL_STEPS_FACTOR.get(resolve(method, {})[0], 1) * steps)
+
+
+def takes_gradient_steps(method: str, inner_optimizer: Optional[str] = None, include=None) -> bool:
+    """Whether ``method``'s inner loop (its recipe's optimiser over ``include``, or
+    ``inner_optimizer`` where a run chose another) takes fixed-size gradient steps
+    (:data:`ibaml.recipes.recipe.GRADIENT_OPTIMIZERS`), the steps that a support-size scaling
+    or a backtracking search applies to.
+
+    >>> takes_gradient_steps("maml"), takes_gradient_steps("ibaml"), takes_gradient_steps("ibaml", include="all")
+    (True, False, True)
+    >>> takes_gradient_steps("imaml-gd", inner_optimizer="sgd"), takes_gradient_steps("imaml-hf")
+    (True, False)
+    """
+    optimizer = inner_optimizer or method_recipe(method, include=include).inner_optimizer
+    return optimizer in GRADIENT_OPTIMIZERS
 
 
 def variants(method: str, include, likelihood: Optional[Likelihood] = None) -> list:

@@ -180,6 +180,12 @@ ESTIMATORS = {
 }
 
 
+#: the inner optimisers that take steps along the gradient of the inner objective with a fixed
+#: step size (their step on the summed support NLL grows with the support size; Newton-type
+#: steps, ``"newton"`` and ``"hf"``, are invariant to the objective's scale)
+GRADIENT_OPTIMIZERS = ("sgd", "adam", "prior")
+
+
 def build_inner_optimizer(recipe: Recipe):
     """The recipe's inner optimiser: by name (:data:`INNER_OPTIMIZERS`), or the object it holds."""
     if not isinstance(recipe.inner_optimizer, str):       # an optimiser object of one's own
