@@ -27,7 +27,11 @@ its meta-trained state loaded; at the initial point the same seed's initialisati
 over every weight measured as iBaML's (``--methods abml-all --as ibaml-all``) ask whether the
 implicit gradient of the variational model points where the explicit one that meta-trained
 those parameters does. The run's own meta-gradient is then a fourth, compared in the column
-``cos(implicit, run's own)``. A method
+``cos(implicit, run's own)``. ``--inner-steps K1,K2`` and ``--set KEY=VALUE`` (a configuration option of the example, such as
+``inner_optimizer=sgd``, ``inner_lr=0.002`` or ``precision=10``) measure with another number of
+inner steps or another inner loop over the same meta-parameters, one record per ``K``, each
+beside the run's own meta-gradient: whether a longer inner loop reaches a stationary point, and
+whether the implicit gradient then is the gradient through its steps. A method
 whose inner optimiser cannot be differentiated through has no explicit gradient and no
 comparison with it (the error in ``"explicit_error"``, a dash in the table). Writes ``DIR/gradients.json``
 and prints the table (:func:`markdown`).
@@ -40,6 +44,7 @@ import dataclasses
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -116,7 +121,26 @@ def gradients_at(learner, batch, cg_steps: int, other_draws=None, own=None) -> d
     return out
 
 
-def measure(run: dict, args) -> dict:
+def option_value(text: str):
+    """``"10"`` → 10, ``"0.002"`` → 0.002, ``"sgd"`` → ``"sgd"``: a ``--set`` value as the example's option."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def overrides_of(args, steps: Optional[int]) -> dict:
+    """The measured configuration's options other than the run's: ``--set``'s, and ``steps`` inner
+    steps in meta-training and evaluation alike."""
+    given = dict(args.set or {})
+    if steps is not None:
+        given.update(inner_steps=steps, eval_inner_steps=steps)
+    return given
+
+
+def measure(run: dict, args, steps: Optional[int] = None) -> dict:
     device = torch.device("cpu")
     learner, splits, checkpoint = rebuild(run, device)
     cfg = checkpoint["config"]
@@ -127,19 +151,21 @@ def measure(run: dict, args) -> dict:
     batch = sampler.sample(args.tasks)
     shape = splits["train"].image_shape
     points = {"initial": image_learner_from_config(cfg, shape, device), "meta-trained": learner}
-    measured_cfg = cfg if args.as_method is None else {**cfg, "method": args.as_method}
+    overrides = overrides_of(args, steps)
+    measured_cfg = {**cfg, **({} if args.as_method is None else {"method": args.as_method}), **overrides}
+    rebuilt = args.as_method is not None or bool(overrides)
     measured = dict(points)
-    if args.as_method is not None:
+    if rebuilt:
         measured = {name: image_learner_from_config(measured_cfg, shape, device) for name in points}
         measured["meta-trained"].load_training_state(checkpoint["training"])
     fixed = {name: measured[name].prepare(batch) for name in points}     # one set of draws per point
     drawn = any(k.startswith("eps_") for k in fixed["initial"])
-    other = {name: measured[name].prepare(batch) if drawn and args.as_method is not None else None for name in points}
+    other = {name: measured[name].prepare(batch) if drawn and rebuilt else None for name in points}
     results = {name: gradients_at(measured[name], fixed[name], args.cg_steps, other[name],
-                                  own=None if args.as_method is None else points[name]) for name in points}
+                                  own=points[name] if rebuilt else None) for name in points}
     return {"folder": run["folder"], "method": run["method"], "measured_as": measured_cfg["method"],
             "seed": int(cfg["seed"]), "checkpoint_step": int(checkpoint["step"]),
-            "inner_steps": measured["meta-trained"].inner_loop.steps,
+            "inner_steps": measured["meta-trained"].inner_loop.steps, **({"overrides": overrides} if overrides else {}),
             "config": {k: measured_cfg.get(k) for k in ("inner_optimizer", "inner_lr", "precision", "cg_steps",
                                                         "cg_damping", "shots", "ways", "query", "channels",
                                                         "image_size", "dtype")},
@@ -150,7 +176,7 @@ def measure(run: dict, args) -> dict:
 def markdown(results: list, cg_steps: int) -> str:
     """Per run (by method and seed) and point: the medians over tasks of ‖∇G‖ and of each
     comparison; runs measured as another method (``--as``) in :func:`as_markdown`'s layout."""
-    if any(r.get("measured_as", r["method"]) != r["method"] for r in results):
+    if any(r.get("measured_as", r["method"]) != r["method"] or r.get("overrides") for r in results):
         return as_markdown(results, cg_steps)
     tight = f"implicit CG {cg_steps}"
     lines = [f"| method | seed | point | ‖∇G‖ at v_K | cos(implicit, explicit) | rel. error (implicit) "
@@ -170,15 +196,19 @@ def as_markdown(results: list, cg_steps: int) -> str:
     ("task / batch"), the implicit gradient against the explicit one, the tighter solve and the
     run's own, and the explicit gradient against itself on other draws."""
     tight = f"implicit CG {cg_steps}"
-    lines = [f"| measured as | at the meta-parameters of | seed | point | ‖∇G‖ at v_K | cos(implicit, explicit) "
+    swept = any(r.get("overrides") for r in results)   # measured with other options: say which, and K
+    lines = [f"| measured as | at the meta-parameters of | seed | point |{' options | K |' if swept else ''} "
+             f"‖∇G‖ at v_K | cos(implicit, explicit) "
              f"| cos(implicit, {tight}) | cos(implicit, run's own) | cos(explicit, explicit on other draws) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+             "|---|---|---|---|" + ("---|---|" if swept else "") + "---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["method"], r["seed"], r["inner_steps"])):
+        options = ", ".join(f"{k} {v}" for k, v in r.get("overrides", {}).items() if not k.endswith("inner_steps"))
         for point, m in r["points"].items():
             cell = _cell(m)
             pair = lambda key: f"{cell(key)} / {cell(key, 'batch_cosine')}"
             lines.append(f"| {r['measured_as']} | {r['method']} | {r['seed']} | {point} "
-                         f"| {statistics.median(m['inner_grad_norm']):.3g} | {pair('implicit vs explicit')} "
+                         + (f"| {options or '–'} | {r['inner_steps']} " if swept else "")
+                         + f"| {statistics.median(m['inner_grad_norm']):.3g} | {pair('implicit vs explicit')} "
                          f"| {pair('implicit vs ' + tight)} | {pair(OWN)} | {pair(OTHER_DRAWS)} |")
     return "\n".join(lines)
 
@@ -206,6 +236,11 @@ def main(argv=None) -> dict:
     p.add_argument("--as", dest="as_method", default=None, metavar="METHOD",
                    help="measure the runs' meta-parameters with this method's inner loop and estimator "
                         "(same prior and inference), beside the run's own meta-gradient")
+    p.add_argument("--inner-steps", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="K1,K2",
+                   help="measure with each of these numbers of inner steps (default: the run's own)")
+    p.add_argument("--set", type=lambda s: (s.split("=", 1)[0], option_value(s.split("=", 1)[1])), action="append",
+                   default=None, metavar="KEY=VALUE", help="measure with this configuration option of the example "
+                                                           "changed (repeat for several)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for gradients.json (default: print only)")
     args = p.parse_args(argv)
@@ -215,13 +250,15 @@ def main(argv=None) -> dict:
     if not runs:
         raise SystemExit(f"no finished run of {', '.join(args.methods)} under {args.runs}")
     clock = time.perf_counter()
-    results = [measure(r, args) for r in runs]
+    results = [measure(r, args, steps) for r in runs for steps in (args.inner_steps or [None])]
     payload = {"what": "per-task meta-gradients of the query loss: the run's implicit estimator, the same with "
                        f"{args.cg_steps} CG iterations, and backpropagation through the run's inner steps"
                        + ("" if args.as_method is None else
                           f" (the runs' meta-parameters measured as {args.as_method}, beside the run's own)"),
                "settings": {k: getattr(args, k) for k in ("tasks", "stream", "cg_steps")
-                            } | ({} if args.as_method is None else {"as": args.as_method}),
+                            } | ({} if args.as_method is None else {"as": args.as_method})
+                            | ({} if not args.set else {"set": dict(args.set)})
+                            | ({} if not args.inner_steps else {"inner_steps": args.inner_steps}),
                "torch": torch.__version__, "seconds": time.perf_counter() - clock, "runs": results}
     text = markdown(results, args.cg_steps)
     if args.out:

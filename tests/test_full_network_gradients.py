@@ -5,6 +5,7 @@ error it names, and a tighter solve with the recipe's own CG count is the recipe
 
 import argparse
 import json
+import statistics
 
 import pytest
 import torch
@@ -89,3 +90,23 @@ def test_a_variational_run_is_measured_with_one_set_of_draws(tmp_path):
         assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in m[F.OWN]["cosine"])
         # the explicit gradient on other draws is another vector (the draws were fixed, then changed)
         assert all(e > 1e-3 for e in m[F.OTHER_DRAWS]["relative_error"])
+
+
+def test_measured_with_other_inner_steps_one_record_each(run_root):
+    """``--inner-steps`` and ``--set``: one record per number of steps, each beside the run's own
+    gradient; with the run's own options and steps it is the run's gradient, with more steps of the
+    same descent the returned point is closer to stationary."""
+    torch.set_num_threads(1)
+    args = ["--runs", str(run_root / "runs"), "--tasks", "2", "--cg-steps", "3"]
+    runs = F.main(args + ["--inner-steps", "3,40", "--set", "inner_optimizer=sgd", "--set", "inner_lr=0.001"])["runs"]
+    assert [r["inner_steps"] for r in runs] == [3, 40]
+    assert runs[0]["overrides"] == {"inner_optimizer": "sgd", "inner_lr": 0.001, "inner_steps": 3, "eval_inner_steps": 3}
+    for point in ("initial", "meta-trained"):
+        short, long = (statistics.median(r["points"][point]["inner_grad_norm"]) for r in runs)
+        assert long < 0.5 * short, (point, short, long)
+        assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in runs[1]["points"][point][F.OWN]["cosine"])
+    (own,) = F.main(args + ["--inner-steps", "3"])["runs"]    # the run's own recipe, its own 3 steps
+    for point in ("initial", "meta-trained"):
+        assert own["points"][point][F.OWN]["cosine"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    table = F.markdown(runs, 3)
+    assert "| imaml-gd | imaml-gd | 0 | initial | inner_optimizer sgd, inner_lr 0.001 | 40 |" in table
