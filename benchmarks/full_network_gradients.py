@@ -140,6 +140,22 @@ def overrides_of(args, steps: Optional[int]) -> dict:
     return given
 
 
+def load_meta_parameters(learner, training: dict) -> dict:
+    """Load a run of another method into ``learner``: every meta-parameter of ``learner`` from the
+    run's state (one it lacks raises: the measurement would be at an initialisation, not at the
+    run's parameters), the buffers that the run lacks kept at ``learner``'s values (MAML's state
+    has no prior precision; iMAML's is its recipe's λ), and the run's random generator. Returns ``{"kept": [buffers kept],
+    "ignored": [the run's entries the learner has no place for]}``."""
+    parameters = {name for name, _ in learner.named_parameters()}
+    missing, unexpected = learner.load_state_dict(training["learner"], strict=False)
+    absent = sorted(set(missing) & parameters)
+    if absent:
+        raise ValueError(f"the run's state has no {', '.join(absent)}: measure it as a method with the same "
+                         "meta-parameters")
+    learner.generator.set_state(training["generator"])
+    return {"kept": sorted(missing), "ignored": sorted(unexpected)}
+
+
 def measure(run: dict, args, steps: Optional[int] = None) -> dict:
     device = torch.device("cpu")
     learner, splits, checkpoint = rebuild(run, device)
@@ -154,10 +170,13 @@ def measure(run: dict, args, steps: Optional[int] = None) -> dict:
     overrides = overrides_of(args, steps)
     measured_cfg = {**cfg, **({} if args.as_method is None else {"method": args.as_method}), **overrides}
     rebuilt = args.as_method is not None or bool(overrides)
-    measured = dict(points)
+    measured, loaded = dict(points), None
     if rebuilt:
         measured = {name: image_learner_from_config(measured_cfg, shape, device) for name in points}
-        measured["meta-trained"].load_training_state(checkpoint["training"])
+        try:
+            measured["meta-trained"].load_training_state(checkpoint["training"])
+        except RuntimeError:     # another method's state: its meta-parameters, the measured method's buffers
+            loaded = load_meta_parameters(measured["meta-trained"], checkpoint["training"])
     fixed = {name: measured[name].prepare(batch) for name in points}     # one set of draws per point
     drawn = any(k.startswith("eps_") for k in fixed["initial"])
     other = {name: measured[name].prepare(batch) if drawn and rebuilt else None for name in points}
@@ -166,6 +185,7 @@ def measure(run: dict, args, steps: Optional[int] = None) -> dict:
     return {"folder": run["folder"], "method": run["method"], "measured_as": measured_cfg["method"],
             "seed": int(cfg["seed"]), "checkpoint_step": int(checkpoint["step"]),
             "inner_steps": measured["meta-trained"].inner_loop.steps, **({"overrides": overrides} if overrides else {}),
+            **({"loaded_from_another_method": loaded} if loaded else {}),
             "config": {k: measured_cfg.get(k) for k in ("inner_optimizer", "inner_lr", "precision", "cg_steps",
                                                         "cg_damping", "shots", "ways", "query", "channels",
                                                         "image_size", "dtype")},

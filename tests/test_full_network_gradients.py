@@ -110,3 +110,26 @@ def test_measured_with_other_inner_steps_one_record_each(run_root):
         assert own["points"][point][F.OWN]["cosine"] == pytest.approx([1.0, 1.0], abs=1e-6)
     table = F.markdown(runs, 3)
     assert "| imaml-gd | imaml-gd | 0 | initial | inner_optimizer sgd, inner_lr 0.001 | 40 |" in table
+
+
+def test_a_run_of_another_family_is_measured_at_its_meta_parameters(tmp_path):
+    """A MAML run measured as iMAML over every weight: MAML's state has no prior precision, so its
+    meta-parameters are loaded alone and iMAML's λ kept (recorded), and at the meta-trained point
+    the measured learner's weights are the run's, not an initialisation."""
+    torch.set_num_threads(1)
+    data = image_protocol.data_options(argparse.Namespace(ways=5, meta_iters=2, val_tasks=4, data_seed=0), 1)
+    options = ["--method", "maml", "--inner-steps", 2, "--eval-tasks", 3, "--seed", 0, *data, "--channels", 4]
+    P.run_example("miniimagenet.py", tmp_path / "protocol", options, keep=tmp_path / "runs" / "seed0" / "maml")
+    (run,) = F.main(["--runs", str(tmp_path / "runs"), "--methods", "maml", "--tasks", "2", "--cg-steps", "3",
+                     "--as", "imaml-gd", "--inner-steps", "2"])["runs"]
+    assert run["loaded_from_another_method"] == {"kept": ["model.prior.precision"], "ignored": []}
+    assert not any(k.endswith("_error") for k in run["points"]["meta-trained"])
+    from ibaml.recipes.image_presets import image_learner_from_config
+    from ibaml.train.checkpoint import load_checkpoint
+    state = load_checkpoint(str(tmp_path / "runs" / "seed0" / "maml" / "last.pt"), map_location="cpu")
+    learner = image_learner_from_config({**state["config"], "method": "imaml-gd"}, (3, 32, 32), torch.device("cpu"))
+    F.load_meta_parameters(learner, state["training"])
+    trained = {k: v for k, v in state["training"]["learner"].items() if k.startswith("model.net.")}
+    assert trained and all(torch.equal(learner.state_dict()[k], v) for k, v in trained.items())
+    with pytest.raises(ValueError, match="has no"):
+        F.load_meta_parameters(learner, {"learner": {}, "generator": state["training"]["generator"]})
