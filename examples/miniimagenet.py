@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the prior over the last layer or over every weight (default: the method's; the "
                            "recipes imaml-gd, imaml-hf, ibaml-all, abml-all are over every weight)")
     task.add_argument("--channels", type=int, default=32, help="Conv4 filters per layer (32 or 64 in the literature)")
+    task.add_argument("--activation", choices=("relu", "silu"), default="relu",
+                      help="Conv4's activation (silu with --pool avg: a network twice differentiable in its weights, "
+                           "for a prior over every weight)")
+    task.add_argument("--pool", choices=("max", "avg"), default="max", help="Conv4's 2x2 pooling")
     task.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     task.add_argument("--eval-inner-steps", type=int, default=None,
                       help="inner steps when adapting to validation and test tasks (default: the preset's)")

@@ -157,3 +157,38 @@ def test_conv_block_pools_before_rectifying_with_the_same_values_and_derivatives
     h_block, h_ref = hvp(block_fn), hvp(reference)
     for k in params:
         torch.testing.assert_close(h_block[k], h_ref[k], rtol=1e-10, atol=1e-10)
+
+
+def test_a_smooth_conv4_is_its_written_out_blocks_and_twice_differentiable():
+    """``activation="silu", pool="avg"``: each block is ``avgpool₂(silu(BN(conv(x))))``, and the
+    network's weight gradient is itself differentiable (second derivatives pass torch's
+    finite-difference check in float64), where ReLU with max-pooling has kinks."""
+    torch.manual_seed(0)
+    net = Conv4(in_channels=1, hidden=3, out_dim=2, image_size=16, activation="silu", pool="avg").to(DT)
+    x = torch.randn(4, 1, 16, 16, dtype=DT)
+    block = net.features[0]
+    conv, bn = block[0], block[1]
+    expected = F.avg_pool2d(F.silu(batch_norm_batch_stats(F.conv2d(x, conv.weight, conv.bias, padding=1),
+                                                          bn.weight, bn.bias)), 2)
+    assert torch.equal(block(x), expected)
+    names = [n for n, _ in net.named_parameters()]
+    head_free = [n for n in names if n.startswith("features.3")]
+
+    def loss(*weights):
+        params = dict(net.named_parameters()) | dict(zip(head_free, weights))
+        return functional_call(net, params, (x,)).logsumexp(-1).sum()
+
+    weights = tuple(dict(net.named_parameters())[n].detach().clone().requires_grad_() for n in head_free)
+    assert torch.autograd.gradgradcheck(loss, weights)
+    with pytest.raises(ValueError, match="activation"):
+        ConvBlock(1, 2, activation="tanh")
+
+
+def test_an_image_run_configuration_builds_its_activation_and_pooling():
+    from ibaml.recipes.image_presets import image_learner_from_config
+    config = {"method": "imaml-hf", "dataset": "miniimagenet", "ways": 5, "shots": 1, "channels": 4,
+              "dtype": "float64", "seed": 0}
+    default = image_learner_from_config(config, (3, 32, 32)).model.net
+    smooth = image_learner_from_config({**config, "activation": "silu", "pool": "avg"}, (3, 32, 32)).model.net
+    assert {(b.activation, b.pool) for b in default.features} == {("relu", "max")}
+    assert {(b.activation, b.pool) for b in smooth.features} == {("silu", "avg")}

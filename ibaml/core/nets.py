@@ -168,9 +168,17 @@ class BatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, batch statistics only"
 
 
+#: the activations and poolings a :class:`Conv4` block can take: ``relu`` and ``max`` (the
+#: literature's), or the smooth ``silu`` (``x·sigmoid(x)``) and ``avg``, with which the network
+#: is twice differentiable in its weights everywhere
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+
 def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
-               eps: float = 1e-5) -> torch.Tensor:
-    """``maxpool₂(relu(BN(conv3x3(x; W, b); γ, β)))``, the block of :class:`Conv4`, as a pure function.
+               eps: float = 1e-5, activation: str = "relu", pool: str = "max") -> torch.Tensor:
+    """``maxpool₂(relu(BN(conv3x3(x; W, b); γ, β)))``, the block of :class:`Conv4`, as a pure function;
+    ``pool₂(activation(·))`` with another ``activation`` (:data:`ACTIVATIONS`) or ``pool`` (:data:`POOLS`).
 
     Computed as ``relu(maxpool₂(·))``: the two commute exactly (ReLU is monotone, so the largest
     of four rectified values is the rectified largest, and a window whose largest value is not
@@ -185,21 +193,28 @@ def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight:
     >>> bool(torch.equal(conv_block(x, w, b, torch.ones(3), torch.zeros(3)), F.max_pool2d(F.relu(bn), 2)))
     True
     """
-    out = F.conv2d(x, conv_weight, conv_bias, padding=1)
-    return F.relu(F.max_pool2d(batch_norm_batch_stats(out, bn_weight, bn_bias, eps), 2))
+    out = batch_norm_batch_stats(F.conv2d(x, conv_weight, conv_bias, padding=1), bn_weight, bn_bias, eps)
+    if activation == "relu" and pool == "max":
+        return F.relu(F.max_pool2d(out, 2))
+    return POOLS[pool](ACTIVATIONS[activation](out), 2)
 
 
 class ConvBlock(nn.Sequential):
     """``conv3x3 (padding 1) → BatchNorm2d (batch statistics) → ReLU → maxpool 2``
-    (:func:`conv_block`)."""
+    (:func:`conv_block`; ``activation`` and ``pool`` by name: :data:`ACTIVATIONS`, :data:`POOLS`)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), BatchNorm2d(out_channels), nn.ReLU(),
-                         nn.MaxPool2d(2))
+    def __init__(self, in_channels: int, out_channels: int, activation: str = "relu", pool: str = "max"):
+        if activation not in ACTIVATIONS or pool not in POOLS:
+            raise ValueError(f"activation {activation!r}, pool {pool!r}: choose from {', '.join(ACTIVATIONS)} and "
+                             f"{', '.join(POOLS)}")
+        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), BatchNorm2d(out_channels),
+                         nn.ReLU() if activation == "relu" else nn.SiLU(),
+                         nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+        self.activation, self.pool = activation, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self[0], self[1]
-        return conv_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
+        return conv_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps, self.activation, self.pool)
 
 
 class Conv4(nn.Module):
@@ -213,6 +228,13 @@ class Conv4(nn.Module):
     statistics are taken over the ``B`` images of one call, so each task's support (or query)
     set is normalised on its own when the network is vmapped over tasks.
 
+    ``activation="silu", pool="avg"`` makes the network twice differentiable in its weights:
+    with ReLU and max-pooling a prior over every weight poses an inner problem whose gradient
+    jumps where an activation or a pooling window switches, so its solution sits on a kink,
+    where no step drives ``‖∇G‖`` to zero and the implicit function theorem, which assumes a
+    smooth stationary point, does not hold (``docs/design.md``). The head-only recipes do not
+    need it: their inner problem is smooth in the head whatever the body.
+
     Example
     -------
     >>> net = Conv4(in_channels=3, hidden=32, out_dim=5, image_size=84)
@@ -220,7 +242,8 @@ class Conv4(nn.Module):
     torch.Size([10, 5])
     """
 
-    def __init__(self, in_channels: int = 3, hidden: int = 32, out_dim: int = 5, image_size: int = 84):
+    def __init__(self, in_channels: int = 3, hidden: int = 32, out_dim: int = 5, image_size: int = 84,
+                 activation: str = "relu", pool: str = "max"):
         super().__init__()
         side = image_size
         for _ in range(4):
@@ -228,8 +251,8 @@ class Conv4(nn.Module):
         if side < 1:
             raise ValueError(f"image_size must be at least 16 for four 2x2 poolings, got {image_size}")
         self.image_size = image_size
-        self.features = nn.Sequential(ConvBlock(in_channels, hidden), ConvBlock(hidden, hidden),
-                                      ConvBlock(hidden, hidden), ConvBlock(hidden, hidden))
+        self.features = nn.Sequential(*(ConvBlock(c, hidden, activation, pool) for c in (in_channels, hidden,
+                                                                                        hidden, hidden)))
         self.head = nn.Linear(hidden * side * side, out_dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -142,8 +142,8 @@ def image_learner_from_config(config: dict, image_shape, device=None, dtype: Opt
                               nonfinite: str = "skip") -> MetaLearner:
     """The :func:`image_learner` of an image run's configuration (``examples/miniimagenet.py``'s
     options by name, as its checkpoints' ``config`` holds them) on images of ``image_shape``
-    ``(C, H, W)``: a :class:`~ibaml.core.nets.Conv4` with ``config["channels"]`` filters and
-    ``config["ways"]`` outputs, drawn from ``config["seed"]`` (the global torch generator seeded
+    ``(C, H, W)``: a :class:`~ibaml.core.nets.Conv4` with ``config["channels"]`` filters,
+    ``config["ways"]`` outputs and ``config["activation"]`` / ``config["pool"]`` (default ReLU, max), drawn from ``config["seed"]`` (the global torch generator seeded
     with it), in ``dtype`` (default the configuration's) on ``device``; the method's presets
     for every option the configuration leaves at ``None`` or does not hold, and ``nonfinite``
     for tasks whose values are not finite (:class:`~ibaml.MetaLearner`).
@@ -156,7 +156,8 @@ def image_learner_from_config(config: dict, image_shape, device=None, dtype: Opt
     """
     channels, height, _ = image_shape
     torch.manual_seed(config["seed"])
-    net = Conv4(in_channels=channels, hidden=config["channels"], out_dim=config["ways"], image_size=height)
+    net = Conv4(in_channels=channels, hidden=config["channels"], out_dim=config["ways"], image_size=height,
+                activation=config.get("activation") or "relu", pool=config.get("pool") or "max")
     option = config.get
     return image_learner(
         config["method"], net.to(device=device, dtype=dtype or getattr(torch, config["dtype"])),
