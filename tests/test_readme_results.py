@@ -512,3 +512,21 @@ def test_support_scaled_step_findings_are_their_json():
     # under the per-task noise, ten shortened steps at 30 shots stay far from what the scaled step reaches
     mse = lambda models: sine_shift._mean(models["conjugate"]["abml"], "shots", "30", "mse")
     assert mse(backtracked) > 10 * mse(scaled)
+
+
+def test_full_network_inner_study_is_its_json():
+    """The kinks of ReLU and max-pooling (images page): the table is the JSON's, and the sentences'
+    ranges hold per task."""
+    from benchmarks import full_network_inner as N
+    payload = json.loads((ROOT / "docs/results/image_benchmark/full_network_inner/inner.json").read_text())
+    assert_on_page(N.markdown(payload["runs"], payload["settings"]), IMAGES)
+    relu, smooth = ({r["network"]: r for r in payload["runs"]}[n]["tasks"] for n in ("relu-max", "silu-avg"))
+    later = lambda t, key: t["sgd"][key][50] - t["sgd"][key][-1]
+    assert all(1.65 < min(t["sgd"]["grad_norms"][50:]) and max(t["sgd"]["grad_norms"][50:]) < 5.45 for t in relu)
+    assert all(0.055 <= later(t, "values") <= 0.075 for t in relu) and all(0.4 <= later(t, "values") <= 0.7 for t in smooth)
+    assert all(t["hf"]["final_damping"] == pytest.approx(243) and 1.7 <= t["hf"]["grad_norms"][-1] <= 2.2 for t in relu)
+    assert all(-1.4 <= t["sgd"]["descent_ratio"]["0.01"] <= -0.96 and 0.28 <= t["sgd"]["descent_ratio"]["0.001"] <= 0.55
+               for t in relu)
+    smooth_steps = [t for t in smooth if t["sgd"]["descent_ratio"]["0.01"] >= 0.99]
+    assert len(smooth_steps) == 2 and all(0.46 <= t["sgd"]["grad_norms"][-1] <= 0.53 for t in smooth_steps)
+    assert all(1e-3 <= t["hf"]["final_damping"] <= 0.12 and t["hf"]["grad_norms"][-1] <= 1.1 for t in smooth)
