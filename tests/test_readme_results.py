@@ -530,3 +530,20 @@ def test_full_network_inner_study_is_its_json():
     smooth_steps = [t for t in smooth if t["sgd"]["descent_ratio"]["0.01"] >= 0.99]
     assert len(smooth_steps) == 2 and all(0.46 <= t["sgd"]["grad_norms"][-1] <= 0.53 for t in smooth_steps)
     assert all(1e-3 <= t["hf"]["final_damping"] <= 0.12 and t["hf"]["grad_norms"][-1] <= 1.1 for t in smooth)
+
+
+def test_image_protocol_pending_5shot_stage_is_its_json():
+    """The logit-scale stage run at 5 shots, not yet trained again: its table is the JSON's, every
+    row is a validation run whose folder holds the number, and each method keeps its most accurate."""
+    from benchmarks import _protocol as P
+    from benchmarks import image_protocol
+    selection = json.loads((IMAGE_PROTOCOL / "pending" / "selection_5shot.json").read_text())
+    assert_on_page(image_protocol.choices_markdown(selection), IMAGES)
+    for method, rows in selection["tried"].items():
+        assert all(row["split"] == "validation classes" for row in rows)
+        best = max(rows, key=lambda r: r["accuracy"])
+        assert selection["chosen"][method] == P.row_options(best)
+        for row in rows:
+            folder = IMAGE_PROTOCOL / "select" / "5shot" / f"{method}_{P.settings_label(P.row_options(row))}"
+            run = json.loads((folder / "metrics.json").read_text())
+            assert run["accuracy"]["mean"] == pytest.approx(row["accuracy"]) and run["config"]["eval_split"] == "val"
