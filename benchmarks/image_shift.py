@@ -427,6 +427,28 @@ def findings(models: dict, settings: dict, method: str = "ibaml",
     return [f"- {line}" for line in lines]
 
 
+def support_size_findings(new: dict, old: dict, method: str, new_label: str, old_label: str) -> str:
+    """A markdown list item for ``method`` in two payloads' ``models`` (the same models adapted two
+    ways on the same tasks): the test-class support sizes at which its raw metrics are equal in
+    both (every seed's, to the digit recorded), and at each other size its accuracy, NLL and
+    pooled ECE (raw, mean over seeds) in both."""
+    if method not in new or method not in old:
+        return ""
+    a, b = new[method], old[method]
+    mean = lambda e, label, metric: e["summary"]["test"][label]["raw"][metric]["mean"]
+    same, changed = [], []
+    for label in a["summary"]["test"]:
+        cells = [[s["conditions"]["test"][label]["raw"] for s in e["per_seed"].values()] for e in (a, b)]
+        (same if cells[0] == cells[1] else changed).append(label)
+    text = f"- {method}: the same at {', '.join(same) or 'no'} shots (every seed)"
+    for label in changed:
+        text += (f"; at {label} shots accuracy {mean(a, label, 'accuracy'):.3f} {new_label} against "
+                 f"{mean(b, label, 'accuracy'):.3f} {old_label}, NLL {mean(a, label, 'nll'):.3f} against "
+                 f"{mean(b, label, 'nll'):.3f}, pooled ECE {mean(a, label, 'ece_pooled'):.3f} against "
+                 f"{mean(b, label, 'ece_pooled'):.3f}")
+    return text + "."
+
+
 def markdown(models: dict, settings: dict) -> str:
     """Tables of pooled ECE, accuracy, NLL and per-task ECE (mean ± std over seeds), the logit
     scales, the non-finite tasks, and :func:`findings`."""

@@ -185,3 +185,18 @@ def test_support_scaled_step_gives_a_gradient_method_its_training_support_size(s
     image_shift.rebuild(run, torch.device("cpu"), support_scaled=True)
     image_shift.rebuild(run, torch.device("cpu"))
     assert seen[0]["inner_support_size"] == 25 and seen[1].get("inner_support_size") is None
+
+
+def test_support_size_findings_name_the_sizes_that_changed():
+    """Two adaptations of the same models: sizes whose raw metrics are equal at every seed are
+    named as the same, the others with both values."""
+    def payload(acc10):
+        cell = lambda acc: {"raw": {"accuracy": {"mean": acc}, "nll": {"mean": 1.0}, "ece_pooled": {"mean": 0.1}}}
+        summary = {"test": {"5": {"raw": {m: {"mean": v} for m, v in (("accuracy", 0.9), ("nll", 0.3), ("ece_pooled", 0.01))}},
+                            "10": {"raw": {m: {"mean": v} for m, v in (("accuracy", acc10), ("nll", 0.4), ("ece_pooled", 0.02))}}}}
+        per_seed = {"0": {"conditions": {"test": {"5": cell(0.9), "10": cell(acc10)}}}}
+        return {"anil": {"summary": summary, "per_seed": per_seed}}
+    text = image_shift.support_size_findings(payload(0.95), payload(0.81), "anil", "scaled", "as trained")
+    assert text == ("- anil: the same at 5 shots (every seed); at 10 shots accuracy 0.950 scaled against 0.810 as "
+                    "trained, NLL 0.400 against 0.400, pooled ECE 0.020 against 0.020.")
+    assert image_shift.support_size_findings(payload(0.9), {}, "anil", "a", "b") == ""
