@@ -547,3 +547,18 @@ def test_image_protocol_pending_5shot_stage_is_its_json():
             folder = IMAGE_PROTOCOL / "select" / "5shot" / f"{method}_{P.settings_label(P.row_options(row))}"
             run = json.loads((folder / "metrics.json").read_text())
             assert run["accuracy"]["mean"] == pytest.approx(row["accuracy"]) and run["config"]["eval_split"] == "val"
+
+
+def test_smooth_network_probes_are_their_json():
+    """The SiLU/average-pool runs the images page quotes: validation classes, at chance, the logit
+    scale shrunk, iMAML-HF's ‖∇G‖ along meta-training."""
+    base = ROOT / "docs/results/image_benchmark/full_network_diagnostics/silu_avg"
+    runs = {m: json.loads((base / m / "metrics.json").read_text()) for m in ("maml", "imaml-hf")}
+    for run in runs.values():
+        assert (run["config"]["activation"], run["config"]["pool"], run["config"]["eval_split"]) == ("silu", "avg", "val")
+        assert 0.19 <= run["accuracy"]["mean"] <= 0.21 and 0.215 <= run["logit_scale"] <= 0.235
+    assert round(runs["maml"]["accuracy"]["mean"], 3) == 0.199 and round(runs["imaml-hf"]["accuracy"]["mean"], 3) == 0.201
+    trace = [step["w"] for step in runs["imaml-hf"]["inner_grad_norm_trace"]]
+    assert round(min(trace), 1) == 1.8 and round(max(trace), 1) == 3.8
+    text = " ".join(IMAGES.read_text().split())
+    assert "iMAML-HF ends at 0.201 and MAML itself at 0.199" in text and "(1.8 to 3.8 at the recorded steps)" in text
