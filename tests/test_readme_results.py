@@ -562,3 +562,17 @@ def test_smooth_network_probes_are_their_json():
     assert round(min(trace), 1) == 1.8 and round(max(trace), 1) == 3.8
     text = " ".join(IMAGES.read_text().split())
     assert "iMAML-HF ends at 0.201 and MAML itself at 0.199" in text and "(1.8 to 3.8 at the recorded steps)" in text
+
+
+def test_image_support_scaled_step_findings_are_their_json():
+    """ANIL's and ABML's 5-shot models adapted as trained and with the support-scaled step (shift
+    page): the sentences are the JSON's, the scaled step changes nothing at the training size
+    and lifts the 10-shot accuracy of both."""
+    from benchmarks import image_shift
+    root = ROOT / "docs/results/image_benchmark"
+    new, old = (json.loads((root / f"shift_anil_abml_{m}" / "shift.json").read_text())["models"]
+                for m in ("support_scaled", "as_trained"))
+    for method in ("anil", "abml"):
+        assert_on_page(image_shift.support_size_findings(new, old, method, "with the scaled step", "as trained"), SHIFT)
+        acc = lambda payload, label: payload[method]["summary"]["test"][label]["raw"]["accuracy"]["mean"]
+        assert acc(new, "5") == acc(old, "5") and acc(new, "10") > acc(old, "10")
