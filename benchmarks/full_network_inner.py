@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ibaml.core.optim import SGD
+from ibaml.core.tree import tree_add, tree_detach, tree_norm
 from ibaml.data.episodes import EpisodeSampler
 from ibaml.recipes.image_presets import image_learner_from_config
 from ibaml.recipes.recipe import hessian_free
@@ -48,18 +49,15 @@ from .image_shift import find_runs, run_splits
 NETWORKS = {"relu-max": ("relu", "max"), "silu-avg": ("silu", "avg")}
 
 
-def norm(tree: dict) -> torch.Tensor:
-    return torch.sqrt(sum((x.double() ** 2).sum() for x in tree.values()))
-
-
 def solve(objective, v: dict, optimizer, steps: int, curvature=None) -> dict:
     """``steps`` steps of ``optimizer`` on ``objective`` from ``v``: the traces of ``G`` and
     ``‖∇G‖`` (``steps + 1`` values each, the start included), the point returned and, for an
     optimiser with adapted damping, the damping it ends with."""
     state, values, grad_norms = optimizer.init(v), [], []
     for step in range(steps + 1):
-        values.append(float(objective(v)))
-        grad_norms.append(float(norm(torch.func.grad(objective)(v))))
+        gradient, value = torch.func.grad_and_value(objective)(v)
+        values.append(float(value))
+        grad_norms.append(float(tree_norm(gradient)))
         if step < steps:
             extra = {"curvature": curvature(v)} if curvature is not None else {}
             v, state = optimizer.step(objective, v, state, **extra)
@@ -71,9 +69,9 @@ def solve(objective, v: dict, optimizer, steps: int, curvature=None) -> dict:
 def descent_ratios(objective, v: dict, steps) -> dict:
     """``{t: (G(v) − G(v − t∇G)) / (t‖∇G‖²)}``: 1 as ``t → 0`` wherever ``G`` is differentiable;
     a twice-differentiable ``G`` with curvature ``h`` along ``∇G`` gives about ``1 − t·h/2``."""
-    g = torch.func.grad(objective)(v)
-    squared, here = float(norm(g)) ** 2, float(objective(v))
-    return {f"{t:g}": (here - float(objective({k: v[k] - t * g[k] for k in v}))) / (t * squared) for t in steps}
+    g, here = torch.func.grad_and_value(objective)(v)
+    squared = float(tree_norm(g)) ** 2
+    return {f"{t:g}": float(here - objective(tree_add(v, g, -t))) / (t * squared) for t in steps}
 
 
 def measure(run: dict, network: str, args) -> dict:
@@ -96,7 +94,7 @@ def measure(run: dict, network: str, args) -> dict:
     for index in range(args.tasks):
         task = {k: x[index] for k, x in batch.items()}
         objective = lambda v, task=task: problem.inner(v, meta, task)
-        start = {k: x.detach() for k, x in problem.init(meta).items()}
+        start = tree_detach(problem.init(meta))
         solvers = {"sgd": solve(objective, start, SGD(lr=args.lr), args.sgd_steps),
                    "hf": solve(objective, start, hessian_free(cg_iters=args.hf_cg), args.hf_steps, curvature)}
         for result in solvers.values():
