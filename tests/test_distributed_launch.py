@@ -218,6 +218,7 @@ assert dist.is_initialized(), "data_parallel destroyed a group it did not start"
 total = torch.ones(1)
 dist.all_reduce(total)   # the launcher's group still works
 print("after the block:", int(total), flush=True)
+dist.barrier()   # the launcher's teardown: no rank destroys its group while a peer still reduces
 dist.destroy_process_group()
 """
 
