@@ -9,7 +9,8 @@ under ``--runs`` (its meta-trained parameters, loaded as
 :func:`benchmarks.full_network_gradients.load_meta_parameters` loads them), the inner problem of
 iMAML over every weight, ``G(v) = Σ NLL_support(v) + (λ/2)‖v − θ‖²`` at ``λ = --precision``, is
 posed in each network of ``--networks`` (the run's weights in a Conv4 with that activation and
-pooling: ``relu-max``, the literature's, or ``silu-avg``, twice differentiable) on ``--tasks``
+pooling: ``relu-max``, the literature's, or ``silu-avg`` and ``silu-softmax``, twice
+differentiable, the latter with the smooth maximum of :func:`ibaml.core.nets.soft_max_pool2d`) on ``--tasks``
 tasks of the run's training classes and sizes, in float64 so that rounding plays no part, and
 solved from ``v = θ`` by
 
@@ -46,7 +47,7 @@ from .full_network_gradients import load_meta_parameters
 from .image_shift import find_runs, run_splits
 
 #: the networks by name: (activation, pooling) of :class:`ibaml.core.nets.Conv4`
-NETWORKS = {"relu-max": ("relu", "max"), "silu-avg": ("silu", "avg")}
+NETWORKS = {"relu-max": ("relu", "max"), "silu-avg": ("silu", "avg"), "silu-softmax": ("silu", "softmax")}
 
 
 def solve(objective, v: dict, optimizer, steps: int, curvature=None) -> dict:

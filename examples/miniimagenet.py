@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--activation", choices=("relu", "silu"), default="relu",
                       help="Conv4's activation (silu with --pool avg: a network twice differentiable in its weights, "
                            "for a prior over every weight)")
-    task.add_argument("--pool", choices=("max", "avg"), default="max", help="Conv4's 2x2 pooling")
+    task.add_argument("--pool", choices=("max", "avg", "stride", "softmax"), default="max",
+                      help="how Conv4 halves the side: 2x2 max or average pooling, or a stride-2 convolution")
     task.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     task.add_argument("--eval-inner-steps", type=int, default=None,
                       help="inner steps when adapting to validation and test tasks (default: the preset's)")

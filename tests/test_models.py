@@ -1,5 +1,7 @@
 """Networks: output shapes, batch norm with batch statistics, per-task weights under vmap."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,36 @@ def test_a_smooth_conv4_is_its_written_out_blocks_and_twice_differentiable():
     assert torch.autograd.gradgradcheck(loss, weights)
     with pytest.raises(ValueError, match="activation"):
         ConvBlock(1, 2, activation="tanh")
+
+
+@pytest.mark.parametrize("pool", ["softmax", "stride"])
+def test_the_other_smooth_blocks_are_their_formulas_and_twice_differentiable(pool):
+    """``pool="softmax"``: ``T·log Σ exp(x/T)`` over each 2×2 window (T = 0.1), within
+    ``T·log 4`` above the window's maximum and equal to it as T → 0; ``pool="stride"``: a stride-2
+    convolution, no pooling, the side ``s → ⌈s/2⌉``. Both networks are twice differentiable."""
+    from ibaml.core.nets import soft_max_pool2d
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 17, 17, dtype=DT)
+    pooled, hard = soft_max_pool2d(x), F.max_pool2d(x, 2)
+    assert pooled.shape == hard.shape == (4, 1, 8, 8)
+    assert bool((pooled >= hard).all()) and bool((pooled - hard <= 0.1 * math.log(4) + 1e-12).all())
+    torch.testing.assert_close(soft_max_pool2d(x, temperature=1e-4), hard, rtol=0, atol=1e-3)
+    net = Conv4(in_channels=1, hidden=3, out_dim=2, image_size=17, activation="silu", pool=pool).to(DT)
+    conv, bn = net.features[0][0], net.features[0][1]
+    stride = 2 if pool == "stride" else 1
+    normalised = batch_norm_batch_stats(F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1), bn.weight, bn.bias)
+    expected = F.silu(normalised) if pool == "stride" else soft_max_pool2d(F.silu(normalised))
+    assert torch.equal(net.features[0](x), expected)
+    side = 2 if pool == "stride" else 1   # 17 → 9 → 5 → 3 → 2 strided, 17 → 8 → 4 → 2 → 1 pooled
+    assert net.head.in_features == 3 * side * side and net(x).shape == (4, 2)
+    head_free = [n for n, _ in net.named_parameters() if n.startswith("features.3")]
+
+    def loss(*weights):
+        params = dict(net.named_parameters()) | dict(zip(head_free, weights))
+        return functional_call(net, params, (x,)).logsumexp(-1).sum()
+
+    weights = tuple(dict(net.named_parameters())[n].detach().clone().requires_grad_() for n in head_free)
+    assert torch.autograd.gradgradcheck(loss, weights)
 
 
 def test_an_image_run_configuration_builds_its_activation_and_pooling():

@@ -170,15 +170,34 @@ class BatchNorm2d(nn.Module):
 
 #: the activations and poolings a :class:`Conv4` block can take: ``relu`` and ``max`` (the
 #: literature's), or the smooth ``silu`` (``x·sigmoid(x)``) and ``avg``, with which the network
-#: is twice differentiable in its weights everywhere
+#: is twice differentiable in its weights everywhere; ``stride`` halves the side with a
+#: stride-2 convolution instead of a pooling (MAML's Omniglot network), smooth too
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
-POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+
+def soft_max_pool2d(x: torch.Tensor, size: int = 2, temperature: float = 0.1) -> torch.Tensor:
+    """``T · log Σ_window exp(x / T)`` over non-overlapping ``size × size`` windows (a trailing
+    row or column that fills no window is dropped, as ``max_pool2d`` does): a smooth upper bound on
+    the window's maximum, within ``T · log size²`` of it.
+
+    >>> x = torch.tensor([[[[0., 1.], [2., 3.]]]])
+    >>> round(float(soft_max_pool2d(x, temperature=0.01)), 4)
+    3.0
+    """
+    b, c, h, w = x.shape
+    h, w = h // size * size, w // size * size
+    windows = x[..., :h, :w].reshape(b, c, h // size, size, w // size, size)
+    return temperature * torch.logsumexp(windows / temperature, dim=(3, 5))
+
+
+POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d, "stride": None, "softmax": soft_max_pool2d}
 
 
 def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                eps: float = 1e-5, activation: str = "relu", pool: str = "max") -> torch.Tensor:
     """``maxpool₂(relu(BN(conv3x3(x; W, b); γ, β)))``, the block of :class:`Conv4`, as a pure function;
-    ``pool₂(activation(·))`` with another ``activation`` (:data:`ACTIVATIONS`) or ``pool`` (:data:`POOLS`).
+    ``pool₂(activation(·))`` with another ``activation`` (:data:`ACTIVATIONS`) or ``pool`` (:data:`POOLS`);
+    ``pool="stride"``: ``activation(BN(conv3x3, stride 2(x)))``, no pooling.
 
     Computed as ``relu(maxpool₂(·))``: the two commute exactly (ReLU is monotone, so the largest
     of four rectified values is the rectified largest, and a window whose largest value is not
@@ -193,9 +212,12 @@ def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight:
     >>> bool(torch.equal(conv_block(x, w, b, torch.ones(3), torch.zeros(3)), F.max_pool2d(F.relu(bn), 2)))
     True
     """
-    out = batch_norm_batch_stats(F.conv2d(x, conv_weight, conv_bias, padding=1), bn_weight, bn_bias, eps)
+    stride = 2 if pool == "stride" else 1
+    out = batch_norm_batch_stats(F.conv2d(x, conv_weight, conv_bias, stride=stride, padding=1), bn_weight, bn_bias, eps)
     if activation == "relu" and pool == "max":
         return F.relu(F.max_pool2d(out, 2))
+    if pool == "stride":
+        return ACTIVATIONS[activation](out)
     return POOLS[pool](ACTIVATIONS[activation](out), 2)
 
 
@@ -207,9 +229,9 @@ class ConvBlock(nn.Sequential):
         if activation not in ACTIVATIONS or pool not in POOLS:
             raise ValueError(f"activation {activation!r}, pool {pool!r}: choose from {', '.join(ACTIVATIONS)} and "
                              f"{', '.join(POOLS)}")
-        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), BatchNorm2d(out_channels),
-                         nn.ReLU() if activation == "relu" else nn.SiLU(),
-                         nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+        super().__init__(nn.Conv2d(in_channels, out_channels, 3, stride=2 if pool == "stride" else 1, padding=1),
+                         BatchNorm2d(out_channels), nn.ReLU() if activation == "relu" else nn.SiLU(),
+                         {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2)}.get(pool, nn.Identity()))
         self.activation, self.pool = activation, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +254,12 @@ class Conv4(nn.Module):
     with ReLU and max-pooling a prior over every weight poses an inner problem whose gradient
     jumps where an activation or a pooling window switches, so its solution sits on a kink,
     where no step drives ``‖∇G‖`` to zero and the implicit function theorem, which assumes a
-    smooth stationary point, does not hold (``docs/design.md``). The head-only recipes do not
-    need it: their inner problem is smooth in the head whatever the body.
+    smooth stationary point, does not hold (``docs/design.md``). ``pool="softmax"`` keeps
+    max-pooling's bias in a smooth form (:func:`soft_max_pool2d`, ``T = 0.1``) and
+    ``pool="stride"`` replaces the pooling by a stride-2 convolution; on the stroke benchmark
+    MAML learns with SiLU and the soft maximum and stays at chance with average pooling
+    (``docs/results/images.md``). The head-only recipes do not need any of them: their inner
+    problem is smooth in the head whatever the body.
 
     Example
     -------
@@ -247,7 +273,7 @@ class Conv4(nn.Module):
         super().__init__()
         side = image_size
         for _ in range(4):
-            side //= 2
+            side = (side + 1) // 2 if pool == "stride" else side // 2
         if side < 1:
             raise ValueError(f"image_size must be at least 16 for four 2x2 poolings, got {image_size}")
         self.image_size = image_size
