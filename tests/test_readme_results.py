@@ -550,6 +550,13 @@ def test_soft_max_network_learns_and_its_inner_problem_is_solvable():
     hf = sorted(t["hf"]["grad_norms"][-1] for t in tasks)
     assert hf[0] <= 1.5e-3 and 0.1 <= hf[1] and hf[2] <= 0.42
     assert sorted(t["hf"]["descent_ratio"]["0.01"] < 0 for t in tasks) == [False, True, True]
+    hf_run = json.loads((ROOT / "docs/results/image_benchmark/full_network_diagnostics/silu_softmax/imaml-hf/metrics.json").read_text())
+    assert (hf_run["config"]["pool"], hf_run["config"]["eval_split"]) == ("softmax", "val")
+    assert round(hf_run["accuracy"]["mean"], 3) == 0.297 and round(hf_run["logit_scale"], 2) == 0.67
+    trace = [t["w"] for t in hf_run["inner_grad_norm_trace"]]
+    assert 0.735 <= min(trace) and max(trace) <= 0.90
+    readme = README.read_text()
+    assert f"reaches {hf_run['accuracy']['mean']:.3f} there" in readme and f"({run['accuracy']['mean']:.3f} on validation" in readme
 
 
 @pytest.mark.parametrize("shots", [1, 5])
