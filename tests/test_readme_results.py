@@ -555,6 +555,12 @@ def test_soft_max_network_learns_and_its_inner_problem_is_solvable():
     assert round(hf_run["accuracy"]["mean"], 3) == 0.297 and round(hf_run["logit_scale"], 2) == 0.67
     trace = [t["w"] for t in hf_run["inner_grad_norm_trace"]]
     assert 0.735 <= min(trace) and max(trace) <= 0.90
+    gd_run = json.loads((ROOT / "docs/results/image_benchmark/full_network_diagnostics/silu_softmax/imaml-gd/metrics.json").read_text())
+    assert (gd_run["config"]["pool"], gd_run["config"]["inner_optimizer"], gd_run["config"]["eval_split"]) == ("softmax", "sgd", "val")
+    assert round(gd_run["accuracy"]["mean"], 3) == 0.287
+    relu_gd = json.loads((IMAGE_PROTOCOL / "select/1shot/imaml-gd_inner-lr_0.01_inner-optimizer_sgd_precision_10/metrics.json").read_text())
+    assert round(relu_gd["accuracy"]["mean"], 3) == 0.323 and relu_gd["config"].get("pool", "max") == "max"
+    assert all(7.0 <= t["w"] <= 8.5 for t in gd_run["inner_grad_norm_trace"])
     readme = README.read_text()
     assert f"reaches {hf_run['accuracy']['mean']:.3f} there" in readme and f"({run['accuracy']['mean']:.3f} on validation" in readme
 
