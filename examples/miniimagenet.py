@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "recipes imaml-gd, imaml-hf, ibaml-all, abml-all are over every weight)")
     task.add_argument("--channels", type=int, default=32, help="Conv4 filters per layer (32 or 64 in the literature)")
     task.add_argument("--activation", choices=("relu", "silu"), default="relu",
-                      help="Conv4's activation (silu with --pool avg: a network twice differentiable in its weights, "
-                           "for a prior over every weight)")
+                      help="Conv4's activation (silu with --pool softmax, avg or stride: a network twice "
+                           "differentiable in its weights, for a prior over every weight)")
     task.add_argument("--pool", choices=("max", "avg", "stride", "softmax"), default="max",
-                      help="how Conv4 halves the side: 2x2 max or average pooling, or a stride-2 convolution")
+                      help="how Conv4 halves the side: 2x2 max, average or soft-max (a smooth maximum) pooling, "
+                           "or a stride-2 convolution")
     task.add_argument("--inner-steps", type=int, default=None, help="inner steps in meta-training (default: the preset's)")
     task.add_argument("--eval-inner-steps", type=int, default=None,
                       help="inner steps when adapting to validation and test tasks (default: the preset's)")

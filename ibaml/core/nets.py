@@ -169,9 +169,10 @@ class BatchNorm2d(nn.Module):
 
 
 #: the activations and poolings a :class:`Conv4` block can take: ``relu`` and ``max`` (the
-#: literature's), or the smooth ``silu`` (``x·sigmoid(x)``) and ``avg``, with which the network
-#: is twice differentiable in its weights everywhere; ``stride`` halves the side with a
-#: stride-2 convolution instead of a pooling (MAML's Omniglot network), smooth too
+#: literature's), or the smooth ``silu`` (``x·sigmoid(x)``) with ``avg`` or ``softmax``
+#: (:func:`soft_max_pool2d`), with which the network is twice differentiable in its weights
+#: everywhere; ``stride`` halves the side with a stride-2 convolution instead of a pooling
+#: (MAML's Omniglot network; its pooling is the identity), smooth too
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
 
 
@@ -190,7 +191,7 @@ def soft_max_pool2d(x: torch.Tensor, size: int = 2, temperature: float = 0.1) ->
     return temperature * torch.logsumexp(windows / temperature, dim=(3, 5))
 
 
-POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d, "stride": None, "softmax": soft_max_pool2d}
+POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d, "softmax": soft_max_pool2d, "stride": lambda x, size: x}
 
 
 def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
@@ -216,8 +217,6 @@ def conv_block(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias, bn_weight:
     out = batch_norm_batch_stats(F.conv2d(x, conv_weight, conv_bias, stride=stride, padding=1), bn_weight, bn_bias, eps)
     if activation == "relu" and pool == "max":
         return F.relu(F.max_pool2d(out, 2))
-    if pool == "stride":
-        return ACTIVATIONS[activation](out)
     return POOLS[pool](ACTIVATIONS[activation](out), 2)
 
 
