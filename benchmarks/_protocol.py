@@ -257,11 +257,12 @@ def write_table(out: Path, protocol: str, summary: dict, text: str) -> dict:
     return payload
 
 
-def stage_parser(description: str, out: str, **defaults) -> "argparse.ArgumentParser":
-    """The options every protocol benchmark shares: the stage, ``--out``, ``--seeds``, ``--jobs``
-    and the defaults given (``meta_iters``, ``eval_tasks``, ``val_tasks``)."""
+def stage_parser(description: str, out: str, stages=("select", "final", "table"),
+                 **defaults) -> "argparse.ArgumentParser":
+    """The options every protocol benchmark shares: the stage (one of ``stages``), ``--out``,
+    ``--seeds``, ``--jobs`` and the defaults given (``meta_iters``, ``eval_tasks``, ``val_tasks``)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("stage", choices=("select", "final", "table"))
+    p.add_argument("stage", choices=stages)
     p.add_argument("--reevaluate", action="store_true",
                    help="final: evaluate the kept runs (--keep-runs) again from their checkpoints, no meta-training")
     p.add_argument("--out", default=out)

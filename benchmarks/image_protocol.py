@@ -6,6 +6,7 @@ evaluated once per final configuration.
     python -m benchmarks.image_protocol select --shots 1 --out docs/results/image_benchmark/protocol
     python -m benchmarks.image_protocol final --shots 1 --out docs/results/image_benchmark/protocol
     python -m benchmarks.image_protocol table --out docs/results/image_benchmark/protocol
+    python -m benchmarks.image_protocol pages --out docs/results/image_benchmark/protocol
 
 ``select`` runs ``examples/miniimagenet.py`` (stroke fixture, Conv4-32 at 32×32, 5-way) with
 ``--eval-split val`` (tasks of the validation classes, apart from those of temperature
@@ -15,7 +16,8 @@ method of :data:`METHODS` at each seed with the selected values on the test clas
 ``DIR/runs/<K>shot/seed<S>/<method>``. ``table`` gathers them: per shots and method, the mean
 and standard deviation over seeds of accuracy, NLL, per-task and pooled ECE, raw (the learned
 logit scale) and temperature-scaled (the scale fitted to validation tasks), with the test set's
-size: ``DIR/table.json`` and ``DIR/table.md``. Runs go ``--jobs`` at a time, as threads of this
+size: ``DIR/table.json`` and ``DIR/table.md``; ``pages`` writes the README's and
+``docs/results/images.md``'s tables and sentences from them (:data:`PAGES`). Runs go ``--jobs`` at a time, as threads of this
 process or, with ``--engine ray`` (``--address`` for a cluster), as Ray Tune trials
 (``benchmarks/_protocol.py``).
 """
@@ -47,7 +49,11 @@ FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: plain gradient descent (the paper's solver) at λ = 10 on the summed NLL (the paper's λ = 2 on
 #: the mean of a 1-shot 5-way support) with MAML's step times 1, 5 and 10 (the paper's 0.1 on the
 #: mean loss): a fixed Adam step cannot settle (each weight oscillates by about the step, so ‖∇G‖
-#: stays near λ·lr·√P), and gradient descent with the paper's step does not settle either.
+#: stays near λ·lr·√P), and gradient descent with the paper's step does not settle either. Then
+#: the CG iterations of the implicit gradient (1 and 5, the paper's, against the earlier stages'
+#: 20): where the inner problem is not solved, ``∇²G`` at the returned point can be near-singular
+#: or indefinite and a closer solve amplifies those directions; then the step and λ again at the
+#: best of these.
 BEST = "best of the earlier stages"
 #: the logit scale's meta learning rates tried: around the recipe's 3·10⁻² (a stage of every head method)
 LOGIT_SCALE_META_LRS = (1e-2, 3e-2, 1e-1)
@@ -70,7 +76,10 @@ GRID = {
     "imaml-gd": [("--inner-lr", lambda ways, shots: [1e-3, 3e-3, 1e-2], {}),
                  ("--precision", lambda ways, shots: [2.0, 10.0], {"--inner-lr": 1e-2}),
                  ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (1, 5, 10)],
-                  {"--inner-optimizer": "sgd", "--precision": 10.0})],
+                  {"--inner-optimizer": "sgd", "--precision": 10.0}),
+                 ("--cg-steps", lambda ways, shots: [1, 5], BEST),
+                 ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (2.5, 10)], BEST),
+                 ("--precision", lambda ways, shots: [3.0, 30.0], BEST)],
 }
 DESCRIBE = {
     "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
@@ -78,8 +87,8 @@ DESCRIBE = {
     "imaml": "the head (softmax, isotropic prior), Newton steps, implicit",
     "ibaml": "the head (softmax, mean-field, diagonal prior), Newton steps, implicit",
     "abml": "the head (mean-field), proximal steps, explicit",
-    "imaml-gd": "all weights (isotropic prior), 20 first-order steps (optimiser, step and λ from the selection), "
-                "implicit",
+    "imaml-gd": "all weights (isotropic prior), 20 first-order steps (optimiser, step, λ and CG iterations from the "
+                "selection), implicit",
     "imaml-hf": "all weights (isotropic prior, λ = 2), 10 Hessian-free steps with a line search, implicit",
     "ibaml-all": "all weights (mean-field, diagonal prior), 20 Adam steps on 4 antithetic draws, implicit",
     "abml-all": "all weights (mean-field), 10 SGD steps on 4 antithetic draws, explicit",
@@ -431,8 +440,52 @@ def table(args) -> dict:
                               "configuration; mean ± std over training seeds on one generated dataset", summary, text)
 
 
+#: the pages whose generated blocks :func:`pages` writes: ``(file, marker)``, the block between
+#: ``<!-- marker -->`` and ``<!-- /marker -->``
+PAGES = (("README.md", "image-protocol"), ("docs/results/images.md", "image-protocol-table"),
+         ("docs/results/images.md", "image-protocol-floor"), ("docs/results/images.md", "imaml-gd-selection"),
+         ("docs/results/images.md", "image-protocol-full-network"))
+
+
+def page_blocks(summary: dict, selection_1shot: dict) -> dict:
+    """``{marker: text}``: every block of :data:`PAGES`, written from the protocol's ``table.json``
+    summary and its 1-shot selection (iMAML-GD's settings tried on validation)."""
+    return {"image-protocol": markdown(summary, describe=False) + "\n\n" + findings(summary),
+            "image-protocol-table": markdown(summary) + "\n\n" + findings(summary),
+            "image-protocol-floor": excess_markdown(summary) + "\n\n" + floor_findings(summary),
+            "imaml-gd-selection": selection_markdown(selection_1shot, "imaml-gd"),
+            "image-protocol-full-network": full_network_markdown(summary) + "\n\n" + full_network_findings(summary)}
+
+
+def replace_block(text: str, marker: str, body: str) -> str:
+    """``text`` with the lines between ``<!-- marker -->`` and ``<!-- /marker -->`` replaced by ``body``.
+
+    >>> replace_block("a\\n<!-- m -->\\nold\\n<!-- /m -->\\nb", "m", "new")
+    'a\\n<!-- m -->\\nnew\\n<!-- /m -->\\nb'
+    """
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"the page has no block <!-- {marker} -->")
+    head, rest = text.split(start, 1)
+    return head + start + body.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
+
+
+def pages(args) -> dict:
+    """Rewrite the generated blocks of the README and of ``docs/results/images.md`` from
+    ``DIR/table.json`` and ``DIR/selection_1shot.json`` (run ``table`` first)."""
+    out = Path(args.out)
+    summary = json.loads((out / "table.json").read_text())["tables"]
+    blocks = page_blocks(summary, json.loads((out / "selection_1shot.json").read_text()))
+    for page, marker in PAGES:
+        path = Path(page)
+        path.write_text(replace_block(path.read_text(), marker, blocks[marker]))
+        print(f"wrote the block {marker} of {page}")
+    return blocks
+
+
 def main(argv=None):
-    p = P.stage_parser(__doc__.split("\n\n")[0], "docs/results/image_benchmark/protocol", meta_iters=300,
+    p = P.stage_parser(__doc__.split("\n\n")[0], "docs/results/image_benchmark/protocol",
+                       ("select", "final", "table", "pages"), meta_iters=300,
                        eval_tasks=600, val_tasks=100)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--ways", type=int, default=5)
@@ -441,7 +494,7 @@ def main(argv=None):
     p.add_argument("--selection-from", type=int, default=None, metavar="SHOTS",
                    help="final: without a selection at --shots, use the one made on validation at SHOTS shots")
     args = p.parse_args(argv)
-    return {"select": select, "final": final, "table": table}[args.stage](args)
+    return {"select": select, "final": final, "table": table, "pages": pages}[args.stage](args)
 
 
 if __name__ == "__main__":

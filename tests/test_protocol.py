@@ -252,6 +252,8 @@ def test_image_selection_of_some_methods_keeps_the_others_choices(tmp_path, monk
             sgd = "--inner-optimizer" in options
             seen.append((folder.name, sgd))
             acc = 0.6 if sgd and options[3] == 0.01 else 0.3
+            if "--cg-steps" in options and options[options.index("--cg-steps") + 1] == 1:
+                acc += 0.1
             out.append({k: _metric(acc) for k in ("accuracy", "nll", "ece_pooled")})
         return out
 
@@ -260,8 +262,10 @@ def test_image_selection_of_some_methods_keeps_the_others_choices(tmp_path, monk
         {"shots": 1, "tried": {"imaml": [{"--precision": 10.0}]}, "chosen": {"imaml": {"--precision": 10.0}}}))
     payload = image_protocol.main(["select", "--out", str(tmp_path), "--shots", "1", "--methods", "imaml-gd"])
     assert payload["chosen"] == {"imaml": {"--precision": 10.0},
-                                 "imaml-gd": {"--inner-lr": 0.01, "--inner-optimizer": "sgd", "--precision": 10.0}}
-    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 8
+                                 "imaml-gd": {"--inner-lr": 0.01, "--inner-optimizer": "sgd", "--precision": 10.0,
+                                              "--cg-steps": 1}}
+    assert set(payload["tried"]) == {"imaml", "imaml-gd"} and len(payload["tried"]["imaml-gd"]) == 14
+    assert ("imaml-gd_inner-lr_0.01_inner-optimizer_sgd_precision_10_cg-steps_5", True) in seen
     assert ("imaml-gd_precision_2_inner-lr_0.01", False) in seen
     assert ("imaml-gd_inner-lr_0.01_inner-optimizer_sgd_precision_10", True) in seen
     assert image_protocol.transferred(payload, 5, 5)["imaml-gd"]["--inner-lr"] == 0.002

@@ -284,6 +284,17 @@ def test_image_protocol_table_json_is_its_runs():
     assert json.loads(json.dumps(image_protocol.summarize(IMAGE_PROTOCOL))) == image_protocol_summary()
 
 
+def test_image_protocol_page_blocks_are_what_the_pages_stage_writes():
+    """Every generated block of the README and the images page is, to the character, what
+    ``python -m benchmarks.image_protocol pages`` writes from the committed JSON."""
+    from benchmarks import image_protocol
+    blocks = image_protocol.page_blocks(image_protocol_summary(),
+                                        json.loads((IMAGE_PROTOCOL / "selection_1shot.json").read_text()))
+    for page, marker in image_protocol.PAGES:
+        text = (ROOT / page).read_text()
+        assert image_protocol.replace_block(text, marker, blocks[marker]) == text, (page, marker)
+
+
 def test_image_protocol_runs_use_the_selection_and_the_test_classes_once():
     """Every final run took its method's setting from the selection file of its number of shots
     (chosen on validation classes) and was evaluated on 600 tasks of the test classes."""
@@ -355,6 +366,12 @@ def test_image_protocol_full_network_table_and_sentences_are_their_json():
     assert f"means {same_inner['inner_grad_norm']['mean']:.1f} at the returned point" in " ".join(text.split())
     assert (f"iBaML over every weight still stays near chance ({same_inner['accuracy']['mean']:.3f} on the validation "
             "classes, one seed)") in README.read_text()
+    truncated = json.loads((diagnostics / "cg_steps_1" / "imaml-hf" / "metrics.json").read_text())
+    assert truncated["config"]["cg_steps"] == 1 and truncated["config"]["eval_split"] == "val"
+    assert f"reaches {truncated['accuracy']['mean']:.3f}" in " ".join(text.split())
+    assert f"one CG iteration reaches {truncated['accuracy']['mean']:.3f} on the validation classes" in README.read_text()
+    short = json.loads((ROOT / "docs/results/image_benchmark/full_network_gradients_cg1/gradients.json").read_text())
+    assert_on_page(full_network_gradients.markdown(short["runs"], short["settings"]["cg_steps"]), IMAGES)
 
 
 SHIFT = ROOT / "docs/results/shift.md"
@@ -467,8 +484,11 @@ def test_full_network_image_sentences_are_their_json():
     rows = image_protocol_summary()["1shot"]
     acc = {m: e["raw"]["accuracy"]["mean"] for m, e in rows.items()}
     readme = " ".join(README.read_text().split())
-    assert (f"iMAML-GD {acc['imaml-gd']:.2f}, iMAML-HF {acc['imaml-hf']:.2f}, iBaML {acc['ibaml-all']:.2f}, "
+    assert (f"(1 shot, 3 seeds: iMAML-HF {acc['imaml-hf']:.2f}, iBaML {acc['ibaml-all']:.2f}, "
             f"MAML {acc['maml']:.2f}), while ABML over every weight") in readme
+    assert "instead of 20 (chosen on validation, " in readme and rows["imaml-gd"]["config"]["cg_steps"] == 1
+    assert f": {acc['imaml-gd']:.3f} against MAML's {acc['maml']:.3f}, raw pooled ECE " \
+           f"{rows['imaml-gd']['raw']['ece_pooled']['mean']:.3f} against {rows['maml']['raw']['ece_pooled']['mean']:.3f}" in readme
     abml = rows["abml-all"]
     assert f"reaches {acc['abml-all']:.2f} ({len(abml['seeds'])} seeds;" in readme
     same = [v for s, v in zip(rows["ibaml-all"]["seeds"], rows["ibaml-all"]["raw"]["accuracy"]["per_seed"])
