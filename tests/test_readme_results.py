@@ -369,7 +369,11 @@ def test_image_protocol_full_network_table_and_sentences_are_their_json():
     truncated = json.loads((diagnostics / "cg_steps_1" / "imaml-hf" / "metrics.json").read_text())
     assert truncated["config"]["cg_steps"] == 1 and truncated["config"]["eval_split"] == "val"
     assert f"reaches {truncated['accuracy']['mean']:.3f}" in " ".join(text.split())
-    assert f"one CG iteration reaches {truncated['accuracy']['mean']:.3f} on the validation classes" in README.read_text()
+    variational = json.loads((diagnostics / "cg_steps_1" / "ibaml-all" / "metrics.json").read_text())
+    assert variational["config"]["cg_steps"] == 1 and variational["config"]["eval_split"] == "val"
+    assert f"reaches {variational['accuracy']['mean']:.3f} on the same validation tasks" in " ".join(text.split())
+    assert (f"iMAML-HF reaches {truncated['accuracy']['mean']:.3f} on the validation classes and iBaML over every "
+            f"weight {variational['accuracy']['mean']:.3f}") in README.read_text()
     short = json.loads((ROOT / "docs/results/image_benchmark/full_network_gradients_cg1/gradients.json").read_text())
     assert_on_page(full_network_gradients.markdown(short["runs"], short["settings"]["cg_steps"]), IMAGES)
 
