@@ -476,16 +476,22 @@ def pages(args) -> dict:
     out = Path(args.out)
     summary = json.loads((out / "table.json").read_text())["tables"]
     blocks = page_blocks(summary, json.loads((out / "selection_1shot.json").read_text()))
-    for page, marker in PAGES:
-        path = Path(page)
-        path.write_text(replace_block(path.read_text(), marker, blocks[marker]))
-        print(f"wrote the block {marker} of {page}")
+    for page in dict.fromkeys(page for page, _ in PAGES):
+        text = Path(page).read_text()
+        for marker in (m for p, m in PAGES if p == page):
+            text = replace_block(text, marker, blocks[marker])
+        Path(page).write_text(text)
+        print(f"wrote the generated blocks of {page}")
     return blocks
+
+
+#: the stages of :func:`main`
+STAGES = {"select": select, "final": final, "table": table, "pages": pages}
 
 
 def main(argv=None):
     p = P.stage_parser(__doc__.split("\n\n")[0], "docs/results/image_benchmark/protocol",
-                       ("select", "final", "table", "pages"), meta_iters=300,
+                       tuple(STAGES), meta_iters=300,
                        eval_tasks=600, val_tasks=100)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--ways", type=int, default=5)
@@ -494,7 +500,7 @@ def main(argv=None):
     p.add_argument("--selection-from", type=int, default=None, metavar="SHOTS",
                    help="final: without a selection at --shots, use the one made on validation at SHOTS shots")
     args = p.parse_args(argv)
-    return {"select": select, "final": final, "table": table, "pages": pages}[args.stage](args)
+    return STAGES[args.stage](args)
 
 
 if __name__ == "__main__":
