@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -376,6 +377,37 @@ def test_image_protocol_full_network_table_and_sentences_are_their_json():
             f"weight {variational['accuracy']['mean']:.3f}") in README.read_text()
     short = json.loads((ROOT / "docs/results/image_benchmark/full_network_gradients_cg1/gradients.json").read_text())
     assert_on_page(full_network_gradients.markdown(short["runs"], short["settings"]["cg_steps"]), IMAGES)
+
+
+def test_truncated_cg_sentences_are_their_json():
+    """The sentences on iMAML-GD's CG iterations: the validation accuracies of 20, 5 and 1
+    iterations (the selection runs), MAML's on the same validation tasks, and the spans of the
+    per-task gradient lengths and cosines of ``full_network_gradients_cg1``."""
+    select = IMAGE_PROTOCOL / "select/1shot"
+    val = lambda name: json.loads((select / name / "metrics.json").read_text())["accuracy"]["mean"]
+    base = "imaml-gd_inner-lr_0.01_inner-optimizer_sgd_precision_10"
+    accs = [f"{val(name):.3f}" for name in (base, base + "_cg-steps_5", base + "_cg-steps_1")]
+    text, readme = " ".join(IMAGES.read_text().split()), " ".join(README.read_text().split())
+    assert f"{accs[0]} with 20, {accs[1]} with 5 and {accs[2]} with one" in text
+    assert f"{accs[0]}, {accs[1]} and {accs[2]} on validation with 20, 5 and 1 iterations" in text
+    assert f"(MAML {val('maml_logit-scale-meta-lr_0.1'):.3f}; one seed each" in readme
+    runs = json.loads((ROOT / "docs/results/image_benchmark/full_network_gradients_cg1/gradients.json").read_text())["runs"]
+    ratios = lambda key, points: [a / b for r in runs for pt in points for a, b in
+                                  zip(r["points"][pt][f"{key}_norm"], r["points"][pt]["explicit_norm"])]
+    short, long_start, long_trained = (ratios("implicit", ["initial", "meta-trained"]),
+                                       ratios("implicit CG 20", ["initial"]), ratios("implicit CG 20", ["meta-trained"]))
+    assert "one iteration 0.04 to 0.26 times" in readme and f"{min(short):.2f} to {max(short):.2f}" == "0.04 to 0.26"
+    assert f"0.5 to {max(long_start):.0f} times as long" in readme
+    assert (f"{min(long_trained):.1f} to {max(long_trained):.1f} times as long at the meta-trained points and "
+            f"{min(long_start):.1f} to {max(long_start):.0f} times where meta-training starts") in text
+    assert min(long_trained + long_start) >= 0.45
+    median = lambda key: [statistics.median(r["points"][pt][f"{key} vs explicit"]["cosine"])
+                          for r in runs for pt in r["points"]]
+    span = lambda values: f"{min(values):.2f}–{max(values):.2f}"
+    assert f"(median cosine {span(median('implicit CG 20'))} against {span(median('implicit'))})" in text
+    seed2 = next(r for r in runs if r["seed"] == 2)["points"]["initial"]
+    assert (f"{seed2['implicit CG 20 vs explicit']['batch_cosine']:.2f} with 20 iterations, "
+            f"{seed2['implicit vs explicit']['batch_cosine']:.2f} with one") in text
 
 
 SHIFT = ROOT / "docs/results/shift.md"
