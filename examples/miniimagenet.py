@@ -32,8 +32,10 @@ from ibaml.train import training
 from ibaml.train.checkpoint import CheckpointError
 
 METHODS = ("ibaml", "imaml", "abml", "maml", "anil", "fomaml")
-#: options that may differ between a run and its resumption (everything else must agree)
-MAY_CHANGE = ("eval_tasks", "eval_chunk", "val_every", "val_tasks", "calibrate_scale") + IMAGE_DATA_MAY_CHANGE + RUN_MAY_CHANGE
+#: options that may differ between a run and its resumption (everything else must agree): what
+#: is evaluated after meta-training, never the trajectory (a run meta-trained to choose settings on
+#: the validation classes is evaluated on the test classes with ``--eval-split test --resume DIR``)
+MAY_CHANGE = ("eval_split", "eval_tasks", "eval_chunk", "val_every", "val_tasks", "calibrate_scale") + IMAGE_DATA_MAY_CHANGE + RUN_MAY_CHANGE
 #: what metrics.json records of the meta-training, which a resumed run that trains no step keeps
 TRAINED = ("ms_per_meta_iter", "last_loss", "inner_grad_norm", "inner_grad_norm_trace")
 METRICS = ("accuracy", "nll", "ece", "ece_pooled", "ece_floor", "ece_pooled_floor", "mce", "brier", "confidence")

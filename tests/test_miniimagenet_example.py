@@ -131,6 +131,20 @@ def test_a_finished_run_evaluated_again_keeps_the_record_of_its_training(mini_ro
     assert json.loads((out / "metrics.json").read_text())["inner_grad_norm"] == first["inner_grad_norm"]
 
 
+def test_a_run_trained_to_choose_on_validation_is_evaluated_on_the_test_classes(mini_roots, tmp_path):
+    """``--eval-split test --resume DIR`` on a finished ``--eval-split val`` run trains nothing and
+    evaluates the same model on the test classes: the numbers a fresh test run gives."""
+    common = ["--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 2, "--val-every", 0, *TINY]
+    chosen = run(*common, "--eval-split", "val", "--out", tmp_path / "val")
+    again = run("--resume", tmp_path / "val", "--eval-split", "test", "--no-progress")
+    fresh = run(*common, "--eval-split", "test", "--out", tmp_path / "test")
+    assert again["config"]["eval_split"] == "test" and again["splits"]["evaluated"].startswith("test classes")
+    assert again["accuracy"] == fresh["accuracy"] and again["nll"] == fresh["nll"]
+    assert again["accuracy"] != chosen["accuracy"] or again["nll"] != chosen["nll"]
+    for key in example.TRAINED:
+        assert again[key] == chosen[key], key
+
+
 def test_resume_checks_the_configuration(mini_roots, tmp_path):
     out = tmp_path / "run"
     run("--data-root", mini_roots["pickle"], "--image-size", 32, "--meta-iters", 1, "--val-every", 0,
