@@ -35,7 +35,8 @@ METHODS = ("maml", "anil", "imaml", "ibaml", "abml")
 #: the papers' methods, a prior over every weight (``ibaml.recipes.presets.RECIPES``), at their published
 #: settings (``ibaml.recipes.presets.FULL_NETWORK``: λ = 2 and 20 Adam steps for iMAML-GD, 10 Hessian-free
 #: steps for iMAML-HF, σ = 0.01 and β = 2·10⁻⁴ with 4 antithetic draws for iBaML), iMAML-GD's
-#: optimiser, step and λ chosen on validation (:data:`GRID`; ``select --methods imaml-gd``): run by
+#: optimiser, step, λ and CG iterations chosen on validation, iMAML-HF's CG iterations and iBaML's
+#: CG iterations, optimiser and step too (:data:`GRID`; ``select --methods imaml-gd``): run by
 #: ``final --methods``, gathered in a table of their own beside MAML
 FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: per method, the stages of its selection on validation: ``(option, values, held)``, the option
@@ -53,7 +54,9 @@ FULL_NETWORK_METHODS = ("imaml-gd", "imaml-hf", "ibaml-all", "abml-all")
 #: the CG iterations of the implicit gradient (1 and 5, the paper's, against the earlier stages'
 #: 20): where the inner problem is not solved, ``∇²G`` at the returned point can be near-singular
 #: or indefinite and a closer solve amplifies those directions; then the step and λ again at the
-#: best of these.
+#: best of these. iMAML-HF and iBaML over every weight: one CG iteration, iMAML-GD's choice, at
+#: their published settings (the run that shows they learn with it); then, for iBaML, iMAML-GD's
+#: chosen inner solver in place of Adam (gradient descent, 2.5 × MAML's step on the summed NLL).
 BEST = "best of the earlier stages"
 #: the logit scale's meta learning rates tried: around the recipe's 3·10⁻² (a stage of every head method)
 LOGIT_SCALE_META_LRS = (1e-2, 3e-2, 1e-1)
@@ -80,6 +83,10 @@ GRID = {
                  ("--cg-steps", lambda ways, shots: [1, 5], BEST),
                  ("--inner-lr", lambda ways, shots: [m * 0.01 / (ways * shots) for m in (2.5, 10)], BEST),
                  ("--precision", lambda ways, shots: [3.0, 30.0], BEST)],
+    "imaml-hf": [("--cg-steps", lambda ways, shots: [1], {})],
+    "ibaml-all": [("--cg-steps", lambda ways, shots: [1], {}),
+                  ("--inner-lr", lambda ways, shots: [2.5 * 0.01 / (ways * shots)],
+                   {"--inner-optimizer": "sgd", "--cg-steps": 1})],
 }
 DESCRIBE = {
     "maml": "all weights, 10 SGD steps (5 in meta-training), explicit",
@@ -89,8 +96,10 @@ DESCRIBE = {
     "abml": "the head (mean-field), proximal steps, explicit",
     "imaml-gd": "all weights (isotropic prior), 20 first-order steps (optimiser, step, λ and CG iterations from the "
                 "selection), implicit",
-    "imaml-hf": "all weights (isotropic prior, λ = 2), 10 Hessian-free steps with a line search, implicit",
-    "ibaml-all": "all weights (mean-field, diagonal prior), 20 Adam steps on 4 antithetic draws, implicit",
+    "imaml-hf": "all weights (isotropic prior, λ = 2), 10 Hessian-free steps with a line search, implicit (CG "
+                "iterations from the selection)",
+    "ibaml-all": "all weights (mean-field, diagonal prior), 20 first-order steps on 4 antithetic draws (optimiser, "
+                 "step and CG iterations from the selection), implicit",
     "abml-all": "all weights (mean-field), 10 SGD steps on 4 antithetic draws, explicit",
 }
 METRICS = ("accuracy", "nll", "ece", "ece_pooled")
@@ -172,9 +181,10 @@ def final(args) -> dict:
                             "shots": args.shots, "selected_at_shots": source["shots"],
                             "chosen": transferred(source, args.ways, args.shots)})
     chosen = json.loads(path.read_text())["chosen"]
+    # the test split named: a kept run evaluated again (--reevaluate) takes its saved options otherwise
     jobs = [(out / "runs" / f"{args.shots}shot" / f"seed{seed}" / method,
              ["--method", method, *[x for ov in chosen.get(method, {}).items() for x in ov],
-              "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
+              "--eval-split", "test", "--eval-tasks", args.eval_tasks, "--seed", seed, *data_options(args, args.shots)])
             for seed in args.seeds for method in (m for m in args.methods or METHODS if m in METHODS + FULL_NETWORK_METHODS)]
     P.run_all("miniimagenet.py", jobs, args.jobs, keep_root=args.keep_runs, out=out, reevaluate=args.reevaluate,
               engine=args.engine, address=args.address)
@@ -378,7 +388,8 @@ def full_network_findings(summary: dict) -> str:
     MAML's (target: at or above), iMAML-GD's (target: at most 2 points below), iBaML's over every
     weight (target: at most 3 points below MAML's and at or above ABML's over every weight, where
     that was run) and its pooled ECE, raw and temperature-scaled, against MAML's and the
-    full-network iMAML rows' (target: below each), with the inner problem's stationarity beside
+    full-network iMAML rows' (target: below each), the accuracies against MAML's paired by
+    training seed (:func:`_paired`), with the inner problem's stationarity beside
     (the mean over seeds of ‖∇G‖ at the returned point, per block)."""
     out = []
     for folder, rows in summary.items():
@@ -393,8 +404,9 @@ def full_network_findings(summary: dict) -> str:
             target = "at or above" if margin == 0 else f"within {margin * 100:.0f} points of"
             out.append(f"At {shots}, {method}'s accuracy is {acc[method]:.3f} against maml's {acc['maml']:.3f}: "
                        f"{abs(gap) * 100:.1f} points {'above' if gap >= 0 else 'below'} "
-                       f"({'meets' if gap >= -margin - 1e-12 else 'misses'} the target: {target} maml's); "
-                       f"‖∇G‖ at the returned point {_grad_norms(rows[method])}.")
+                       f"({'meets' if gap >= -margin - 1e-12 else 'misses'} the target: {target} maml's)"
+                       + _paired(rows, method, "maml", "raw", "accuracy")
+                       + f"; ‖∇G‖ at the returned point {_grad_norms(rows[method])}.")
         if "ibaml-all" in rows and "abml-all" in rows:
             out.append(_against_abml(shots, rows["ibaml-all"], rows["abml-all"]))
         if "ibaml-all" in rows:
@@ -444,17 +456,19 @@ def table(args) -> dict:
 #: ``<!-- marker -->`` and ``<!-- /marker -->``
 PAGES = (("README.md", "image-protocol"), ("docs/results/images.md", "image-protocol-table"),
          ("docs/results/images.md", "image-protocol-floor"), ("docs/results/images.md", "imaml-gd-selection"),
-         ("docs/results/images.md", "image-protocol-full-network"))
+         ("docs/results/images.md", "image-protocol-full-network"), ("docs/results/images.md", "full-network-selection"))
 
 
 def page_blocks(summary: dict, selection_1shot: dict) -> dict:
     """``{marker: text}``: every block of :data:`PAGES`, written from the protocol's ``table.json``
-    summary and its 1-shot selection (iMAML-GD's settings tried on validation)."""
+    summary and its 1-shot selection (the settings iMAML-GD, iMAML-HF and iBaML over every weight
+    tried on validation)."""
     return {"image-protocol": markdown(summary, describe=False) + "\n\n" + findings(summary),
             "image-protocol-table": markdown(summary) + "\n\n" + findings(summary),
             "image-protocol-floor": excess_markdown(summary) + "\n\n" + floor_findings(summary),
             "imaml-gd-selection": selection_markdown(selection_1shot, "imaml-gd"),
-            "image-protocol-full-network": full_network_markdown(summary) + "\n\n" + full_network_findings(summary)}
+            "image-protocol-full-network": full_network_markdown(summary) + "\n\n" + full_network_findings(summary),
+            "full-network-selection": choices_markdown(selection_1shot, methods=("imaml-hf", "ibaml-all"))}
 
 
 def replace_block(text: str, marker: str, body: str) -> str:

@@ -283,6 +283,22 @@ def test_image_selection_at_a_size_that_had_only_carried_values_starts_afresh(tm
     assert all(row["split"] == "validation classes" for row in payload["tried"]["imaml"])
 
 
+def test_image_final_evaluates_the_chosen_settings_on_the_test_classes(tmp_path, monkeypatch):
+    """``final`` runs each seed with the chosen options and the test split named on its command
+    line: a kept run evaluated again (``--reevaluate``, ``--resume``) takes its saved options for
+    those not given, and a run meta-trained to choose (``--eval-split val``) would stay on them."""
+    calls = []
+    monkeypatch.setattr(P, "run_all", lambda example, jobs, workers, **kw: calls.extend(jobs) or [])
+    monkeypatch.setattr(image_protocol, "table", lambda args: {})
+    (tmp_path / "selection_1shot.json").write_text(json.dumps({"shots": 1, "chosen": {"imaml-hf": {"--cg-steps": 1}}}))
+    image_protocol.main(["final", "--out", str(tmp_path), "--shots", "1", "--methods", "imaml-hf", "--seeds", "0,2"])
+    assert [folder.relative_to(tmp_path).as_posix() for folder, _ in calls] == ["runs/1shot/seed0/imaml-hf",
+                                                                                "runs/1shot/seed2/imaml-hf"]
+    for (_, options), seed in zip(calls, (0, 2)):
+        assert options[:4] == ["--method", "imaml-hf", "--cg-steps", 1]
+        assert options[options.index("--eval-split") + 1] == "test" and options[options.index("--seed") + 1] == seed
+
+
 def test_image_table_gives_the_ece_above_its_floor_where_the_runs_hold_floors(tmp_path):
     """Runs whose metrics hold the ECE floors: per seed, ``ece − ece_floor`` and ``ece_pooled −
     ece_pooled_floor`` raw and temperature-scaled, their mean and std over the seeds, a table of
@@ -315,6 +331,20 @@ def test_image_table_gives_the_ece_above_its_floor_where_the_runs_hold_floors(tm
     assert "- At 1 shot, the floor is 93–98 % of every row's per-task ECE, raw and temperature-scaled." in text
     del summary["1shot"]["maml"]["raw"]["ece_excess"]
     assert image_protocol.floor_findings(summary) == ""
+
+
+def test_full_network_accuracy_sentences_pair_the_seeds_with_maml():
+    """Each full-network row's accuracy against MAML's target, and the difference paired by training
+    seed with its interval (the seeds order the rows where the interval excludes 0)."""
+    def entry(accuracies):
+        return {"seeds": [0, 1, 2], "raw": {"accuracy": {"mean": sum(accuracies) / 3, "per_seed": accuracies}},
+                "inner_grad_norm": [{"w": 0.5}] * 3}
+    rows = {"maml": entry([0.66, 0.67, 0.65]), "imaml-hf": entry([0.70, 0.72, 0.69])}
+    text = image_protocol.full_network_findings({"1shot": rows})
+    assert text.startswith("- At 1 shot, imaml-hf's accuracy is 0.703 against maml's 0.660: 4.3 points above (meets the "
+                           "target: at or above maml's); paired by seed, imaml-hf's minus maml's is +0.0433 (95 % "
+                           "interval +0.0290 to +0.0577 over 3 seeds: the seeds order them); ‖∇G‖ at the returned "
+                           "point w 0.5."), text
 
 
 def test_full_network_ibaml_on_images_is_compared_with_abml_on_the_seeds_both_have():

@@ -50,7 +50,9 @@ per block along training, in both examples' ``metrics.json``). Where they are no
 implicit gradient's linear solve short: at an unsolved point ``∇²G`` has directions of curvature
 near zero that a close CG solve divides by. On the stroke images (1 shot) ``imaml-gd`` learns as
 MAML does with ``cg_steps=1``, 20 SGD steps of 0.005 on the summed NLL and ``λ = 3`` (chosen on
-validation), and stays near chance with 20 CG iterations (``docs/results/images.md``).
+validation), and stays near chance with 20 CG iterations; ``imaml-hf`` learns with ``cg_steps=1``
+at its preset, and ``ibaml-all`` with ``cg_steps=1`` and 20 SGD steps of 0.005 in place of Adam
+(chosen on validation; ``docs/results/images.md``).
 
 Per-method defaults (each can be overridden by the matching argument):
 
